@@ -1,0 +1,1 @@
+"""Benchmarks of hcd_fast against the eager reference and torch.compile."""

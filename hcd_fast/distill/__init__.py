@@ -1,0 +1,1 @@
+"""Distillation on timm models (issue #6)."""

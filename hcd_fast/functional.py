@@ -1,0 +1,145 @@
+"""Functional API of the four fused ops, with input checks and backend dispatch.
+
+Every function takes ``backend`` ("auto", "reference", "triton", "cuda" or "cpu"; see
+``hcd_fast.backends()``) and computes exactly what ``hcd_fast.reference`` defines.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from hcd_fast.config import HCDConfig
+from hcd_fast.ops.dispatch import get_op
+from hcd_fast.validation import (check_float, check_logits_and_target, check_same_device, check_shape,
+                                 check_target_range, resolve_validate)
+
+
+def sub_logit_loss(
+    sub_logits: torch.Tensor,
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    target: torch.Tensor,
+    config: HCDConfig = HCDConfig(),
+    backend: str = "auto",
+    validate: Optional[bool] = None,
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """HCD loss from the fused sub-logits of all stages.
+
+    Args:
+        sub_logits: zf, (S, B, n, K), fused sub-logits ``lambda_s * z + lambda_t * z_t`` of every stage.
+        student_logits: z_s, (B, K).
+        teacher_logits: z_t, (B, K); receives no gradient.
+        target: y, (B,) integer class indices in [0, K).
+        config: HCDConfig; n must equal ``config.num_sub_logits``.
+        backend: which implementation computes it.
+        validate: check target values are in range (reads them: a device sync on CUDA). None means on for
+            CPU tensors and off for CUDA tensors.
+
+    Returns:
+        (loss, parts): loss a 0-d fp32 tensor (fp64 for fp64 inputs); parts a dict of detached 0-d
+        tensors "ce", "sub_ce", "kd", "sub_kl", "ortho" (unweighted; stage terms summed over stages), with
+        ``loss = w_gt*(ce + sub_ce) + w_kd*kd + w_kl*sub_kl + w_ol*ortho``.
+    """
+    if not isinstance(config, HCDConfig):
+        raise TypeError(f"config: expected an HCDConfig, got {type(config).__name__}")
+    batch, num_classes = check_logits_and_target(student_logits, teacher_logits, target)
+    check_float("sub_logits", sub_logits, 4)
+    check_shape("sub_logits", sub_logits, (None, batch, config.num_sub_logits, num_classes),
+                "(S, B, n, K) with n = config.num_sub_logits")
+    check_same_device(student_logits=student_logits, sub_logits=sub_logits)
+    if resolve_validate(validate, target.device):
+        check_target_range(target, num_classes)
+    op = get_op("sub_logit_loss", backend, student_logits.device)
+    return op(sub_logits, student_logits, teacher_logits, target, config)
+
+
+def cfm(
+    student_feat: torch.Tensor,
+    teacher_feat: torch.Tensor,
+    weight1: torch.Tensor,
+    bias1: torch.Tensor,
+    weight2: Optional[torch.Tensor],
+    bias2: Optional[torch.Tensor],
+    teacher_logits: torch.Tensor,
+    num_sub_logits: int,
+    lambda_student: float = 1.0,
+    lambda_teacher: float = 1.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Complementary Feature Mapper + teacher fusion -> fused sub-logits (B, n, K).
+
+    Args:
+        student_feat: h_s, (B, D).
+        teacher_feat: f_t, (B, D_t); receives no gradient.
+        weight1, bias1: (H, D + D_t), (H,); with ``weight2`` None, H = n*K and z = W1 u + b1.
+        weight2, bias2: (n*K, H), (n*K,), or both None.
+        teacher_logits: z_t, (B, K); receives no gradient.
+        num_sub_logits: n.
+        lambda_student, lambda_teacher: zf = lambda_student * z + lambda_teacher * z_t.
+    """
+    check_float("student_feat", student_feat, 2)
+    check_float("teacher_feat", teacher_feat, 2)
+    check_float("teacher_logits", teacher_logits, 2)
+    batch, dim = student_feat.shape
+    check_shape("teacher_feat", teacher_feat, (batch, None), "batch of student_feat")
+    num_classes = teacher_logits.shape[1]
+    check_shape("teacher_logits", teacher_logits, (batch, None), "batch of student_feat")
+    in_dim = dim + teacher_feat.shape[1]
+    check_float("weight1", weight1, 2)
+    check_shape("weight1", weight1, (None, in_dim), "(hidden, D + D_t)")
+    hidden = weight1.shape[0]
+    check_shape("bias1", bias1, (hidden,))
+    if (weight2 is None) != (bias2 is None):
+        raise ValueError("weight2, bias2: expected both tensors or both None")
+    out_dim = num_sub_logits * num_classes
+    if weight2 is None:
+        check_shape("weight1", weight1, (out_dim, in_dim), "(n*K, D + D_t) without a hidden layer")
+    else:
+        check_float("weight2", weight2, 2)
+        check_shape("weight2", weight2, (out_dim, hidden), "(n*K, hidden)")
+        check_shape("bias2", bias2, (out_dim,))
+    check_same_device(student_feat=student_feat, teacher_feat=teacher_feat, weight1=weight1, bias1=bias1,
+                      weight2=weight2, bias2=bias2, teacher_logits=teacher_logits)
+    op = get_op("cfm", backend, student_feat.device)
+    return op(student_feat, teacher_feat, weight1, bias1, weight2, bias2, teacher_logits, num_sub_logits,
+              lambda_student, lambda_teacher)
+
+
+def bn_relu_pool(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """mean_{h,w} ReLU(BatchNorm2d(x)): x (B, C, H, W), weight/bias/running stats (C,) -> (B, C).
+
+    Training mode normalises with batch statistics and updates ``running_mean``/``running_var`` in
+    place like ``nn.BatchNorm2d(momentum=momentum)``; eval mode uses the running statistics.
+    """
+    check_float("x", x, 4)
+    channels = x.shape[1]
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        check_float(name, t, 1)
+        check_shape(name, t, (channels,), "the channels of x")
+    check_same_device(x=x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
+    op = get_op("bn_relu_pool", backend, x.device)
+    return op(x, weight, bias, running_mean, running_var, training, momentum, eps)
+
+
+def pool_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """mean_{h,w} (W x + b) = W mean_{h,w}(x) + b: x (B, C, H, W), W (D, C), b (D,) -> (B, D)."""
+    check_float("x", x, 4)
+    check_float("weight", weight, 2)
+    check_shape("weight", weight, (None, x.shape[1]), "(D, C) with C the channels of x")
+    check_float("bias", bias, 1)
+    check_shape("bias", bias, (weight.shape[0],))
+    check_same_device(x=x, weight=weight, bias=bias)
+    op = get_op("pool_linear", backend, x.device)
+    return op(x, weight, bias)

@@ -1,0 +1,112 @@
+"""Backend dispatch: one place that maps (op, backend, device) to an implementation.
+
+Each backend is a module exposing the four ops under their SPEC names (``sub_logit_loss``,
+``bn_relu_pool``, ``pool_linear``, ``cfm``) with the signatures of ``hcd_fast.reference``, and a
+``status() -> (available: bool, reason: str)`` function. A backend whose module fails to import (a
+missing compiled extension, no triton) is reported as unavailable with the import error as its reason;
+import of ``hcd_fast`` never fails because of it.
+
+``backend="auto"`` picks cuda > triton > reference for CUDA tensors and cpu > reference for CPU tensors.
+The environment variable ``HCD_FAST_BACKEND`` (read once, at import) replaces "auto" by a fixed choice.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+
+BACKENDS = ("reference", "triton", "cuda", "cpu")
+OPS = ("sub_logit_loss", "bn_relu_pool", "pool_linear", "cfm")
+
+_MODULES = {
+    "reference": "hcd_fast.reference",
+    "triton": "hcd_fast.ops.triton_ops",
+    "cuda": "hcd_fast.ops.cpp_ops",
+    "cpu": "hcd_fast.ops.cpp_ops",
+}
+
+# Preference order of backend="auto" per device type.
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+
+ENV_VAR = "HCD_FAST_BACKEND"
+_ENV_BACKEND = os.environ.get(ENV_VAR, "").strip().lower() or None
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    name: str
+    available: bool
+    reason: str
+    devices: tuple
+
+    def __str__(self) -> str:
+        state = "available" if self.available else "not available"
+        return f"{self.name:<10} {state:<14} {self.reason}"
+
+
+_STATUS: Dict[str, BackendStatus] = {}
+_IMPL: Dict[str, object] = {}
+
+
+def _load(name: str) -> BackendStatus:
+    """Import a backend module once and cache its status."""
+    if name in _STATUS:
+        return _STATUS[name]
+    devices: tuple = ()
+    try:
+        module = importlib.import_module(_MODULES[name])
+        if name == "reference":
+            available, reason = True, "eager PyTorch, any device"
+            devices = ("cpu", "cuda", "mps", "xpu", "meta")
+        else:
+            available, reason = module.status(name)
+            devices = module.devices(name) if available else ()
+        if available:
+            _IMPL[name] = module
+    except Exception as exc:  # a broken optional backend must never break import
+        available, reason = False, f"import failed: {type(exc).__name__}: {exc}"
+    _STATUS[name] = BackendStatus(name, available, reason, devices)
+    return _STATUS[name]
+
+
+def backends() -> Dict[str, BackendStatus]:
+    """Every backend with whether it is available here and, if not, why."""
+    return {name: _load(name) for name in BACKENDS}
+
+
+def check_backend_name(backend: str) -> None:
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend: expected 'auto' or one of {BACKENDS}, got {backend!r}")
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """The concrete backend for ``backend`` (possibly "auto") and tensors on ``device``."""
+    if backend == "auto" and _ENV_BACKEND is not None and _ENV_BACKEND != "auto":
+        backend = _ENV_BACKEND
+        if backend not in BACKENDS:
+            raise ValueError(f"{ENV_VAR}: expected 'auto' or one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        for name in _AUTO_ORDER.get(device.type, ("reference",)):
+            status = _load(name)
+            if status.available and device.type in status.devices:
+                return name
+        return "reference"
+    check_backend_name(backend)
+    status = _load(backend)
+    if not status.available:
+        raise RuntimeError(f"backend {backend!r} is not available: {status.reason}")
+    if device.type not in status.devices:
+        raise ValueError(f"backend {backend!r} runs on {'/'.join(status.devices)} tensors, "
+                         f"got tensors on {device}")
+    return backend
+
+
+def get_op(op: str, backend: str, device: torch.device):
+    """The implementation of ``op`` for ``backend`` ("auto" allowed) and tensors on ``device``."""
+    name = resolve(backend, device)
+    module = _IMPL[name]
+    return getattr(module, op)
+
