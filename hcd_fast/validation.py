@@ -30,8 +30,8 @@ def check_shape(name: str, t: torch.Tensor, expected: Sequence[Optional[int]], w
     """``expected`` may hold None for a free dimension."""
     ok = t.dim() == len(expected) and all(e is None or e == a for e, a in zip(expected, t.shape))
     if not ok:
-        shown = tuple("*" if e is None else e for e in expected)
-        suffix = f" ({what})" if what else ""
+        shown = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ("," if len(expected) == 1 else "") + ")"
+        suffix = f" [{what}]" if what else ""
         raise ValueError(f"{name}: expected shape {shown}{suffix}, got {tuple(t.shape)}")
 
 

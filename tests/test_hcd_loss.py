@@ -1,0 +1,224 @@
+"""HCDLoss with the reference backend: structure, gradcheck, autocast, state_dict, torch.compile, errors."""
+import pytest
+import torch
+import torch.nn as nn
+
+from hcd_fast import HCDConfig, HCDLoss, functional as HF
+from hcd_fast.modules import ConvProjector, LinearProjector, SepConv
+
+CHANNELS = (4, 6, 8)
+SIZES = (8, 4, 2)
+TEACHER_DIM, K = 10, 7
+
+
+def make_inputs(B=3, channels=CHANNELS, sizes=SIZES, Dt=TEACHER_DIM, K=K, dtype=torch.float32, grad=False):
+    feats = [torch.randn(B, c, s, s, dtype=dtype, requires_grad=grad) for c, s in zip(channels, sizes)]
+    zs = torch.randn(B, K, dtype=dtype, requires_grad=grad)
+    return feats, zs, torch.randn(B, Dt, dtype=dtype), torch.randn(B, K, dtype=dtype), torch.randint(0, K, (B,))
+
+
+def test_structure_follows_spec():
+    crit = HCDLoss((64, 128, 256, 512), 768, 100)
+    assert crit.embed_dim == 768
+    assert [type(p) for p in crit.projectors] == [ConvProjector] * 3 + [LinearProjector]
+    assert [len(p.blocks) for p in crit.projectors[:3]] == [3, 2, 1]
+    first = crit.projectors[0].blocks
+    assert [(b.pw2.in_channels, b.pw2.out_channels) for b in first] == [(64, 128), (128, 256), (256, 768)]
+    assert first[0].dw1.stride == (2, 2) and first[0].dw1.groups == 64 and first[0].dw1.bias is None
+    assert crit.projectors[3].proj.bias is not None
+    cfm = crit.cfms[0]
+    assert (cfm.fc1.in_features, cfm.fc1.out_features, cfm.fc2.out_features) == (768 + 768, 768, 400)
+    single = HCDLoss((8, 16), 12, 5, HCDConfig(cfm_hidden=None, embed_dim=20, num_sub_logits=2))
+    assert single.cfms[1].fc2 is None and single.cfms[1].fc1.out_features == 10
+    assert single.embed_dim == 20 and single.projectors[0].blocks[-1].pw2.out_channels == 20
+
+
+def test_init_follows_spec():
+    torch.manual_seed(0)
+    crit = HCDLoss((16, 32), 24, 10)
+    # trunc_normal_(std=0.02) truncates at +-2 absolute, as timm's does in the published code.
+    assert torch.all(crit.cfms[0].fc1.bias == 0) and crit.cfms[0].fc1.weight.abs().max() < 2
+    assert abs(crit.cfms[0].fc1.weight.std().item() - 0.02) < 0.003
+    bn = crit.projectors[0].blocks[0].bn1
+    assert torch.all(bn.weight == 1) and torch.all(bn.bias == 0)
+    pw = crit.projectors[0].blocks[0].pw2.weight  # kaiming fan_out: std = sqrt(2 / out_channels)
+    assert abs(pw.std().item() - (2 / pw.shape[0]) ** 0.5) < 0.35 * (2 / pw.shape[0]) ** 0.5
+
+
+def test_gradcheck_whole_loss_float64():
+    torch.manual_seed(1)
+    crit = HCDLoss((2, 3), 4, 3, HCDConfig(num_sub_logits=2, temperature=2.0, ortho_threshold=-0.5),
+                   backend="reference").double().eval()
+    feats, zs, ft, zt, y = make_inputs(B=2, channels=(2, 3), sizes=(4, 2), Dt=4, K=3, dtype=torch.float64,
+                                       grad=True)
+    params = [p for p in crit.parameters()]
+    def f(f0, f1, zs, *ps):
+        with torch.nn.utils.stateless._reparametrize_module(
+                crit, {name: p for (name, _), p in zip(crit.named_parameters(), ps)}):
+            return crit([f0, f1], zs, ft, zt, y)
+    torch.autograd.gradcheck(f, (*feats, zs, *[p.detach().clone().requires_grad_(True) for p in params]))
+
+
+def test_gradcheck_train_mode_float64():
+    torch.manual_seed(2)
+    crit = HCDLoss((2, 3), 4, 3, HCDConfig(num_sub_logits=2), backend="reference").double().train()
+    feats, zs, ft, zt, y = make_inputs(B=3, channels=(2, 3), sizes=(4, 2), Dt=4, K=3, dtype=torch.float64,
+                                       grad=True)
+    torch.autograd.gradcheck(lambda a, b, c: crit([a, b], c, ft, zt, y), (*feats, zs))
+
+
+def test_parts_and_weights():
+    torch.manual_seed(3)
+    cfg = HCDConfig(w_gt=0.3, w_kd=2.0, w_kl=0.5, w_ol=4.0)
+    crit = HCDLoss(CHANNELS, TEACHER_DIM, K, cfg)
+    loss, parts = crit(*make_inputs(), return_parts=True)
+    assert set(parts) == {"ce", "sub_ce", "kd", "sub_kl", "ortho"}
+    assert all(p.dim() == 0 and not p.requires_grad and p.dtype == torch.float32 for p in parts.values())
+    expected = 0.3 * (parts["ce"] + parts["sub_ce"]) + 2.0 * parts["kd"] + 0.5 * parts["sub_kl"] + 4.0 * parts["ortho"]
+    assert torch.allclose(loss, expected)
+
+
+def test_teacher_gets_no_gradient_and_student_does():
+    torch.manual_seed(4)
+    crit = HCDLoss(CHANNELS, TEACHER_DIM, K)
+    feats, zs, ft, zt, y = make_inputs(grad=True)
+    ft.requires_grad_(True)
+    zt.requires_grad_(True)
+    crit(feats, zs, ft, zt, y).backward()
+    assert ft.grad is None and zt.grad is None
+    assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in feats) and zs.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in crit.parameters())
+
+
+def test_running_stats_update_in_train_not_eval():
+    crit = HCDLoss(CHANNELS, TEACHER_DIM, K)
+    bn = crit.projectors[0].blocks[-1].bn2
+    before = bn.running_mean.clone()
+    crit(*make_inputs())
+    assert not torch.equal(before, bn.running_mean) and bn.num_batches_tracked == 1
+    crit.eval()
+    after = bn.running_mean.clone()
+    crit(*make_inputs())
+    assert torch.equal(after, bn.running_mean)
+
+
+def test_last_block_matches_plain_sepconv_module():
+    """The fused tail (bn_relu_pool) equals SepConv.forward + GAP, running statistics included."""
+    torch.manual_seed(5)
+    proj = ConvProjector(4, 2, 12)
+    plain = SepConv(8, 12)
+    plain.load_state_dict(proj.blocks[1].state_dict())
+    x = torch.randn(3, 4, 8, 8)
+    out = proj(x)
+    expected = plain(proj.blocks[0](x)).mean((2, 3))
+    assert torch.allclose(out, expected, atol=1e-6)
+    assert torch.allclose(plain.bn2.running_var, proj.blocks[1].bn2.running_var)
+
+
+def test_state_dict_round_trip():
+    torch.manual_seed(6)
+    a = HCDLoss(CHANNELS, TEACHER_DIM, K)
+    a(*make_inputs())  # move the running statistics
+    b = HCDLoss(CHANNELS, TEACHER_DIM, K)
+    b.load_state_dict(a.state_dict())
+    a.eval(), b.eval()
+    inputs = make_inputs()
+    assert torch.equal(a(*inputs), b(*inputs))
+    assert any(k.endswith("running_mean") for k in a.state_dict())
+
+
+def test_autocast_bf16_cpu():
+    torch.manual_seed(7)
+    crit = HCDLoss(CHANNELS, TEACHER_DIM, K)
+    inputs = make_inputs(grad=True)
+    ref = crit(*inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, parts = crit(*inputs, return_parts=True)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert torch.allclose(loss, ref, rtol=5e-2)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in crit.parameters())
+
+
+def test_torch_compile_fullgraph_cpu():
+    torch.manual_seed(8)
+    crit = HCDLoss(CHANNELS, TEACHER_DIM, K).eval()
+    inputs = make_inputs()
+    compiled = torch.compile(crit, fullgraph=True)
+    out = compiled(*inputs)
+    assert torch.allclose(out, crit(*inputs), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- bad input -> clear errors
+
+def _crit():
+    return HCDLoss(CHANNELS, TEACHER_DIM, K)
+
+
+@pytest.mark.parametrize("mutate,exc,words", [
+    (lambda a: a.update(feats=a["feats"][:2]), ValueError, ["student_feats", "3 stage features", "got 2"]),
+    (lambda a: a.update(feats=tuple(a["feats"])[0]), TypeError, ["student_feats", "list or tuple"]),
+    (lambda a: a["feats"].__setitem__(1, torch.randn(3, 5, 4, 4)), ValueError,
+     ["student_feats[1]", "(3, 6, *, *)", "(3, 5, 4, 4)"]),
+    (lambda a: a["feats"].__setitem__(0, torch.randn(2, 4, 8, 8)), ValueError, ["student_feats[0]", "(2, 4, 8, 8)"]),
+    (lambda a: a["feats"].__setitem__(0, torch.randn(3, 4, 8)), ValueError, ["student_feats[0]", "4-d"]),
+    (lambda a: a.update(zs=torch.randn(4, K)), ValueError, ["teacher_logits", "(4, 7)", "(3, 7)"]),
+    (lambda a: a.update(zs=torch.randn(3, K + 1), zt=torch.randn(3, K + 1)), ValueError,
+     ["student_logits", "7 classes", "(3, 8)"]),
+    (lambda a: a.update(zt=torch.randn(3, K + 1)), ValueError, ["teacher_logits", "(3, 7)", "(3, 8)"]),
+    (lambda a: a.update(zs=torch.randint(0, 3, (3, K))), TypeError, ["student_logits", "floating", "int64"]),
+    (lambda a: a.update(zt=torch.ones(3, K, dtype=torch.bool)), TypeError, ["teacher_logits", "torch.bool"]),
+    (lambda a: a.update(y=torch.tensor([0, 1, K])), ValueError, ["target", "[0, 7)", "7"]),
+    (lambda a: a.update(y=torch.tensor([0, -1, 2])), ValueError, ["target", "-1"]),
+    (lambda a: a.update(y=torch.tensor([0.0, 1.0, 2.0])), TypeError, ["target", "integer", "float32"]),
+    (lambda a: a.update(y=torch.tensor([0, 1])), ValueError, ["target", "(3,)", "(2,)"]),
+    (lambda a: a.update(ft=torch.randn(3, TEACHER_DIM + 1)), ValueError, ["teacher_feat", "(3, 10)", "(3, 11)"]),
+    (lambda a: a.update(ft=torch.randn(3, TEACHER_DIM, device="meta")), ValueError, ["teacher_feat", "meta", "cpu"]),
+    (lambda a: a.update(zs=[[0.0] * K] * 3), TypeError, ["student_logits", "torch.Tensor", "list"]),
+])
+def test_bad_inputs_give_clear_errors(mutate, exc, words):
+    torch.manual_seed(9)
+    feats, zs, ft, zt, y = make_inputs()
+    args = {"feats": feats, "zs": zs, "ft": ft, "zt": zt, "y": y}
+    mutate(args)
+    with pytest.raises(exc) as info:
+        _crit()(args["feats"], args["zs"], args["ft"], args["zt"], args["y"])
+    for w in words:
+        assert w in str(info.value), (w, str(info.value))
+
+
+def test_validate_false_skips_range_check():
+    feats, zs, ft, zt, y = make_inputs()
+    crit = HCDLoss(CHANNELS, TEACHER_DIM, K, validate=False)
+    # Without the range check, the out-of-range target reaches cross_entropy, which raises its own error.
+    with pytest.raises(Exception) as info:
+        crit(feats, zs, ft, zt, torch.tensor([0, 1, K]))
+    assert "[0, 7)" not in str(info.value)
+
+
+def test_bad_constructor_arguments():
+    with pytest.raises(ValueError, match="student_channels"):
+        HCDLoss((), 4, 3)
+    with pytest.raises(ValueError, match="teacher_dim"):
+        HCDLoss((4,), 0, 3)
+    with pytest.raises(ValueError, match="num_classes"):
+        HCDLoss((4,), 4, -1)
+    with pytest.raises(TypeError, match="config"):
+        HCDLoss((4,), 4, 3, config={"temperature": 2})
+
+
+def test_functional_errors_name_the_argument():
+    cfg = HCDConfig(num_sub_logits=2)
+    zs, zt, y = torch.randn(3, 5), torch.randn(3, 5), torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match=r"sub_logits: expected shape \(\*, 3, 2, 5\)"):
+        HF.sub_logit_loss(torch.randn(1, 3, 4, 5), zs, zt, y, cfg)
+    with pytest.raises(ValueError, match="weight1"):
+        HF.cfm(torch.randn(3, 4), torch.randn(3, 6), torch.randn(8, 9), torch.randn(8), None, None, zt, 2)
+    with pytest.raises(ValueError, match="weight2, bias2"):
+        HF.cfm(torch.randn(3, 4), torch.randn(3, 6), torch.randn(8, 10), torch.randn(8), torch.randn(10, 8),
+               None, zt, 2)
+    with pytest.raises(ValueError, match="running_var"):
+        HF.bn_relu_pool(torch.randn(2, 3, 4, 4), torch.ones(3), torch.zeros(3), torch.zeros(3), torch.ones(4),
+                        True)
+    with pytest.raises(ValueError, match=r"weight: expected shape \(\*, 3\)"):
+        HF.pool_linear(torch.randn(2, 3, 4, 4), torch.randn(5, 4), torch.randn(5))
