@@ -1,0 +1,192 @@
+"""Command line of ``hcd-distill`` (also ``python -m hcd_fast.distill``): flags, presets, early checks."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import List, Optional
+
+from hcd_fast.distill.baselines import METHODS
+from hcd_fast.distill.data import DATASETS
+from hcd_fast.distill.errors import UserError
+
+# The published recipe (SPEC section 2): SGD momentum 0.9, lr 0.05, wd 2e-3, cosine to 1e-3 with 3 warm-up
+# epochs, 300 epochs, batch 128, CIFAR-100 upsampled to 224 (as OFA-KD does).
+_RECIPE = dict(opt="sgd", lr=0.05, momentum=0.9, weight_decay=2e-3, sched="cosine", min_lr=1e-3,
+               warmup_epochs=3, epochs=300, batch_size=128, img_size=224)
+PRESETS = {
+    "cifar100": dict(_RECIPE, dataset="cifar100", ofa_eps=1.0),
+    "imagenet": dict(_RECIPE, dataset="imagefolder", ofa_eps=1.5),
+}
+
+EPILOG = """examples:
+  hcd-distill --teacher vit_tiny_patch16_224 --student resnet18 --teacher-checkpoint t.pt --method hcd
+  hcd-distill --preset cifar100 --data-dir data/ --teacher swin_tiny_patch4_window7_224 --student resnet18 \\
+      --teacher-checkpoint swin_t_cifar100.pt --method hcd
+  torchrun --nproc-per-node 8 -m hcd_fast.distill --preset imagenet --data-dir /data/imagenet ...
+  hcd-distill ... --resume auto            # continue a killed run from OUTPUT/last.pt
+A preset sets the defaults of its flags; flags given explicitly win. Outputs: OUTPUT/{last,best}.pt,
+metrics.csv, metrics.jsonl, loss.png, accuracy.png, summary.json."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hcd-distill", description="Heterogeneous distillation of any timm teacher into any timm student "
+        "with HCD (or the ce/kd/dkd/ofa baselines), on one device or many (torchrun).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("models")
+    g.add_argument("--teacher", help="timm model name of the teacher (see timm.list_models()); not needed "
+                   "for --method ce")
+    g.add_argument("--student", required=True, help="timm model name of the student; it must support "
+                   "forward_intermediates")
+    g.add_argument("--teacher-checkpoint", metavar="PATH", help="local file with the teacher's weights (a "
+                   "state_dict, or a dict holding one under 'state_dict'/'model'/'state_dict_ema'); its class "
+                   "count must match the dataset")
+    g.add_argument("--allow-random-teacher", action="store_true", help="run without --teacher-checkpoint "
+                   "(random teacher; for smoke tests and benchmarks only)")
+    g.add_argument("--teacher-kwargs", type=json.loads, default={}, metavar="JSON", help="extra "
+                   "timm.create_model kwargs of the teacher, e.g. '{\"img_size\": 32, \"patch_size\": 4}'")
+    g.add_argument("--student-kwargs", type=json.loads, default={}, metavar="JSON",
+                   help="extra timm.create_model kwargs of the student")
+    g.add_argument("--indices", default="4", help="student stages to tap, timm forward_intermediates "
+                   "style: N = the last N stages (default 4), or a comma list of stage indices")
+    g.add_argument("--drop-path", type=float, default=0.0, help="student drop-path rate (default 0)")
+
+    g = p.add_argument_group("method and loss")
+    g.add_argument("--method", choices=METHODS, default="hcd", help="hcd (default), or the baselines ce "
+                   "(student alone), kd (Hinton), dkd (decoupled KD), ofa (OFA-KD); SPEC section 9")
+    g.add_argument("--backend", default="auto", help="hcd_fast backend: auto (fused when available), "
+                   "reference, triton, cuda, cpu")
+    g.add_argument("--temperature", type=float, default=1.0, help="T of every KL / soft target (default 1)")
+    g.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing of every CE (0.1)")
+    g.add_argument("--w-gt", type=float, default=1.0, help="weight of the ground-truth CE terms (1)")
+    g.add_argument("--w-kd", type=float, default=1.0, help="weight of the logit KD term (kd, hcd, ofa) (1)")
+    g.add_argument("--w-kl", type=float, default=6.0, help="hcd: weight of the sub-logit KL (6)")
+    g.add_argument("--w-ol", type=float, default=1.0, help="hcd: weight of the orthogonality loss (1)")
+    g.add_argument("--num-sub-logits", type=int, default=4, help="hcd: n sub-logits (4)")
+    g.add_argument("--ortho-threshold", type=float, default=0.5, help="hcd: theta of the OL hinge (0.5)")
+    g.add_argument("--gt-mask", default="zero", choices=("zero", "none", "large_negative"),
+                   help="hcd: target-class treatment in the OL (zero)")
+    g.add_argument("--lambda-student", type=float, default=1.0, help="hcd: weight of CFM logits in the fusion")
+    g.add_argument("--lambda-teacher", type=float, default=1.0, help="hcd: weight of teacher logits in the fusion")
+    g.add_argument("--cfm-hidden", default="teacher", help="hcd: CFM hidden width: 'teacher' (D_t), an int, "
+                   "or 'none' (single linear)")
+    g.add_argument("--embed-dim", type=int, default=None, help="hcd/ofa: projector width D (default "
+                   "max(C_last, D_t))")
+    g.add_argument("--dkd-alpha", type=float, default=1.0, help="dkd: TCKD weight (1)")
+    g.add_argument("--dkd-beta", type=float, default=2.0, help="dkd: NCKD weight (2; 8 is common on ImageNet)")
+    g.add_argument("--dkd-warmup", type=float, default=20.0, help="dkd: epochs of linear ramp-up (20)")
+    g.add_argument("--ofa-eps", type=float, default=1.0, help="ofa: exponent eps (1 CIFAR, 1.5 ImageNet)")
+    g.add_argument("--w-ofa", type=float, default=1.0, help="ofa: weight of the per-stage OFA terms (1)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--preset", choices=("none",) + tuple(PRESETS), default="none", help="cifar100 or "
+                   "imagenet: the published recipe (dataset, 224 px, SGD 0.05, wd 2e-3, cosine to 1e-3, 3 "
+                   "warm-up epochs, 300 epochs, batch 128)")
+    g.add_argument("--dataset", choices=DATASETS, default="digits", help="digits (default; embedded in "
+                   "scikit-learn, no download), cifar100 or imagefolder (both need --data-dir)")
+    g.add_argument("--data-dir", metavar="PATH", help="dataset root: for cifar100 the folder holding "
+                   "cifar-100-python/, for imagefolder the folder holding <train-split>/ and <val-split>/")
+    g.add_argument("--train-split", default="train", help="imagefolder: training sub-folder (train)")
+    g.add_argument("--val-split", default="val", help="imagefolder: validation sub-folder (val)")
+    g.add_argument("--num-classes", type=int, default=None, help="optional check: the dataset must have "
+                   "this many classes")
+    g.add_argument("--img-size", type=int, default=32, help="input size in pixels (default 32; digits are "
+                   "8x8, upsampled)")
+    g.add_argument("--val-fraction", type=float, default=0.2, help="digits: held-out fraction (0.2)")
+    g.add_argument("--aa", default=None, help="timm auto-augment policy, e.g. rand-m9-mstd0.5 (off)")
+    g.add_argument("--reprob", type=float, default=0.0, help="random-erasing probability (0)")
+    g.add_argument("--no-aug", action="store_true", help="no training augmentation (cifar100/imagefolder)")
+    g.add_argument("--interpolation", default="bicubic", help="resize interpolation (bicubic)")
+    g.add_argument("--workers", type=int, default=4, help="data-loader workers per process (4; digits "
+                   "always uses 0, it is in memory)")
+
+    g = p.add_argument_group("optimisation (timm create_optimizer_v2 / create_scheduler_v2)")
+    g.add_argument("--epochs", type=int, default=10, help="epochs (10)")
+    g.add_argument("--batch-size", type=int, default=64, help="GLOBAL batch size, split evenly over "
+                   "processes (64)")
+    g.add_argument("--opt", default="sgd", help="timm optimizer name (sgd)")
+    g.add_argument("--lr", type=float, default=0.05, help="peak learning rate (0.05)")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (0.9)")
+    g.add_argument("--weight-decay", type=float, default=2e-3, help="weight decay, not applied to biases "
+                   "and norms (2e-3)")
+    g.add_argument("--sched", default="cosine", help="timm scheduler name, stepped every update, or 'none' "
+                   "(cosine)")
+    g.add_argument("--min-lr", type=float, default=1e-3, help="final learning rate of the schedule (1e-3)")
+    g.add_argument("--warmup-epochs", type=int, default=1, help="linear warm-up epochs (1)")
+    g.add_argument("--warmup-lr", type=float, default=1e-5, help="learning rate at the start of warm-up")
+    g.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this (off)")
+
+    g = p.add_argument_group("speed")
+    g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    g.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="autocast: auto = "
+                   "bf16 on CUDA, off on CPU; fp16 adds a GradScaler")
+    g.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
+                   help="channels_last memory format (auto: on for CUDA)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the student and teacher forwards")
+    g.add_argument("--log-interval", type=int, default=20, help="read metrics from the device (one host "
+                   "sync) every N steps (20)")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default torch's)")
+
+    g = p.add_argument_group("distributed (torchrun)")
+    g.add_argument("--sync-bn", action="store_true", help="convert BatchNorm to SyncBatchNorm (CUDA only; the "
+                   "fused BN+ReLU+pool tail of the HCD projectors keeps per-process statistics)")
+    g.add_argument("--freeze-bn", action="store_true", help="keep every BatchNorm (student and projectors) "
+                   "in eval mode: running statistics, per-sample independent losses")
+    g.add_argument("--find-unused-parameters", action="store_true", help="DDP find_unused_parameters")
+
+    g = p.add_argument_group("state and output")
+    g.add_argument("--output", metavar="DIR", default=None, help="output folder (default runs/<dataset>_"
+                   "<teacher>_to_<student>_<method>_s<seed>)")
+    g.add_argument("--resume", default="none", help="'auto': continue from OUTPUT/last.pt if it exists; a "
+                   "path: continue from that checkpoint; 'none' (default): start fresh")
+    g.add_argument("--ckpt-interval", type=int, default=0, help="also checkpoint every N steps (0: only at "
+                   "epoch ends)")
+    g.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order (0)")
+    g.add_argument("--max-steps-per-epoch", type=int, default=None, help="debug: cut every epoch to N steps")
+    g.add_argument("--stop-after-steps", type=int, default=None, help="debug: exit after N global steps "
+                   "without a final checkpoint, as if the process had been killed")
+    g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    g.add_argument("--no-plots", action="store_true", help="no PNG plots")
+    return p
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """Parse ``argv``; a --preset supplies defaults that explicit flags override."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    known, _ = parser.parse_known_args(argv)
+    if known.preset != "none":
+        parser.set_defaults(**PRESETS[known.preset])
+    args = parser.parse_args(argv)
+    args.indices = _parse_indices(args.indices)
+    if isinstance(args.cfm_hidden, str):
+        h = args.cfm_hidden.strip().lower()
+        if h not in ("none", "teacher") and not h.isdigit():
+            raise UserError(f"--cfm-hidden: expected 'teacher', 'none' or an int, got {args.cfm_hidden!r}")
+        args.cfm_hidden = None if h == "none" else ("teacher" if h == "teacher" else int(h))
+    return args
+
+
+def _parse_indices(text):
+    if isinstance(text, (int, list)):
+        return text
+    parts = [t for t in str(text).replace(" ", "").split(",") if t]
+    try:
+        values = [int(t) for t in parts]
+    except ValueError:
+        raise UserError(f"--indices: expected N or a comma list of ints, got {text!r}") from None
+    if len(values) == 1 and "," not in str(text):
+        return values[0]
+    return values
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from hcd_fast.distill.trainer import run
+    try:
+        args = parse_args(argv)
+        run(args)
+    except UserError as exc:
+        print(f"hcd-distill: error: {exc}", file=sys.stderr)
+        return 2
+    return 0

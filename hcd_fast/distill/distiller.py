@@ -1,0 +1,179 @@
+"""Distiller (the trainable part) and DistillTask (timm ``TrainingTask`` contract).
+
+``Distiller`` owns the student (through ``StudentTap``) and the criterion (``HCDLoss`` or a baseline of
+``hcd_fast.distill.baselines``); its forward is everything that has gradient, so DDP wraps exactly it.
+The teacher lives outside it (``DistillTask.teacher``): frozen, never wrapped, never checkpointed.
+"""
+from __future__ import annotations
+
+import importlib.util
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from hcd_fast import HCDConfig, HCDLoss
+from hcd_fast.distill.baselines import METHODS, CELoss, DKDLoss, KDLoss, OFALoss
+from hcd_fast.distill.taps import Indices, StudentTap, TeacherTap
+
+# timm.task (TrainingTask) arrived in timm 1.0.2x; older timm gets a plain nn.Module base with the same API.
+HAS_TIMM_TASK = importlib.util.find_spec("timm.task") is not None
+if HAS_TIMM_TASK:
+    from timm.task import TrainingTask as _TaskBase
+else:  # pragma: no cover - depends on the installed timm
+    class _TaskBase(nn.Module):
+        def __init__(self, device=None, dtype=None, verbose=True):
+            super().__init__()
+            self.device = device if device is not None else torch.device("cpu")
+            self.dtype = dtype if dtype is not None else torch.get_default_dtype()
+            self.verbose = verbose
+
+
+@dataclass
+class LossOptions:
+    """Every loss option of every method (defaults: SPEC sections 2 and 9)."""
+
+    temperature: float = 1.0
+    label_smoothing: float = 0.1
+    w_gt: float = 1.0
+    w_kd: float = 1.0
+    w_kl: float = 6.0
+    w_ol: float = 1.0
+    num_sub_logits: int = 4
+    ortho_threshold: float = 0.5
+    gt_mask: str = "zero"
+    lambda_student: float = 1.0
+    lambda_teacher: float = 1.0
+    cfm_hidden: object = "teacher"
+    embed_dim: Optional[int] = None
+    dkd_alpha: float = 1.0
+    dkd_beta: float = 2.0
+    dkd_warmup: float = 20.0
+    ofa_eps: float = 1.0
+    w_ofa: float = 1.0
+    backend: str = "auto"
+
+    def hcd_config(self) -> HCDConfig:
+        return HCDConfig(num_sub_logits=self.num_sub_logits, temperature=self.temperature,
+                         label_smoothing=self.label_smoothing, ortho_threshold=self.ortho_threshold,
+                         lambda_student=self.lambda_student, lambda_teacher=self.lambda_teacher,
+                         gt_mask=self.gt_mask, cfm_hidden=self.cfm_hidden, embed_dim=self.embed_dim,
+                         w_gt=self.w_gt, w_kd=self.w_kd, w_kl=self.w_kl, w_ol=self.w_ol)
+
+
+def build_criterion(method: str, student_channels: Sequence[int], teacher_dim: int, num_classes: int,
+                    opts: LossOptions = LossOptions()) -> nn.Module:
+    """The criterion of ``method`` (one of METHODS); all share HCDLoss's call signature."""
+    if method == "hcd":
+        return HCDLoss(tuple(student_channels), teacher_dim, num_classes, opts.hcd_config(), backend=opts.backend)
+    if method == "ce":
+        return CELoss(opts.label_smoothing)
+    if method == "kd":
+        return KDLoss(opts.temperature, opts.label_smoothing, opts.w_gt, opts.w_kd)
+    if method == "dkd":
+        return DKDLoss(opts.temperature, opts.label_smoothing, opts.w_gt, opts.dkd_alpha, opts.dkd_beta,
+                       opts.dkd_warmup)
+    if method == "ofa":
+        return OFALoss(tuple(student_channels), teacher_dim, num_classes, opts.temperature, opts.label_smoothing,
+                       opts.ofa_eps, opts.w_gt, opts.w_kd, opts.w_ofa, opts.embed_dim, opts.backend)
+    raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+
+
+class Distiller(nn.Module):
+    """Student + distillation criterion; the whole trainable part.
+
+    ``forward(x (B, 3, H, W), target (B,), teacher_feat (B, D_t) | None, teacher_logits (B, K) | None)
+    -> (student_logits (B, K), loss 0-d fp32, parts dict of detached 0-d tensors)``.
+    Teacher tensors are None only for method "ce".
+
+    Args:
+        student: a timm model (wrapped in ``StudentTap``) or a ``StudentTap``.
+        criterion: ``HCDLoss`` or a baseline criterion.
+        indices: stages to tap when ``student`` is a bare model (timm's forward_intermediates indices).
+    """
+
+    def __init__(self, student: nn.Module, criterion: nn.Module, indices: Indices = 4):
+        super().__init__()
+        self.student = student if isinstance(student, StudentTap) else StudentTap(student, indices)
+        self.criterion = criterion
+
+    @property
+    def model(self) -> nn.Module:
+        """The bare student (what is deployed)."""
+        return self.student.model
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor, teacher_feat: Optional[torch.Tensor],
+                teacher_logits: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
+        logits, feats = self.student(x)
+        loss, parts = self.criterion(feats, logits, teacher_feat, teacher_logits, target, return_parts=True)
+        return logits, loss, parts
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """Strip DDP / torch.compile wrappers."""
+    while True:
+        if hasattr(module, "module") and isinstance(module, nn.parallel.DistributedDataParallel):
+            module = module.module
+        elif hasattr(module, "_orig_mod"):
+            module = module._orig_mod
+        else:
+            return module
+
+
+class DistillTask(_TaskBase):
+    """Heterogeneous distillation as a timm ``TrainingTask``: ``forward(input, target)`` returns
+    ``{"loss", "output" (student logits), <every loss part>}``.
+
+    Args:
+        distiller: the trainable ``Distiller`` (``trainable_module``; DDP wraps it).
+        teacher: the frozen ``TeacherTap``; None for method "ce" (no teacher forward at all).
+    """
+
+    def __init__(self, distiller: Distiller, teacher: Optional[TeacherTap], device=None, dtype=None,
+                 verbose: bool = False):
+        super().__init__(device=device, dtype=dtype, verbose=verbose)
+        self.trainable_module = distiller
+        self.teacher = teacher
+
+    def train(self, mode: bool = True) -> "DistillTask":
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs) -> "DistillTask":
+        """Wrap the Distiller (student + heads) in DDP; the teacher stays unwrapped."""
+        self.trainable_module = nn.parallel.DistributedDataParallel(self.trainable_module, device_ids=device_ids,
+                                                                    **ddp_kwargs)
+        return self
+
+    def compile(self, backend: str = "inductor", mode: Optional[str] = None, **kwargs) -> nn.Module:
+        """Compile the student and teacher forwards in place (state_dict keys unchanged)."""
+        distiller = unwrap(self.trainable_module)
+        distiller.student.compile(backend=backend, mode=mode, **kwargs)
+        if self.teacher is not None:
+            self.teacher.model.compile(backend=backend, mode=mode, **kwargs)
+        return distiller.model
+
+    def get_trainable_module(self, ema: bool = False):
+        return None if ema else self.trainable_module
+
+    def get_eval_model(self, module: Optional[nn.Module] = None, ema: bool = False):
+        """The bare student: projectors and CFMs exist only in training."""
+        return unwrap(self.trainable_module).model if module is None else module
+
+    def no_sync(self):
+        module = self.trainable_module
+        return module.no_sync() if hasattr(module, "no_sync") else nullcontext()
+
+    def teacher_outputs(self, input: torch.Tensor):
+        if self.teacher is None:
+            return None, None
+        return self.teacher(input)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
+        teacher_feat, teacher_logits = self.teacher_outputs(input)
+        logits, loss, parts = self.trainable_module(input, target, teacher_feat, teacher_logits)
+        return {"loss": loss, "output": logits, **parts}

@@ -1,0 +1,121 @@
+"""Feature taps for any timm model.
+
+- ``StudentTap``: one forward gives the student logits z_s (B, K) and the stage maps F_s (B, C_s, H_s, W_s)
+  through ``model.forward_intermediates(x, indices, intermediates_only=False)`` then ``forward_head``.
+- ``TeacherTap``: the frozen teacher's penultimate feature f_t (B, D_t) and logits z_t (B, K) through
+  ``forward_features`` -> ``forward_head(pre_logits=True)`` -> the classifier, in eval mode under
+  ``torch.inference_mode`` (outputs cloned afterwards so autograd may use them as constants).
+- ``probe_student`` / ``probe_teacher``: one dry run at the training input size gives C_s, D_t and K
+  exactly, whatever the model family (timm's feature_info differs between CNNs and ViTs).
+"""
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+Indices = Union[int, Sequence[int]]
+
+
+def _require(model: nn.Module, names: Sequence[str], role: str) -> None:
+    missing = [n for n in names if not hasattr(model, n)]
+    if missing:
+        raise ValueError(f"{role} model {type(model).__name__} lacks {', '.join(missing)}: hcd-distill needs a "
+                         f"timm model with {', '.join(names)}")
+
+
+class StudentTap(nn.Module):
+    """Student wrapper: ``forward(x (B, 3, H, W)) -> (logits (B, K), [F_s (B, C_s, H_s, W_s)] * S)``.
+
+    Args:
+        model: a timm model with ``forward_intermediates`` and ``forward_head``.
+        indices: which intermediates to tap, as timm takes them: an int n means the last n stages
+            (default 4), a list names stage indices (shallow to deep).
+    """
+
+    def __init__(self, model: nn.Module, indices: Indices = 4):
+        super().__init__()
+        _require(model, ("forward_intermediates", "forward_head"), "student")
+        self.model = model
+        self.indices = indices if isinstance(indices, int) else list(indices)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        final, feats = self.model.forward_intermediates(x, indices=self.indices, intermediates_only=False)
+        return self.model.forward_head(final), list(feats)
+
+
+class TeacherTap(nn.Module):
+    """Frozen teacher: ``forward(x (B, 3, H, W)) -> (feat (B, D_t), logits (B, K))``, no gradient ever.
+
+    The module stays in eval mode whatever ``.train()`` is called with, its parameters have
+    ``requires_grad=False``, and the forward runs under ``torch.inference_mode``.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        _require(model, ("forward_features", "forward_head"), "teacher")
+        self.model = model
+        model.requires_grad_(False)
+        classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+        # logits = classifier(pre_logits); models whose head is not one module fall back to forward_head.
+        self._use_classifier = isinstance(classifier, nn.Module)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> "TeacherTap":
+        return super().train(False)
+
+    def _forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        t = self.model.forward_features(x)
+        feat = self.model.forward_head(t, pre_logits=True)
+        logits = self.model.get_classifier()(feat) if self._use_classifier else self.model.forward_head(t)
+        return feat, logits
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        with torch.inference_mode():
+            feat, logits = self._forward(x)
+        # Inference tensors cannot enter autograd; a clone outside inference mode is an ordinary tensor.
+        return feat.clone(), logits.clone()
+
+
+@torch.no_grad()
+def probe_student(model: nn.Module, indices: Indices, input_size: Tuple[int, int, int]) -> Tuple[Tuple[int, ...], int]:
+    """(C_s of each tapped stage, K) from one eval-mode dry run on a (1, *input_size) input."""
+    tap = StudentTap(model, indices)
+    was_training = model.training
+    model.eval()
+    try:
+        logits, feats = tap(torch.zeros(1, *input_size, device=_device_of(model)))
+    finally:
+        model.train(was_training)
+    for s, f in enumerate(feats):
+        if f.dim() != 4:
+            raise ValueError(f"student intermediates[{s}]: expected a (B, C, H, W) map, got shape "
+                             f"{tuple(f.shape)}")
+    if not feats:
+        raise ValueError(f"student indices={indices!r} selects no stage")
+    return tuple(int(f.shape[1]) for f in feats), int(logits.shape[-1])
+
+
+@torch.no_grad()
+def probe_teacher(tap: TeacherTap, input_size: Tuple[int, int, int]) -> Tuple[int, int]:
+    """(D_t, K) of the teacher from one dry run; checks the classifier path against forward_head."""
+    # A private generator: probing must not move the global RNG (runs stay reproducible).
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, *input_size, generator=g).to(_device_of(tap.model))
+    feat, logits = tap(x)
+    if tap._use_classifier:
+        with torch.inference_mode():
+            direct = tap.model.forward_head(tap.model.forward_features(x))
+        if direct.shape != logits.shape or not torch.allclose(direct, logits, rtol=1e-4, atol=1e-4):
+            tap._use_classifier = False
+            feat, logits = tap(x)
+    if feat.dim() != 2:
+        raise ValueError(f"teacher pre-logits feature: expected (B, D_t), got shape {tuple(feat.shape)}")
+    return int(feat.shape[1]), int(logits.shape[-1])
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
