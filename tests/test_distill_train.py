@@ -1,0 +1,129 @@
+"""hcd-distill end to end on tiny models: early errors, outputs, kill-and-resume equals an uninterrupted run."""
+import json
+import os
+
+import pytest
+import torch
+
+from hcd_fast.distill.cli import build_parser, main, parse_args
+from hcd_fast.distill.errors import UserError
+from hcd_fast.distill.trainer import run
+
+STUDENT = ["--student", "resnet10t", "--student-kwargs", '{"channels": [8, 16, 32, 64], "stem_width": 8}']
+TEACHER = ["--teacher", "vit_tiny_patch16_224", "--teacher-kwargs",
+           '{"img_size": 16, "patch_size": 4, "depth": 1, "embed_dim": 16, "num_heads": 2}']
+FAST = ["--img-size", "16", "--batch-size", "32", "--no-progress", "--no-plots", "--threads", "2"]
+
+
+def args_for(out, *extra):
+    return parse_args(STUDENT + TEACHER + FAST + ["--output", str(out), *extra])
+
+
+def test_help_documents_every_flag():
+    parser = build_parser()
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help and len(action.help) > 8, action.option_strings
+    text = parser.format_help()
+    for flag in ("--teacher-checkpoint", "--method", "--preset", "--resume", "--ckpt-interval", "--compile"):
+        assert flag in text
+
+
+def test_preset_sets_recipe_and_flags_override():
+    a = parse_args(["--student", "resnet18", "--preset", "cifar100", "--epochs", "5"])
+    assert (a.dataset, a.img_size, a.lr, a.weight_decay, a.min_lr, a.warmup_epochs, a.batch_size, a.momentum) == \
+        ("cifar100", 224, 0.05, 2e-3, 1e-3, 3, 128, 0.9)
+    assert a.epochs == 5
+    b = parse_args(["--student", "resnet18", "--preset", "imagenet"])
+    assert b.dataset == "imagefolder" and b.ofa_eps == 1.5 and b.epochs == 300
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--student", "resnet_does_not_exist"], "not a timm model"),
+    (["--teacher", "vit_nope_patch4"], "not a timm model"),
+    (["--teacher-checkpoint", "/nonexistent/t.pt"], "no such file"),
+    ([], "needs a trained teacher"),
+    (["--allow-random-teacher", "--dataset", "cifar100"], "needs --data-dir"),
+    (["--allow-random-teacher", "--dataset", "cifar100", "--data-dir", "/tmp"], "cifar-100-python"),
+    (["--allow-random-teacher", "--dataset", "imagefolder", "--data-dir", "/nonexistent"], "ImageNet layout"),
+    (["--allow-random-teacher", "--num-classes", "100"], "has 10 classes"),
+    (["--allow-random-teacher", "--batch-size", "5000"], "larger than the training set"),
+    (["--allow-random-teacher", "--resume", "/nonexistent/last.pt"], "no such file"),
+])
+def test_bad_input_fails_before_training(tmp_path, extra, message):
+    with pytest.raises(UserError, match=message):
+        run(parse_args(STUDENT + TEACHER + FAST + ["--output", str(tmp_path / "o")] + extra))
+    assert not os.path.exists(tmp_path / "o" / "last.pt")
+
+
+def test_teacher_checkpoint_class_mismatch(tmp_path):
+    import timm
+    t = timm.create_model("vit_tiny_patch16_224", num_classes=7, img_size=16, patch_size=4, depth=1,
+                          embed_dim=16, num_heads=2)
+    path = tmp_path / "teacher7.pt"
+    torch.save({"state_dict": t.state_dict()}, path)
+    with pytest.raises(UserError, match="trained for 7 classes.*dataset has 10"):
+        run(args_for(tmp_path / "o", "--teacher-checkpoint", str(path)))
+
+
+def test_cli_main_reports_errors(capsys):
+    assert main(STUDENT + ["--teacher", "vit_nope", "--method", "kd"]) == 2
+    assert "not a timm model" in capsys.readouterr().err
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def test_outputs_and_teacher_from_own_checkpoint(tmp_path):
+    """Train a tiny ViT with --method ce, then use its best.pt as the teacher of an hcd run."""
+    teacher_out = tmp_path / "teacher"
+    s = run(parse_args(["--student", "vit_tiny_patch16_224", "--student-kwargs",
+                        '{"img_size": 16, "patch_size": 4, "depth": 1, "embed_dim": 16, "num_heads": 2}',
+                        "--method", "ce", "--epochs", "1", "--max-steps-per-epoch", "3", "--indices", "1",
+                        "--output", str(teacher_out)] + FAST))
+    assert s["epochs"] == 1 and s["global_step"] == 3
+    out = tmp_path / "hcd"
+    s = run(args_for(out, "--teacher-checkpoint", str(teacher_out / "best.pt"), "--epochs", "2",
+                     "--max-steps-per-epoch", "2", "--backend", "auto"))
+    for name in ("last.pt", "best.pt", "metrics.csv", "metrics.jsonl", "summary.json"):
+        assert (out / name).is_file(), name
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert {"train_loss", "train_sub_kl", "train_ortho", "val_top1", "val_top5", "lr"} <= set(rows[0])
+    assert (out / "metrics.csv").read_text().count("\n") == 3
+    assert 0.0 <= s["best_top1"] <= 100.0 and s["final_top1"] == rows[-1]["val_top1"]
+    state = load(out / "last.pt")
+    assert {"distiller", "optimizer", "scheduler", "rng", "epoch", "global_step", "args"} <= set(state)
+    assert any(k.startswith("criterion.cfms.") for k in state["distiller"])
+
+
+def test_plots_written(tmp_path):
+    run(parse_args(STUDENT + ["--method", "ce", "--img-size", "16", "--batch-size", "32", "--no-progress",
+                              "--epochs", "1", "--max-steps-per-epoch", "1", "--output", str(tmp_path)]))
+    assert (tmp_path / "loss.png").stat().st_size > 1000 and (tmp_path / "accuracy.png").stat().st_size > 1000
+
+
+def test_killed_run_resumes_to_identical_weights(tmp_path):
+    """An uninterrupted run vs one that stops at global step 8 (checkpoints at steps 3, 5 = epoch end, and 6 =
+    mid-epoch 2, so steps 7-8 are lost as in a SIGKILL) and is continued with --resume auto. Drop-path makes
+    the RNG state matter."""
+    common = ["--method", "hcd", "--allow-random-teacher", "--epochs", "2", "--max-steps-per-epoch", "5",
+              "--ckpt-interval", "3", "--drop-path", "0.1", "--seed", "3"]
+    full = run(args_for(tmp_path / "full", *common))
+    part = run(args_for(tmp_path / "part", *common, "--stop-after-steps", "8"))
+    ckpt = load(tmp_path / "part" / "last.pt")
+    assert part["stopped"] and (ckpt["global_step"], ckpt["epoch"], ckpt["step_in_epoch"]) == (6, 1, 1)
+    resumed = run(args_for(tmp_path / "part", *common, "--resume", "auto"))
+    assert resumed["global_step"] == full["global_step"] == 10
+    a, b = load(tmp_path / "full" / "last.pt"), load(tmp_path / "part" / "last.pt")
+    assert a["distiller"].keys() == b["distiller"].keys()
+    for k, v in a["distiller"].items():
+        torch.testing.assert_close(b["distiller"][k], v, rtol=1e-6, atol=1e-6, msg=k)
+    for ra, rb in zip(a["history"], b["history"]):
+        for key in ("train_loss", "train_top1", "val_top1", "val_loss", "train_sub_kl"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-6, abs=1e-6), key
+    mom_a = [s["momentum_buffer"] for s in a["optimizer"]["state"].values()]
+    mom_b = [s["momentum_buffer"] for s in b["optimizer"]["state"].values()]
+    for x, y in zip(mom_a, mom_b):
+        torch.testing.assert_close(y, x, rtol=1e-6, atol=1e-6)
