@@ -322,6 +322,7 @@ def _run(args: argparse.Namespace, ctx: DistContext) -> dict:
             raise UserError("--device cuda: no CUDA device is available")
         device = torch.device("cuda", ctx.local_rank if ctx.enabled else (device.index or 0))
         torch.cuda.set_device(device)
+    ctx.init(device)
     if args.sync_bn and device.type != "cuda":
         raise UserError("--sync-bn: SyncBatchNorm runs on CUDA only (use --freeze-bn on CPU)")
     out = args.output or _default_output(args)
