@@ -1,0 +1,356 @@
+"""Benchmark cases of the four fused ops and the whole HCD head, and how each provider runs them.
+
+A case is one op at one shape and dtype; every call of its ``fn`` is a forward and a backward ("fwd+bwd"),
+since training is what HCD is for. Providers:
+
+- ``eager``: ``hcd_fast.functional.<op>(..., backend="reference")`` (the head: ``HCDLoss(backend="reference")``)
+- ``compile``: ``torch.compile(hcd_fast.reference.<op>)`` (the head: ``torch.compile`` of the reference
+  ``HCDLoss``), compiled once per case (``dynamic=True`` once for the whole batch sweep)
+- a fused backend name (``cpu``, ``cuda``, ``triton``): the public API with ``backend=name``.
+
+Shapes follow SPEC section 7: CIFAR-like (B=128, K=100, teacher dim 384, so D=512) and ImageNet-like
+(B=256, K=1000, teacher dim 768, so D=768), S=4 stages, n=4 sub-logits, ResNet18 stage channels
+(64, 128, 256, 512) with maps 56/28/14/7 at 224x224 input or 8/4/2/1 at 32x32 input. The projector ops
+(bn_relu_pool, pool_linear) see the deepest map (7x7 at 224 input).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+import hcd_fast
+from hcd_fast import HCDConfig, HCDLoss
+from hcd_fast import functional as HF
+from hcd_fast import reference as R
+
+RESNET18_CHANNELS = (64, 128, 256, 512)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# (B, K, teacher dim) of the two shape families.
+FAMILIES = {"cifar": (128, 100, 384), "imagenet": (256, 1000, 768)}
+
+
+def stage_maps(img: int) -> Tuple[int, ...]:
+    """ResNet18 stage map sizes at ``img`` x ``img`` input (stride 4, 8, 16, 32)."""
+    return tuple(max(1, img // s) for s in (4, 8, 16, 32))
+
+
+@dataclass
+class Case:
+    """One benchmark case. ``shape`` holds every size that defines it (recorded in the JSON)."""
+    op: str                      # sub_logit_loss | bn_relu_pool | pool_linear | cfm | head
+    group: str                   # cifar | imagenet | sweep | quick
+    dtype: str                   # fp32 | bf16 | fp16
+    shape: Dict[str, int]
+    target: Optional[str] = None  # the target this case is read against (never asserted)
+    dynamic: bool = False         # compile with dynamic=True (shared by the sweep's cases)
+    providers: Optional[Tuple[str, ...]] = None  # restrict (None: all the run's providers)
+    mode: str = "fwd+bwd"
+
+    @property
+    def id(self) -> str:
+        if self.group == "sweep":
+            return f"sweep/{self.op}/B={self.shape['B']}/{self.dtype}"
+        return f"{self.op}/{self.group}/{self.dtype}"
+
+    def shape_str(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.shape.items())
+
+
+def _sub_logit_shape(family: str) -> Dict[str, int]:
+    b, k, _ = FAMILIES[family]
+    return {"S": 4, "B": b, "n": 4, "K": k}
+
+
+def _proj_shape(family: str, img: int) -> Dict[str, int]:
+    b, _, dt = FAMILIES[family]
+    m = stage_maps(img)[-1]
+    return {"B": b, "C": 512, "H": m, "W": m, "D": max(512, dt)}
+
+
+def _cfm_shape(family: str) -> Dict[str, int]:
+    b, k, dt = FAMILIES[family]
+    return {"B": b, "D": max(512, dt), "Dt": dt, "hidden": dt, "n": 4, "K": k}
+
+
+def _head_shape(family: str, img: int) -> Dict[str, int]:
+    b, k, dt = FAMILIES[family]
+    return {"B": b, "K": k, "Dt": dt, "n": 4, "img": img}
+
+
+def _bn_shape(family: str, img: int) -> Dict[str, int]:
+    # Input of the last BN of a SepConv projector: D channels at the deepest map.
+    b, _, dt = FAMILIES[family]
+    m = stage_maps(img)[-1]
+    return {"B": b, "C": max(512, dt), "H": m, "W": m}
+
+
+def _family_cases(family: str, dtypes, ops, op_img: int, head_img: int) -> List[Case]:
+    shapes = {"sub_logit_loss": _sub_logit_shape(family), "bn_relu_pool": _bn_shape(family, op_img),
+              "pool_linear": _proj_shape(family, op_img), "cfm": _cfm_shape(family),
+              "head": _head_shape(family, head_img)}
+    return [Case(op, family, dt, dict(shapes[op])) for op in ops for dt in dtypes]
+
+
+def sweep_cases(batches, dtype: str = "fp32", K: int = 1000) -> List[Case]:
+    return [Case("sub_logit_loss", "sweep", dtype, {"S": 4, "B": b, "n": 4, "K": K}, dynamic=True)
+            for b in batches]
+
+
+CPU_TARGET = "cpu backend >= 5x eager and >= 3x torch.compile"
+GPU_HEAD_TARGET = "H100: >= 5x eager, >= 2x torch.compile"
+GPU_BW_TARGET = "fused >= 70% of copy bandwidth (B >= 4096, L2 flushed)"
+
+
+def profile_cases(profile: str) -> List[Case]:
+    """Every case of a profile, the target cases first (so a time budget never drops them).
+
+    cpu: pruned to fit ``make bench`` in 10 minutes on 2 cores, compile time included: the CPU target case
+    (sub_logit_loss S=4, B=256, n=4, K=1000 fp32), the head at B=128, K=100 on 32x32 maps, the other ops
+    at both shape families in one dtype each, and a short batch sweep.
+    gpu: both families, fp32 and bf16, the head on 224x224 maps, the sweep from 8 to 8192.
+    quick: tiny shapes for the smoke test.
+    """
+    if profile == "cpu":
+        cases = [Case("sub_logit_loss", "imagenet", "fp32", _sub_logit_shape("imagenet"), target=CPU_TARGET),
+                 Case("head", "cifar", "fp32", _head_shape("cifar", 32)),
+                 Case("sub_logit_loss", "imagenet", "bf16", _sub_logit_shape("imagenet")),
+                 Case("sub_logit_loss", "cifar", "fp32", _sub_logit_shape("cifar")),
+                 Case("head", "cifar", "bf16", _head_shape("cifar", 32))]
+        cases += _family_cases("cifar", ["fp32"], ["bn_relu_pool", "pool_linear", "cfm"], 224, 32)
+        cases += _family_cases("imagenet", ["bf16"], ["bn_relu_pool", "pool_linear", "cfm"], 224, 32)
+        cases += sweep_cases((8, 32, 128, 512, 1024))
+        return cases
+    if profile == "gpu":
+        cases = [Case("head", "imagenet", dt, _head_shape("imagenet", 224), target=GPU_HEAD_TARGET)
+                 for dt in ("bf16", "fp32")]
+        cases += _family_cases("imagenet", ["fp32", "bf16"], ["sub_logit_loss", "bn_relu_pool", "pool_linear",
+                                                              "cfm"], 224, 224)
+        cases += _family_cases("cifar", ["fp32", "bf16"], ["sub_logit_loss", "bn_relu_pool", "pool_linear",
+                                                           "cfm", "head"], 224, 224)
+        sweep = sweep_cases((8, 32, 128, 512, 1024, 2048, 4096, 8192))
+        for c in sweep:
+            if c.shape["B"] >= 4096:
+                c.target = GPU_BW_TARGET
+        return cases + sweep
+    if profile == "quick":
+        return [Case("sub_logit_loss", "quick", "fp32", {"S": 2, "B": 5, "n": 3, "K": 37}),
+                Case("bn_relu_pool", "quick", "fp32", {"B": 3, "C": 8, "H": 3, "W": 3}),
+                Case("pool_linear", "quick", "bf16", {"B": 3, "C": 8, "H": 3, "W": 3, "D": 12}),
+                Case("cfm", "quick", "fp32", {"B": 5, "D": 12, "Dt": 10, "hidden": 10, "n": 3, "K": 37}),
+                Case("head", "quick", "fp32", {"B": 3, "K": 37, "Dt": 24, "n": 3, "img": 32,
+                                               "channels": 4}),
+                *sweep_cases((2, 7), K=37)]
+    raise ValueError(f"unknown profile {profile!r}; expected cpu, gpu or quick")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Inputs and the per-provider callables.
+
+
+def essential_bytes(case: Case) -> Optional[int]:
+    """Bytes a fwd+bwd must move at the least (each input read once, each gradient written once), for the
+    memory-bound ops; None for the GEMM-bound cfm and the head. Achieved bandwidth = this / time."""
+    es = torch.tensor([], dtype=DTYPES[case.dtype]).element_size()
+    s = case.shape
+    if case.op == "sub_logit_loss":
+        rows = s["S"] * s["B"] * s["n"] * s["K"]
+        return 2 * rows * es + 3 * s["B"] * s["K"] * es + 8 * s["B"]
+    if case.op == "bn_relu_pool":
+        # fwd reads x; bwd reads x again and writes dx.
+        return 3 * s["B"] * s["C"] * s["H"] * s["W"] * es
+    if case.op == "pool_linear":
+        # fwd reads x; bwd writes dx; W and dW.
+        return 2 * s["B"] * s["C"] * s["H"] * s["W"] * es + 2 * s["D"] * s["C"] * es
+    return None
+
+
+def flops(case: Case) -> Optional[int]:
+    """Matmul FLOPs of a fwd+bwd of cfm (forward GEMMs x3)."""
+    if case.op != "cfm":
+        return None
+    s = case.shape
+    fwd = 2 * s["B"] * ((s["D"] + s["Dt"]) * s["hidden"] + s["hidden"] * s["n"] * s["K"])
+    return 3 * fwd
+
+
+def _leaf(t: torch.Tensor, grad: bool) -> torch.Tensor:
+    return t.detach().requires_grad_(grad)
+
+
+class Runner:
+    """Builds a case's inputs once and hands out one fwd+bwd callable per provider (same inputs, same
+    parameters for every provider)."""
+
+    def __init__(self, case: Case, device: torch.device, seed: int = 0):
+        self.case, self.device = case, device
+        self.dtype = DTYPES[case.dtype]
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        self._g = g
+        build = getattr(self, f"_build_{case.op}")
+        build()
+
+    def _randn(self, *shape, scale: float = 1.0, dtype=None) -> torch.Tensor:
+        t = torch.randn(*shape, generator=self._g) * scale
+        return t.to(device=self.device, dtype=dtype or self.dtype)
+
+    # --- inputs ------------------------------------------------------------------------------------------
+
+    def _build_sub_logit_loss(self) -> None:
+        s = self.case.shape
+        self.config = HCDConfig(num_sub_logits=s["n"])
+        self.zf = _leaf(self._randn(s["S"], s["B"], s["n"], s["K"], scale=3.0), True)
+        self.zs = _leaf(self._randn(s["B"], s["K"], scale=3.0), True)
+        self.zt = self._randn(s["B"], s["K"], scale=3.0)
+        self.y = torch.randint(0, s["K"], (s["B"],), generator=self._g).to(self.device)
+        self.leaves = [self.zf, self.zs]
+
+    def _build_bn_relu_pool(self) -> None:
+        s = self.case.shape
+        c = s["C"]
+        self.x = _leaf(self._randn(s["B"], c, s["H"], s["W"]), True)
+        self.weight = _leaf(1 + 0.1 * self._randn(c), True)
+        self.bias = _leaf(0.1 * self._randn(c), True)
+        self.running_mean = torch.zeros(c, device=self.device, dtype=self.dtype)
+        self.running_var = torch.ones(c, device=self.device, dtype=self.dtype)
+        self.grad_out = self._randn(s["B"], c)
+        self.leaves = [self.x, self.weight, self.bias]
+
+    def _build_pool_linear(self) -> None:
+        s = self.case.shape
+        self.x = _leaf(self._randn(s["B"], s["C"], s["H"], s["W"]), True)
+        self.weight = _leaf(self._randn(s["D"], s["C"], scale=s["C"] ** -0.5), True)
+        self.bias = _leaf(0.1 * self._randn(s["D"]), True)
+        self.grad_out = self._randn(s["B"], s["D"])
+        self.leaves = [self.x, self.weight, self.bias]
+
+    def _build_cfm(self) -> None:
+        s = self.case.shape
+        d_in, h, out = s["D"] + s["Dt"], s["hidden"], s["n"] * s["K"]
+        self.h = _leaf(self._randn(s["B"], s["D"]), True)
+        self.ft = self._randn(s["B"], s["Dt"])
+        self.w1 = _leaf(self._randn(h, d_in, scale=d_in ** -0.5), True)
+        self.b1 = _leaf(0.1 * self._randn(h), True)
+        self.w2 = _leaf(self._randn(out, h, scale=h ** -0.5), True)
+        self.b2 = _leaf(0.1 * self._randn(out), True)
+        self.zt = self._randn(s["B"], s["K"], scale=3.0)
+        self.grad_out = self._randn(s["B"], s["n"], s["K"])
+        self.leaves = [self.h, self.w1, self.b1, self.w2, self.b2]
+
+    def _build_head(self) -> None:
+        s = self.case.shape
+        channels = tuple(c * s.get("channels", 64) // 64 for c in RESNET18_CHANNELS)
+        maps = stage_maps(s["img"])
+        torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=self._g)))
+        self.head_args = (channels, s["Dt"], s["K"], HCDConfig(num_sub_logits=s["n"]))
+        self.ref_head = self._make_head("reference")
+        self.feats = [_leaf(self._randn(s["B"], c, m, m), True) for c, m in zip(channels, maps)]
+        self.zs = _leaf(self._randn(s["B"], s["K"], scale=3.0), True)
+        self.ft = self._randn(s["B"], s["Dt"])
+        self.zt = self._randn(s["B"], s["K"], scale=3.0)
+        self.y = torch.randint(0, s["K"], (s["B"],), generator=self._g).to(self.device)
+        self.leaves = [*self.feats, self.zs]
+
+    def _make_head(self, backend: str) -> HCDLoss:
+        channels, dt, k, config = self.head_args
+        # validate=False: reading the targets is a host sync and a graph break under torch.compile; it is
+        # the same cost for every provider, so it is left out of all of them.
+        head = HCDLoss(channels, dt, k, config=config, backend=backend, validate=False).to(self.device)
+        if hasattr(self, "ref_head"):
+            head.load_state_dict(self.ref_head.state_dict())
+        return head.train()
+
+    # --- callables ---------------------------------------------------------------------------------------
+
+    def _zero(self, params=()) -> None:
+        for t in self.leaves:
+            t.grad = None
+        for p in params:
+            p.grad = None
+
+    def fn(self, provider: str) -> Callable[[], torch.Tensor]:
+        """One fwd+bwd of the case by ``provider`` (eager, compile or a backend name); returns the forward
+        output (the loss for sub_logit_loss and the head)."""
+        op = self.case.op
+        if op == "head":
+            return self._head_fn(provider)
+        if provider == "compile":
+            impl = torch.compile(getattr(R, op), dynamic=True if self.case.dynamic else False)
+            backend = None
+        else:
+            impl = getattr(HF, op)
+            backend = "reference" if provider == "eager" else provider
+        kw = {} if backend is None else {"backend": backend}
+
+        if op == "sub_logit_loss":
+            if backend is not None:
+                kw["validate"] = False  # reading targets is a host sync; left out of every provider
+
+            def run():
+                self._zero()
+                loss, _ = impl(self.zf, self.zs, self.zt, self.y, self.config, **kw)
+                loss.backward()
+                return loss
+        elif op == "bn_relu_pool":
+            def run():
+                self._zero()
+                out = impl(self.x, self.weight, self.bias, self.running_mean, self.running_var, True, 0.1, 1e-5,
+                           **kw)
+                out.backward(self.grad_out)
+                return out
+        elif op == "pool_linear":
+            def run():
+                self._zero()
+                out = impl(self.x, self.weight, self.bias, **kw)
+                out.backward(self.grad_out)
+                return out
+        elif op == "cfm":
+            n = self.case.shape["n"]
+
+            def run():
+                self._zero()
+                out = impl(self.h, self.ft, self.w1, self.b1, self.w2, self.b2, self.zt, n, 1.0, 1.0, **kw)
+                out.backward(self.grad_out)
+                return out
+        else:
+            raise ValueError(op)
+        return run
+
+    def _head_fn(self, provider: str) -> Callable[[], None]:
+        if provider == "eager":
+            head = self.ref_head
+            call = head
+        elif provider == "compile":
+            head = self._make_head("reference")
+            call = torch.compile(head)
+        else:
+            head = self._make_head(provider)
+            call = head
+        params = list(head.parameters())
+        low = self.dtype in (torch.float16, torch.bfloat16)
+        feats = [f for f in self.feats]
+        if low:
+            # Low precision = autocast over fp32 parameters, as in mixed-precision training; the stage
+            # maps and logits arrive in the low dtype.
+            ctx = lambda: torch.autocast(self.device.type, dtype=self.dtype)  # noqa: E731
+        else:
+            import contextlib
+            ctx = contextlib.nullcontext
+
+        def run():
+            self._zero(params)
+            with ctx():
+                loss = call(feats, self.zs, self.ft, self.zt, self.y)
+            loss.backward()
+            return loss
+        return run
+
+
+def make_runner(case: Case, device: torch.device) -> Runner:
+    return Runner(case, device)
+
+
+def available_backends_report() -> str:
+    return "; ".join(f"{n}: {'yes' if s.available else 'no'}" for n, s in hcd_fast.backends().items())

@@ -1,0 +1,247 @@
+"""Turn result rows into the targets check, a markdown table and PNG plots (matplotlib, Agg backend)."""
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional
+
+FUSED = ("cpu", "cuda", "triton")
+
+
+def _ok(rows):
+    return [r for r in rows if r.get("status") == "ok"]
+
+
+def _fmt(v: Optional[float], spec: str = ".2f", suffix: str = "") -> str:
+    return "n/a" if v is None else f"{v:{spec}}{suffix}"
+
+
+def evaluate_targets(rows: List[dict]) -> List[dict]:
+    """Read the project's targets against this run (informational; never asserted anywhere)."""
+    out: List[dict] = []
+    ok = _ok(rows)
+    device = rows[0]["device"] if rows else "cpu"
+    by_case: Dict[str, List[dict]] = {}
+    for r in ok:
+        by_case.setdefault(r["case"], []).append(r)
+
+    for case_id in dict.fromkeys(r["case"] for r in rows if r.get("target")):
+        target = next(r["target"] for r in rows if r["case"] == case_id and r.get("target"))
+        fused = [r for r in by_case.get(case_id, []) if r["provider"] in FUSED]
+        if target.startswith("cpu backend"):
+            fused = [r for r in fused if r["provider"] == "cpu"]
+            need_e, need_c = 5.0, 3.0
+        elif target.startswith("H100:"):
+            need_e, need_c = 5.0, 2.0
+        else:
+            need_e = need_c = None
+        if not fused:
+            out.append({"target": target, "case": case_id, "provider": None, "measured": "no fused backend ran",
+                        "verdict": "n/a"})
+            continue
+        for r in fused:
+            if need_e is not None:
+                se, sc = r.get("speedup_vs_eager"), r.get("speedup_vs_compile")
+                met = se is not None and se >= need_e and (sc is None or sc >= need_c)
+                measured = f"{_fmt(se)}x eager, {_fmt(sc)}x compile"
+                verdict = "met" if met and sc is not None else ("not met" if not met else "met (no compile row)")
+            else:
+                frac = r.get("copy_fraction")
+                measured = f"{_fmt(None if frac is None else 100 * frac, '.0f', '%')} of copy bandwidth"
+                verdict = "n/a" if frac is None else ("met" if frac >= 0.7 else "not met")
+            if target.startswith("H100:") and device != "cuda":
+                verdict += " (not on an H100)"
+            out.append({"target": target, "case": case_id, "provider": r["provider"], "measured": measured,
+                        "verdict": verdict})
+
+    for r in ok:
+        if r.get("suite") == "steps" and r["provider"] == "hcd" and r["case"] == "step/swin_t->resnet18":
+            ov = r.get("overhead_vs_kd")
+            verdict = "n/a" if ov is None else ("met" if ov <= 0.10 else "not met")
+            if device != "cuda":
+                verdict += " (not on an H100)"
+            out.append({"target": "H100: Swin-T->ResNet18 step, HCD overhead over KD <= 10%", "case": r["case"],
+                        "provider": "hcd", "measured": f"{_fmt(None if ov is None else 100 * ov, '+.1f', '%')}",
+                        "verdict": verdict})
+    return out
+
+
+def _throughput(r: dict) -> str:
+    if r.get("gbps") is not None:
+        frac = r.get("copy_fraction")
+        return f"{r['gbps']:.3g} GB/s" + ("" if frac is None else f" ({100 * frac:.3g}%)")
+    if r.get("tflops") is not None:
+        return f"{r['tflops']:.3g} TFLOP/s"
+    return ""
+
+
+def _mib(v):
+    return "n/a" if v is None else f"{v / 2 ** 20:.0f}"
+
+
+def markdown(result: dict) -> str:
+    env, rows = result["env"], result["rows"]
+    lines = [f"# hcd_fast benchmarks: {env['device_name']}", ""]
+    commit = env["git_commit"][:12] + (" (+ uncommitted changes)" if env.get("git_dirty") else "")
+    lines += [f"- commit `{commit}`, torch {env['torch']}, triton {env['triton']}, python {env['python']}, "
+              f"profile `{result['profile']}`, {result['created']}",
+              f"- providers: {', '.join(result['providers'])}; backends: "
+              + "; ".join(f"{n} {'available' if b['available'] else 'unavailable (' + b['reason'] + ')'}"
+                          for n, b in result["backends"].items()),
+              f"- copy bandwidth (device to device, read + write): {result['copy_bandwidth']['gbps']:.1f} GB/s",
+              "- times are medians of fwd+bwd (ops) or of one optimizer step (steps), warm-up excluded; "
+              "'vs eager' / 'vs compile' = that provider's median / this one's (higher is faster); "
+              "bandwidth = minimum bytes moved / median time (% of copy bandwidth); peak memory on CUDA only",
+              ""]
+    targets = result.get("targets") or []
+    if targets:
+        lines += ["## Targets (read against, never asserted)", "",
+                  "| target | case | provider | measured | verdict |", "|---|---|---|---|---|"]
+        lines += [f"| {t['target']} | {t['case']} | {t['provider'] or '-'} | {t['measured']} | {t['verdict']} |"
+                  for t in targets]
+        lines.append("")
+
+    ops = [r for r in rows if r["suite"] == "ops" and r["group"] != "sweep"]
+    sweep = [r for r in rows if r["suite"] == "ops" and r["group"] == "sweep"]
+    steps = [r for r in rows if r["suite"] == "steps"]
+    head = ("| case | shape | provider | median ms | IQR ms | vs eager | vs compile | bandwidth | peak MiB "
+            "| first call s |")
+    sep = "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"
+
+    def op_lines(rs):
+        out = []
+        for r in rs:
+            if r["status"] != "ok":
+                out.append(f"| {r['case']} | {r['shape_str']} | {r['provider']} | {r['status']}: "
+                           f"{(r.get('reason') or '')[:80]} | | | | | | |")
+                continue
+            star = " **(target)**" if r.get("target") and r["provider"] in FUSED else ""
+            out.append(f"| {r['case']} | {r['shape_str']} | {r['provider']}{star} | {r['median_ms']:.3f} | "
+                       f"{r['iqr_ms']:.3f} | {_fmt(r.get('speedup_vs_eager'))}x | "
+                       f"{_fmt(r.get('speedup_vs_compile'))}x | {_throughput(r)} | {_mib(r.get('peak_mem_bytes'))} | "
+                       f"{_fmt(r.get('first_call_s'))} |")
+        return out
+
+    if ops:
+        lines += ["## Ops and the HCD head (forward + backward)", "", head, sep] + op_lines(ops) + [""]
+    if sweep:
+        lines += ["## sub_logit_loss batch sweep (compile with dynamic=True, compiled once for the sweep)", "", head, sep]
+        lines += op_lines(sweep) + [""]
+    if steps:
+        lines += ["## Whole distillation steps (ResNet18 student, one optimizer step)", "",
+                  "| teacher -> student | shape | variant | precision | median ms | IQR ms | overhead vs KD "
+                  "| speedup vs hcd_ref | peak MiB |", "|---|---|---|---|---:|---:|---:|---:|---:|"]
+        for r in steps:
+            if r["status"] != "ok":
+                lines.append(f"| {r['case']} | {r['shape_str']} | {r['provider']} | | {r['status']}: "
+                             f"{(r.get('reason') or '')[:80]} | | | | |")
+                continue
+            ov = r.get("overhead_vs_kd")
+            lines.append(f"| {r['case'][5:]} | {r['shape_str']} | {r['provider']} | {r['precision']} | "
+                         f"{r['median_ms']:.1f} | {r['iqr_ms']:.1f} | "
+                         f"{'' if ov is None else f'{100 * ov:+.1f}%'} | "
+                         f"{_fmt(r.get('speedup_vs_hcd_ref'))}x | {_mib(r.get('peak_mem_bytes'))} |")
+        lines += ["", "Variants: ce = student alone; kd = plain KD; *_ref = as the published code runs it "
+                  "(reference backend, fp32 on CPU / fp16 autocast on CUDA, loss.item() every step); hcd = "
+                  "hcd_fast backend='auto', bf16 autocast, channels_last, teacher in inference mode. Overhead: "
+                  "hcd vs kd, hcd_ref vs kd_ref.", ""]
+    plots = result.get("plots") or []
+    if plots:
+        lines += ["Plots: " + ", ".join(f"[{os.path.basename(p)}]({os.path.basename(p)})" for p in plots), ""]
+    return "\n".join(lines)
+
+
+PROVIDER_STYLE = {"eager": ("tab:gray", "o"), "compile": ("tab:blue", "s"), "cpu": ("tab:green", "^"),
+                  "cuda": ("tab:red", "^"), "triton": ("tab:purple", "v")}
+
+
+def plots(result: dict, out_dir: str) -> List[str]:
+    """Write the PNGs; returns their paths."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = _ok(result["rows"])
+    written: List[str] = []
+    title_dev = result["env"]["device_name"]
+    copy_gbps = result["copy_bandwidth"]["gbps"]
+
+    sweep = [r for r in rows if r["suite"] == "ops" and r["group"] == "sweep"]
+    if sweep:
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+        for dtype in sorted({r["dtype"] for r in sweep}):
+            for prov in dict.fromkeys(r["provider"] for r in sweep):
+                rs = sorted((r for r in sweep if r["provider"] == prov and r["dtype"] == dtype),
+                            key=lambda r: r["shape"]["B"])
+                if not rs:
+                    continue
+                color, marker = PROVIDER_STYLE.get(prov, ("black", "x"))
+                label = f"{prov} {dtype}"
+                bs = [r["shape"]["B"] for r in rs]
+                ax1.plot(bs, [r["median_ms"] for r in rs], marker=marker, color=color, label=label)
+                ax2.plot(bs, [r["gbps"] for r in rs], marker=marker, color=color, label=label)
+        ax2.axhline(copy_gbps, color="black", linestyle="--", linewidth=1, label=f"copy {copy_gbps:.0f} GB/s")
+        ax2.axhline(0.7 * copy_gbps, color="black", linestyle=":", linewidth=1, label="70% of copy")
+        for ax in (ax1, ax2):
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            sh = sweep[0]["shape"]
+            ax.set_xlabel(f"batch B (S={sh['S']}, n={sh['n']}, K={sh['K']})")
+            ax.grid(True, which="both", alpha=0.3)
+        ax1.set_ylabel("fwd+bwd median time (ms)")
+        ax1.set_title("time: flat = launch-bound, slope 1 = bandwidth-bound")
+        ax2.set_ylabel("achieved bandwidth (GB/s, minimum bytes)")
+        ax2.set_title("achieved bandwidth vs device copy")
+        ax2.legend(fontsize=7)
+        fig.suptitle(f"sub_logit_loss fwd+bwd batch sweep: {title_dev}", fontsize=10)
+        fig.tight_layout()
+        path = os.path.join(out_dir, "sub_logit_loss_sweep.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    ops = [r for r in rows if r["suite"] == "ops" and r["group"] != "sweep"]
+    if ops:
+        cases = list(dict.fromkeys(r["case"] for r in ops))
+        provs = [p for p in dict.fromkeys(r["provider"] for r in ops) if p != "eager"]
+        fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(cases) + 2), 4.2))
+        width = 0.8 / max(1, len(provs))
+        for j, prov in enumerate(provs):
+            vals = []
+            for c in cases:
+                r = next((r for r in ops if r["case"] == c and r["provider"] == prov), None)
+                vals.append(r["speedup_vs_eager"] if r and r.get("speedup_vs_eager") else 0.0)
+            color, _ = PROVIDER_STYLE.get(prov, ("black", "x"))
+            ax.bar([i + (j - (len(provs) - 1) / 2) * width for i in range(len(cases))], vals, width,
+                   label=prov, color=color)
+        ax.axhline(1.0, color="black", linewidth=1, label="eager = 1")
+        ax.set_xticks(range(len(cases)))
+        ax.set_xticklabels(cases, rotation=35, ha="right", fontsize=7)
+        ax.set_ylabel("speedup over eager reference (fwd+bwd)")
+        ax.set_title(f"ops and HCD head: {title_dev}", fontsize=10)
+        ax.legend(fontsize=7)
+        ax.grid(True, axis="y", alpha=0.3)
+        fig.tight_layout()
+        path = os.path.join(out_dir, "ops_speedup.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    steps = [r for r in rows if r["suite"] == "steps"]
+    if steps:
+        cases = list(dict.fromkeys(r["case"] for r in steps))
+        fig, axes = plt.subplots(1, len(cases), figsize=(5 * len(cases), 3.6), squeeze=False)
+        for ax, c in zip(axes[0], cases):
+            rs = [r for r in steps if r["case"] == c]
+            ax.barh([f"{r['provider']} ({r['precision']})" for r in rs], [r["median_ms"] for r in rs],
+                    xerr=[r["iqr_ms"] / 2 for r in rs], color="tab:blue")
+            ax.invert_yaxis()
+            ax.set_xlabel("median step time (ms)")
+            ax.set_title(f"{c[5:]} ({rs[0]['shape_str']})", fontsize=9)
+            ax.grid(True, axis="x", alpha=0.3)
+        fig.suptitle(f"one optimizer step: {title_dev}", fontsize=10)
+        fig.tight_layout()
+        path = os.path.join(out_dir, "steps.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
