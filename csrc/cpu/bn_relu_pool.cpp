@@ -1,0 +1,88 @@
+// CPU entry of the fused BatchNorm + ReLU + GAP: statistics, running-stat update (as nn.BatchNorm2d:
+// momentum update with the unbiased batch variance), and the parallel loop over channels.
+// The per-element math is in bn_relu_pool_kernel.h.
+#include <ATen/Parallel.h>
+
+#include "cpu/kernels.h"
+#include "ops.h"
+
+namespace hcd_fast::cpu {
+
+namespace {
+int64_t channel_grain(int64_t B, int64_t HW) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(B * HW, 1)); }
+}  // namespace
+
+Tensor3 bn_relu_pool_fwd(HCD_BN_FWD_ARGS) {
+  TORCH_CHECK(x.dim() == 4, "bn_relu_pool: x must be (B, C, H, W)");
+  const auto dt = compute_dtype({x.scalar_type(), weight.scalar_type(), bias.scalar_type()});
+  const Tensor xc = x.to(dt).contiguous();
+  const int64_t B = xc.size(0), C = xc.size(1), HW = xc.size(2) * xc.size(3);
+  const Tensor w = weight.to(dt).contiguous(), b = bias.to(dt).contiguous();
+  const int64_t grain = channel_grain(B, HW);
+  Tensor mean, invstd;
+  if (training) {
+    TORCH_CHECK(B * HW > 1, "bn_relu_pool: expected more than 1 value per channel when training, got input of size ",
+                x.sizes());
+    mean = at::empty({C}, xc.options());
+    Tensor var = at::empty({C}, xc.options());
+    at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
+      if (dt == at::kDouble)
+        kernels().channel_moments_d(xc.data_ptr<double>(), B, C, HW, mean.data_ptr<double>(),
+                                    var.data_ptr<double>(), c0, c1);
+      else
+        kernels().channel_moments_f(xc.data_ptr<float>(), B, C, HW, mean.data_ptr<float>(), var.data_ptr<float>(),
+                                    c0, c1);
+    });
+    invstd = (var + eps).rsqrt();
+    // running <- (1 - momentum) running + momentum * batch statistic (unbiased variance), in place.
+    const double unbias = double(B * HW) / double(B * HW - 1);
+    running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.scalar_type()), momentum);
+    running_var.mul_(1.0 - momentum).add_(var.to(running_var.scalar_type()), momentum * unbias);
+  } else {
+    mean = running_mean.to(dt).contiguous().clone();
+    invstd = (running_var.to(dt) + eps).rsqrt().contiguous();
+  }
+  Tensor out = at::empty({B, C}, xc.options());
+  at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
+    auto go = [&](auto tag) {
+      using T = decltype(tag);
+      BnReluPoolArgs<T> a{};
+      a.x = xc.data_ptr<T>(), a.weight = w.data_ptr<T>(), a.bias = b.data_ptr<T>();
+      a.mean = mean.data_ptr<T>(), a.invstd = invstd.data_ptr<T>(), a.out = out.data_ptr<T>();
+      a.B = B, a.C = C, a.HW = HW, a.training = training;
+      if constexpr (std::is_same_v<T, float>) kernels().bn_relu_pool_fwd_f(a, c0, c1);
+      else kernels().bn_relu_pool_fwd_d(a, c0, c1);
+    };
+    if (dt == at::kDouble) go(double{});
+    else go(float{});
+  });
+  return {out.to(x.scalar_type()), mean, invstd};
+}
+
+Tensor3 bn_relu_pool_bwd(HCD_BN_BWD_ARGS) {
+  const auto dt = save_mean.scalar_type();
+  const Tensor xc = x.to(dt).contiguous();
+  const int64_t B = xc.size(0), C = xc.size(1), HW = xc.size(2) * xc.size(3);
+  const Tensor w = weight.to(dt).contiguous(), b = bias.to(dt).contiguous();
+  const Tensor g = grad_out.to(dt).contiguous();
+  const Tensor mean = save_mean.contiguous(), invstd = save_invstd.contiguous();
+  Tensor gx = at::empty_like(xc), gw = at::empty({C}, xc.options()), gb = at::empty({C}, xc.options());
+  at::parallel_for(0, C, channel_grain(B, HW), [&](int64_t c0, int64_t c1) {
+    auto go = [&](auto tag) {
+      using T = decltype(tag);
+      BnReluPoolArgs<T> a{};
+      a.x = xc.data_ptr<T>(), a.weight = w.data_ptr<T>(), a.bias = b.data_ptr<T>();
+      a.mean = mean.data_ptr<T>(), a.invstd = invstd.data_ptr<T>();
+      a.grad_out = g.data_ptr<T>(), a.grad_x = gx.data_ptr<T>();
+      a.grad_weight = gw.data_ptr<T>(), a.grad_bias = gb.data_ptr<T>();
+      a.B = B, a.C = C, a.HW = HW, a.training = training;
+      if constexpr (std::is_same_v<T, float>) kernels().bn_relu_pool_bwd_f(a, c0, c1);
+      else kernels().bn_relu_pool_bwd_d(a, c0, c1);
+    };
+    if (dt == at::kDouble) go(double{});
+    else go(float{});
+  });
+  return {gx.to(x.scalar_type()), gw.to(weight.scalar_type()), gb.to(bias.scalar_type())};
+}
+
+}  // namespace hcd_fast::cpu

@@ -1,0 +1,35 @@
+// CPU cfm: the Complementary Feature Mapper without materialising u = [h ; f_t]:
+//   a  = h W1[:, :D]^T + f_t W1[:, D:]^T + b1   (two GEMMs accumulating into one output)
+//   z  = relu(a) W2^T + b2                       (or z = a without a hidden layer)
+//   zf = lambda_s z + lambda_t z_t               (broadcast over the n sub-logits, in place)
+// Arithmetic in fp32 (fp64 for fp64 inputs); the hidden activation and the output are rounded to the input
+// dtype.
+#include "ops.h"
+
+namespace hcd_fast::cpu {
+
+Tensor2 cfm(HCD_CFM_ARGS) {
+  const auto out_dtype = at::promote_types(at::promote_types(student_feat.scalar_type(), teacher_feat.scalar_type()),
+                                           at::promote_types(weight1.scalar_type(), teacher_logits.scalar_type()));
+  const auto dt = compute_dtype({out_dtype});
+  const int64_t B = student_feat.size(0), D = student_feat.size(1), Dt = teacher_feat.size(1);
+  const int64_t K = teacher_logits.size(1);
+  const Tensor w1 = weight1.to(dt);
+  Tensor a = at::addmm(bias1.to(dt), student_feat.to(dt), w1.narrow(1, 0, D).t());
+  a.addmm_(teacher_feat.to(dt), w1.narrow(1, D, Dt).t());
+  Tensor z, hidden;
+  if (weight2.has_value() && weight2->defined()) {
+    // The hidden activation is kept (for backward) and fed to the second GEMM in the output dtype, as the
+    // reference's F.linear chain rounds it.
+    hidden = a.relu_().to(out_dtype);
+    z = at::addmm(bias2->to(dt), hidden.to(dt), weight2->to(dt).t());
+  } else {
+    hidden = at::empty({0}, a.options().dtype(out_dtype));
+    z = a;
+  }
+  Tensor zf = z.view({B, num_sub_logits, K});
+  zf.mul_(lambda_student).add_(teacher_logits.to(dt).unsqueeze(1), lambda_teacher);
+  return {zf.to(out_dtype), hidden};
+}
+
+}  // namespace hcd_fast::cpu

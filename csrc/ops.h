@@ -1,0 +1,69 @@
+// Entry points of the hcd_fast torch ops, per device. Schemas and registration: csrc/hcd_fast.cpp.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace hcd_fast {
+
+using at::Tensor;
+
+// Returns (loss 0-d, parts (5,) [ce, sub_ce, kd, sub_kl, ortho], d loss/d sub_logits, d loss/d student_logits);
+// loss, parts and gradients in the compute dtype (fp32, or fp64 for fp64 input); gradients are empty (0,)
+// unless compute_grad.
+#define HCD_SUB_LOGIT_LOSS_ARGS                                                                          \
+  const Tensor &sub_logits, const Tensor &student_logits, const Tensor &teacher_logits,                  \
+      const Tensor &target, double temperature, double label_smoothing, double ortho_threshold,          \
+      double ortho_eps, int64_t gt_mask, bool detach_sub_targets, double w_gt, double w_kd, double w_kl, \
+      double w_ol, bool compute_grad
+using SubLogitLossOut = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+
+// bn_relu_pool_fwd: (out (B, C) in x's dtype, save_mean (C,), save_invstd (C,) in the compute dtype);
+// updates running_mean/running_var in place when training.
+#define HCD_BN_FWD_ARGS                                                                                 \
+  const Tensor &x, const Tensor &weight, const Tensor &bias, Tensor &running_mean, Tensor &running_var, \
+      bool training, double momentum, double eps
+// bn_relu_pool_bwd: (grad_x, grad_weight, grad_bias) in the dtypes of x, weight, bias.
+#define HCD_BN_BWD_ARGS                                                                                   \
+  const Tensor &grad_out, const Tensor &x, const Tensor &weight, const Tensor &bias, const Tensor &save_mean, \
+      const Tensor &save_invstd, bool training
+using Tensor3 = std::tuple<Tensor, Tensor, Tensor>;
+
+// pool_linear: (out (B, D), pooled (B, C) = mean_hw x), both in x's dtype.
+#define HCD_POOL_LINEAR_ARGS const Tensor &x, const Tensor &weight, const Tensor &bias
+using Tensor2 = std::tuple<Tensor, Tensor>;
+
+// cfm: (zf (B, n, K), hidden (B, H) = relu(W1 u + b1) or empty (0,) without weight2), in the input dtype.
+#define HCD_CFM_ARGS                                                                                 \
+  const Tensor &student_feat, const Tensor &teacher_feat, const Tensor &weight1, const Tensor &bias1, \
+      const std::optional<Tensor> &weight2, const std::optional<Tensor> &bias2,                      \
+      const Tensor &teacher_logits, int64_t num_sub_logits, double lambda_student, double lambda_teacher
+
+namespace cpu {
+SubLogitLossOut sub_logit_loss(HCD_SUB_LOGIT_LOSS_ARGS);
+Tensor3 bn_relu_pool_fwd(HCD_BN_FWD_ARGS);
+Tensor3 bn_relu_pool_bwd(HCD_BN_BWD_ARGS);
+Tensor2 pool_linear(HCD_POOL_LINEAR_ARGS);
+Tensor2 cfm(HCD_CFM_ARGS);
+const char* capability();
+}  // namespace cpu
+
+#ifdef HCD_FAST_WITH_CUDA
+namespace cuda {
+SubLogitLossOut sub_logit_loss(HCD_SUB_LOGIT_LOSS_ARGS);
+Tensor3 bn_relu_pool_fwd(HCD_BN_FWD_ARGS);
+Tensor3 bn_relu_pool_bwd(HCD_BN_BWD_ARGS);
+Tensor2 pool_linear(HCD_POOL_LINEAR_ARGS);
+Tensor2 cfm(HCD_CFM_ARGS);
+}  // namespace cuda
+#endif
+
+// Dtype used for the arithmetic: fp64 if any input is fp64, else fp32.
+inline at::ScalarType compute_dtype(std::initializer_list<at::ScalarType> dtypes) {
+  for (auto d : dtypes)
+    if (d == at::kDouble) return at::kDouble;
+  return at::kFloat;
+}
+
+}  // namespace hcd_fast
