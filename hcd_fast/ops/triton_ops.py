@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -20,6 +20,7 @@ from hcd_fast.config import HCDConfig
 try:
     import triton  # noqa: F401
 
+    from hcd_fast.kernels import pool as _k_pool
     from hcd_fast.kernels import sub_logit_loss as _k_sll
     _IMPORT_ERROR: Optional[BaseException] = None
 except Exception as exc:  # reported by status(), never raised at import
@@ -121,3 +122,125 @@ def sub_logit_loss(sub_logits: Tensor, student_logits: Tensor, teacher_logits: T
     loss, parts = SubLogitLossFunction.apply(sub_logits, student_logits, teacher_logits, target,
                                              _config_args(config))
     return loss, {name: parts[i] for i, name in enumerate(PART_NAMES)}
+
+
+# ------------------------------------------------------------------------------------------------
+# bn_relu_pool
+# ------------------------------------------------------------------------------------------------
+if _IMPORT_ERROR is None:
+
+    @torch.library.custom_op("hcd_triton::bn_relu_pool_fwd", mutates_args=("running_mean", "running_var"))
+    def _bn_relu_pool_fwd(x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor, running_var: Tensor,
+                          training: bool, momentum: float, eps: float
+                          ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        with _guard(x):
+            return _k_pool.bn_relu_pool_forward(x, weight, bias, running_mean, running_var, training,
+                                                momentum, eps)
+
+    @_bn_relu_pool_fwd.register_fake
+    def _(x, weight, bias, running_mean, running_var, training, momentum, eps):
+        acc = _acc_dtype(x.dtype)
+        return (x.new_empty(x.shape[:2]),) + tuple(x.new_empty((x.shape[1],), dtype=acc) for _ in range(4))
+
+    @torch.library.custom_op("hcd_triton::bn_relu_pool_bwd", mutates_args=())
+    def _bn_relu_pool_bwd(grad: Tensor, x: Tensor, weight: Tensor, save_mean: Tensor, save_rstd: Tensor,
+                          scale: Tensor, shift: Tensor, training: bool, bias_dtype: torch.dtype
+                          ) -> Tuple[Tensor, Tensor, Tensor]:
+        with _guard(x):
+            return _k_pool.bn_relu_pool_backward(grad, x, weight, save_mean, save_rstd, scale, shift,
+                                                 training, bias_dtype=bias_dtype)
+
+    @_bn_relu_pool_bwd.register_fake
+    def _(grad, x, weight, save_mean, save_rstd, scale, shift, training, bias_dtype):
+        dx = torch.empty_strided(x.shape, _k_pool._dense_strides(x), dtype=x.dtype, device=x.device)
+        return dx, weight.new_empty(weight.shape), weight.new_empty(weight.shape, dtype=bias_dtype)
+
+
+class BNReluPoolFunction(torch.autograd.Function):
+    """mean_hw ReLU(BatchNorm(x)); the backward recomputes the BN output from x and the saved stats."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps):
+        out, save_mean, save_rstd, scale, shift = torch.ops.hcd_triton.bn_relu_pool_fwd(
+            x, weight, bias, running_mean, running_var, training, momentum, eps)
+        ctx.save_for_backward(x, weight, save_mean, save_rstd, scale, shift)
+        ctx.training = training
+        ctx.bias_dtype = bias.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, save_mean, save_rstd, scale, shift = ctx.saved_tensors
+        dx, dweight, dbias = torch.ops.hcd_triton.bn_relu_pool_bwd(
+            grad, x, weight, save_mean, save_rstd, scale, shift, ctx.training, ctx.bias_dtype)
+        return (dx if ctx.needs_input_grad[0] else None, dweight if ctx.needs_input_grad[1] else None,
+                dbias if ctx.needs_input_grad[2] else None, None, None, None, None, None)
+
+
+def bn_relu_pool(x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor, running_var: Tensor,
+                 training: bool, momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
+    """See ``hcd_fast.reference.bn_relu_pool``: x (B, C, H, W), weight/bias/running stats (C,) -> (B, C)."""
+    batch, _, height, width = x.shape
+    if training and batch * height * width <= 1:
+        # nn.BatchNorm2d's own error: the unbiased variance of one value is undefined.
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size "
+                         f"{list(x.shape)}")
+    return BNReluPoolFunction.apply(x, weight, bias, running_mean, running_var, bool(training),
+                                    float(momentum), float(eps))
+
+
+# ------------------------------------------------------------------------------------------------
+# pool_linear
+# ------------------------------------------------------------------------------------------------
+if _IMPORT_ERROR is None:
+
+    @torch.library.custom_op("hcd_triton::spatial_mean", mutates_args=())
+    def _spatial_mean(x: Tensor) -> Tensor:
+        with _guard(x):
+            return _k_pool.spatial_mean(x)
+
+    @_spatial_mean.register_fake
+    def _(x):
+        return x.new_empty(x.shape[:2], dtype=_acc_dtype(x.dtype))
+
+    @torch.library.custom_op("hcd_triton::spatial_broadcast", mutates_args=())
+    def _spatial_broadcast(grad_mean: Tensor, like: Tensor) -> Tensor:
+        with _guard(like):
+            return _k_pool.spatial_broadcast(grad_mean, like)
+
+    @_spatial_broadcast.register_fake
+    def _(grad_mean, like):
+        return torch.empty_strided(like.shape, _k_pool._dense_strides(like), dtype=like.dtype,
+                                   device=like.device)
+
+
+class PoolLinearFunction(torch.autograd.Function):
+    """W @ mean_hw(x) + b (the conv1x1 + GAP identity); fp32 math, output in x's dtype."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        mean = torch.ops.hcd_triton.spatial_mean(x)
+        acc = mean.dtype
+        out = torch.addmm(bias.to(acc), mean, weight.to(acc).t())
+        # x gives the backward its shape, dtype and layout (the eager conv1x1 would save it too).
+        ctx.save_for_backward(x, mean, weight)
+        ctx.dtypes = (weight.dtype, bias.dtype)
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, mean, weight = ctx.saved_tensors
+        g = grad.to(mean.dtype)
+        dx = dweight = dbias = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.ops.hcd_triton.spatial_broadcast(g @ weight.to(mean.dtype), x)
+        if ctx.needs_input_grad[1]:
+            dweight = (g.t() @ mean).to(ctx.dtypes[0])
+        if ctx.needs_input_grad[2]:
+            dbias = g.sum(0).to(ctx.dtypes[1])
+        return dx, dweight, dbias
+
+
+def pool_linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """See ``hcd_fast.reference.pool_linear``: x (B, C, H, W), W (D, C), b (D,) -> (B, D)."""
+    return PoolLinearFunction.apply(x, weight, bias)

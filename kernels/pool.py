@@ -1,0 +1,375 @@
+"""Triton kernels of ``bn_relu_pool`` and ``pool_linear``: spatial reductions that never materialise a map.
+
+bn_relu_pool: out[b, c] = mean_hw relu(x[b, c, h, w] * scale_c + shift_c), scale = w * rstd,
+shift = bias - mean * scale. Training mode uses batch statistics (biased variance to normalise,
+unbiased for the running_var update, like nn.BatchNorm2d); eval mode uses the running statistics.
+Statistics are a two-level deterministic reduction: per-(b, c) row mean and M2 (sum of squared
+deviations), then per channel Chan's combination
+    mean = mean_b(mean_bc),  M2 = sum_b M2_bc + HW * sum_b (mean_bc - mean)^2,
+which avoids the cancellation of E[x^2] - E[x]^2.
+
+Backward recomputes the mask instead of storing the map: with dy = g[b, c] / HW * [x * scale + shift > 0]
+and xhat = (x - mean) * rstd,
+    d bias = sum dy,  d weight = sum dy * xhat,
+    dx = w rstd (dy - d_bias / N - xhat d_weight / N)   (training; N = B*H*W)
+    dx = w rstd dy                                        (eval: the statistics are constants).
+
+pool_linear: W @ mean_hw(x) + b; the mean is the row-mean kernel below, the small GEMM is torch's, and the
+backward broadcasts (g @ W) / HW over the map.
+
+Every kernel takes x through its four strides, so channels_last and sliced inputs need no copy.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Allocator of every buffer the kernels write (tests swap in a NaN-filled one to check full coverage).
+_empty = torch.empty
+
+
+@triton.jit
+def _tile_offsets(c, hw, W, stride_c, stride_h, stride_w):
+    """Element offsets of a (BLOCK_C, BLOCK_HW) tile of one sample's (C, H, W) map."""
+    return c[:, None] * stride_c + (hw // W)[None, :] * stride_h + (hw % W)[None, :] * stride_w
+
+
+@triton.jit
+def row_stats_kernel(
+    x_ptr, mean_ptr, m2_ptr,
+    C, HW, W,
+    stride_xb, stride_xc, stride_xh, stride_xw,
+    COMPUTE_M2: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    """Grid (B, cdiv(C, BLOCK_C)): mean[b, c] = mean_hw x and (optionally) M2[b, c] = sum_hw (x - mean)^2,
+    two passes over the row (the second one hits the cache)."""
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    offs = tl.arange(0, BLOCK_HW)
+    base = x_ptr + b * stride_xb
+    acc = tl.zeros([BLOCK_C, BLOCK_HW], ACC)
+    for h0 in range(0, HW, BLOCK_HW):
+        hw = h0 + offs
+        m = c_ok[:, None] & (hw < HW)[None, :]
+        acc += tl.load(base + _tile_offsets(c, hw, W, stride_xc, stride_xh, stride_xw), mask=m, other=0.0).to(ACC)
+    mean = tl.sum(acc, 1) / HW
+    tl.store(mean_ptr + b * C + c, mean, mask=c_ok)
+    if COMPUTE_M2:
+        acc = tl.zeros([BLOCK_C, BLOCK_HW], ACC)
+        for h0 in range(0, HW, BLOCK_HW):
+            hw = h0 + offs
+            m = c_ok[:, None] & (hw < HW)[None, :]
+            x = tl.load(base + _tile_offsets(c, hw, W, stride_xc, stride_xh, stride_xw), mask=m, other=0.0).to(ACC)
+            d = tl.where(m, x - mean[:, None], 0.0)
+            acc += d * d
+        tl.store(m2_ptr + b * C + c, tl.sum(acc, 1), mask=c_ok)
+
+
+@triton.jit
+def bn_stats_kernel(
+    mean_ptr, m2_ptr, weight_ptr, bias_ptr, running_mean_ptr, running_var_ptr,
+    save_mean_ptr, save_rstd_ptr, scale_ptr, shift_ptr,
+    B, C, HW,
+    momentum, eps,
+    TRAINING: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Grid cdiv(C, BLOCK_C): per-channel statistics (Chan's combination of the row partials in a fixed
+    order), the running-stat update (training), and scale/shift of the normalisation."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    offs_b = tl.arange(0, BLOCK_B)
+    if TRAINING:
+        acc = tl.zeros([BLOCK_B, BLOCK_C], ACC)
+        for b0 in range(0, B, BLOCK_B):
+            rows = b0 + offs_b
+            m = (rows < B)[:, None] & c_ok[None, :]
+            acc += tl.load(mean_ptr + rows[:, None] * C + c[None, :], mask=m, other=0.0)
+        mean = tl.sum(acc, 0) / B
+        acc = tl.zeros([BLOCK_B, BLOCK_C], ACC)
+        for b0 in range(0, B, BLOCK_B):
+            rows = b0 + offs_b
+            m = (rows < B)[:, None] & c_ok[None, :]
+            mb = tl.load(mean_ptr + rows[:, None] * C + c[None, :], mask=m, other=0.0)
+            m2b = tl.load(m2_ptr + rows[:, None] * C + c[None, :], mask=m, other=0.0)
+            d = tl.where(m, mb - mean[None, :], 0.0)
+            acc += m2b + HW * d * d
+        m2 = tl.sum(acc, 0)
+        n = B * HW
+        var = m2 / n
+        rm = tl.load(running_mean_ptr + c, mask=c_ok, other=0.0)
+        rv = tl.load(running_var_ptr + c, mask=c_ok, other=0.0)
+        new_rm = (1.0 - momentum) * rm.to(ACC) + momentum * mean
+        new_rv = (1.0 - momentum) * rv.to(ACC) + momentum * (m2 / (n - 1))
+        tl.store(running_mean_ptr + c, new_rm.to(rm.dtype), mask=c_ok)
+        tl.store(running_var_ptr + c, new_rv.to(rv.dtype), mask=c_ok)
+    else:
+        mean = tl.load(running_mean_ptr + c, mask=c_ok, other=0.0).to(ACC)
+        var = tl.load(running_var_ptr + c, mask=c_ok, other=1.0).to(ACC)
+    rstd = 1.0 / tl.sqrt(var + eps)
+    w = tl.load(weight_ptr + c, mask=c_ok, other=0.0).to(ACC)
+    bias = tl.load(bias_ptr + c, mask=c_ok, other=0.0).to(ACC)
+    scale = w * rstd
+    tl.store(save_mean_ptr + c, mean, mask=c_ok)
+    tl.store(save_rstd_ptr + c, rstd, mask=c_ok)
+    tl.store(scale_ptr + c, scale, mask=c_ok)
+    tl.store(shift_ptr + c, bias - mean * scale, mask=c_ok)
+
+
+@triton.jit
+def bn_relu_pool_fwd_kernel(
+    x_ptr, scale_ptr, shift_ptr, out_ptr,
+    C, HW, W,
+    stride_xb, stride_xc, stride_xh, stride_xw,
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    """Grid (B, cdiv(C, BLOCK_C)): out[b, c] = mean_hw relu(x * scale_c + shift_c); out is (B, C)."""
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    offs = tl.arange(0, BLOCK_HW)
+    scale = tl.load(scale_ptr + c, mask=c_ok, other=0.0)
+    shift = tl.load(shift_ptr + c, mask=c_ok, other=0.0)
+    base = x_ptr + b * stride_xb
+    acc = tl.zeros([BLOCK_C, BLOCK_HW], ACC)
+    for h0 in range(0, HW, BLOCK_HW):
+        hw = h0 + offs
+        m = c_ok[:, None] & (hw < HW)[None, :]
+        x = tl.load(base + _tile_offsets(c, hw, W, stride_xc, stride_xh, stride_xw), mask=m, other=0.0).to(ACC)
+        acc += tl.where(m, tl.maximum(x * scale[:, None] + shift[:, None], 0.0), 0.0)
+    out = tl.sum(acc, 1) / HW
+    tl.store(out_ptr + b * C + c, out.to(out_ptr.dtype.element_ty), mask=c_ok)
+
+
+@triton.jit
+def bn_relu_pool_bwd_partial_kernel(
+    x_ptr, grad_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, pdb_ptr, pdw_ptr,
+    C, HW, W,
+    stride_xb, stride_xc, stride_xh, stride_xw, stride_gb, stride_gc,
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    """Grid (B, cdiv(C, BLOCK_C)): per-row partials of d bias = sum dy and d weight = sum dy * xhat,
+    with dy = g / HW on the positive part of the (recomputed) BN output."""
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    offs = tl.arange(0, BLOCK_HW)
+    scale = tl.load(scale_ptr + c, mask=c_ok, other=0.0)
+    shift = tl.load(shift_ptr + c, mask=c_ok, other=0.0)
+    mean = tl.load(mean_ptr + c, mask=c_ok, other=0.0)
+    rstd = tl.load(rstd_ptr + c, mask=c_ok, other=0.0)
+    g = tl.load(grad_ptr + b * stride_gb + c * stride_gc, mask=c_ok, other=0.0).to(ACC) / HW
+    base = x_ptr + b * stride_xb
+    cnt = tl.zeros([BLOCK_C, BLOCK_HW], ACC)
+    sxh = tl.zeros([BLOCK_C, BLOCK_HW], ACC)
+    for h0 in range(0, HW, BLOCK_HW):
+        hw = h0 + offs
+        m = c_ok[:, None] & (hw < HW)[None, :]
+        x = tl.load(base + _tile_offsets(c, hw, W, stride_xc, stride_xh, stride_xw), mask=m, other=0.0).to(ACC)
+        pos = m & (x * scale[:, None] + shift[:, None] > 0.0)
+        cnt += tl.where(pos, 1.0, 0.0)
+        sxh += tl.where(pos, (x - mean[:, None]) * rstd[:, None], 0.0)
+    tl.store(pdb_ptr + b * C + c, g * tl.sum(cnt, 1), mask=c_ok)
+    tl.store(pdw_ptr + b * C + c, g * tl.sum(sxh, 1), mask=c_ok)
+
+
+@triton.jit
+def bn_relu_pool_bwd_reduce_kernel(
+    pdb_ptr, pdw_ptr, weight_ptr, rstd_ptr, dweight_ptr, dbias_ptr, coef_ptr,
+    B, C, HW,
+    TRAINING: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Grid cdiv(C, BLOCK_C): d weight, d bias (sums over b in a fixed order) and the per-channel
+    coefficients of dx = k1 * dy - k2 - k3 * xhat, stored as coef[0:3, c]."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    offs_b = tl.arange(0, BLOCK_B)
+    adb = tl.zeros([BLOCK_B, BLOCK_C], ACC)
+    adw = tl.zeros([BLOCK_B, BLOCK_C], ACC)
+    for b0 in range(0, B, BLOCK_B):
+        rows = b0 + offs_b
+        m = (rows < B)[:, None] & c_ok[None, :]
+        adb += tl.load(pdb_ptr + rows[:, None] * C + c[None, :], mask=m, other=0.0)
+        adw += tl.load(pdw_ptr + rows[:, None] * C + c[None, :], mask=m, other=0.0)
+    db = tl.sum(adb, 0)
+    dw = tl.sum(adw, 0)
+    tl.store(dbias_ptr + c, db.to(dbias_ptr.dtype.element_ty), mask=c_ok)
+    tl.store(dweight_ptr + c, dw.to(dweight_ptr.dtype.element_ty), mask=c_ok)
+    k1 = tl.load(weight_ptr + c, mask=c_ok, other=0.0).to(ACC) * tl.load(rstd_ptr + c, mask=c_ok, other=0.0)
+    if TRAINING:
+        n = B * HW
+        k2 = k1 * db / n
+        k3 = k1 * dw / n
+    else:
+        k2 = tl.zeros([BLOCK_C], ACC)
+        k3 = tl.zeros([BLOCK_C], ACC)
+    tl.store(coef_ptr + c, k1, mask=c_ok)
+    tl.store(coef_ptr + C + c, k2, mask=c_ok)
+    tl.store(coef_ptr + 2 * C + c, k3, mask=c_ok)
+
+
+@triton.jit
+def bn_relu_pool_bwd_dx_kernel(
+    x_ptr, grad_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, coef_ptr, dx_ptr,
+    C, HW, W,
+    stride_xb, stride_xc, stride_xh, stride_xw, stride_gb, stride_gc,
+    stride_db, stride_dc, stride_dh, stride_dw,
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    """Grid (B, cdiv(C, BLOCK_C)): dx = k1 * dy - k2 - k3 * xhat, dy recomputed from x."""
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    offs = tl.arange(0, BLOCK_HW)
+    scale = tl.load(scale_ptr + c, mask=c_ok, other=0.0)
+    shift = tl.load(shift_ptr + c, mask=c_ok, other=0.0)
+    mean = tl.load(mean_ptr + c, mask=c_ok, other=0.0)
+    rstd = tl.load(rstd_ptr + c, mask=c_ok, other=0.0)
+    k1 = tl.load(coef_ptr + c, mask=c_ok, other=0.0)
+    k2 = tl.load(coef_ptr + C + c, mask=c_ok, other=0.0)
+    k3 = tl.load(coef_ptr + 2 * C + c, mask=c_ok, other=0.0)
+    g = tl.load(grad_ptr + b * stride_gb + c * stride_gc, mask=c_ok, other=0.0).to(ACC) / HW
+    base = x_ptr + b * stride_xb
+    dbase = dx_ptr + b * stride_db
+    for h0 in range(0, HW, BLOCK_HW):
+        hw = h0 + offs
+        m = c_ok[:, None] & (hw < HW)[None, :]
+        x = tl.load(base + _tile_offsets(c, hw, W, stride_xc, stride_xh, stride_xw), mask=m, other=0.0).to(ACC)
+        dy = tl.where(x * scale[:, None] + shift[:, None] > 0.0, g[:, None], 0.0)
+        dx = k1[:, None] * dy - k2[:, None] - k3[:, None] * ((x - mean[:, None]) * rstd[:, None])
+        tl.store(dbase + _tile_offsets(c, hw, W, stride_dc, stride_dh, stride_dw),
+                 dx.to(dx_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def spatial_broadcast_kernel(
+    g_ptr, dx_ptr,
+    C, HW, W,
+    stride_db, stride_dc, stride_dh, stride_dw,
+    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    """Grid (B, cdiv(C, BLOCK_C)): dx[b, c, h, w] = g[b, c] / HW (backward of the spatial mean)."""
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    offs = tl.arange(0, BLOCK_HW)
+    g = tl.load(g_ptr + b * C + c, mask=c_ok, other=0.0) / HW
+    tile = tl.zeros([BLOCK_C, BLOCK_HW], g.dtype) + g[:, None]
+    dbase = dx_ptr + b * stride_db
+    for h0 in range(0, HW, BLOCK_HW):
+        hw = h0 + offs
+        m = c_ok[:, None] & (hw < HW)[None, :]
+        tl.store(dbase + _tile_offsets(c, hw, W, stride_dc, stride_dh, stride_dw),
+                 tile.to(dx_ptr.dtype.element_ty), mask=m)
+
+
+# ------------------------------------------------------------------------------------------ launchers
+def _blocks(channels: int, hw: int, block_hw=None):
+    """(BLOCK_C, BLOCK_HW): up to 512 spatial positions per tile, 2048 elements per tile in all."""
+    if block_hw is None:
+        block_hw = min(triton.next_power_of_2(hw), 512)
+    block_c = min(triton.next_power_of_2(channels), max(1, 2048 // block_hw))
+    return block_c, block_hw
+
+
+def _reduce_blocks(batch: int, channels: int):
+    """(BLOCK_B, BLOCK_C) of the per-channel reductions over the batch."""
+    block_c = min(triton.next_power_of_2(channels), 64)
+    return min(triton.next_power_of_2(batch), 32), block_c
+
+
+def _acc(dtype):
+    return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
+
+
+def spatial_mean(x: torch.Tensor) -> torch.Tensor:
+    """x (B, C, H, W), any strides -> mean over (H, W), (B, C) in fp32 (fp64 for fp64 x)."""
+    batch, channels, height, width = x.shape
+    acc, acc_dtype = _acc(x.dtype)
+    mean = _empty((batch, channels), device=x.device, dtype=acc_dtype)
+    block_c, block_hw = _blocks(channels, height * width)
+    row_stats_kernel[(batch, triton.cdiv(channels, block_c))](
+        x, mean, mean, channels, height * width, width, *x.stride(),
+        COMPUTE_M2=False, ACC=acc, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=4)
+    return mean
+
+
+def spatial_broadcast(grad_mean: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """grad_mean (B, C) -> (B, C, H, W) filled with grad_mean / (H*W), in like's dtype and memory format."""
+    batch, channels, height, width = like.shape
+    dx = _empty(like.shape, device=like.device, dtype=like.dtype).as_strided(like.shape, _dense_strides(like))
+    block_c, block_hw = _blocks(channels, height * width)
+    spatial_broadcast_kernel[(batch, triton.cdiv(channels, block_c))](
+        grad_mean.contiguous(), dx, channels, height * width, width, *dx.stride(),
+        BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=4)
+    return dx
+
+
+def _dense_strides(x: torch.Tensor):
+    """Strides of a dense tensor in x's memory format (channels_last stays channels_last)."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        b, c, h, w = x.shape
+        return (h * w * c, 1, w * c, c)
+    return torch.empty(x.shape, device="meta").stride()
+
+
+def bn_relu_pool_forward(x, weight, bias, running_mean, running_var, training: bool, momentum: float,
+                         eps: float):
+    """x (B, C, H, W); weight, bias, running stats (C,). Updates the running stats in place (training).
+
+    Returns out (B, C) in x's dtype, and for the backward save_mean, save_rstd, scale, shift (C,) fp32
+    (fp64 for fp64 x)."""
+    batch, channels, height, width = x.shape
+    hw = height * width
+    acc, acc_dtype = _acc(x.dtype)
+    dev = x.device
+    block_c, block_hw = _blocks(channels, hw)
+    grid = (batch, triton.cdiv(channels, block_c))
+    stats = [_empty((channels,), device=dev, dtype=acc_dtype) for _ in range(4)]
+    save_mean, save_rstd, scale, shift = stats
+    block_rb, block_rc = _reduce_blocks(batch, channels)
+    if training:
+        row_mean = _empty((batch, channels), device=dev, dtype=acc_dtype)
+        row_m2 = _empty((batch, channels), device=dev, dtype=acc_dtype)
+        row_stats_kernel[grid](x, row_mean, row_m2, channels, hw, width, *x.stride(),
+                               COMPUTE_M2=True, ACC=acc, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=4)
+    else:
+        row_mean = row_m2 = save_mean  # unread in eval mode
+    bn_stats_kernel[(triton.cdiv(channels, block_rc),)](
+        row_mean, row_m2, weight, bias, running_mean, running_var, save_mean, save_rstd, scale, shift,
+        batch, channels, hw, float(momentum), float(eps),
+        TRAINING=bool(training), ACC=acc, BLOCK_B=block_rb, BLOCK_C=block_rc, num_warps=4)
+    out = _empty((batch, channels), device=dev, dtype=x.dtype)
+    bn_relu_pool_fwd_kernel[grid](x, scale, shift, out, channels, hw, width, *x.stride(),
+                                  ACC=acc, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=4)
+    return out, save_mean, save_rstd, scale, shift
+
+
+def bn_relu_pool_backward(grad, x, weight, save_mean, save_rstd, scale, shift, training: bool,
+                          weight_dtype=None, bias_dtype=None):
+    """grad (B, C) -> dx (B, C, H, W) in x's dtype and memory format, d weight and d bias (C,)."""
+    batch, channels, height, width = x.shape
+    hw = height * width
+    acc, acc_dtype = _acc(x.dtype)
+    dev = x.device
+    block_c, block_hw = _blocks(channels, hw)
+    grid = (batch, triton.cdiv(channels, block_c))
+    pdb = _empty((batch, channels), device=dev, dtype=acc_dtype)
+    pdw = _empty((batch, channels), device=dev, dtype=acc_dtype)
+    bn_relu_pool_bwd_partial_kernel[grid](
+        x, grad, scale, shift, save_mean, save_rstd, pdb, pdw, channels, hw, width,
+        *x.stride(), *grad.stride(), ACC=acc, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=4)
+    dweight = _empty((channels,), device=dev, dtype=weight_dtype or weight.dtype)
+    dbias = _empty((channels,), device=dev, dtype=bias_dtype or weight.dtype)
+    coef = _empty((3, channels), device=dev, dtype=acc_dtype)
+    block_rb, block_rc = _reduce_blocks(batch, channels)
+    bn_relu_pool_bwd_reduce_kernel[(triton.cdiv(channels, block_rc),)](
+        pdb, pdw, weight, save_rstd, dweight, dbias, coef, batch, channels, hw,
+        TRAINING=bool(training), ACC=acc, BLOCK_B=block_rb, BLOCK_C=block_rc, num_warps=4)
+    dx = _empty(x.shape, device=dev, dtype=x.dtype).as_strided(x.shape, _dense_strides(x))
+    bn_relu_pool_bwd_dx_kernel[grid](
+        x, grad, scale, shift, save_mean, save_rstd, coef, dx, channels, hw, width,
+        *x.stride(), *grad.stride(), *dx.stride(), ACC=acc, BLOCK_C=block_c, BLOCK_HW=block_hw,
+        num_warps=4)
+    return dx, dweight, dbias
