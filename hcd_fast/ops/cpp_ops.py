@@ -76,9 +76,13 @@ if _C is not None:
         _, _, grad_sub, grad_student = output
         ctx.save_for_backward(grad_sub, grad_student)
         ctx.dtypes = (inputs[0].dtype, inputs[1].dtype)
+        ctx.compute_grad = inputs[-1]
 
     def _sub_logit_loss_backward(ctx, grad_loss, grad_parts, grad_gs, grad_gz):
         # d/d inputs = grad_output * (gradients computed in the forward); one rounding to the input dtype.
+        if not ctx.compute_grad:
+            raise RuntimeError("hcd_fast::sub_logit_loss was called with compute_grad=False; "
+                               "call it with compute_grad=True to differentiate it")
         grad_sub, grad_student = ctx.saved_tensors
         gs = gz = None
         if ctx.needs_input_grad[0]:
