@@ -56,6 +56,14 @@ def _selected(case_id: str, suite: str, patterns: Optional[List[str]]) -> bool:
     return False
 
 
+def _loadavg() -> Optional[float]:
+    """1-minute load average: on a shared CPU machine, other work competing for the cores skews times."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
 def _log(msg: str) -> None:
     print(msg, flush=True)
 
@@ -142,6 +150,7 @@ def run(argv: Optional[List[str]] = None) -> dict:
 
     env = environment(device)
     env["timestamp"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    env["loadavg_start"] = _loadavg()
     _log(f"hcd_fast benchmarks on {env['device_name']} | torch {env['torch']} triton {env['triton']} | "
          f"commit {env['git_commit'][:12]} | profile {profile} | providers {', '.join(providers)} | "
          f"{len(plan)} cases | out {out_dir}")
@@ -152,6 +161,26 @@ def run(argv: Optional[List[str]] = None) -> dict:
 
     rows: List[dict] = []
     compile_key = None
+    result = {
+        "schema_version": SCHEMA_VERSION,
+        "created": env["timestamp"],
+        "complete": False,
+        "argv": list(sys.argv[1:] if argv is None else argv),
+        "profile": profile,
+        "env": env,
+        "providers": providers,
+        "backends": {n: {"available": s.available, "reason": s.reason, "devices": list(s.devices)}
+                     for n, s in hcd_fast.backends().items()},
+        "copy_bandwidth": copy_bw,
+        "budget_s": budget,
+        "rows": rows,
+    }
+    json_path = os.path.join(out_dir, "results.json")
+
+    def dump() -> None:  # after every case, so a run killed by a timeout still leaves its rows
+        with open(json_path + ".tmp", "w") as f:
+            json.dump(result, f, indent=1, default=str)
+        os.replace(json_path + ".tmp", json_path)
     for suite, case in plan:
         elapsed = time.perf_counter() - start
         case_rows: List[dict] = []
@@ -215,30 +244,19 @@ def run(argv: Optional[List[str]] = None) -> dict:
                 if "hcd_ref" in ok:
                     r["speedup_vs_hcd_ref"] = ok["hcd_ref"]["median_ms"] / r["median_ms"]
         rows.extend(case_rows)
+        dump()
         del bench
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    result = {
-        "schema_version": SCHEMA_VERSION,
-        "created": env["timestamp"],
-        "argv": list(sys.argv[1:] if argv is None else argv),
-        "profile": profile,
-        "env": env,
-        "providers": providers,
-        "backends": {n: {"available": s.available, "reason": s.reason, "devices": list(s.devices)}
-                     for n, s in hcd_fast.backends().items()},
-        "copy_bandwidth": copy_bw,
-        "budget_s": budget,
-        "rows": rows,
-    }
+    result["complete"] = True
+    result["loadavg_end"] = _loadavg()
     result["targets"] = report.evaluate_targets(rows)
     result["plots"] = [] if args.no_plots else report.plots(result, out_dir)
     result["elapsed_s"] = time.perf_counter() - start
     md = report.markdown(result)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(result, f, indent=1, default=str)
+    dump()
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(md + "\n")
     _log("\n" + md)

@@ -131,6 +131,7 @@ def environment(device: torch.device) -> Dict[str, object]:
         "python": platform.python_version(),
         "hcd_fast": hcd_fast.__version__,
         "threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "host": platform.node(),
     }
     env.update(git_commit())

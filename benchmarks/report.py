@@ -15,6 +15,10 @@ def _fmt(v: Optional[float], spec: str = ".2f", suffix: str = "") -> str:
     return "n/a" if v is None else f"{v:{spec}}{suffix}"
 
 
+def _x(v: Optional[float]) -> str:
+    return _fmt(v, ".2f", "x")
+
+
 def evaluate_targets(rows: List[dict]) -> List[dict]:
     """Read the project's targets against this run (informational; never asserted anywhere)."""
     out: List[dict] = []
@@ -42,7 +46,7 @@ def evaluate_targets(rows: List[dict]) -> List[dict]:
             if need_e is not None:
                 se, sc = r.get("speedup_vs_eager"), r.get("speedup_vs_compile")
                 met = se is not None and se >= need_e and (sc is None or sc >= need_c)
-                measured = f"{_fmt(se)}x eager, {_fmt(sc)}x compile"
+                measured = f"{_x(se)} eager, {_x(sc)} compile"
                 verdict = "met" if met and sc is not None else ("not met" if not met else "met (no compile row)")
             else:
                 frac = r.get("copy_fraction")
@@ -87,7 +91,9 @@ def markdown(result: dict) -> str:
               f"- providers: {', '.join(result['providers'])}; backends: "
               + "; ".join(f"{n} {'available' if b['available'] else 'unavailable (' + b['reason'] + ')'}"
                           for n, b in result["backends"].items()),
-              f"- copy bandwidth (device to device, read + write): {result['copy_bandwidth']['gbps']:.1f} GB/s",
+              f"- copy bandwidth (device to device, read + write): {result['copy_bandwidth']['gbps']:.1f} GB/s; "
+              f"1-min load average {env.get('loadavg_start')} at start, {result.get('loadavg_end')} at end "
+              f"(on a shared CPU other work competing for the cores inflates the times)",
               "- times are medians of fwd+bwd (ops) or of one optimizer step (steps), warm-up excluded; "
               "'vs eager' / 'vs compile' = that provider's median / this one's (higher is faster); "
               "bandwidth = minimum bytes moved / median time (% of copy bandwidth); peak memory on CUDA only",
@@ -116,8 +122,8 @@ def markdown(result: dict) -> str:
                 continue
             star = " **(target)**" if r.get("target") and r["provider"] in FUSED else ""
             out.append(f"| {r['case']} | {r['shape_str']} | {r['provider']}{star} | {r['median_ms']:.3f} | "
-                       f"{r['iqr_ms']:.3f} | {_fmt(r.get('speedup_vs_eager'))}x | "
-                       f"{_fmt(r.get('speedup_vs_compile'))}x | {_throughput(r)} | {_mib(r.get('peak_mem_bytes'))} | "
+                       f"{r['iqr_ms']:.3f} | {_x(r.get('speedup_vs_eager'))} | "
+                       f"{_x(r.get('speedup_vs_compile'))} | {_throughput(r)} | {_mib(r.get('peak_mem_bytes'))} | "
                        f"{_fmt(r.get('first_call_s'))} |")
         return out
 
@@ -132,14 +138,14 @@ def markdown(result: dict) -> str:
                   "| speedup vs hcd_ref | peak MiB |", "|---|---|---|---|---:|---:|---:|---:|---:|"]
         for r in steps:
             if r["status"] != "ok":
-                lines.append(f"| {r['case']} | {r['shape_str']} | {r['provider']} | | {r['status']}: "
+                lines.append(f"| {r['case'][5:]} | {r['shape_str']} | {r['provider']} | | {r['status']}: "
                              f"{(r.get('reason') or '')[:80]} | | | | |")
                 continue
             ov = r.get("overhead_vs_kd")
             lines.append(f"| {r['case'][5:]} | {r['shape_str']} | {r['provider']} | {r['precision']} | "
                          f"{r['median_ms']:.1f} | {r['iqr_ms']:.1f} | "
                          f"{'' if ov is None else f'{100 * ov:+.1f}%'} | "
-                         f"{_fmt(r.get('speedup_vs_hcd_ref'))}x | {_mib(r.get('peak_mem_bytes'))} |")
+                         f"{_x(r.get('speedup_vs_hcd_ref'))} | {_mib(r.get('peak_mem_bytes'))} |")
         lines += ["", "Variants: ce = student alone; kd = plain KD; *_ref = as the published code runs it "
                   "(reference backend, fp32 on CPU / fp16 autocast on CUDA, loss.item() every step); hcd = "
                   "hcd_fast backend='auto', bf16 autocast, channels_last, teacher in inference mode. Overhead: "

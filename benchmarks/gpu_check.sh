@@ -1,0 +1,168 @@
+#!/usr/bin/env bash
+# GPU verification of hcd_fast (SPEC section 8), prepared to succeed on the first try, in under 8 minutes.
+#
+#   benchmarks/gpu_check.sh [OUT_DIR]        # OUT_DIR defaults to $OUT, else ./gpu_check_out
+#
+# On the GPU machine (H100, Python 3.12, torch 2.11 cu130, triton 3.6, timm, nvcc 13.0, no network) it:
+#   1. records the environment (nvidia-smi, versions, commit)
+#   2. installs hcd_fast against the machine's own torch, offline: pip install --no-build-isolation
+#      --no-deps --no-index -e . with TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=$(nproc), CUDA_HOME found
+#      (falls back to setup.py build_ext --inplace)
+#   3. prints the backend report (python -m hcd_fast)
+#   4. runs the CUDA tests (pytest -m cuda) and the Triton tests on CUDA tensors
+#   5. runs the determinism check (python -m benchmarks.determinism)
+#   6. runs the GPU benchmarks (python -m benchmarks --profile gpu): ops at the ImageNet-like shape, the
+#      HCD head, the sub_logit_loss batch sweep to 8192, the Swin-T/ViT-S -> ResNet18 steps
+# Each stage runs under `timeout`, inside one global deadline; a failed or timed-out stage is recorded and
+# the script goes on. Everything lands in OUT_DIR: logs/<stage>.log, summary.txt, backends.txt,
+# determinism.json, bench/results.{json,md} + PNGs, junit XML. Re-running is safe (idempotent).
+# Copy OUT_DIR/bench to benchmarks/results/<device tag>/ to commit what it measured.
+#
+# Without a GPU: HCD_GPU_CHECK_DRY=1 runs the same stages on the CPU, quickly (no install unless
+# HCD_GPU_CHECK_INSTALL=1, tiny benchmark shapes), to test this script.
+# Knobs: HCD_GPU_CHECK_BUDGET (total seconds, default 470), PYTHON (the interpreter to use).
+set -u -o pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+OUTDIR="${1:-${OUT:-$ROOT/gpu_check_out}}"
+mkdir -p "$OUTDIR/logs"
+OUTDIR="$(cd "$OUTDIR" && pwd)"
+SUMMARY="$OUTDIR/summary.txt"
+DRY="${HCD_GPU_CHECK_DRY:-0}"
+BUDGET="${HCD_GPU_CHECK_BUDGET:-470}"
+START=$SECONDS
+: > "$SUMMARY"
+FAILED=()
+
+say() { printf '\n=== [%4ds] %s\n' "$((SECONDS - START))" "$*"; }
+
+# The interpreter: $PYTHON, else the first of .venv/bin/python, python3, python that imports torch.
+PY="${PYTHON:-}"
+if [ -z "$PY" ]; then
+  for cand in "$ROOT/.venv/bin/python" python3 python; do
+    if command -v "$cand" >/dev/null 2>&1 && "$cand" -c "import torch" >/dev/null 2>&1; then PY="$cand"; break; fi
+  done
+fi
+if [ -z "$PY" ]; then echo "gpu_check: no python with torch found" | tee -a "$SUMMARY"; exit 2; fi
+
+# run_stage NAME MAX_SECONDS CMD...: run under timeout (capped by what is left of the budget, 20 s kept
+# for the summary), log to logs/NAME.log and the terminal, record the outcome.
+run_stage() {
+  local name="$1" max="$2"; shift 2
+  local left=$((BUDGET - (SECONDS - START) - 20))
+  local limit=$(( max < left ? max : left ))
+  if [ "$limit" -lt 5 ]; then
+    printf '%-14s SKIPPED (global budget of %ss spent)\n' "$name" "$BUDGET" | tee -a "$SUMMARY"
+    FAILED+=("$name"); return 0
+  fi
+  say "$name (timeout ${limit}s): $*"
+  local t0=$SECONDS rc
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUTDIR/logs/$name.log"
+  rc=${PIPESTATUS[0]}
+  local dt=$((SECONDS - t0)) state="ok"
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then state="TIMEOUT after ${limit}s"; FAILED+=("$name")
+  elif [ "$rc" -ne 0 ]; then state="FAILED (exit $rc)"; FAILED+=("$name"); fi
+  printf '%-14s %-24s %4ss\n' "$name" "$state" "$dt" | tee -a "$SUMMARY"
+  return 0
+}
+
+# --- 1. environment ------------------------------------------------------------------------------------
+env_report() {
+  date -u +"%Y-%m-%dT%H:%M:%SZ"
+  echo "root: $ROOT  out: $OUTDIR  python: $PY  dry: $DRY  budget: ${BUDGET}s"
+  git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo "commit: unknown (no .git; set HCD_GIT_COMMIT)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv 2>/dev/null \
+    || echo "nvidia-smi: not available"
+  nproc
+  "$PY" -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, '| cuda', torch.version.cuda, '| gpu', torch.cuda.is_available() and torch.cuda.get_device_name())"
+  "$PY" -c "import triton; print('triton', triton.__version__)" 2>&1 | tail -1
+  "$PY" -c "import timm; print('timm', timm.__version__)" 2>&1 | tail -1
+  "${CUDA_HOME_FOUND:-/usr/local/cuda}/bin/nvcc" --version 2>/dev/null | tail -2 || echo "nvcc: not found"
+}
+
+# CUDA_HOME: the environment's, else /usr/local/cuda, else the nvcc on PATH.
+CUDA_HOME_FOUND="${CUDA_HOME:-}"
+if [ -z "$CUDA_HOME_FOUND" ] || [ ! -x "$CUDA_HOME_FOUND/bin/nvcc" ]; then
+  if [ -x /usr/local/cuda/bin/nvcc ]; then CUDA_HOME_FOUND=/usr/local/cuda
+  elif command -v nvcc >/dev/null 2>&1; then CUDA_HOME_FOUND="$(dirname "$(dirname "$(command -v nvcc)")")"
+  else CUDA_HOME_FOUND="${CUDA_HOME:-/usr/local/cuda}"; fi
+fi
+export CUDA_HOME="$CUDA_HOME_FOUND"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"   # import from the tree even if the install fails
+export PYTHONUNBUFFERED=1
+# Record the commit in every result row even where the tree was copied without .git.
+if [ -z "${HCD_GIT_COMMIT:-}" ]; then
+  HCD_GIT_COMMIT="$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || cat "$ROOT/.git_commit" 2>/dev/null || echo unknown)"
+  export HCD_GIT_COMMIT
+fi
+
+export ROOT OUTDIR PY DRY BUDGET CUDA_HOME_FOUND
+export -f env_report
+run_stage env 30 bash -c env_report
+
+# --- 2. install ----------------------------------------------------------------------------------------
+install() {
+  # Offline, against the machine's torch; the extension builds for sm_90 with every core.
+  "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . && return 0
+  echo "pip install failed; falling back to setup.py build_ext --inplace"
+  "$PY" setup.py build_ext --inplace
+}
+if [ "$DRY" = "1" ] && [ "${HCD_GPU_CHECK_INSTALL:-0}" != "1" ]; then
+  printf '%-14s %-24s\n' install "skipped (dry run)" | tee -a "$SUMMARY"
+else
+  export -f install
+  run_stage install 240 bash -c install
+fi
+
+# --- 3. backend report ---------------------------------------------------------------------------------
+run_stage backends 60 "$PY" -m hcd_fast
+cp "$OUTDIR/logs/backends.log" "$OUTDIR/backends.txt" 2>/dev/null || true
+
+# --- 4. tests ------------------------------------------------------------------------------------------
+run_stage test_cuda 150 "$PY" -m pytest -m cuda -q -p no:cacheprovider --junitxml="$OUTDIR/junit_cuda.xml" tests
+TRITON_TESTS=$(ls tests/test_triton*.py 2>/dev/null | tr '\n' ' ')
+if [ -z "$TRITON_TESTS" ]; then
+  printf '%-14s %-24s\n' test_triton "skipped (no tests/test_triton*.py)" | tee -a "$SUMMARY"
+elif [ "$DRY" = "1" ]; then
+  # On CPU the Triton tests run in the interpreter (the normal test suite does that); only collect them.
+  run_stage test_triton 60 "$PY" -m pytest -q -p no:cacheprovider --collect-only $TRITON_TESTS
+else
+  # On the GPU: TRITON_INTERPRET unset, so tests/conftest.py leaves Triton on the real device.
+  run_stage test_triton 150 env -u TRITON_INTERPRET "$PY" -m pytest -q -p no:cacheprovider \
+    --junitxml="$OUTDIR/junit_triton.xml" $TRITON_TESTS
+fi
+
+# --- 5. determinism ------------------------------------------------------------------------------------
+if [ "$DRY" = "1" ]; then
+  run_stage determinism 60 "$PY" -m benchmarks.determinism --quick --out "$OUTDIR/determinism.json"
+else
+  run_stage determinism 60 "$PY" -m benchmarks.determinism --out "$OUTDIR/determinism.json"
+fi
+
+# --- 6. benchmarks -------------------------------------------------------------------------------------
+# The runner drops torch.compile once its own budget is spent and writes results.json after every case,
+# so a timeout still leaves the rows measured so far.
+LEFT=$((BUDGET - (SECONDS - START) - 30))
+BENCH_BUDGET=$(( LEFT * 2 / 3 > 10 ? LEFT * 2 / 3 : 10 ))
+if [ "$DRY" = "1" ]; then
+  run_stage bench 120 "$PY" -m benchmarks --quick --device cpu --providers eager,fused --variants kd,hcd \
+    --out "$OUTDIR/bench"
+else
+  run_stage bench 400 "$PY" -m benchmarks --device cuda --profile gpu --budget-s "$BENCH_BUDGET" \
+    --cases "head/imagenet,step,sub_logit_loss/imagenet,bn_relu_pool/imagenet,pool_linear/imagenet,cfm/imagenet,sweep" \
+    --out "$OUTDIR/bench"
+fi
+
+# --- summary -------------------------------------------------------------------------------------------
+say "summary ($((SECONDS - START))s of ${BUDGET}s)"
+cat "$SUMMARY"
+if [ -f "$OUTDIR/bench/results.md" ]; then sed -n '1,/^## Ops/p' "$OUTDIR/bench/results.md" | head -40; fi
+if [ ${#FAILED[@]} -gt 0 ]; then
+  echo "FAILED stages: ${FAILED[*]}" | tee -a "$SUMMARY"
+  exit 1
+fi
+echo "all stages ok" | tee -a "$SUMMARY"
+exit 0
