@@ -20,6 +20,7 @@ from hcd_fast.config import HCDConfig
 try:
     import triton  # noqa: F401
 
+    from hcd_fast.kernels import cfm as _k_cfm
     from hcd_fast.kernels import pool as _k_pool
     from hcd_fast.kernels import sub_logit_loss as _k_sll
     _IMPORT_ERROR: Optional[BaseException] = None
@@ -244,3 +245,71 @@ class PoolLinearFunction(torch.autograd.Function):
 def pool_linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """See ``hcd_fast.reference.pool_linear``: x (B, C, H, W), W (D, C), b (D,) -> (B, D)."""
     return PoolLinearFunction.apply(x, weight, bias)
+
+
+# ------------------------------------------------------------------------------------------------
+# cfm
+# ------------------------------------------------------------------------------------------------
+if _IMPORT_ERROR is None:
+
+    @torch.library.custom_op("hcd_triton::cfm_gemm", mutates_args=())
+    def _cfm_gemm(a1: Tensor, a2: Optional[Tensor], weight: Tensor, bias: Tensor,
+                  teacher_logits: Optional[Tensor], lambda_s: float, lambda_t: float, epilogue: int) -> Tensor:
+        with _guard(a1):
+            return _k_cfm.cfm_gemm(a1, a2, weight, bias, teacher_logits, lambda_s, lambda_t, epilogue)
+
+    @_cfm_gemm.register_fake
+    def _(a1, a2, weight, bias, teacher_logits, lambda_s, lambda_t, epilogue):
+        return a1.new_empty((a1.shape[0], weight.shape[0]))
+
+
+class CFMFunction(torch.autograd.Function):
+    """Fused CFM forward (two-segment GEMMs with bias/ReLU/fusion epilogues); the backward is torch GEMMs:
+    dz = lambda_s * g,  dW2 = dz^T a,  db2 = sum_b dz,  dpre = (dz W2) * [a > 0],  db1 = sum_b dpre,
+    dW1 = [dpre^T h_s, dpre^T f_t],  dh_s = dpre W1[:, :D]  (f_t and z_t get no gradient)."""
+
+    @staticmethod
+    def forward(ctx, student_feat, teacher_feat, weight1, bias1, weight2, bias2, teacher_logits,
+                num_sub_logits, lambda_student, lambda_teacher):
+        batch, num_classes = teacher_logits.shape
+        fuse = _k_cfm.EPILOGUE_FUSE
+        if weight2 is None:
+            hidden = None
+            z = torch.ops.hcd_triton.cfm_gemm(student_feat, teacher_feat, weight1, bias1, teacher_logits,
+                                              lambda_student, lambda_teacher, fuse)
+        else:
+            hidden = torch.ops.hcd_triton.cfm_gemm(student_feat, teacher_feat, weight1, bias1, None, 1.0,
+                                                   0.0, _k_cfm.EPILOGUE_RELU)
+            z = torch.ops.hcd_triton.cfm_gemm(hidden, None, weight2, bias2, teacher_logits, lambda_student,
+                                              lambda_teacher, fuse)
+        ctx.save_for_backward(student_feat, teacher_feat, weight1, weight2, hidden)
+        ctx.lambda_student = lambda_student
+        return z.view(batch, num_sub_logits, num_classes)
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, f, w1, w2, hidden = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dz = grad.reshape(grad.shape[0], -1) * ctx.lambda_student
+        dw2 = db2 = None
+        if w2 is not None:
+            if need[4]:
+                dw2 = dz.t().mm(hidden)
+            if need[5]:
+                db2 = dz.sum(0)
+            dz = dz.mm(w2) * (hidden > 0)
+        dim = h.shape[1]
+        dh = dz.mm(w1[:, :dim]) if need[0] else None
+        dw1 = torch.cat([dz.t().mm(h), dz.t().mm(f.to(h.dtype))], 1) if need[2] else None
+        db1 = dz.sum(0) if need[3] else None
+        return dh, None, dw1, db1, dw2, db2, None, None, None, None
+
+
+def cfm(student_feat: Tensor, teacher_feat: Tensor, weight1: Tensor, bias1: Tensor, weight2: Optional[Tensor],
+        bias2: Optional[Tensor], teacher_logits: Tensor, num_sub_logits: int, lambda_student: float = 1.0,
+        lambda_teacher: float = 1.0) -> Tensor:
+    """See ``hcd_fast.reference.cfm``: h_s (B, D), f_t (B, D_t), W1 (H, D+D_t), b1 (H,), W2 (n*K, H) or
+    None, b2 (n*K,) or None, z_t (B, K) -> zf (B, n, K)."""
+    return CFMFunction.apply(student_feat, teacher_feat.detach(), weight1, bias1, weight2, bias2,
+                             teacher_logits.detach(), int(num_sub_logits), float(lambda_student),
+                             float(lambda_teacher))
