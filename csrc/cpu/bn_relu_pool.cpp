@@ -36,8 +36,9 @@ Tensor3 bn_relu_pool_fwd(HCD_BN_FWD_ARGS) {
     invstd = (var + eps).rsqrt();
     // running <- (1 - momentum) running + momentum * batch statistic (unbiased variance), in place.
     const double unbias = double(B * HW) / double(B * HW - 1);
-    running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.scalar_type()), momentum);
-    running_var.mul_(1.0 - momentum).add_(var.to(running_var.scalar_type()), momentum * unbias);
+    // Computed in the compute dtype and rounded once into the stats' own dtype.
+    running_mean.copy_(running_mean.to(dt) * (1.0 - momentum) + mean * momentum);
+    running_var.copy_(running_var.to(dt) * (1.0 - momentum) + var * (momentum * unbias));
   } else {
     mean = running_mean.to(dt).contiguous().clone();
     invstd = (running_var.to(dt) + eps).rsqrt().contiguous();
