@@ -130,7 +130,8 @@ def test_bn_relu_pool_opcheck():
     for training in (True, False):
         torch.library.opcheck(torch.ops.hcd_fast.bn_relu_pool_fwd.default,
                               (x, weight.detach(), bias.detach(), rm.clone(), rv.clone(), training, 0.1, 1e-5))
-    _, mean, invstd = torch.ops.hcd_fast.bn_relu_pool_fwd(x, weight, bias, rm.clone(), rv.clone(), True, 0.1, 1e-5)
+    _, mean, invstd = torch.ops.hcd_fast.bn_relu_pool_fwd(x, weight.detach(), bias.detach(), rm.clone(), rv.clone(),
+                                                          True, 0.1, 1e-5)
     torch.library.opcheck(torch.ops.hcd_fast.bn_relu_pool_bwd.default,
                           (grad_out, x, weight.detach(), bias.detach(), mean, invstd, True))
 
