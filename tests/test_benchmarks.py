@@ -1,0 +1,150 @@
+"""Smoke test of the benchmark runner (``python -m benchmarks``): tiny shapes, two repetitions.
+
+Checks the JSON schema, that the numbers in a row agree with each other (ratios, bandwidth), that the
+markdown and the PNG plots are written, and the case/provider selection. Timings are never asserted.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from benchmarks import cases as C
+from benchmarks import steps as ST
+from benchmarks.__main__ import _selected
+from benchmarks.common import SCHEMA_VERSION, fused_providers, select_providers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(args):
+    """``python -m benchmarks ARGS`` in a fresh process (as ``make bench`` runs it: the benchmarks package
+    sets passive OpenMP waiting before torch loads, which this test process can no longer do); returns
+    the results.json it wrote."""
+    out = args[args.index("--out") + 1]
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "wrote " in proc.stdout and "| case | shape | provider |" in proc.stdout  # the table is printed
+    with open(os.path.join(out, "results.json")) as f:
+        return json.load(f)
+
+ROW_KEYS = {"schema_version", "suite", "case", "op", "group", "provider", "mode", "dtype", "shape", "status",
+            "reason", "device", "device_name", "torch", "triton", "python", "git_commit", "threads"}
+TIMED_KEYS = {"median_ms", "p25_ms", "p75_ms", "iqr_ms", "min_ms", "reps", "first_call_s", "peak_mem_bytes"}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    # No torch.compile here (compiling costs tens of seconds per case on 2 cores); the compile provider
+    # has its own test below on one tiny case.
+    result = run(["--quick", "--device", "cpu", "--providers", "eager,fused", "--variants", "kd,hcd_ref,hcd",
+                  "--out", str(out)])
+    return out, result
+
+
+def test_json_schema(quick_run):
+    out, result = quick_run
+    with open(out / "results.json") as f:
+        data = json.load(f)
+    assert data["schema_version"] == SCHEMA_VERSION
+    assert data["complete"] is True
+    assert data["profile"] == "quick"
+    assert data["copy_bandwidth"]["gbps"] > 0
+    for key in ("created", "env", "providers", "backends", "rows", "targets", "plots", "elapsed_s"):
+        assert key in data, key
+    assert set(data["backends"]) == {"reference", "triton", "cuda", "cpu"}
+    rows = data["rows"]
+    expected_cases = {c.id for c in C.profile_cases("quick")} | {c.id for c in ST.profile_step_cases("quick")}
+    assert {r["case"] for r in rows} == expected_cases
+    for r in rows:
+        missing = ROW_KEYS - set(r)
+        assert not missing, (r["case"], r["provider"], missing)
+        assert r["schema_version"] == SCHEMA_VERSION
+        assert r["device"] == "cpu"
+        if r["status"] == "ok":
+            assert not TIMED_KEYS - set(r), (r["case"], r["provider"])
+            assert r["reps"] == 2
+            assert r["p25_ms"] <= r["median_ms"] <= r["p75_ms"]
+            assert r["min_ms"] <= r["median_ms"]
+            assert r["peak_mem_bytes"] is None  # CPU: no honest per-call number
+        else:
+            assert r["status"] in ("error", "skipped") and r["reason"]
+
+
+def test_eager_and_steps_ran(quick_run):
+    _, result = quick_run
+    rows = result["rows"]
+    eager = [r for r in rows if r["suite"] == "ops" and r["provider"] == "eager"]
+    assert len(eager) == len(C.profile_cases("quick"))
+    assert all(r["status"] == "ok" for r in eager), [(r["case"], r["reason"]) for r in eager if r["status"] != "ok"]
+    steps = {r["provider"]: r for r in rows if r["suite"] == "steps"}
+    assert set(steps) == {"kd", "hcd_ref", "hcd"}
+    assert steps["kd"]["status"] == "ok" and steps["hcd_ref"]["status"] == "ok"
+    assert steps["hcd_ref"]["precision"] == "fp32" and steps["hcd"]["precision"] == "bf16-amp"
+    # The runner includes every fused backend hcd_fast reports available for CPU tensors.
+    for name in fused_providers(torch.device("cpu")):
+        assert any(r["provider"] == name for r in rows if r["suite"] == "ops")
+
+
+def test_derived_numbers(quick_run):
+    _, result = quick_run
+    rows = [r for r in result["rows"] if r["suite"] == "ops" and r["status"] == "ok"]
+    copy_gbps = result["copy_bandwidth"]["gbps"]
+    for r in rows:
+        eager = next(e for e in rows if e["case"] == r["case"] and e["provider"] == "eager")
+        assert r["speedup_vs_eager"] == pytest.approx(eager["median_ms"] / r["median_ms"])
+        if r["op"] == "sub_logit_loss":
+            s = r["shape"]
+            # read zf, write d zf; read z_s, z_t, write d z_s (fp32: 4 bytes); int64 targets
+            nbytes = 4 * (2 * s["S"] * s["B"] * s["n"] * s["K"] + 3 * s["B"] * s["K"]) + 8 * s["B"]
+            assert r["bytes"] == nbytes
+            assert r["gbps"] == pytest.approx(nbytes / (r["median_ms"] * 1e-3) / 1e9)
+            assert r["copy_fraction"] == pytest.approx(r["gbps"] / copy_gbps)
+        if r["op"] == "cfm":
+            s = r["shape"]
+            fwd = 2 * s["B"] * ((s["D"] + s["Dt"]) * s["hidden"] + s["hidden"] * s["n"] * s["K"])
+            assert r["flops"] == 3 * fwd
+
+
+def test_markdown_and_plots(quick_run):
+    out, result = quick_run
+    md = (out / "results.md").read_text()
+    assert "| case | shape | provider | median ms |" in md
+    assert "## Whole distillation steps" in md and "## sub_logit_loss batch sweep" in md
+    for c in C.profile_cases("quick"):
+        assert c.id in md
+    names = sorted(os.path.basename(p) for p in result["plots"])
+    assert names == ["ops_speedup.png", "steps.png", "sub_logit_loss_sweep.png"]
+    for name in names:
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_compile_provider(tmp_path):
+    result = run(["--quick", "--device", "cpu", "--cases", "pool_linear", "--providers", "eager,compile",
+                  "--no-plots", "--out", str(tmp_path)])
+    rows = {r["provider"]: r for r in result["rows"]}
+    assert set(rows) == {"eager", "compile"}
+    assert rows["compile"]["status"] == "ok", rows["compile"]["reason"]
+    assert rows["compile"]["speedup_vs_eager"] == pytest.approx(rows["eager"]["median_ms"] / rows["compile"]["median_ms"])
+    assert rows["eager"]["speedup_vs_compile"] == pytest.approx(rows["compile"]["median_ms"] / rows["eager"]["median_ms"])
+
+
+def test_selection():
+    assert _selected("sub_logit_loss/imagenet/fp32", "ops", ["sub_logit_loss"])
+    assert _selected("sweep/sub_logit_loss/B=512/fp32", "ops", ["sweep"])
+    assert _selected("head/cifar/bf16", "ops", ["head/cifar"])
+    assert _selected("step/swin_t->resnet18", "steps", ["steps"])
+    assert _selected("step/swin_t->resnet18", "steps", ["step/swin*"])
+    assert not _selected("head/cifar/bf16", "ops", ["sub_logit_loss", "steps"])
+    assert not _selected("cfm/imagenet/fp32", "ops", ["cifar"])
+    cpu = torch.device("cpu")
+    assert select_providers("eager,compile", cpu) == ["eager", "compile"]
+    assert select_providers(None, cpu)[:2] == ["eager", "compile"]
+    assert "triton" not in select_providers(None, cpu)  # the interpreter is not timed
+    with pytest.raises(ValueError, match="unknown provider"):
+        select_providers("eager,fast", cpu)
