@@ -217,12 +217,16 @@ def plots(result: dict, out_dir: str) -> List[str]:
                 r = next((r for r in ops if r["case"] == c and r["provider"] == prov), None)
                 vals.append(r["speedup_vs_eager"] if r and r.get("speedup_vs_eager") else 0.0)
             color, _ = PROVIDER_STYLE.get(prov, ("black", "x"))
-            ax.bar([i + (j - (len(provs) - 1) / 2) * width for i in range(len(cases))], vals, width,
-                   label=prov, color=color)
+            xs = [i + (j - (len(provs) - 1) / 2) * width for i in range(len(cases))]
+            ax.bar(xs, [v or float("nan") for v in vals], width, label=prov, color=color)
+            for x, v in zip(xs, vals):
+                if v:
+                    ax.annotate(f"{v:.1f}", (x, v), ha="center", va="bottom", fontsize=6)
+        ax.set_yscale("log")
         ax.axhline(1.0, color="black", linewidth=1, label="eager = 1")
         ax.set_xticks(range(len(cases)))
         ax.set_xticklabels(cases, rotation=35, ha="right", fontsize=7)
-        ax.set_ylabel("speedup over eager reference (fwd+bwd)")
+        ax.set_ylabel("speedup over eager reference, fwd+bwd (log)")
         ax.set_title(f"ops and HCD head: {title_dev}", fontsize=10)
         ax.legend(fontsize=7)
         ax.grid(True, axis="y", alpha=0.3)
