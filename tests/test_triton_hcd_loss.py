@@ -80,6 +80,24 @@ def test_single_stage():
     compare(HCDConfig(num_sub_logits=1), True, B=3, channels=(6,), sizes=(3,), steps=1)
 
 
+def test_autocast_bf16_cpu():
+    """Under autocast the projector convs emit bf16 while the parameters stay fp32: mixed dtypes reach
+    every op; the loss stays fp32 and close to the fp32 loss, every gradient fp32."""
+    torch.manual_seed(2)
+    crit = HCDLoss(CHANNELS, TEACHER_DIM, K, HCDConfig(), backend="triton").train()
+    twin = copy.deepcopy(crit)
+    inputs = make_inputs(3, CHANNELS, SIZES, TEACHER_DIM, K, seed=4)
+    want = run(crit, inputs, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        feats = [f.requires_grad_() for f in inputs[0]]
+        loss = twin(feats, *inputs[1:])
+    assert loss.dtype == torch.float32
+    assert_close(loss.detach(), want[0], rtol=5e-2, what="loss")
+    loss.backward()
+    for name, p in twin.named_parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
+
+
 def test_torch_compile_fullgraph():
     """The whole criterion traces without a graph break through the triton ops (aot_eager: no codegen)."""
     torch.manual_seed(1)

@@ -290,17 +290,20 @@ class CFMFunction(torch.autograd.Function):
     def backward(ctx, grad):
         h, f, w1, w2, hidden = ctx.saved_tensors
         need = ctx.needs_input_grad
-        dz = grad.reshape(grad.shape[0], -1) * ctx.lambda_student
+        # One compute dtype for the GEMMs: activations and weights may differ under autocast
+        # (bf16 activations, fp32 weights); autograd casts each gradient back to its input's dtype.
+        ct = torch.promote_types(grad.dtype, w1.dtype)
+        dz = grad.reshape(grad.shape[0], -1).to(ct) * ctx.lambda_student
         dw2 = db2 = None
         if w2 is not None:
             if need[4]:
-                dw2 = dz.t().mm(hidden)
+                dw2 = dz.t().mm(hidden.to(ct))
             if need[5]:
                 db2 = dz.sum(0)
-            dz = dz.mm(w2) * (hidden > 0)
+            dz = dz.mm(w2.to(ct)) * (hidden > 0)
         dim = h.shape[1]
-        dh = dz.mm(w1[:, :dim]) if need[0] else None
-        dw1 = torch.cat([dz.t().mm(h), dz.t().mm(f.to(h.dtype))], 1) if need[2] else None
+        dh = dz.mm(w1[:, :dim].to(ct)) if need[0] else None
+        dw1 = torch.cat([dz.t().mm(h.to(ct)), dz.t().mm(f.to(ct))], 1) if need[2] else None
         db1 = dz.sum(0) if need[3] else None
         return dh, None, dw1, db1, dw2, db2, None, None, None, None
 
