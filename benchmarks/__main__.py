@@ -28,7 +28,7 @@ import hcd_fast
 from benchmarks import cases as C
 from benchmarks import report
 from benchmarks import steps as ST
-from benchmarks.common import (SCHEMA_VERSION, Policy, copy_bandwidth, device_tag, environment, measure,
+from benchmarks.common import (SCHEMA_VERSION, Policy, copy_bandwidth, device_tag, environment, measure_group,
                                peak_memory, provider_unavailable_reason, select_providers, synchronize)
 
 POLICIES = {  # (ops, steps)
@@ -78,22 +78,42 @@ def _base_row(env: dict, suite: str, case, provider: str) -> dict:
     return row
 
 
-def _time_provider(row: dict, fn_factory, device, policy: Policy) -> None:
-    """Build, first-call (compile happens here), time and measure memory; fills ``row`` in place."""
+def _error(row: dict, exc: BaseException, device) -> None:
+    row["status"] = "error"
+    row["reason"] = f"{type(exc).__name__}: {exc}"[:600]
+    traceback.print_exception(type(exc), exc, exc.__traceback__, limit=3)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _prepare(row: dict, fn_factory, device):
+    """Build a provider's callable and make its first call (compilation happens here, timed separately
+    as ``first_call_s``); None after an error, which is recorded in ``row``."""
     try:
         fn = fn_factory()
         t0 = time.perf_counter()
         fn()
         synchronize(device)
         row["first_call_s"] = time.perf_counter() - t0
-        row.update(measure(fn, device, policy))
-        row["peak_mem_bytes"] = peak_memory(fn, device)
+        return fn
     except Exception as exc:  # one failing provider must not end the run
-        row["status"] = "error"
-        row["reason"] = f"{type(exc).__name__}: {exc}"[:600]
-        traceback.print_exc(limit=3)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        _error(row, exc, device)
+        return None
+
+
+def _time_case(case_rows: List[dict], fns: dict, device, policy: Policy) -> None:
+    """Time the prepared providers of one case together, then their peak memory (CUDA)."""
+    by_name = {r["provider"]: r for r in case_rows}
+    for name, res in measure_group(fns, device, policy).items():
+        row = by_name[name]
+        if isinstance(res, BaseException):
+            _error(row, res, device)
+            continue
+        row.update(res)
+        try:
+            row["peak_mem_bytes"] = peak_memory(fns[name], device)
+        except Exception as exc:
+            _error(row, exc, device)
 
 
 def _ratios(rows: List[dict], copy_gbps: float) -> None:
@@ -204,6 +224,7 @@ def run(argv: Optional[List[str]] = None) -> dict:
                 rows.append(row)
             traceback.print_exc(limit=3)
             continue
+        fns = {}
         for p in names:
             row = _base_row(env, suite, case, p)
             case_rows.append(row)
@@ -221,13 +242,17 @@ def run(argv: Optional[List[str]] = None) -> dict:
                     if key is None or key != compile_key:
                         torch._dynamo.reset()  # compile once per case (once per sweep with dynamic=True)
                     compile_key = key
-                _time_provider(row, lambda: bench.fn(p), device, op_policy)
             else:
                 if p not in ST.VARIANTS:
                     row.update(status="skipped", reason=f"unknown variant {p!r}")
                     continue
                 row["precision"] = ST.variant_precision(p, device)
-                _time_provider(row, lambda: bench.fn(p), device, step_policy)
+            fn = _prepare(row, lambda: bench.fn(p), device)
+            if fn is not None:
+                fns[p] = fn
+        _time_case(case_rows, fns, device, op_policy if suite == "ops" else step_policy)
+        for row in case_rows:
+            p = row["provider"]
             if row["status"] == "ok":
                 _log(f"[{time.perf_counter() - start:6.0f}s] {case.id:<36} {p:<8} {row['median_ms']:10.3f} ms "
                      f"(IQR {row['iqr_ms']:.3f}, {row['reps']} reps, first call {row['first_call_s']:.1f} s)")
@@ -245,7 +270,7 @@ def run(argv: Optional[List[str]] = None) -> dict:
                     r["speedup_vs_hcd_ref"] = ok["hcd_ref"]["median_ms"] / r["median_ms"]
         rows.extend(case_rows)
         dump()
-        del bench
+        del bench, fns
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()

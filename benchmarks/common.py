@@ -208,6 +208,49 @@ def measure(fn: Callable[[], object], device: torch.device, policy: Policy) -> D
     return summarize([s.elapsed_time(e) for s, e in zip(starts, ends)])
 
 
+def measure_group(fns: Dict[str, Callable[[], object]], device: torch.device, policy: Policy
+                  ) -> Dict[str, object]:
+    """Time several providers of one case. On the CPU their repetitions are interleaved round-robin, so a
+    change in the load from other processes during the case hits every provider alike and the ratios stay
+    comparable; on CUDA (a device of its own) each is timed by :func:`measure` in turn. Returns
+    {name: summary dict, or the exception it raised}."""
+    out: Dict[str, object] = {}
+    if device.type == "cuda":
+        for name, fn in fns.items():
+            try:
+                out[name] = measure(fn, device, policy)
+            except Exception as exc:  # noqa: PERF203
+                out[name] = exc
+        return out
+    live = dict(fns)
+    for name, fn in list(live.items()):
+        try:
+            for _ in range(policy.warmup):
+                fn()
+        except Exception as exc:
+            out[name] = exc
+            del live[name]
+    times: Dict[str, List[float]] = {name: [] for name in live}
+    start = time.perf_counter()
+    rounds = 0
+    while live and rounds < policy.max_reps and (rounds < policy.min_reps
+                                                  or time.perf_counter() - start < policy.target_s * len(fns)):
+        order = list(live)
+        order = order[rounds % len(order):] + order[:rounds % len(order)]  # rotate who goes first
+        for name in order:
+            try:
+                t0 = time.perf_counter()
+                live[name]()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+            except Exception as exc:
+                out[name] = exc
+                del live[name]
+        rounds += 1
+    for name in live:
+        out[name] = summarize(times[name])
+    return out
+
+
 def peak_memory(fn: Callable[[], object], device: torch.device) -> Optional[int]:
     """Bytes allocated at the peak of one call beyond what was allocated before it (CUDA); None on CPU,
     where the caching allocators of torch and oneDNN leave no honest per-call number."""
