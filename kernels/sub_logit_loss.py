@@ -15,8 +15,10 @@ P = softmax(./T), p = softmax(.) at T = 1, lse = logsumexp):
 
 The loss is the last node of the graph, so the forward writes d loss / d zf and d loss / d z_s directly
 (fp32, or fp64 for fp64 inputs); the backward only scales them by grad_output. One program per sample
-loops over the stages, so every gradient element has exactly one writer; per-sample partial sums go to a
-(B, 5) buffer that a second one-program launch reduces in a fixed order (deterministic, no atomics).
+loops over the stages, so every gradient element has exactly one writer (d/dz_s is accumulated over the
+stages in place by its own program, with a CTA barrier between write and read-back); per-sample partial
+sums go to a (B, 5) buffer that a second one-program launch reduces in a fixed order (deterministic, no
+atomics).
 """
 from __future__ import annotations
 
@@ -129,6 +131,10 @@ def sub_logit_loss_fwd_kernel(
             g += coef_kd * temperature * (q - pt) + (S * N) * coef_kl * temperature * q
             tl.store(gzs_row + k, g, mask=ok)
     kd_b = kd_b * temperature * temperature
+    # grad_zs is read back below by threads that may not be the ones that wrote it: a CTA barrier orders
+    # those global writes before the reads (bar.sync has CTA-wide memory-ordering semantics).
+    if COMPUTE_GRAD:
+        tl.debug_barrier()
 
     sub_ce_b = tl.zeros([], ACC)
     sub_kl_b = tl.zeros([], ACC)
@@ -228,6 +234,7 @@ def sub_logit_loss_fwd_kernel(
                 gzs = tl.load(gzs_row + k, mask=ok, other=0.0)
                 gzs -= (coef_kl * temperature) * tl.sum(p, 0)
                 tl.store(gzs_row + k, gzs, mask=ok)
+            tl.debug_barrier()  # this stage's grad_zs writes before the next stage's reads
 
     part = partial_ptr + b * 5
     tl.store(part + 0, ce_b)

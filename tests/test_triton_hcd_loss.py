@@ -45,25 +45,41 @@ def assert_close(got, want, rtol=1e-5, atol=1e-6, what=""):
     assert err <= rtol * scale + atol, f"{what}: max abs error {err:.3g} vs scale {scale:.3g}"
 
 
-def compare(cfg, training, B=3, channels=CHANNELS, sizes=SIZES, Dt=TEACHER_DIM, K=K, device="cpu", steps=1):
+def compare(cfg, training, B=3, channels=CHANNELS, sizes=SIZES, Dt=TEACHER_DIM, K=K, device="cpu", steps=1,
+            yardstick=False):
+    """Triton in fp32 vs the reference in fp64. With ``yardstick`` (large shapes, long fp32 chains through
+    the projectors) the bound is twice the fp32 reference's own error instead of a fixed rtol."""
     torch.manual_seed(0)
     ref = HCDLoss(channels, Dt, K, cfg, backend="reference").to(device).double().train(training)
     tri = HCDLoss(channels, Dt, K, cfg, backend="triton").to(device).train(training)
-    tri.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ref.state_dict().items()})
+    ref32 = HCDLoss(channels, Dt, K, cfg, backend="reference").to(device).train(training)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in ref.state_dict().items()}
+    tri.load_state_dict(state)
+    ref32.load_state_dict(state)
     for step in range(steps):  # a second step sees the updated running statistics
         inputs = make_inputs(B, channels, sizes, Dt, K, device, seed=step)
         want = run(ref, inputs, torch.float64)
         got = run(tri, inputs, torch.float32)
+        base = run(ref32, inputs, torch.float32) if yardstick else None
+
+        def check(i, name, rtol=1e-5, atol=1e-6):
+            g, w = (got[i][name], want[i][name]) if name is not None else (got[i], want[i])
+            if base is None:
+                return assert_close(g, w, rtol=rtol, atol=atol, what=name or "loss")
+            b = base[i][name] if name is not None else base[i]
+            err, ref_err = (g.double() - w).abs().max(), (b.double() - w).abs().max()
+            assert err <= 2 * ref_err + 1e-6 * w.abs().max(), f"{name}: {err:.3g} vs reference {ref_err:.3g}"
+
         assert got[0].dtype == torch.float32
-        assert_close(got[0], want[0], what="loss")
+        check(0, None)
         for name in want[1]:
-            assert_close(got[1][name], want[1][name], atol=1e-5, what=name)
+            check(1, name, atol=1e-5)
         assert set(got[2]) == set(want[2])
         for name in want[2]:
             assert got[2][name] is not None, name
-            assert_close(got[2][name], want[2][name], rtol=2e-5, what=name)
+            check(2, name, rtol=2e-5)
         for name in want[3]:
-            assert_close(got[3][name], want[3][name], what=name)
+            check(3, name)
 
 
 @pytest.mark.parametrize("cfg,training,steps", [
@@ -122,6 +138,9 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 @pytest.mark.cuda
 @cuda
-def test_cuda_triton_hcd_loss_matches_reference():
+def test_cuda_triton_hcd_loss_matches_reference(monkeypatch):
+    # The projector convs run in eager torch for both backends: keep cuDNN/cuBLAS in true fp32.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     compare(HCDConfig(), True, B=32, channels=(64, 128, 256, 512), sizes=(28, 14, 7, 4), Dt=384, K=100,
-            device="cuda")
+            device="cuda", yardstick=True)
