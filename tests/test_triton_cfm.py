@@ -129,6 +129,16 @@ def test_torch_compile_fullgraph():
         assert_close(c, a)
 
 
+def test_opcheck_custom_op():
+    t = cfm_inputs(3, 4, 5, 6, 2, 3)
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.hcd_triton.cfm_gemm.default,
+                          (t["h"], t["f"], t["w1"], t["b1"], None, 1.0, 0.0, 1), test_utils=checks)
+    hidden = torch.relu(torch.randn(3, 6))
+    torch.library.opcheck(torch.ops.hcd_triton.cfm_gemm.default,
+                          (hidden, None, t["w2"], t["b2"], t["zt"], 0.5, 1.5, 2), test_utils=checks)
+
+
 # ---------------------------------------------------------------------------------------------- CUDA
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -208,6 +208,20 @@ def test_torch_compile_fullgraph():
         assert_close(c, a)
 
 
+def test_opcheck_custom_ops():
+    x, w, b, rm, rv, g = bn_inputs(2, 3, 2, 3, torch.float32)
+    checks = ("test_schema", "test_faketensor")
+    for training in (True, False):
+        torch.library.opcheck(torch.ops.hcd_triton.bn_relu_pool_fwd.default,
+                              (x, w, b, rm.clone(), rv.clone(), training, 0.1, 1e-5), test_utils=checks)
+    out = torch.ops.hcd_triton.bn_relu_pool_fwd(x, w, b, rm.clone(), rv.clone(), True, 0.1, 1e-5)
+    torch.library.opcheck(torch.ops.hcd_triton.bn_relu_pool_bwd.default,
+                          (g, x, w, *out[1:], True, torch.float32), test_utils=checks)
+    xc = x.contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.hcd_triton.spatial_mean.default, (xc,), test_utils=checks)
+    torch.library.opcheck(torch.ops.hcd_triton.spatial_broadcast.default, (g, xc), test_utils=checks)
+
+
 # ---------------------------------------------------------------------------------------------- CUDA
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
