@@ -130,6 +130,8 @@ def test_torch_compile_fullgraph():
         assert_close(p.grad, eager[2][name], what=name)
     for i, f in enumerate(feats):
         assert_close(f.grad, eager[2][f"d feats[{i}]"], what=f"d feats[{i}]")
+    for name, buf in twin.named_buffers():  # the in-place running-stat update survives functionalization
+        assert_close(buf, eager[3][name], what=name)
 
 
 # ---------------------------------------------------------------------------------------------- CUDA
