@@ -4,13 +4,12 @@ Each Function's forward and backward call ``torch.library.custom_op`` ops (names
 fake (meta) implementations, so ``torch.compile(..., fullgraph=True)`` traces through them without a graph
 break; the kernels themselves are opaque to the compiler.
 
-Runs on CUDA tensors, and on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``, which
-``hcd_fast.kernels`` sets when no CUDA device is present; for tests, it is slow).
+Runs on CUDA tensors, and on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1`` set before
+the kernels are imported, as tests/conftest.py does without a GPU; slow, for tests).
 """
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -32,7 +31,8 @@ Tensor = torch.Tensor
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether the kernels were built for the interpreter (TRITON_INTERPRET=1 when they were imported)."""
+    return _IMPORT_ERROR is None and type(_k_sll.sub_logit_loss_fwd_kernel).__name__ == "InterpretedFunction"
 
 
 def status(name: str) -> Tuple[bool, str]:
@@ -42,7 +42,7 @@ def status(name: str) -> Tuple[bool, str]:
         return True, f"triton {triton.__version__} on CUDA"
     if _interpreting():
         return True, f"triton {triton.__version__} interpreter (TRITON_INTERPRET=1; CPU tensors, slow)"
-    return False, "no CUDA device and TRITON_INTERPRET is not 1"
+    return False, "no CUDA device, and TRITON_INTERPRET was not 1 when the kernels were imported"
 
 
 def devices(name: str) -> tuple:
