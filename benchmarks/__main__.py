@@ -164,9 +164,12 @@ def run(argv: Optional[List[str]] = None) -> dict:
     op_cases = [c for c in C.profile_cases(profile)
                 if _selected(c.id, "ops", patterns) and (dtypes is None or c.dtype in dtypes)]
     step_cases = [c for c in ST.profile_step_cases(profile) if _selected(c.id, "steps", patterns)]
-    # Target cases first, then the steps, then the rest: a time budget never drops a target case.
-    plan = [("ops", c) for c in op_cases if c.target and c.group != "sweep"] + [("steps", c) for c in step_cases]
-    plan += [("ops", c) for c in op_cases if not (c.target and c.group != "sweep")]
+    # Target cases first, then the steps, the batch sweep, the rest: a time budget drops compile from the
+    # least important cases first and never touches a target case.
+    first = [c for c in op_cases if c.target and c.group != "sweep"]
+    sweep = [c for c in op_cases if c.group == "sweep" and c not in first]
+    plan = [("ops", c) for c in first] + [("steps", c) for c in step_cases] + [("ops", c) for c in sweep]
+    plan += [("ops", c) for c in op_cases if c not in first and c not in sweep]
 
     env = environment(device)
     env["timestamp"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
