@@ -87,6 +87,8 @@ class StepBench:
     def __init__(self, case: StepCase, device: torch.device, seed: int = 0):
         import timm
         self.case, self.device = case, device
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # as training scripts do; the warm-up steps absorb the search
         torch.manual_seed(seed)
         self.student0 = timm.create_model(STUDENT, num_classes=case.num_classes).to(device)
         self.teacher = timm.create_model(TEACHERS[case.teacher], num_classes=case.num_classes,
