@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from benchmarks import cases as C
-from benchmarks.common import select_providers, synchronize
+from benchmarks.common import provider_unavailable_reason, select_providers, synchronize
 
 DEVICE = torch.device(os.environ.get("HCD_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
 PROFILE = os.environ.get("HCD_BENCH_PROFILE") or ("gpu" if DEVICE.type == "cuda" else "cpu")
@@ -32,6 +32,9 @@ def _runner(case):
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_op(benchmark, case, provider):
+    why = provider_unavailable_reason(provider, DEVICE)
+    if why is not None:
+        pytest.skip(why)
     if provider == "compile":
         torch._dynamo.reset()
     fn = _runner(case).fn(provider)
