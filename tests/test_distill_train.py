@@ -53,7 +53,7 @@ def test_preset_sets_recipe_and_flags_override():
 def test_bad_input_fails_before_training(tmp_path, extra, message):
     with pytest.raises(UserError, match=message):
         run(parse_args(STUDENT + TEACHER + FAST + ["--output", str(tmp_path / "o")] + extra))
-    assert not os.path.exists(tmp_path / "o" / "last.pt")
+    assert not os.path.exists(tmp_path / "o")
 
 
 def test_teacher_checkpoint_class_mismatch(tmp_path):

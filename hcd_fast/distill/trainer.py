@@ -302,10 +302,12 @@ def evaluate(model: nn.Module, loader, device, autocast, channels_last: bool, ct
 def run(args: argparse.Namespace) -> dict:
     """Train as ``args`` say; returns the summary dict (also written to OUTPUT/summary.json)."""
     ctx = DistContext()
+    threads = torch.get_num_threads()
     try:
         return _run(args, ctx)
     finally:
         ctx.close()
+        torch.set_num_threads(threads)  # --threads must not leak into the caller (tests, the demo)
 
 
 def _run(args: argparse.Namespace, ctx: DistContext) -> dict:
@@ -326,8 +328,6 @@ def _run(args: argparse.Namespace, ctx: DistContext) -> dict:
     if args.sync_bn and device.type != "cuda":
         raise UserError("--sync-bn: SyncBatchNorm runs on CUDA only (use --freeze-bn on CPU)")
     out = args.output or _default_output(args)
-    if ctx.is_main:
-        os.makedirs(out, exist_ok=True)
 
     # Data first: a bad path fails before any model is built.
     data = build_data(args.dataset, args.data_dir, args.img_size, val_fraction=args.val_fraction, aa=args.aa,
@@ -446,6 +446,8 @@ def _run(args: argparse.Namespace, ctx: DistContext) -> dict:
         if ctx.is_main:
             print(f"hcd-distill: resumed {ckpt_path} at epoch {epoch + 1}, step {step_in_epoch}")
 
+    if ctx.is_main:
+        os.makedirs(out, exist_ok=True)  # only now: a run that fails its checks leaves nothing behind
     if args.compile:
         task.compile()
     if ctx.enabled:
@@ -573,9 +575,8 @@ def _run(args: argparse.Namespace, ctx: DistContext) -> dict:
             write_metrics(history, out)
             if not args.no_plots:
                 write_plots(history, part_names, out)
-            if args.no_progress:
-                print(f"epoch {epoch}/{args.epochs} loss {row['train_loss']:.4f} val top-1 {row['val_top1']:.2f} "
-                      f"({epoch_seconds:.1f} s)", flush=True)
+            print(f"epoch {epoch}/{args.epochs} loss {row['train_loss']:.4f} val top-1 {row['val_top1']:.2f} "
+                  f"({epoch_seconds:.1f} s, {row['images_per_s']:.0f} img/s)", flush=True)
 
     summary = {
         "method": args.method, "teacher": args.teacher if args.method != "ce" else None,
