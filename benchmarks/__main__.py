@@ -281,7 +281,7 @@ def run(argv: Optional[List[str]] = None) -> dict:
     result["complete"] = True
     result["loadavg_end"] = _loadavg()
     result["targets"] = report.evaluate_targets(rows)
-    result["plots"] = [] if args.no_plots else report.plots(result, out_dir)
+    result["plots"] = [] if args.no_plots else report.safe_plots(result, out_dir)
     result["elapsed_s"] = time.perf_counter() - start
     md = report.markdown(result)
     dump()

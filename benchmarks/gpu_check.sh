@@ -156,6 +156,11 @@ else
     --out "$OUTDIR/bench"
 fi
 
+# A bench stage cut short leaves results.json without results.md: render what it measured.
+if [ -f "$OUTDIR/bench/results.json" ] && [ ! -f "$OUTDIR/bench/results.md" ]; then
+  timeout 60 "$PY" -m benchmarks.report "$OUTDIR/bench/results.json" || true
+fi
+
 # --- summary -------------------------------------------------------------------------------------------
 say "summary ($((SECONDS - START))s of ${BUDGET}s)"
 cat "$SUMMARY"

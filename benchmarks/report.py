@@ -1,7 +1,9 @@
 """Turn result rows into the targets check, a markdown table and PNG plots (matplotlib, Agg backend)."""
 from __future__ import annotations
 
+import json
 import os
+import sys
 from typing import Dict, List, Optional
 
 FUSED = ("cpu", "cuda", "triton")
@@ -259,3 +261,41 @@ def plots(result: dict, out_dir: str) -> List[str]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+def safe_plots(result: dict, out_dir: str) -> List[str]:
+    """:func:`plots`, or none with a message where matplotlib is missing (the GPU machine may lack it):
+    ``python -m benchmarks.report results.json`` renders them later from the JSON."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("matplotlib not installed: no plots (render them later: python -m benchmarks.report "
+              f"{os.path.join(out_dir, 'results.json')})")
+        return []
+    try:
+        return plots(result, out_dir)
+    except Exception as exc:  # a plotting problem must not lose the measurements
+        print(f"plots failed: {type(exc).__name__}: {exc}")
+        return []
+
+
+def main(argv=None) -> int:
+    """``python -m benchmarks.report RESULTS_JSON [OUT_DIR]``: re-render results.md and the plots."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        print(main.__doc__)
+        return 2
+    with open(argv[0]) as f:
+        result = json.load(f)
+    out_dir = argv[1] if len(argv) > 1 else os.path.dirname(os.path.abspath(argv[0]))
+    os.makedirs(out_dir, exist_ok=True)
+    result.setdefault("targets", evaluate_targets(result["rows"]))
+    result["plots"] = safe_plots(result, out_dir)
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(markdown(result) + "\n")
+    print(f"wrote results.md and {len(result['plots'])} plots in {out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -111,6 +111,7 @@ def test_derived_numbers(quick_run):
 
 
 def test_markdown_and_plots(quick_run):
+    pytest.importorskip("matplotlib")  # an optional dependency (pyproject extra "bench")
     out, result = quick_run
     md = (out / "results.md").read_text()
     assert "| case | shape | provider | median ms |" in md
