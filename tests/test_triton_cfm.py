@@ -9,8 +9,16 @@ import torch
 import hcd_fast
 from hcd_fast import functional as HF
 
-pytestmark = pytest.mark.skipif(not hcd_fast.backends()["triton"].available,
-                                reason=hcd_fast.backends()["triton"].reason)
+TRITON = hcd_fast.backends()["triton"]
+pytestmark = pytest.mark.skipif(not TRITON.available, reason=TRITON.reason)
+
+
+@pytest.fixture(autouse=True)
+def _cpu_tests_need_the_interpreter(request):
+    """Tests without the cuda marker use CPU tensors: they run only where the kernels were built for the
+    interpreter (no GPU); on a GPU machine their ``cuda`` twins run instead."""
+    if request.node.get_closest_marker("cuda") is None and "cpu" not in TRITON.devices:
+        pytest.skip("CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 at import)")
 
 
 def cfm_inputs(B, D, Dt, hidden, n, K, dtype=torch.float32, device="cpu", seed=0):
