@@ -12,7 +12,7 @@ namespace hcd_fast::cuda {
 namespace {
 
 template <typename scalar_t, typename acc_t>
-__global__ void channel_moments_kernel(const scalar_t* __restrict__ x, acc_t* __restrict__ mean,
+__global__ void __launch_bounds__(512) channel_moments_kernel(const scalar_t* __restrict__ x, acc_t* __restrict__ mean,
                                        acc_t* __restrict__ var, int64_t B, int64_t C, int64_t HW) {
   __shared__ acc_t ws[kWarp];
   const int64_t c = blockIdx.x, N = B * HW;
@@ -49,7 +49,7 @@ __global__ void bn_relu_pool_fwd_kernel(const scalar_t* __restrict__ x, const ac
 }
 
 template <typename scalar_t, typename acc_t>
-__global__ void bn_relu_pool_bwd_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ x,
+__global__ void __launch_bounds__(512) bn_relu_pool_bwd_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ x,
                                         const acc_t* __restrict__ weight, const acc_t* __restrict__ bias,
                                         const acc_t* __restrict__ mean, const acc_t* __restrict__ invstd,
                                         scalar_t* __restrict__ grad_x, acc_t* __restrict__ grad_weight,

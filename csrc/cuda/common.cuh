@@ -71,12 +71,13 @@ __device__ __forceinline__ double dev_exp(double x) { return exp(x); }
 __device__ __forceinline__ float dev_log(float x) { return logf(x); }
 __device__ __forceinline__ double dev_log(double x) { return log(x); }
 
-// Threads per block for a row of K elements: enough to cover the row a few elements per thread.
+// Threads per block for a row of K elements: enough to cover the row a few elements per thread; at most
+// kMaxRowThreads, which the row kernels declare in __launch_bounds__ so their register use always fits.
+constexpr int kMaxRowThreads = 512;
 inline int row_threads(int64_t K) {
   if (K <= 512) return 128;
   if (K <= 2048) return 256;
-  if (K <= 8192) return 512;
-  return 1024;
+  return kMaxRowThreads;
 }
 
 }  // namespace hcd_fast::cuda

@@ -24,7 +24,7 @@ struct LossParams {
 };
 
 template <typename scalar_t, typename acc_t>
-__global__ void sub_logit_loss_rows_kernel(const scalar_t* __restrict__ sub, const scalar_t* __restrict__ zs,
+__global__ void __launch_bounds__(kMaxRowThreads) sub_logit_loss_rows_kernel(const scalar_t* __restrict__ sub, const scalar_t* __restrict__ zs,
                                            const scalar_t* __restrict__ zt, const int64_t* __restrict__ target,
                                            acc_t* __restrict__ grad_sub, acc_t* __restrict__ grad_zs,
                                            acc_t* __restrict__ logq, acc_t* __restrict__ partials, int64_t S,
