@@ -236,14 +236,16 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 @pytest.mark.cuda
 @cuda
-@pytest.mark.parametrize("B,C,H,W,training,momentum,kind", BN_CASES + [(256, 512, 7, 7, True, 0.1, "channels_last")])
+# A subset (each distinct config is a fresh JIT compile on the GPU machine) plus a ResNet-sized map.
+@pytest.mark.parametrize("B,C,H,W,training,momentum,kind",
+                         [BN_CASES[1], BN_CASES[2], BN_CASES[3], (256, 512, 7, 7, True, 0.1, "channels_last")])
 def test_cuda_bn_relu_pool(B, C, H, W, training, momentum, kind):
     check_bn(B, C, H, W, training, momentum, kind, device="cuda")
 
 
 @pytest.mark.cuda
 @cuda
-@pytest.mark.parametrize("B,C,H,W,D,kind", PL_CASES + [(256, 512, 7, 7, 768, "contiguous")])
+@pytest.mark.parametrize("B,C,H,W,D,kind", [PL_CASES[1], PL_CASES[2], (256, 512, 7, 7, 768, "contiguous")])
 def test_cuda_pool_linear(B, C, H, W, D, kind):
     check_pl(B, C, H, W, D, kind, device="cuda")
 

@@ -201,7 +201,8 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 @pytest.mark.cuda
 @cuda
-@pytest.mark.parametrize("S,B,n,K,cfg", CASES + [(2, 64, 4, 32768, HCDConfig())])
+# A subset (each distinct config is a fresh JIT compile on the GPU machine) plus the longest rows.
+@pytest.mark.parametrize("S,B,n,K,cfg", [CASES[1], CASES[3], CASES[5], (2, 64, 4, 32768, HCDConfig())])
 def test_cuda_matches_reference_fp32(S, B, n, K, cfg):
     check_fp32(S, B, n, K, cfg, device="cuda")
 
