@@ -49,11 +49,20 @@ def test_preset_sets_recipe_and_flags_override():
     (["--allow-random-teacher", "--num-classes", "100"], "has 10 classes"),
     (["--allow-random-teacher", "--batch-size", "5000"], "larger than the training set"),
     (["--allow-random-teacher", "--resume", "/nonexistent/last.pt"], "no such file"),
+    (["--allow-random-teacher", "--teacher-kwargs", '{"no_such_kwarg": 1}'], "rejected the kwargs"),
+    (["--allow-random-teacher", "--indices", "0,9"], "--indices"),
 ])
 def test_bad_input_fails_before_training(tmp_path, extra, message):
     with pytest.raises(UserError, match=message):
         run(parse_args(STUDENT + TEACHER + FAST + ["--output", str(tmp_path / "o")] + extra))
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_bad_json_kwargs_rejected_by_the_parser(capsys):
+    for text in ("[1]", "{x"):
+        with pytest.raises(SystemExit):
+            parse_args(STUDENT[:2] + ["--student-kwargs", text])
+        assert "--student-kwargs" in capsys.readouterr().err
 
 
 def test_teacher_checkpoint_class_mismatch(tmp_path):

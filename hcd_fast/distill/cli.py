@@ -29,6 +29,17 @@ A preset sets the defaults of its flags; flags given explicitly win. Outputs: OU
 metrics.csv, metrics.jsonl, loss.png, accuracy.png, summary.json."""
 
 
+def _json_dict(text: str) -> dict:
+    """argparse type of --*-kwargs: a JSON object."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"img_size\": 32}}', got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hcd-distill", description="Heterogeneous distillation of any timm teacher into any timm student "
@@ -44,9 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "count must match the dataset")
     g.add_argument("--allow-random-teacher", action="store_true", help="run without --teacher-checkpoint "
                    "(random teacher; for smoke tests and benchmarks only)")
-    g.add_argument("--teacher-kwargs", type=json.loads, default={}, metavar="JSON", help="extra "
+    g.add_argument("--teacher-kwargs", type=_json_dict, default={}, metavar="JSON", help="extra "
                    "timm.create_model kwargs of the teacher, e.g. '{\"img_size\": 32, \"patch_size\": 4}'")
-    g.add_argument("--student-kwargs", type=json.loads, default={}, metavar="JSON",
+    g.add_argument("--student-kwargs", type=_json_dict, default={}, metavar="JSON",
                    help="extra timm.create_model kwargs of the student")
     g.add_argument("--indices", default="4", help="student stages to tap, timm forward_intermediates "
                    "style: N = the last N stages (default 4), or a comma list of stage indices")
