@@ -61,7 +61,9 @@ def _extensions():
     if has_cuda and cublas is None:
         print("hcd_fast: cublas_v2.h not found (toolkit or nvidia-cublas wheel), building CPU kernels only")
         has_cuda = False
-    if want_cuda and not has_cuda:
+    if not want_cuda:
+        print("hcd_fast: HCD_FAST_NO_CUDA=1, CUDA kernels skipped")
+    elif not has_cuda:
         print(f"hcd_fast: CUDA kernels skipped (torch.version.cuda={torch.version.cuda}, CUDA_HOME={cuda_home})")
     if has_cuda:
         inc, lib, libfile = cublas
