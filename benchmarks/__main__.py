@@ -254,6 +254,9 @@ def run(argv: Optional[List[str]] = None) -> dict:
             if fn is not None:
                 fns[p] = fn
         _time_case(case_rows, fns, device, op_policy if suite == "ops" else step_policy)
+        load = _loadavg()
+        for row in case_rows:
+            row["loadavg"] = load  # right after the case was timed
         for row in case_rows:
             p = row["provider"]
             if row["status"] == "ok":
