@@ -140,6 +140,10 @@ def run(argv: Optional[List[str]] = None) -> dict:
                     help="comma list of eager, compile, fused (every available fused backend), cpu, cuda, triton")
     ap.add_argument("--dtypes", default=None, help="comma list of fp32, bf16, fp16 (op cases only)")
     ap.add_argument("--variants", default=None, help=f"comma list of step variants, of {ST.VARIANTS}")
+    ap.add_argument("--step-amp", choices=("auto", "bf16", "fp16", "none"), default="auto",
+                    help="autocast of the fast step variants (auto: bf16 on CUDA, none on CPU)")
+    ap.add_argument("--step-channels-last", choices=("auto", "on", "off"), default="auto",
+                    help="channels_last in the fast step variants (auto: on for CUDA, off on CPU)")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results/<device tag>)")
     ap.add_argument("--budget-s", type=float, default=-1.0,
                     help="seconds after which compile is dropped (1.3x: remaining cases skipped); 0 = none")
@@ -219,7 +223,8 @@ def run(argv: Optional[List[str]] = None) -> dict:
             _log(f"[{elapsed:6.0f}s] {case.id}: skipped (time budget)")
             continue
         try:
-            bench = C.Runner(case, device) if suite == "ops" else ST.StepBench(case, device)
+            bench = (C.Runner(case, device) if suite == "ops" else
+                     ST.StepBench(case, device, amp=args.step_amp, channels_last=args.step_channels_last))
         except Exception as exc:
             for p in names:
                 row = _base_row(env, suite, case, p)
@@ -249,7 +254,7 @@ def run(argv: Optional[List[str]] = None) -> dict:
                 if p not in ST.VARIANTS:
                     row.update(status="skipped", reason=f"unknown variant {p!r}")
                     continue
-                row["precision"] = ST.variant_precision(p, device)
+                row["precision"] = ST.variant_precision(p, device, args.step_amp, args.step_channels_last)
             fn = _prepare(row, lambda: bench.fn(p), device)
             if fn is not None:
                 fns[p] = fn

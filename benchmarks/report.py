@@ -154,7 +154,8 @@ def markdown(result: dict) -> str:
                          f"{_x(r.get('speedup_vs_hcd_ref'))} | {_mib(r.get('peak_mem_bytes'))} |")
         lines += ["", "Variants: ce = student alone; kd = plain KD; *_ref = as the published code runs it "
                   "(reference backend, fp32 on CPU / fp16 autocast on CUDA, loss.item() every step); hcd = "
-                  "hcd_fast backend='auto', bf16 autocast, channels_last, teacher in inference mode. Overhead: "
+                  "hcd_fast backend='auto', teacher in inference mode, no host sync, in the precision shown "
+                  "(bf16 autocast + channels_last on CUDA; fp32 on CPU, see benchmarks/steps.py). Overhead: "
                   "hcd vs kd, hcd_ref vs kd_ref.", ""]
     plots = result.get("plots") or []
     if plots:

@@ -10,8 +10,12 @@ Variants (one optimizer step each; SGD momentum 0.9, lr 0.05, wd 2e-3 over stude
 - ``hcd``: HCD with hcd_fast: ``HCDLoss(backend="auto")`` (the best fused backend available), in the fast
   settings.
 
-Fast settings: bf16 autocast, channels_last student and input, the teacher in ``torch.inference_mode``, no
-host sync. HCD's overhead is read like for like: ``hcd`` against ``kd`` and ``hcd_ref`` against ``kd_ref``.
+Fast settings: on CUDA bf16 autocast and channels_last student and input; the teacher in
+``torch.inference_mode``; no host sync. On the CPU the fast settings stay fp32 and contiguous by default:
+there bf16 autocast made a ResNet18 step 7-14x slower on the development machine (an EPYC with AVX512-BF16,
+no AMX; 60 ms fp32 vs 440-870 ms bf16 for B=16 at 32x32) and channels_last ~20% slower, so they would
+measure oneDNN's bf16 path, not HCD. ``--step-amp bf16 --step-channels-last on`` restores them.
+HCD's overhead is read like for like: ``hcd`` against ``kd`` and ``hcd_ref`` against ``kd_ref``.
 
 Taps: the student's four stage maps and final features come from one ``forward_intermediates`` call and the
 logits from ``forward_head``; the teacher feature is ``forward_head(forward_features(x), pre_logits=True)``.
@@ -66,10 +70,25 @@ def profile_step_cases(profile: str) -> List[StepCase]:
     raise ValueError(profile)
 
 
-def variant_precision(variant: str, device: torch.device) -> str:
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+
+
+def fast_settings(device: torch.device, amp: str = "auto", channels_last: str = "auto"):
+    """(autocast dtype or None, channels_last) of the fast variants: bf16 + channels_last on CUDA, fp32 +
+    contiguous on the CPU unless asked otherwise (see the module docstring)."""
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "none"
+    if channels_last == "auto":
+        channels_last = "on" if device.type == "cuda" else "off"
+    return AMP_DTYPES[amp], channels_last == "on"
+
+
+def variant_precision(variant: str, device: torch.device, amp: str = "auto", channels_last: str = "auto") -> str:
     if variant.endswith("_ref"):
         return "fp16-amp" if device.type == "cuda" else "fp32"
-    return "bf16-amp"
+    dtype, cl = fast_settings(device, amp, channels_last)
+    name = {torch.bfloat16: "bf16-amp", torch.float16: "fp16-amp", None: "fp32"}[dtype]
+    return name + (" channels_last" if cl else "")
 
 
 def _teacher_kwargs(teacher: str, img: int) -> dict:
@@ -84,9 +103,11 @@ class StepBench:
     """Models of one teacher/student pair, shared by the variants (each variant gets a fresh copy of the
     same initial student and head, and its own optimizer)."""
 
-    def __init__(self, case: StepCase, device: torch.device, seed: int = 0):
+    def __init__(self, case: StepCase, device: torch.device, seed: int = 0, amp: str = "auto",
+                 channels_last: str = "auto"):
         import timm
         self.case, self.device = case, device
+        self.amp_dtype, self.channels_last = fast_settings(device, amp, channels_last)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # as training scripts do; the warm-up steps absorb the search
         torch.manual_seed(seed)
@@ -106,7 +127,8 @@ class StepBench:
         fast = not variant.endswith("_ref")
         student = copy.deepcopy(self.student0).train()
         x = self.x
-        if fast:
+        cl = fast and self.channels_last
+        if cl:
             student = student.to(memory_format=torch.channels_last)
             x = x.contiguous(memory_format=torch.channels_last)
         head = None
@@ -114,14 +136,16 @@ class StepBench:
             head = HCDLoss(self.channels, self.teacher.num_features, self.case.num_classes, config=HCDConfig(),
                            backend="auto" if fast else "reference", validate=False).to(dev).train()
             head.load_state_dict(self.head0.state_dict())
-            if fast:
+            if cl:
                 head = head.to(memory_format=torch.channels_last)
         params = list(student.parameters()) + (list(head.parameters()) if head is not None else [])
         opt = torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=2e-3)
         use_teacher = variant != "ce"
         teacher, y, T = self.teacher, self.y, 1.0
         if fast:
-            amp = lambda: torch.autocast(dev.type, dtype=torch.bfloat16)  # noqa: E731
+            amp_dtype = self.amp_dtype
+            amp = ((lambda: torch.autocast(dev.type, dtype=amp_dtype)) if amp_dtype is not None  # noqa: E731
+                   else contextlib.nullcontext)
             teacher_ctx = torch.inference_mode
             scaler = None
         elif dev.type == "cuda":
