@@ -9,10 +9,11 @@
 - ``hcd-distill`` / ``python -m hcd_fast.distill``: the trainer CLI (``cli.main``, ``trainer.run``).
 """
 from hcd_fast.distill.baselines import METHODS, CELoss, DKDLoss, KDLoss, OFALoss
-from hcd_fast.distill.distiller import HAS_TIMM_TASK, Distiller, DistillTask, LossOptions, build_criterion
+from hcd_fast.distill.distiller import (HAS_TIMM_TASK, Distiller, DistillTask, HCDTask, LossOptions,
+                                       build_criterion)
 from hcd_fast.distill.errors import UserError
 from hcd_fast.distill.taps import StudentTap, TeacherTap, probe_student, probe_teacher
 
-__all__ = ["METHODS", "CELoss", "KDLoss", "DKDLoss", "OFALoss", "Distiller", "DistillTask", "LossOptions",
+__all__ = ["METHODS", "CELoss", "KDLoss", "DKDLoss", "OFALoss", "Distiller", "DistillTask", "HCDTask", "LossOptions",
            "build_criterion", "HAS_TIMM_TASK", "StudentTap", "TeacherTap", "probe_student", "probe_teacher",
            "UserError"]

@@ -104,6 +104,11 @@ class Distiller(nn.Module):
         """The bare student (what is deployed)."""
         return self.student.model
 
+    def no_weight_decay(self) -> set:
+        """The student's own no-weight-decay names (e.g. a ViT's pos_embed), for timm's optimizer factory."""
+        fn = getattr(self.student.model, "no_weight_decay", None)
+        return {f"student.model.{name}" for name in fn()} if fn is not None else set()
+
     def forward(self, x: torch.Tensor, target: torch.Tensor, teacher_feat: Optional[torch.Tensor],
                 teacher_logits: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
         logits, feats = self.student(x)
@@ -177,3 +182,7 @@ class DistillTask(_TaskBase):
         teacher_feat, teacher_logits = self.teacher_outputs(input)
         logits, loss, parts = self.trainable_module(input, target, teacher_feat, teacher_logits)
         return {"loss": loss, "output": logits, **parts}
+
+
+# The HCD task under the name timm users look for (the task runs every method; HCD is the default).
+HCDTask = DistillTask
