@@ -205,3 +205,11 @@ def test_opcheck():
         s, z = (sub, zs) if compute_grad else (sub.detach(), zs.detach())
         args = (s, z, zt, y, 2.0, 0.1, 0.5, 1e-12, mode, False, 1.0, 1.0, 6.0, 1.0, compute_grad)
         torch.library.opcheck(torch.ops.hcd_fast.sub_logit_loss.default, args)
+
+
+def test_out_of_range_target_raises_even_without_validation():
+    sub_leaf, zs_leaf, zt, y = make_inputs(1, 3, 2, 7)
+    sub, zs = views(sub_leaf, zs_leaf)
+    with pytest.raises(RuntimeError, match="class indices"):
+        HF.sub_logit_loss(sub, zs, zt, torch.tensor([0, 7, 1]), HCDConfig(num_sub_logits=2), backend="cpu",
+                          validate=False)

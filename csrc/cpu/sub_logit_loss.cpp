@@ -35,6 +35,9 @@ SubLogitLossOut sub_logit_loss(HCD_SUB_LOGIT_LOSS_ARGS) {
   const int64_t S = sub.size(0), B = sub.size(1), n = sub.size(2), K = sub.size(3);
   TORCH_CHECK(zs.size(0) == B && zs.size(1) == K && zt.sizes() == zs.sizes() && y.size(0) == B,
               "sub_logit_loss: inconsistent shapes");
+  const int64_t* yp = y.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)  // B integer reads: the kernels index rows with the target
+    TORCH_CHECK(yp[b] >= 0 && yp[b] < K, "target: expected class indices in [0, ", K, "), got ", yp[b]);
   const auto opts = sub.options();
   Tensor gsub = compute_grad ? at::empty({S, B, n, K}, opts) : at::empty({0}, opts);
   Tensor gzs = compute_grad ? at::empty({B, K}, opts) : at::empty({0}, opts);

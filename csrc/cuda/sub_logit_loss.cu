@@ -44,6 +44,7 @@ __global__ void __launch_bounds__(kMaxRowThreads) sub_logit_loss_rows_kernel(con
   const acc_t ol_norm = n > 1 ? acc_t(1.0 / (double(B) * n * (n - 1))) : acc_t(0);
   const acc_t NEG_INF = -INFINITY;
   const int64_t y = target[b];
+  CUDA_KERNEL_ASSERT(y >= 0 && y < K);  // targets are range-checked on the host only with validate=True
 
   const scalar_t* xs = zs + b * K;
   const scalar_t* xt = zt + b * K;
