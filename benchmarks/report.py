@@ -59,7 +59,7 @@ def evaluate_targets(rows: List[dict]) -> List[dict]:
                 measured = f"{_fmt(None if frac is None else 100 * frac, '.0f', '%')} of copy bandwidth"
                 verdict = "n/a" if frac is None else ("met" if frac >= 0.7 else "not met")
             if target.startswith("H100:") and device != "cuda":
-                verdict += " (not on an H100)"
+                verdict = "n/a (not on an H100)"
             out.append({"target": target, "case": case_id, "provider": r["provider"], "measured": measured,
                         "verdict": verdict})
 
@@ -68,7 +68,7 @@ def evaluate_targets(rows: List[dict]) -> List[dict]:
             ov = r.get("overhead_vs_kd")
             verdict = "n/a" if ov is None else ("met" if ov <= 0.10 else "not met")
             if device != "cuda":
-                verdict += " (not on an H100)"
+                verdict = "n/a (not on an H100)"
             out.append({"target": "H100: Swin-T->ResNet18 step, HCD overhead over KD <= 10%", "case": r["case"],
                         "provider": "hcd", "measured": f"{_fmt(None if ov is None else 100 * ov, '+.1f', '%')}",
                         "verdict": verdict})
