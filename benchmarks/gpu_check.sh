@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU verification of hcd_fast (SPEC section 8), prepared to succeed on the first try, in under 8 minutes.
 #
-#   benchmarks/gpu_check.sh [OUT_DIR]        # OUT_DIR defaults to $OUT, else ./gpu_check_out
+#   benchmarks/gpu_check.sh [OUT_DIR]        # OUT_DIR defaults to $OUT, else /tmp/hcd_gpu_check
 #
 # On the GPU machine (H100, Python 3.12, torch 2.11 cu130, triton 3.6, timm, nvcc 13.0, no network) it:
 #   1. records the environment (nvidia-smi, versions, commit)
@@ -28,7 +28,7 @@ set -u -o pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-OUTDIR="${1:-${OUT:-$ROOT/gpu_check_out}}"
+OUTDIR="${1:-${OUT:-/tmp/hcd_gpu_check}}"
 mkdir -p "$OUTDIR/logs"
 OUTDIR="$(cd "$OUTDIR" && pwd)"
 SUMMARY="$OUTDIR/summary.txt"
