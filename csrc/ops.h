@@ -1,6 +1,8 @@
 // Entry points of the hcd_fast torch ops, per device. Schemas and registration: csrc/hcd_fast.cpp.
 #pragma once
 #include <ATen/ATen.h>
+#include <c10/core/DispatchKeySet.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <optional>
 #include <tuple>

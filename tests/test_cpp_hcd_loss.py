@@ -97,3 +97,19 @@ def test_hcd_loss_cpu_compiled_fullgraph_matches_eager():
         close(f"grad {name}", c[2][name], e[2][name], rtol=1e-4)
     for name in e[4]:
         close(f"buffer {name}", c[4][name], e[4][name])
+
+
+def test_hcd_loss_cpu_under_autocast_bf16():
+    """Autocast hands the ops bf16 activations with fp32 weights; the ops compute in fp32 regardless."""
+    channels, sizes, B, K, Dt = (8, 16), (4, 2), 3, 37, 12
+    torch.manual_seed(2)
+    crit = HCDLoss(channels, Dt, K, backend="cpu")
+    feats, zs, ft, zt, y = make_case(channels, sizes, B, K, Dt, seed=4)
+    want = crit(feats, zs, ft, zt, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = crit(feats, zs, ft, zt, y)
+    assert loss.dtype == torch.float32
+    close("autocast loss", loss.detach(), want.detach(), rtol=5e-2)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+               for p in crit.parameters())

@@ -13,6 +13,8 @@ int64_t channel_grain(int64_t B, int64_t HW) { return std::max<int64_t>(1, 32768
 }  // namespace
 
 Tensor3 bn_relu_pool_fwd(HCD_BN_FWD_ARGS) {
+  // The kernels choose their own precision: ATen calls inside must not be re-cast by an active autocast.
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   TORCH_CHECK(x.dim() == 4, "bn_relu_pool: x must be (B, C, H, W)");
   const auto dt = compute_dtype({x.scalar_type(), weight.scalar_type(), bias.scalar_type()});
   const Tensor xc = x.to(dt).contiguous();
@@ -61,6 +63,8 @@ Tensor3 bn_relu_pool_fwd(HCD_BN_FWD_ARGS) {
 }
 
 Tensor3 bn_relu_pool_bwd(HCD_BN_BWD_ARGS) {
+  // The kernels choose their own precision: ATen calls inside must not be re-cast by an active autocast.
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const auto dt = save_mean.scalar_type();
   const Tensor xc = x.to(dt).contiguous();
   const int64_t B = xc.size(0), C = xc.size(1), HW = xc.size(2) * xc.size(3);

@@ -9,6 +9,8 @@
 namespace hcd_fast::cpu {
 
 Tensor2 cfm(HCD_CFM_ARGS) {
+  // The kernels choose their own precision: ATen calls inside must not be re-cast by an active autocast.
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const auto out_dtype = at::promote_types(at::promote_types(student_feat.scalar_type(), teacher_feat.scalar_type()),
                                            at::promote_types(weight1.scalar_type(), teacher_logits.scalar_type()));
   const auto dt = compute_dtype({out_dtype});

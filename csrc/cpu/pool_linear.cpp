@@ -5,6 +5,8 @@
 namespace hcd_fast::cpu {
 
 Tensor2 pool_linear(HCD_POOL_LINEAR_ARGS) {
+  // The kernels choose their own precision: ATen calls inside must not be re-cast by an active autocast.
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const auto dt = compute_dtype({x.scalar_type(), weight.scalar_type(), bias.scalar_type()});
   const Tensor pooled = x.to(dt).mean({2, 3});                                   // (B, C)
   const Tensor out = at::addmm(bias.to(dt), pooled, weight.to(dt).t());          // (B, D)

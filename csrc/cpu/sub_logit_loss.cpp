@@ -24,6 +24,8 @@ SubLogitLossArgs<T> make_args(const Tensor& sub, const Tensor& zs, const Tensor&
 }  // namespace
 
 SubLogitLossOut sub_logit_loss(HCD_SUB_LOGIT_LOSS_ARGS) {
+  // The kernels choose their own precision: ATen calls inside must not be re-cast by an active autocast.
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   TORCH_CHECK(sub_logits.dim() == 4, "sub_logits: expected (S, B, n, K)");
   const auto dt = compute_dtype({sub_logits.scalar_type(), student_logits.scalar_type(),
                                  teacher_logits.scalar_type()});
@@ -37,7 +39,8 @@ SubLogitLossOut sub_logit_loss(HCD_SUB_LOGIT_LOSS_ARGS) {
               "sub_logit_loss: inconsistent shapes");
   const int64_t* yp = y.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b)  // B integer reads: the kernels index rows with the target
-    TORCH_CHECK(yp[b] >= 0 && yp[b] < K, "target: expected class indices in [0, ", K, "), got ", yp[b]);
+    TORCH_CHECK(yp[b] >= 0 && yp[b] < K, "sub_logit_loss (cpu): target class index ", yp[b], " out of range for ", K,
+                " classes");
   const auto opts = sub.options();
   Tensor gsub = compute_grad ? at::empty({S, B, n, K}, opts) : at::empty({0}, opts);
   Tensor gzs = compute_grad ? at::empty({B, K}, opts) : at::empty({0}, opts);

@@ -86,6 +86,8 @@ int reduce_threads(int64_t N) { return N >= 4096 ? 512 : N >= 1024 ? 256 : 128; 
 }  // namespace
 
 Tensor3 bn_relu_pool_fwd(HCD_BN_FWD_ARGS) {
+  // The kernels choose their own precision: ATen calls inside must not be re-cast by an active autocast.
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   TORCH_CHECK(x.is_cuda() && x.dim() == 4, "bn_relu_pool: x must be a CUDA (B, C, H, W) tensor");
   const c10::cuda::CUDAGuard guard(x.device());
   const auto dt = compute_dtype({x.scalar_type(), weight.scalar_type(), bias.scalar_type()});
@@ -126,6 +128,8 @@ Tensor3 bn_relu_pool_fwd(HCD_BN_FWD_ARGS) {
 }
 
 Tensor3 bn_relu_pool_bwd(HCD_BN_BWD_ARGS) {
+  // The kernels choose their own precision: ATen calls inside must not be re-cast by an active autocast.
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto dt = save_mean.scalar_type();
   const Tensor xc = (dt == at::kDouble ? x.to(dt) : x).contiguous();

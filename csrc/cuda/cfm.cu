@@ -67,6 +67,8 @@ int64_t grid_for(int64_t total, int threads) {
 }  // namespace
 
 Tensor2 cfm(HCD_CFM_ARGS) {
+  // The kernels choose their own precision: ATen calls inside must not be re-cast by an active autocast.
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   TORCH_CHECK(student_feat.is_cuda(), "cfm (cuda): expected CUDA tensors");
   const c10::cuda::CUDAGuard guard(student_feat.device());
   const auto out_dtype = at::promote_types(at::promote_types(student_feat.scalar_type(), teacher_feat.scalar_type()),

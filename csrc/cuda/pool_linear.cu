@@ -23,6 +23,8 @@ __global__ void spatial_mean_kernel(const scalar_t* __restrict__ x, acc_t* __res
 }  // namespace
 
 Tensor2 pool_linear(HCD_POOL_LINEAR_ARGS) {
+  // The kernels choose their own precision: ATen calls inside must not be re-cast by an active autocast.
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   TORCH_CHECK(x.is_cuda() && x.dim() == 4, "pool_linear: x must be a CUDA (B, C, H, W) tensor");
   const c10::cuda::CUDAGuard guard(x.device());
   const auto dt = compute_dtype({x.scalar_type(), weight.scalar_type(), bias.scalar_type()});

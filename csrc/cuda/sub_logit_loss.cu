@@ -239,6 +239,8 @@ __global__ void sub_logit_loss_reduce_kernel(const acc_t* __restrict__ partials,
 }  // namespace
 
 SubLogitLossOut sub_logit_loss(HCD_SUB_LOGIT_LOSS_ARGS) {
+  // The kernels choose their own precision: ATen calls inside must not be re-cast by an active autocast.
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   TORCH_CHECK(sub_logits.is_cuda() && sub_logits.dim() == 4, "sub_logits: expected a CUDA (S, B, n, K) tensor");
   const c10::cuda::CUDAGuard guard(sub_logits.device());
   const auto in_dtype = at::promote_types(sub_logits.scalar_type(),
