@@ -9,8 +9,9 @@
 //   T^2 KL(p||q),                                       dx = T p (log p - log q - KL),  dz_s = T (q - p)
 //   orthogonality (per stage and sample, n rows): d v_i = sum_j C_ij v_j with C from the hinge on the
 //   normalised Gram matrix (see csrc/cpu/sub_logit_loss_kernel.h for the derivation).
-// Each thread owns the columns k = tid + j*blockDim.x in every pass, so values it parks in global scratch
-// (log q, exp(x - max)) are read back by the same thread without a barrier.
+// Each thread owns the columns k = tid + j*blockDim.x in every pass that parks values in global scratch
+// (log q, exp(x - max)), so it reads them back without a barrier. The reduction-only passes (row max/sum,
+// Gram) read the sub-logit rows with 16-byte loads when the rows are aligned.
 #include "cuda/common.cuh"
 #include "ops.h"
 
@@ -21,6 +22,14 @@ struct LossParams {
   double temperature, label_smoothing, ortho_threshold, ortho_eps, fill;
   double w_gt, w_kd, w_kl, w_ol;
   bool masked, detach;
+  bool vec16;  // sub-logit rows are 16-byte aligned: the reduction-only passes (A, Gram) use 16-byte loads
+};
+
+// 16 bytes of scalar_t, loaded as one vector instruction.
+template <typename scalar_t>
+struct alignas(16) Pack16 {
+  static constexpr int N = 16 / sizeof(scalar_t);
+  scalar_t v[N];
 };
 
 template <typename scalar_t, typename acc_t>
@@ -111,10 +120,23 @@ __global__ void __launch_bounds__(kMaxRowThreads) sub_logit_loss_rows_kernel(con
     for (int64_t i = 0; i < n; ++i) {
       const scalar_t* x = x0 + i * K;
       acc_t mi = NEG_INF, si = 0;
-      for (int64_t k = tid; k < K; k += nt) {
-        acc_t v = acc_t(x[k]);
-        mi = max(mi, v);
-        si += v;
+      if (p.vec16) {  // 16-byte loads: every row starts 16-byte aligned (checked on the host)
+        const Pack16<scalar_t>* xv = reinterpret_cast<const Pack16<scalar_t>*>(x);
+        for (int64_t c = tid; c < K / Pack16<scalar_t>::N; c += nt) {
+          const Pack16<scalar_t> pk = xv[c];
+#pragma unroll
+          for (int j = 0; j < Pack16<scalar_t>::N; ++j) {
+            const acc_t v = acc_t(pk.v[j]);
+            mi = max(mi, v);
+            si += v;
+          }
+        }
+      } else {
+        for (int64_t k = tid; k < K; k += nt) {
+          acc_t v = acc_t(x[k]);
+          mi = max(mi, v);
+          si += v;
+        }
       }
       mi = block_max(mi, ws);
       sumx_i[0] = block_sum1(si, ws);
@@ -127,7 +149,17 @@ __global__ void __launch_bounds__(kMaxRowThreads) sub_logit_loss_rows_kernel(con
       for (int64_t i = 0; i < n; ++i)
         for (int64_t j = i; j < n; ++j) {
           acc_t d = 0;
-          for (int64_t k = tid; k < K; k += nt) d += acc_t(x0[i * K + k]) * acc_t(x0[j * K + k]);
+          if (p.vec16) {
+            const Pack16<scalar_t>* xi = reinterpret_cast<const Pack16<scalar_t>*>(x0 + i * K);
+            const Pack16<scalar_t>* xj = reinterpret_cast<const Pack16<scalar_t>*>(x0 + j * K);
+            for (int64_t c = tid; c < K / Pack16<scalar_t>::N; c += nt) {
+              const Pack16<scalar_t> a = xi[c], bb = xj[c];
+#pragma unroll
+              for (int q = 0; q < Pack16<scalar_t>::N; ++q) d += acc_t(a.v[q]) * acc_t(bb.v[q]);
+            }
+          } else {
+            for (int64_t k = tid; k < K; k += nt) d += acc_t(x0[i * K + k]) * acc_t(x0[j * K + k]);
+          }
           d = block_sum1(d, ws);
           if (p.masked) d += fill * fill - acc_t(x0[i * K + y]) * acc_t(x0[j * K + y]);
           if (tid == 0) D[i * n + j] = D[j * n + i] = d;
@@ -261,7 +293,9 @@ SubLogitLossOut sub_logit_loss(HCD_SUB_LOGIT_LOSS_ARGS) {
   if (B == 0) return {loss.zero_(), parts.zero_(), gsub, gzs};
 
   LossParams p{temperature, label_smoothing, ortho_threshold, ortho_eps, gt_mask == 2 ? -1e6 : 0.0,
-               w_gt, w_kd, w_kl, w_ol, gt_mask != 0, detach_sub_targets};
+               w_gt, w_kd, w_kl, w_ol, gt_mask != 0, detach_sub_targets, false};
+  // 16-byte loads need every row start aligned: an aligned base and K * itemsize a multiple of 16.
+  p.vec16 = reinterpret_cast<uintptr_t>(sub.data_ptr()) % 16 == 0 && (K * sub.element_size()) % 16 == 0;
   const int threads = row_threads(K);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in_dtype, "hcd_fast_sub_logit_loss", [&] {
