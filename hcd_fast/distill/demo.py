@@ -3,7 +3,8 @@
 1. Train a small ViT teacher (timm vit, 16x16 input, patch 4, depth 4, width 64) on scikit-learn's embedded
    8x8 digits (upsampled), with hcd-distill's own trainer (``--method ce``); cached as runs/demo/teacher.pt.
 2. Distill it into a tiny CNN (timm resnet10t with widths 16-32-64-128) with ce (no teacher), kd and hcd,
-   the same budget each, over several seeds; print top-1 (mean and spread) and wall time per method.
+   the same budget and hyper-parameters each, over several seeds; print top-1 (mean and spread), wall time
+   per run, and ms per training step measured interleaved (robust to other jobs on the machine).
 
 Every run goes through ``hcd_fast.distill.trainer.run`` with CLI flags, exactly as ``hcd-distill`` would.
 """
@@ -24,6 +25,39 @@ from hcd_fast.distill.trainer import run
 TEACHER = ["--student", "vit_tiny_patch16_224", "--student-kwargs",
            '{"img_size": 16, "patch_size": 4, "depth": 4, "embed_dim": 64, "num_heads": 4}']
 STUDENT = ["--student", "resnet10t", "--student-kwargs", '{"channels": [16, 32, 64, 128], "stem_width": 16}']
+
+
+def step_times(methods, batch_size: int, rounds: int = 8, steps: int = 10) -> dict:
+    """Median ms per training step of each method, measured interleaved (round-robin) so that load from
+    other processes hits every method alike. Random weights: the cost does not depend on them."""
+    import statistics as st
+
+    import timm
+
+    from hcd_fast.distill import Distiller, DistillTask, LossOptions, TeacherTap, build_criterion, probe_student
+    torch.manual_seed(0)
+    teacher = TeacherTap(timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=16, patch_size=4,
+                                           depth=4, embed_dim=64, num_heads=4))
+    runs = {}
+    for method in methods:
+        student = timm.create_model("resnet10t", num_classes=10, channels=(16, 32, 64, 128), stem_width=16)
+        channels, _ = probe_student(student, 4, (3, 16, 16))
+        distiller = Distiller(student, build_criterion(method, channels, 64, 10, LossOptions()))
+        runs[method] = (DistillTask(distiller, teacher if method != "ce" else None).train(),
+                        torch.optim.SGD(distiller.parameters(), lr=0.01, momentum=0.9))
+    x, y = torch.randn(batch_size, 3, 16, 16), torch.randint(0, 10, (batch_size,))
+    times = {m: [] for m in runs}
+    for r in range(rounds + 1):  # round 0 warms up
+        for method, (task, opt) in runs.items():
+            t = time.perf_counter()
+            for _ in range(steps):
+                out = task(x, y)
+                opt.zero_grad()
+                out["loss"].backward()
+                opt.step()
+            if r:
+                times[method].append((time.perf_counter() - t) / steps * 1e3)
+    return {m: st.median(v) for m, v in times.items()}
 
 
 def main(argv=None) -> int:
@@ -83,6 +117,9 @@ def main(argv=None) -> int:
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
         lines.append(f"  {method:<7} {statistics.mean(accs):>10.2f} {std:>6.2f} {min(accs):>6.2f} {max(accs):>6.2f} "
                      f"{statistics.mean(r[1] for r in rs):>7.1f}")
+    ms = step_times(list(results), a.batch_size)
+    lines.append("  ms/step (median of interleaved rounds, batch %d): " % a.batch_size
+                 + ", ".join(f"{m} {v:.1f}" for m, v in ms.items()))
     lines.append(f"total wall time {time.perf_counter() - t0:.0f} s, torch threads {torch.get_num_threads()}")
     text = "\n".join(lines)
     with open(os.path.join(a.out, "results.txt"), "w") as f:
