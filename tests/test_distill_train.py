@@ -136,3 +136,13 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
     mom_b = [s["momentum_buffer"] for s in b["optimizer"]["state"].values()]
     for x, y in zip(mom_a, mom_b):
         torch.testing.assert_close(y, x, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["hcd", "ofa"])
+def test_bf16_autocast_channels_last(tmp_path, method):
+    """The CUDA defaults (bf16 autocast, channels_last, backend auto) exercised on the CPU."""
+    import math
+    s = run(args_for(tmp_path, "--method", method, "--allow-random-teacher", "--amp", "bf16", "--channels-last", "on",
+                     "--epochs", "1", "--max-steps-per-epoch", "2", "--backend", "auto"))
+    row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert s["global_step"] == 2 and math.isfinite(row["train_loss"]) and math.isfinite(row["val_loss"])
