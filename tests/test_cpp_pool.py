@@ -62,7 +62,7 @@ BN_NAMES = ("out", "grad x", "grad weight", "grad bias", "running_mean", "runnin
 # only measures rounding), so the smallest training shape has six.
 BN_SHAPES = [(1, 3, 2, 3, True), (1, 3, 1, 1, False), (3, 5, 4, 4, True), (3, 5, 4, 4, False),
              (37, 7, 3, 5, True), (37, 7, 3, 5, False), (2, 64, 8, 8, True), (4, 13, 1, 1, True),
-             (4, 13, 1, 1, False)]
+             (4, 13, 1, 1, False), (37, 40, 1, 1, True), (5, 35, 1, 1, True), (5, 35, 1, 1, False)]
 
 
 @pytest.mark.parametrize("B,C,H,W,training", BN_SHAPES)
@@ -193,3 +193,16 @@ def test_pool_linear_opcheck():
     x_leaf, w_leaf, bias, _ = pl_inputs(3, 5, 2, 2, 6)
     x = x_leaf.detach().permute(0, 3, 1, 2).requires_grad_()
     torch.library.opcheck(torch.ops.hcd_fast.pool_linear.default, (x, w_leaf.detach().t().contiguous().requires_grad_(), bias))
+
+
+@pytest.mark.parametrize("H,W", [(1, 1), (3, 3)])
+def test_bn_relu_pool_same_result_for_any_thread_count(H, W):
+    inputs = bn_inputs(64, 1000, H, W, seed=12)  # B*C*HW > 32768: several channel chunks
+    threads = torch.get_num_threads()
+    try:
+        a = bn_run("cpu", *inputs, True, 0.1)
+        torch.set_num_threads(1)
+        b = bn_run("cpu", *inputs, True, 0.1)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))

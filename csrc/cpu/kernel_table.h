@@ -15,6 +15,12 @@ inline KernelTable make_table(const char* name) {
   t.bn_relu_pool_fwd_d = &bn_relu_pool_fwd_kernel<double>;
   t.bn_relu_pool_bwd_f = &bn_relu_pool_bwd_kernel<float>;
   t.bn_relu_pool_bwd_d = &bn_relu_pool_bwd_kernel<double>;
+  t.channel_moments_hw1_f = &channel_moments_hw1_kernel<float>;
+  t.channel_moments_hw1_d = &channel_moments_hw1_kernel<double>;
+  t.bn_relu_pool_fwd_hw1_f = &bn_relu_pool_fwd_hw1_kernel<float>;
+  t.bn_relu_pool_fwd_hw1_d = &bn_relu_pool_fwd_hw1_kernel<double>;
+  t.bn_relu_pool_bwd_hw1_f = &bn_relu_pool_bwd_hw1_kernel<float>;
+  t.bn_relu_pool_bwd_hw1_d = &bn_relu_pool_bwd_hw1_kernel<double>;
   t.name = name;
   return t;
 }

@@ -56,8 +56,21 @@ struct KernelTable {
   void (*bn_relu_pool_fwd_d)(const BnReluPoolArgs<double>&, int64_t c0, int64_t c1);
   void (*bn_relu_pool_bwd_f)(const BnReluPoolArgs<float>&, int64_t c0, int64_t c1);
   void (*bn_relu_pool_bwd_d)(const BnReluPoolArgs<double>&, int64_t c0, int64_t c1);
+  // The same three for HW == 1, vectorised across channels; [c0, c1) must be whole kHw1Block blocks (the
+  // last one may be short).
+  void (*channel_moments_hw1_f)(const float* x, int64_t B, int64_t C, float* mean, float* var, int64_t c0,
+                                int64_t c1);
+  void (*channel_moments_hw1_d)(const double* x, int64_t B, int64_t C, double* mean, double* var, int64_t c0,
+                                int64_t c1);
+  void (*bn_relu_pool_fwd_hw1_f)(const BnReluPoolArgs<float>&, int64_t c0, int64_t c1);
+  void (*bn_relu_pool_fwd_hw1_d)(const BnReluPoolArgs<double>&, int64_t c0, int64_t c1);
+  void (*bn_relu_pool_bwd_hw1_f)(const BnReluPoolArgs<float>&, int64_t c0, int64_t c1);
+  void (*bn_relu_pool_bwd_hw1_d)(const BnReluPoolArgs<double>&, int64_t c0, int64_t c1);
   const char* name;
 };
+
+// Channel block of the HW == 1 kernels: a multiple of every vector width used (8 floats / 4 doubles on AVX2).
+constexpr int64_t kHw1Block = 16;
 
 // Defined in kernels_default.cpp / kernels_avx2.cpp.
 const KernelTable& kernels_default();
