@@ -173,7 +173,7 @@ if _C is not None:
                 gw2 = (gz.t() @ hid).to(ctx.dtypes[3])
             if needs[5]:
                 gb2 = gz.sum(0).to(ctx.dtypes[4])
-            ga = (gz @ weight2.to(dt)) * (hid > 0)
+            ga = torch.ops.aten.threshold_backward(gz @ weight2.to(dt), hid, 0.0)  # ReLU mask, one pass
         else:
             ga = gz
         w1 = weight1.to(dt)
