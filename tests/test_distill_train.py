@@ -92,6 +92,17 @@ def test_outputs_and_teacher_from_own_checkpoint(tmp_path):
                         "--method", "ce", "--epochs", "1", "--max-steps-per-epoch", "3", "--indices", "1",
                         "--output", str(teacher_out)] + FAST))
     assert s["epochs"] == 1 and s["global_step"] == 3
+    # The checkpoint really becomes the teacher: its accuracy on the validation split is the one recorded.
+    import timm
+    from hcd_fast.distill.data import build_digits
+    from hcd_fast.distill.trainer import load_teacher_weights
+    teacher = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=16, patch_size=4, depth=1,
+                                embed_dim=16, num_heads=2)
+    load_teacher_weights(teacher, str(teacher_out / "best.pt"), 10)
+    xv, yv = build_digits(16).val.tensors
+    with torch.no_grad():
+        acc = 100.0 * (teacher.eval()(xv).argmax(-1) == yv).double().mean().item()
+    assert acc == pytest.approx(s["best_top1"], abs=1e-9)
     out = tmp_path / "hcd"
     s = run(args_for(out, "--teacher-checkpoint", str(teacher_out / "best.pt"), "--epochs", "2",
                      "--max-steps-per-epoch", "2", "--backend", "auto"))
