@@ -95,3 +95,23 @@ def test_distiller_hcd_equals_hcdloss_on_direct_timm_outputs():
     torch.testing.assert_close(loss.detach(), want)
     for k, v in want_parts.items():
         torch.testing.assert_close(parts[k], v)
+
+
+def test_distill_task_without_timm_task():
+    """Older timm (no timm.task, e.g. on another machine): DistillTask falls back to an nn.Module base."""
+    import subprocess
+    import sys
+    code = (
+        "import importlib.util, torch, timm\n"
+        "real = importlib.util.find_spec\n"
+        "importlib.util.find_spec = lambda name, *a: None if name == 'timm.task' else real(name, *a)\n"
+        "from hcd_fast.distill import HAS_TIMM_TASK, Distiller, DistillTask, CELoss\n"
+        "assert not HAS_TIMM_TASK\n"
+        "m = timm.create_model('resnet10t', num_classes=3, channels=(8, 16, 32, 64), stem_width=8)\n"
+        "task = DistillTask(Distiller(m, CELoss()), None).train()\n"
+        "out = task(torch.randn(2, 3, 16, 16), torch.tensor([0, 2]))\n"
+        "out['loss'].backward()\n"
+        "assert task.get_eval_model() is m and out['output'].shape == (2, 3)\n"
+        "print('ok')\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
