@@ -29,6 +29,14 @@ def test_help_documents_every_flag():
         assert flag in text
 
 
+def test_module_entry_point_help():
+    import subprocess
+    import sys
+    res = subprocess.run([sys.executable, "-m", "hcd_fast.distill", "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0 and "usage: hcd-distill" in res.stdout and "--teacher-checkpoint" in res.stdout
+
+
 def test_preset_sets_recipe_and_flags_override():
     a = parse_args(["--student", "resnet18", "--preset", "cifar100", "--epochs", "5"])
     assert (a.dataset, a.img_size, a.lr, a.weight_decay, a.min_lr, a.warmup_epochs, a.batch_size, a.momentum) == \
@@ -51,6 +59,7 @@ def test_preset_sets_recipe_and_flags_override():
     (["--allow-random-teacher", "--resume", "/nonexistent/last.pt"], "no such file"),
     (["--allow-random-teacher", "--teacher-kwargs", '{"no_such_kwarg": 1}'], "rejected the kwargs"),
     (["--allow-random-teacher", "--indices", "0,9"], "--indices"),
+    (["--allow-random-teacher", "--sync-bn", "--device", "cpu"], "CUDA only"),
 ])
 def test_bad_input_fails_before_training(tmp_path, extra, message):
     with pytest.raises(UserError, match=message):
