@@ -157,7 +157,8 @@ def test_ofa_criterion_structure_and_value():
     # The deepest stage by the literal conv1x1 + GAP of the reference, then the head.
     p = crit.projectors[2].proj
     deep = crit.heads[2](reference.pool_linear(feats[2], p.weight.flatten(1), p.bias))
-    torch.testing.assert_close(ofa_term(deep, zt, y, 1.5), ofa_term(crit.heads[2](crit.projectors[2](feats[2])), zt, y, 1.5))
+    fused = crit.heads[2](crit.projectors[2](feats[2]))
+    torch.testing.assert_close(ofa_term(deep, zt, y, 1.5), ofa_term(fused, zt, y, 1.5))
     stage = sum(ofa_term(h(pr(f)), zt, y, 1.5) for f, pr, h in zip(feats, crit.projectors, crit.heads))
     want = 0.5 * F.cross_entropy(zs, y, label_smoothing=0.1) + 2.0 * ofa_term(zs, zt, y, 1.5) + 3.0 * stage
     torch.testing.assert_close(loss, want)

@@ -77,7 +77,8 @@ def check_cifar100_dir(data_dir: Optional[str]) -> str:
         raise UserError(f"--dataset cifar100 needs --data-dir PATH, a folder holding {expected} (the python "
                          f"version of https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz, extracted; "
                          f"hcd-distill never downloads)")
-    missing = [f for f in ("train", "test", "meta") if not os.path.isfile(os.path.join(data_dir, "cifar-100-python", f))]
+    folder = os.path.join(data_dir, "cifar-100-python")
+    missing = [f for f in ("train", "test", "meta") if not os.path.isfile(os.path.join(folder, f))]
     if missing:
         raise UserError(f"--data-dir {data_dir!r}: CIFAR-100 not found: expected {os.path.join(data_dir, expected)}, "
                          f"missing {', '.join(missing)}. Extract cifar-100-python.tar.gz into {data_dir!r} "

@@ -15,7 +15,6 @@ import argparse
 import csv
 import difflib
 import json
-import math
 import os
 import random
 import time
