@@ -79,6 +79,10 @@ class ConvProjector(nn.Module):
         last = self.blocks[-1]
         x = last.forward_pre_bn(x)
         bn = last.bn2
+        if isinstance(bn, nn.SyncBatchNorm):
+            # After convert_sync_batchnorm the statistics are global across ranks: the module computes
+            # them (the fused op's statistics would be per process).
+            return F.relu(bn(x)).mean(dim=(2, 3))
         momentum = _bn_momentum(bn, self.training)
         return HF.bn_relu_pool(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, self.training,
                                momentum, bn.eps, backend=self.backend)

@@ -222,3 +222,22 @@ def test_functional_errors_name_the_argument():
                         True)
     with pytest.raises(ValueError, match=r"weight: expected shape \(\*, 3\)"):
         HF.pool_linear(torch.randn(2, 3, 4, 4), torch.randn(5, 4), torch.randn(5))
+
+
+def test_sync_batchnorm_conversion_keeps_the_loss(monkeypatch):
+    """convert_sync_batchnorm (DDP) turns the fused tail's BN into SyncBatchNorm, which then computes it:
+    on one process the result equals the unconverted module, running statistics included."""
+    torch.manual_seed(10)
+    a = HCDLoss(CHANNELS, TEACHER_DIM, K)
+    b = nn.SyncBatchNorm.convert_sync_batchnorm(HCDLoss(CHANNELS, TEACHER_DIM, K))
+    b.load_state_dict(a.state_dict())
+    assert isinstance(b.projectors[0].blocks[-1].bn2, nn.SyncBatchNorm)
+    inputs = make_inputs()
+    expected = a(*inputs)
+    calls = []
+    fused = HF.bn_relu_pool
+    monkeypatch.setattr(HF, "bn_relu_pool", lambda *args, **kw: calls.append(1) or fused(*args, **kw))
+    assert torch.allclose(expected, b(*inputs), atol=1e-6)
+    assert calls == []  # the SyncBatchNorm module, not the per-process fused op, normalised
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.allclose(x.float(), y.float(), atol=1e-6), name
