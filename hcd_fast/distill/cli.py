@@ -140,8 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default torch's)")
 
     g = p.add_argument_group("distributed (torchrun)")
-    g.add_argument("--sync-bn", action="store_true", help="convert BatchNorm to SyncBatchNorm (CUDA only; the "
-                   "fused BN+ReLU+pool tail of the HCD projectors keeps per-process statistics)")
+    g.add_argument("--sync-bn", action="store_true", help="convert BatchNorm to SyncBatchNorm, the HCD projectors' "
+                   "included (CUDA only)")
     g.add_argument("--freeze-bn", action="store_true", help="keep every BatchNorm (student and projectors) "
                    "in eval mode: running statistics, per-sample independent losses")
     g.add_argument("--find-unused-parameters", action="store_true", help="DDP find_unused_parameters")
