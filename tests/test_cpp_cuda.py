@@ -11,33 +11,16 @@ from hcd_fast import HCDConfig, HCDLoss
 from hcd_fast import functional as HF
 from hcd_fast.ops import cpp_ops
 from hcd_fast.reference import PART_NAMES
+from helpers import assert_close
 
-pytestmark = [pytest.mark.cuda,
+pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("poison_uninitialized"),
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 DEV = "cuda"
-
-
-@pytest.fixture(autouse=True)
-def poison_empty():
-    old_det, old_fill = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(old_det)
-    torch.utils.deterministic.fill_uninitialized_memory = old_fill
 
 
 def test_cuda_backend_available():
     status = hcd_fast.backends()["cuda"]
     assert status.available, status.reason
-
-
-def close(name, got, want, rtol):
-    got, want = got.double(), want.double().to(got.device)
-    assert torch.isfinite(got).all(), f"{name}: non-finite values"
-    scale = max(want.abs().max().item(), 1e-30)
-    err = (got - want).abs().max().item()
-    assert err <= rtol * scale + 1e-12, f"{name}: max error {err:.3e} vs scale {scale:.3e}"
 
 
 def within_twice(name, got, ref, want):
@@ -85,11 +68,11 @@ def test_sub_logit_loss_cuda(B, K, n, S, T, mode, detach):
     got = sll_run("cuda", *inputs, cfg, 0.37)
     want = sll_truth(*inputs, cfg, 0.37)
     assert got[0].dtype == torch.float32 and got[0].device.type == "cuda"
-    close("loss", got[0], want[0], 1e-5)
+    assert_close("loss", got[0], want[0], 1e-5)
     for k in PART_NAMES:
-        close(k, got[1][k], want[1][k], 1e-5 if want[1][k].abs() > 1e-6 else 1.0)
-    close("grad sub_logits", got[2], want[2], 1e-5)
-    close("grad student_logits", got[3], want[3], 1e-5)
+        assert_close(k, got[1][k], want[1][k], 1e-5 if want[1][k].abs() > 1e-6 else 1.0)
+    assert_close("grad sub_logits", got[2], want[2], 1e-5)
+    assert_close("grad student_logits", got[3], want[3], 1e-5)
 
 
 @pytest.mark.parametrize("K", [1000, 1001])  # 16-byte aligned rows (vector loads) or not
@@ -109,8 +92,8 @@ def test_sub_logit_loss_cuda_deterministic_and_large_logits():
     a, b = sll_run("cuda", *inputs, cfg, 1.0), sll_run("cuda", *inputs, cfg, 1.0)
     assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2]) and torch.equal(a[3], b[3])
     want = sll_truth(*inputs, cfg, 1.0)
-    close("loss", a[0], want[0], 1e-5)
-    close("grad sub_logits", a[2], want[2], 1e-5)
+    assert_close("loss", a[0], want[0], 1e-5)
+    assert_close("grad sub_logits", a[2], want[2], 1e-5)
 
 
 def test_sub_logit_loss_cuda_gradcheck_fp64():
@@ -151,7 +134,7 @@ def test_bn_relu_pool_cuda(B, C, H, W, training, dtype):
     names = ("out", "grad x", "grad w", "grad b", "running_mean", "running_var")
     if dtype == torch.float32:
         for name, gt, wt in zip(names, got, want):
-            close(name, gt, wt, 1e-5)
+            assert_close(name, gt, wt, 1e-5)
     else:
         ref = run("reference", x, w, b, rm, rv, go)
         for name, gt, r, wt in zip(names, got, ref, want):
@@ -170,7 +153,7 @@ def test_pool_linear_cuda(B, C, H, W, D):
     got = run("cuda", x, wt, b, go)
     want = run("reference", *[t.detach().double().requires_grad_() for t in (x, wt, b)], go.double())
     for name, gt, w_ in zip(("out", "grad x", "grad w", "grad b"), got, want):
-        close(name, gt, w_, 1e-5)
+        assert_close(name, gt, w_, 1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -194,7 +177,7 @@ def test_cfm_cuda(B, D, Dt, H, n, K, dtype):
     want = run("reference", d(h), ft.double(), d(w1), d(b1), d(w2), d(b2), zt.double(), go.double())
     if dtype == torch.float32:
         for i, (gt, w_) in enumerate(zip(got, want)):
-            close(f"cfm output {i}", gt, w_, 1e-5)
+            assert_close(f"cfm output {i}", gt, w_, 1e-5)
     else:
         ref = run("reference", h, ft, w1, b1, w2, b2, zt, go)
         for i, (gt, r, w_) in enumerate(zip(got, ref, want)):

@@ -8,6 +8,7 @@ import torch
 
 from hcd_fast import HCDConfig, HCDLoss
 from hcd_fast.reference import PART_NAMES
+from helpers import assert_close
 
 
 def make_case(channels, sizes, B, K, Dt, seed=0, dtype=torch.float32):
@@ -33,9 +34,7 @@ def step(criterion, feats, zs, ft, zt, y, grad_out):
 
 
 def close(name, got, want, rtol=2e-5):
-    scale = max(want.abs().max().item(), 1e-30)
-    err = (got.double() - want.double()).abs().max().item()
-    assert err <= rtol * scale + 1e-9, f"{name}: max error {err:.3e} vs scale {scale:.3e}"
+    assert_close(name, got, want, rtol, atol=1e-9)
 
 
 CASES = [

@@ -10,24 +10,10 @@ import torch.nn as nn
 from hcd_fast import functional as HF
 from hcd_fast import reference as R
 from hcd_fast.ops import cpp_ops
+from helpers import assert_close
 
 
-@pytest.fixture(autouse=True)
-def poison_empty():
-    old_det, old_fill = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(old_det)
-    torch.utils.deterministic.fill_uninitialized_memory = old_fill
-
-
-def assert_close(name, got, want, rtol):
-    got, want = got.double(), want.double()
-    assert torch.isfinite(got).all(), f"{name}: non-finite values"
-    scale = max(want.abs().max().item(), 1e-30)
-    err = (got - want).abs().max().item()
-    assert err <= rtol * scale + 1e-12, f"{name}: max error {err:.3e} vs scale {scale:.3e}"
+pytestmark = pytest.mark.usefixtures("poison_uninitialized")
 
 
 def bn_inputs(B, C, H, W, dtype=torch.float32, seed=0):

@@ -14,19 +14,12 @@ from hcd_fast import functional as HF
 from hcd_fast import reference as R
 from hcd_fast.config import HCDConfig
 from hcd_fast.ops import cpp_ops
+from helpers import assert_close
 
 PARTS = R.PART_NAMES
 
 
-@pytest.fixture(autouse=True)
-def poison_empty():
-    """Fresh torch.empty memory is NaN-filled, so an output element the kernel forgets shows up."""
-    old_det, old_fill = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(old_det)
-    torch.utils.deterministic.fill_uninitialized_memory = old_fill
+pytestmark = pytest.mark.usefixtures("poison_uninitialized")
 
 
 def test_backend_available():
@@ -65,14 +58,6 @@ def truth(sub_leaf, zs_leaf, zt, y, cfg, grad_out):
     s = sub_leaf.detach().double().requires_grad_()
     z = zs_leaf.detach().double().requires_grad_()
     return run("reference", s, z, zt.double(), y, cfg, grad_out)
-
-
-def assert_close(name, got, want, rtol):
-    got, want = got.double(), want.double()
-    assert torch.isfinite(got).all(), f"{name}: non-finite values"
-    scale = max(want.abs().max().item(), 1e-30) if want.numel() else 1.0
-    err = (got - want).abs().max().item() if want.numel() else 0.0
-    assert err <= rtol * scale + 1e-12, f"{name}: max error {err:.3e} vs scale {scale:.3e}"
 
 
 def cases():

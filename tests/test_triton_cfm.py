@@ -8,17 +8,11 @@ import torch
 
 import hcd_fast
 from hcd_fast import functional as HF
+from helpers import assert_close_to as assert_close
 
 TRITON = hcd_fast.backends()["triton"]
-pytestmark = pytest.mark.skipif(not TRITON.available, reason=TRITON.reason)
-
-
-@pytest.fixture(autouse=True)
-def _cpu_tests_need_the_interpreter(request):
-    """Tests without the cuda marker use CPU tensors: they run only where the kernels were built for the
-    interpreter (no GPU); on a GPU machine their ``cuda`` twins run instead."""
-    if request.node.get_closest_marker("cuda") is None and "cpu" not in TRITON.devices:
-        pytest.skip("CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 at import)")
+pytestmark = [pytest.mark.skipif(not TRITON.available, reason=TRITON.reason),
+              pytest.mark.usefixtures("triton_cpu_guard")]
 
 
 def cfm_inputs(B, D, Dt, hidden, n, K, dtype=torch.float32, device="cpu", seed=0):
@@ -43,14 +37,6 @@ def run(backend, t, n, ls, lt, transform=None):
     out.backward(t["gout"])
     assert f.grad is None and zt.grad is None  # the teacher gets no gradient
     return [out.detach()] + [leaves[k].grad for k in ("h", "w1", "b1", "w2", "b2") if leaves[k] is not None]
-
-
-def assert_close(got, want, rtol=1e-5, atol=1e-6, what=""):
-    got, want = got.double().cpu(), want.double().cpu()
-    err = (got - want).abs().max()
-    scale = want.abs().max()
-    assert torch.isfinite(got).all(), f"{what}: non-finite values"
-    assert err <= rtol * scale + atol, f"{what}: max abs error {err:.3g} vs scale {scale:.3g}"
 
 
 NAMES = ("zf", "d h_s", "d W1", "d b1", "d W2", "d b2")

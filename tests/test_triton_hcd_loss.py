@@ -8,17 +8,11 @@ import torch
 
 import hcd_fast
 from hcd_fast import HCDConfig, HCDLoss
+from helpers import assert_close_to as assert_close
 
 TRITON = hcd_fast.backends()["triton"]
-pytestmark = pytest.mark.skipif(not TRITON.available, reason=TRITON.reason)
-
-
-@pytest.fixture(autouse=True)
-def _cpu_tests_need_the_interpreter(request):
-    """Tests without the cuda marker use CPU tensors: they run only where the kernels were built for the
-    interpreter (no GPU); on a GPU machine their ``cuda`` twins run instead."""
-    if request.node.get_closest_marker("cuda") is None and "cpu" not in TRITON.devices:
-        pytest.skip("CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 at import)")
+pytestmark = [pytest.mark.skipif(not TRITON.available, reason=TRITON.reason),
+              pytest.mark.usefixtures("triton_cpu_guard")]
 
 CHANNELS = (4, 6, 8)
 SIZES = (8, 4, 3)
@@ -43,14 +37,6 @@ def run(crit, inputs, dtype, grad_out=0.7):
     grads.update({f"d feats[{i}]": f.grad for i, f in enumerate(feats)}, **{"d student_logits": zs.grad})
     buffers = {name: b.clone() for name, b in crit.named_buffers()}
     return loss.detach(), parts, grads, buffers
-
-
-def assert_close(got, want, rtol=1e-5, atol=1e-6, what=""):
-    got, want = got.double().cpu(), want.double().cpu()
-    err = (got - want).abs().max()
-    scale = want.abs().max()
-    assert torch.isfinite(got).all(), f"{what}: non-finite values"
-    assert err <= rtol * scale + atol, f"{what}: max abs error {err:.3g} vs scale {scale:.3g}"
 
 
 def compare(cfg, training, B=3, channels=CHANNELS, sizes=SIZES, Dt=TEACHER_DIM, K=K, device="cpu", steps=1,

@@ -8,17 +8,11 @@ import torch
 
 import hcd_fast
 from hcd_fast import functional as HF
+from helpers import assert_close_to as assert_close
 
 TRITON = hcd_fast.backends()["triton"]
-pytestmark = pytest.mark.skipif(not TRITON.available, reason=TRITON.reason)
-
-
-@pytest.fixture(autouse=True)
-def _cpu_tests_need_the_interpreter(request):
-    """Tests without the cuda marker use CPU tensors: they run only where the kernels were built for the
-    interpreter (no GPU); on a GPU machine their ``cuda`` twins run instead."""
-    if request.node.get_closest_marker("cuda") is None and "cpu" not in TRITON.devices:
-        pytest.skip("CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 at import)")
+pytestmark = [pytest.mark.skipif(not TRITON.available, reason=TRITON.reason),
+              pytest.mark.usefixtures("triton_cpu_guard")]
 
 
 def layout(x, kind):
@@ -50,14 +44,6 @@ def run_bn(backend, x, w, b, rm, rv, gout, training, momentum, kind="contiguous"
     out = HF.bn_relu_pool(x, w, b, rm, rv, training, momentum, 1e-5, backend=backend)
     out.backward(gout)
     return out.detach(), x.grad, w.grad, b.grad, rm, rv
-
-
-def assert_close(got, want, rtol=1e-5, atol=1e-6, what=""):
-    got, want = got.double().cpu(), want.double().cpu()
-    err = (got - want).abs().max()
-    scale = want.abs().max()
-    assert torch.isfinite(got).all(), f"{what}: non-finite values"
-    assert err <= rtol * scale + atol, f"{what}: max abs error {err:.3g} vs scale {scale:.3g}"
 
 
 NAMES = ("out", "d x", "d weight", "d bias", "running_mean", "running_var")

@@ -8,17 +8,11 @@ import torch
 
 import hcd_fast
 from hcd_fast import HCDConfig, functional as HF, reference as R
+from helpers import assert_close_to as assert_close
 
 TRITON = hcd_fast.backends()["triton"]
-pytestmark = pytest.mark.skipif(not TRITON.available, reason=TRITON.reason)
-
-
-@pytest.fixture(autouse=True)
-def _cpu_tests_need_the_interpreter(request):
-    """Tests without the cuda marker use CPU tensors: they run only where the kernels were built for the
-    interpreter (no GPU); on a GPU machine their ``cuda`` twins run instead."""
-    if request.node.get_closest_marker("cuda") is None and "cpu" not in TRITON.devices:
-        pytest.skip("CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 at import)")
+pytestmark = [pytest.mark.skipif(not TRITON.available, reason=TRITON.reason),
+              pytest.mark.usefixtures("triton_cpu_guard")]
 
 GRAD_OUT = 0.7
 
@@ -42,14 +36,6 @@ def run(backend, zf, zs, zt, y, cfg, grad_out=GRAD_OUT):
 
 def truth(zf, zs, zt, y, cfg):
     return run("reference", zf.double(), zs.double(), zt.double(), y, cfg)
-
-
-def assert_close(got, want, rtol=1e-5, atol=1e-6, what=""):
-    got, want = got.double().cpu(), want.double().cpu()
-    scale = want.abs().max().clamp_min(1e-30)
-    err = (got - want).abs().max()
-    assert torch.isfinite(got).all(), f"{what}: non-finite values"
-    assert err <= rtol * scale + atol, f"{what}: max abs error {err:.3g} vs scale {scale:.3g}"
 
 
 def check_fp32(S, B, n, K, cfg, device="cpu", scale=3.0, seed=0, transform=None, block_k=None,
