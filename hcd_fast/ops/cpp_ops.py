@@ -162,27 +162,31 @@ if _C is not None:
         # zf = ls * z + lt * z_t;  z = relu(a) W2^T + b2 (or z = a);  a = [h ; f_t] W1^T + b1.
         student_feat, teacher_feat, weight1, weight2, hidden = ctx.saved_tensors
         dt = _compute_dtype(student_feat, teacher_feat, weight1)
+        # GEMMs in the activation's dtype when it is bf16/fp16 (as in the forward), reductions in dt.
+        gemm = student_feat.dtype if student_feat.dtype in (torch.bfloat16, torch.float16) else dt
         batch = student_feat.shape[0]
         dim = student_feat.shape[1]
         gz = grad_zf.reshape(batch, -1).to(dt) * ctx.lambda_student
         gw2 = gb2 = None
         needs = ctx.needs_input_grad
         if ctx.has_hidden:
-            hid = hidden.to(dt)
+            hid = hidden.to(gemm)
             if needs[4]:
-                gw2 = (gz.t() @ hid).to(ctx.dtypes[3])
+                gw2 = (gz.to(gemm).t() @ hid).to(ctx.dtypes[3])
             if needs[5]:
                 gb2 = gz.sum(0).to(ctx.dtypes[4])
-            ga = torch.ops.aten.threshold_backward(gz @ weight2.to(dt), hid, 0.0)  # ReLU mask, one pass
+            ga = (gz.to(gemm) @ weight2.to(gemm)).to(dt)
+            ga = torch.ops.aten.threshold_backward(ga, hidden.to(dt), 0.0)  # ReLU mask, one pass
         else:
             ga = gz
-        w1 = weight1.to(dt)
+        w1 = weight1.to(gemm)
+        ga_g = ga.to(gemm)
         gh = gw1 = gb1 = None
         if needs[0]:
-            gh = (ga @ w1[:, :dim]).to(ctx.dtypes[0])
+            gh = (ga_g @ w1[:, :dim]).to(ctx.dtypes[0])
         if needs[2]:
-            u = torch.cat([student_feat.to(dt), teacher_feat.to(dt)], dim=1)
-            gw1 = (ga.t() @ u).to(ctx.dtypes[1])
+            u = torch.cat([student_feat.to(gemm), teacher_feat.to(gemm)], dim=1)
+            gw1 = (ga_g.t() @ u).to(ctx.dtypes[1])
         if needs[3]:
             gb1 = ga.sum(0).to(ctx.dtypes[2])
         return gh, None, gw1, gb1, gw2, gb2, None, None, None, None
