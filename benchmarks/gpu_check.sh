@@ -16,7 +16,9 @@
 # Each stage runs under `timeout`, inside one global deadline; a failed or timed-out stage is recorded and
 # the script goes on. Everything lands in OUT_DIR: logs/<stage>.log, summary.txt, backends.txt,
 # determinism.json, bench/results.{json,md} + PNGs, junit XML. Re-running is safe (idempotent).
-# Copy OUT_DIR/bench to benchmarks/results/<device tag>/ to commit what it measured.
+# Copy OUT_DIR/bench to benchmarks/results/<device tag>/ to commit what it measured. At the end all of it is
+# packed into OUT_DIR/gpu_check.tar.gz; with HCD_GPU_CHECK_PACK=1 (default when OUT_DIR is $OUT, as on the
+# lent GPU machine, which returns at most 8 files) only the tarball and 4 small files are left there.
 #
 # Without a GPU: HCD_GPU_CHECK_DRY=1 runs the same stages on the CPU, quickly (no install unless
 # HCD_GPU_CHECK_INSTALL=1, tiny benchmark shapes), to test this script.
@@ -174,9 +176,27 @@ fi
 say "summary ($((SECONDS - START))s of ${BUDGET}s)"
 cat "$SUMMARY"
 if [ -f "$OUTDIR/bench/results.md" ]; then sed -n '1,/^## Ops/p' "$OUTDIR/bench/results.md" | head -40; fi
+STATUS=0
 if [ ${#FAILED[@]} -gt 0 ]; then
   echo "FAILED stages: ${FAILED[*]}" | tee -a "$SUMMARY"
-  exit 1
+  STATUS=1
+else
+  echo "all stages ok" | tee -a "$SUMMARY"
 fi
-echo "all stages ok" | tee -a "$SUMMARY"
-exit 0
+
+# --- pack ----------------------------------------------------------------------------------------------
+# The device tool brings back at most 8 files from $OUT: everything goes into one tarball, and with
+# HCD_GPU_CHECK_PACK=1 (the default when writing to $OUT) only the tarball, the summary, the backend report
+# and the results JSON/markdown stay beside it.
+PACK="${HCD_GPU_CHECK_PACK:-}"
+if [ -z "$PACK" ]; then
+  if [ -n "${OUT:-}" ] && [ "$(cd "$OUT" 2>/dev/null && pwd)" = "$OUTDIR" ]; then PACK=1; else PACK=0; fi
+fi
+tar -czf "/tmp/gpu_check.$$.tar.gz" -C "$OUTDIR" . && mv "/tmp/gpu_check.$$.tar.gz" "$OUTDIR/gpu_check.tar.gz"
+if [ "$PACK" = "1" ]; then
+  find "$OUTDIR" -type f ! -name gpu_check.tar.gz ! -name summary.txt ! -name backends.txt \
+    ! -path "$OUTDIR/bench/results.json" ! -path "$OUTDIR/bench/results.md" -delete
+  find "$OUTDIR" -mindepth 1 -type d -empty -delete
+fi
+echo "everything: $OUTDIR/gpu_check.tar.gz (tar -xzf it into benchmarks/results/<device>/ to commit the bench part)"
+exit $STATUS
