@@ -151,3 +151,17 @@ def test_selection():
     assert "triton" not in select_providers(None, cpu)  # the interpreter is not timed
     with pytest.raises(ValueError, match="unknown provider"):
         select_providers("eager,fast", cpu)
+
+
+def test_readme_summary_renders_from_committed_results():
+    """The README's performance summary is generated from results.json (benchmarks/readme.py)."""
+    import os
+
+    from benchmarks.readme import render
+
+    path = "benchmarks/results/cpu/results.json"
+    if not os.path.exists(path):
+        pytest.skip("no committed CPU results")
+    text = render(path)
+    assert "| sub_logit_loss/imagenet/fp32 | S=4 B=256 n=4 K=1000 |" in text
+    assert "sweep/" not in text.split("Whole optimizer steps")[0]
