@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ortho-threshold", type=float, default=0.5, help="hcd: theta of the OL hinge (0.5)")
     g.add_argument("--gt-mask", default="zero", choices=("zero", "none", "large_negative"),
                    help="hcd: target-class treatment in the OL (zero)")
+    g.add_argument("--ortho-eps", type=float, default=1e-12, help="hcd: eps of the OL normalisation (1e-12)")
+    g.add_argument("--detach-sub-targets", action="store_true",
+                   help="hcd: detach the fused sub-logits where they are the sub-logit KL's target")
     g.add_argument("--lambda-student", type=float, default=1.0, help="hcd: weight of CFM logits in the fusion")
     g.add_argument("--lambda-teacher", type=float, default=1.0, help="hcd: weight of teacher logits in the fusion")
     g.add_argument("--cfm-hidden", default="teacher", help="hcd: CFM hidden width: 'teacher' (D_t), an int, "

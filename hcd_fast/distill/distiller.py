@@ -43,7 +43,9 @@ class LossOptions:
     w_ol: float = 1.0
     num_sub_logits: int = 4
     ortho_threshold: float = 0.5
+    ortho_eps: float = 1e-12
     gt_mask: str = "zero"
+    detach_sub_targets: bool = False
     lambda_student: float = 1.0
     lambda_teacher: float = 1.0
     cfm_hidden: object = "teacher"
@@ -59,6 +61,7 @@ class LossOptions:
         return HCDConfig(num_sub_logits=self.num_sub_logits, temperature=self.temperature,
                          label_smoothing=self.label_smoothing, ortho_threshold=self.ortho_threshold,
                          lambda_student=self.lambda_student, lambda_teacher=self.lambda_teacher,
+                         ortho_eps=self.ortho_eps, detach_sub_targets=self.detach_sub_targets,
                          gt_mask=self.gt_mask, cfm_hidden=self.cfm_hidden, embed_dim=self.embed_dim,
                          w_gt=self.w_gt, w_kd=self.w_kd, w_kl=self.w_kl, w_ol=self.w_ol)
 
