@@ -6,4 +6,8 @@ from hcd_fast.ops.dispatch import BACKENDS, backends
 
 __version__ = "0.1.0"
 
+# Import every backend now (about 0.1 s), not at the first call: that call may be inside torch.compile,
+# where importing a module breaks the graph. A backend that fails to import is only reported, never raised.
+backends()
+
 __all__ = ["HCDLoss", "HCDConfig", "backends", "BACKENDS", "functional", "reference", "__version__"]

@@ -15,6 +15,19 @@ from hcd_fast.validation import (check_float, check_logits_and_target, check_sam
                                  check_target_range, resolve_validate)
 
 
+def teacher_input(t: torch.Tensor) -> torch.Tensor:
+    """The teacher's feature/logits as a constant: detached, and copied out of inference mode when they were
+    made under ``torch.inference_mode()`` (such tensors cannot be saved for backward by the fused ops).
+
+    Under torch.compile dynamo cannot read ``is_inference()``, and the partitioner would save the graph input
+    rather than a copy, so there teacher tensors must be ordinary ones (made under ``torch.no_grad()``, or
+    cloned after leaving inference mode, as ``hcd_fast.distill``'s teacher tap does).
+    """
+    if torch.compiler.is_compiling():
+        return t.detach()
+    return t.clone() if t.is_inference() else t.detach()
+
+
 def sub_logit_loss(
     sub_logits: torch.Tensor,
     student_logits: torch.Tensor,
@@ -51,7 +64,7 @@ def sub_logit_loss(
     if resolve_validate(validate, target.device):
         check_target_range(target, num_classes)
     op = get_op("sub_logit_loss", backend, student_logits.device)
-    return op(sub_logits, student_logits, teacher_logits, target, config)
+    return op(sub_logits, student_logits, teacher_input(teacher_logits), target, config)
 
 
 def cfm(
@@ -102,8 +115,8 @@ def cfm(
     check_same_device(student_feat=student_feat, teacher_feat=teacher_feat, weight1=weight1, bias1=bias1,
                       weight2=weight2, bias2=bias2, teacher_logits=teacher_logits)
     op = get_op("cfm", backend, student_feat.device)
-    return op(student_feat, teacher_feat, weight1, bias1, weight2, bias2, teacher_logits, num_sub_logits,
-              lambda_student, lambda_teacher)
+    return op(student_feat, teacher_input(teacher_feat), weight1, bias1, weight2, bias2,
+              teacher_input(teacher_logits), num_sub_logits, lambda_student, lambda_teacher)
 
 
 def bn_relu_pool(

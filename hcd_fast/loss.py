@@ -90,8 +90,8 @@ class HCDLoss(nn.Module):
                 return_parts: bool = False
                 ) -> Union[torch.Tensor, Tuple[torch.Tensor, Dict[str, torch.Tensor]]]:
         self._check_inputs(student_feats, student_logits, teacher_feat, teacher_logits, target)
-        teacher_feat = teacher_feat.detach()
-        teacher_logits = teacher_logits.detach()
+        teacher_feat = HF.teacher_input(teacher_feat)  # once here, not once per stage
+        teacher_logits = HF.teacher_input(teacher_logits)
         sub_logits = torch.stack([
             cfm(projector(f), teacher_feat, teacher_logits)
             for f, projector, cfm in zip(student_feats, self.projectors, self.cfms)])

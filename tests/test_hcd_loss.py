@@ -241,3 +241,48 @@ def test_sync_batchnorm_conversion_keeps_the_loss(monkeypatch):
     assert calls == []  # the SyncBatchNorm module, not the per-process fused op, normalised
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.allclose(x.float(), y.float(), atol=1e-6), name
+
+
+def _cpu_backends():
+    import hcd_fast
+
+    return [name for name, st in hcd_fast.backends().items() if st.available and "cpu" in st.devices]
+
+
+@pytest.mark.parametrize("backend", _cpu_backends())
+def test_teacher_outputs_from_inference_mode(backend):
+    """Teacher tensors made under torch.inference_mode() (the usual frozen-teacher pattern) are accepted by
+    every path, and give the same loss and gradients as ordinary tensors."""
+    torch.manual_seed(11)
+    crit = HCDLoss(CHANNELS, TEACHER_DIM, K, backend=backend).eval()
+    feats, zs, ft, zt, y = make_inputs(grad=True)
+    with torch.inference_mode():
+        ft_inf, zt_inf = ft.clone(), zt.clone()
+    assert ft_inf.is_inference() and zt_inf.is_inference()
+    loss_inf = crit(feats, zs, ft_inf, zt_inf, y)
+    grads_inf = torch.autograd.grad(loss_inf, [*feats, zs])
+    loss = crit(feats, zs, ft, zt, y)
+    grads = torch.autograd.grad(loss, [*feats, zs])
+    assert torch.equal(loss_inf, loss)
+    assert all(torch.equal(a, b) for a, b in zip(grads_inf, grads))
+
+
+def test_compiled_first_call_in_a_fresh_process():
+    """The first call ever made may be the compiled one: nothing on the traced path imports a module
+    (dispatch imports every backend when hcd_fast is imported)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from hcd_fast import HCDLoss\n"
+        "crit = HCDLoss((4, 6), 8, 5)\n"
+        "feats = [torch.randn(2, 4, 4, 4), torch.randn(2, 6, 2, 2)]\n"
+        "args = (feats, torch.randn(2, 5, requires_grad=True), torch.randn(2, 8), torch.randn(2, 5),\n"
+        "        torch.tensor([0, 4]))\n"
+        "loss = torch.compile(crit, fullgraph=True)(*args)\n"
+        "loss.backward()\n"
+        "print('ok', torch.isfinite(loss).item())\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().endswith("ok True")
