@@ -68,4 +68,22 @@ inline at::ScalarType compute_dtype(std::initializer_list<at::ScalarType> dtypes
   return at::kFloat;
 }
 
+// BatchNorm statistics shared by the CPU and CUDA bn_relu_pool (ATen ops, device-agnostic).
+// Training: running <- (1 - momentum) running + momentum * batch statistic (unbiased variance), computed in
+// the compute dtype `dt` and rounded once into the stats' own dtype; returns invstd = 1/sqrt(var + eps).
+inline Tensor bn_update_running_stats(const Tensor &mean, const Tensor &var, Tensor &running_mean,
+                                      Tensor &running_var, int64_t count, double momentum, double eps,
+                                      at::ScalarType dt) {
+  const double unbias = double(count) / double(count - 1);
+  running_mean.copy_(running_mean.to(dt) * (1.0 - momentum) + mean * momentum);
+  running_var.copy_(running_var.to(dt) * (1.0 - momentum) + var * (momentum * unbias));
+  return (var + eps).rsqrt();
+}
+
+// Eval: (mean, invstd) from the running statistics, contiguous, in `dt`.
+inline std::tuple<Tensor, Tensor> bn_eval_stats(const Tensor &running_mean, const Tensor &running_var, double eps,
+                                                at::ScalarType dt) {
+  return {running_mean.to(dt).contiguous().clone(), (running_var.to(dt) + eps).rsqrt().contiguous()};
+}
+
 }  // namespace hcd_fast

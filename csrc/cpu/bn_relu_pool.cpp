@@ -50,15 +50,9 @@ Tensor3 bn_relu_pool_fwd(HCD_BN_FWD_ARGS) {
         else k.channel_moments_f(xc.data_ptr<float>(), B, C, HW, mean.data_ptr<float>(), var.data_ptr<float>(), c0, c1);
       }
     });
-    invstd = (var + eps).rsqrt();
-    // running <- (1 - momentum) running + momentum * batch statistic (unbiased variance), in place.
-    const double unbias = double(B * HW) / double(B * HW - 1);
-    // Computed in the compute dtype and rounded once into the stats' own dtype.
-    running_mean.copy_(running_mean.to(dt) * (1.0 - momentum) + mean * momentum);
-    running_var.copy_(running_var.to(dt) * (1.0 - momentum) + var * (momentum * unbias));
+    invstd = bn_update_running_stats(mean, var, running_mean, running_var, B * HW, momentum, eps, dt);
   } else {
-    mean = running_mean.to(dt).contiguous().clone();
-    invstd = (running_var.to(dt) + eps).rsqrt().contiguous();
+    std::tie(mean, invstd) = bn_eval_stats(running_mean, running_var, eps, dt);
   }
   Tensor out = at::empty({B, C}, xc.options());
   for_channels(B, C, HW, [&](int64_t c0, int64_t c1) {

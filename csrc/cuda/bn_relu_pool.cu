@@ -109,13 +109,9 @@ Tensor3 bn_relu_pool_fwd(HCD_BN_FWD_ARGS) {
       channel_moments_kernel<scalar_t, acc_t><<<C, reduce_threads(B * HW), 0, stream>>>(
           xc.data_ptr<scalar_t>(), mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(), B, C, HW);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      invstd = (var + eps).rsqrt();
-      const double unbias = double(B * HW) / double(B * HW - 1);
-      running_mean.copy_(running_mean.to(dt) * (1.0 - momentum) + mean * momentum);
-      running_var.copy_(running_var.to(dt) * (1.0 - momentum) + var * (momentum * unbias));
+      invstd = bn_update_running_stats(mean, var, running_mean, running_var, B * HW, momentum, eps, dt);
     } else {
-      mean = running_mean.to(dt).contiguous().clone();
-      invstd = (running_var.to(dt) + eps).rsqrt().contiguous();
+      std::tie(mean, invstd) = bn_eval_stats(running_mean, running_var, eps, dt);
     }
     const int threads = 256;
     const int64_t blocks = (B * C * kWarp + threads - 1) / threads;
