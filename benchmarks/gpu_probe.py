@@ -13,6 +13,7 @@ from hcd_fast.config import HCDConfig
 
 torch.manual_seed(0)
 dev = "cuda"
+bad = []  # (backend, compiler) whose compiled gradients differ from the reference: exit 1 at the end
 # 1. torch.compile aliasing check (issue 10 item 1) on every backend and op
 for be in ("triton", "cuda"):
     x = torch.randn(3, 37, 4, 3, device=dev, requires_grad=True); w = torch.randn(7, 37, device=dev, requires_grad=True)
@@ -23,9 +24,13 @@ for be in ("triton", "cuda"):
         f = torch.compile(lambda x, w, b: F.pool_linear(x, w, b, backend=be), backend=bk, fullgraph=True)
         try:
             g = torch.autograd.grad(f(x, w, b).square().sum(), (x, w, b))
-            print("compile pool_linear", be, bk, "max grad err", [float((a - r).abs().max()) for a, r in zip(g, ref)])
+            err = [float((a - r).abs().max()) for a, r in zip(g, ref)]
+            print("compile pool_linear", be, bk, "max grad err", err)
+            if max(err) > 1e-3:
+                bad.append((be, bk))
         except Exception as e:
             print("compile pool_linear", be, bk, "ERROR", type(e).__name__, str(e)[:300])
+            bad.append((be, bk))
 # 2. profile sub_logit_loss fwd+bwd kernels
 cfg = HCDConfig()
 for dt in (torch.float32, torch.bfloat16):
@@ -48,3 +53,6 @@ for dt in (torch.float32, torch.bfloat16):
             torch.cuda.synchronize()
         print(f"\n== sub_logit_loss {be} {dt} B={B}: wall {wall:.3f} ms/iter (no L2 flush)")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8, max_name_column_width=60))
+if bad:
+    print("torch.compile gave wrong gradients or failed for:", bad)
+    raise SystemExit(1)
