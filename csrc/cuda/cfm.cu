@@ -126,9 +126,12 @@ bool lt_linear_bias_relu(const Tensor& u, const Tensor& W, const Tensor& bias, T
                                                                &heuristic, &found);
   if (status != CUBLAS_STATUS_SUCCESS || found == 0 || heuristic.state != CUBLAS_STATUS_SUCCESS) return false;
   const float alpha = 1.f, beta = 0.f;  // beta = 0: C (= D) is not read
-  TORCH_CUDABLAS_CHECK(cublasLtMatmul(handle, op.h, &alpha, W.data_ptr(), la.h, u.data_ptr(), lb.h, &beta,
-                                      out.data_ptr(), ld.h, out.data_ptr(), ld.h, &heuristic.algo, ws, ws_size,
-                                      at::cuda::getCurrentCUDAStream()));
+  const cublasStatus_t run = cublasLtMatmul(handle, op.h, &alpha, W.data_ptr(), la.h, u.data_ptr(), lb.h, &beta,
+                                            out.data_ptr(), ld.h, out.data_ptr(), ld.h, &heuristic.algo, ws,
+                                            ws_size, at::cuda::getCurrentCUDAStream());
+  // A configuration cuBLASLt refuses at launch leaves `out` unwritten: the caller's fallback recomputes all of it.
+  if (run == CUBLAS_STATUS_NOT_SUPPORTED || run == CUBLAS_STATUS_INVALID_VALUE) return false;
+  TORCH_CUDABLAS_CHECK(run);
   return true;
 }
 
