@@ -287,9 +287,10 @@ def make_map(g, B, C, H, W, layout, dtype, scale=1.0, shift=0.0):
     return leaf, leaf[..., ::2]
 
 
-# B = 1, H*W = 1, C not a multiple of 4/8/32, C > 32 (several channel tiles), H*W < 8 and > 8, and a map
-# large enough for several row chunks of the channels_last reductions (N = B*H*W = 2 * 40 * 40 > 64 * 8).
-MAP_SHAPES = [(1, 5, 3, 3), (3, 37, 1, 1), (2, 70, 5, 3), (1, 3, 1, 7), (2, 33, 40, 40)]
+# B = 1, H*W = 1 (and both: training must refuse it), C not a multiple of 4/8/32, C > 32 (several channel
+# tiles), H*W < 8 and > 8, and a map large enough for several row chunks of the channels_last reductions
+# (N = B*H*W = 2 * 40 * 40 = 3200 rows: 50 chunks of 64).
+MAP_SHAPES = [(1, 5, 3, 3), (3, 37, 1, 1), (2, 70, 5, 3), (1, 3, 1, 7), (1, 6, 1, 1), (2, 33, 40, 40)]
 LAYOUTS = ["nchw", "nhwc"]
 ALL_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
