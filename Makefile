@@ -61,10 +61,13 @@ $(COMPAT)/.deps:
 
 test-compat: $(COMPAT)/.deps
 	rm -rf $(COMPAT)/src && mkdir -p $(COMPAT)/src
-	git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t $(COMPAT)/src
-	cd $(COMPAT)/src && ../bin/python setup.py -q build_ext --inplace
-	cd $(COMPAT)/src && ../bin/python -c "import torch, triton, numpy; print('compat lane: torch', torch.__version__, '| triton', triton.__version__, '| numpy', numpy.__version__)"
-	cd $(COMPAT)/src && ../bin/python -m pytest -q -p no:cacheprovider tests
+	git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents --preserve=timestamps -t $(COMPAT)/src
+	cp -r $(COMPAT)/src/kernels $(COMPAT)/src/hcd_fast/kernels  # the installed layout (setup.py's package_dir)
+	cd $(COMPAT)/src && ../bin/python setup.py -q build_ext --inplace --build-temp ../build-temp
+	cd $(COMPAT)/src && TRITON_INTERPRET=1 PYTHONPATH=$$PWD ../bin/python -c "import torch, triton, numpy, hcd_fast; \
+	  print('compat lane: torch', torch.__version__, '| triton', triton.__version__, '| numpy', numpy.__version__); \
+	  assert hcd_fast.backends()['triton'].available, hcd_fast.backends()['triton'].reason"
+	cd $(COMPAT)/src && PYTHONPATH=$$PWD ../bin/python -m pytest -q -p no:cacheprovider tests
 
 clean:
 	rm -rf build *.egg-info hcd_fast/*.so
