@@ -347,8 +347,9 @@ def build_teacher(args, K: int, device, data_cfg: DataConfig, input_size) -> Tup
         meta = load_weights(model, args.teacher_checkpoint, K, "--teacher-checkpoint")
         if "data_config" in meta:  # an hcd-distill checkpoint knows what its model was trained on
             teacher_cfg = DataConfig(tuple(meta["data_config"]["mean"]), tuple(meta["data_config"]["std"]))
+    model = model.to(device)
     _dry_run("--teacher", args.teacher, model, input_size)
-    teacher = TeacherTap(model.to(device), data_cfg.stats(), teacher_cfg.stats())
+    teacher = TeacherTap(model, data_cfg.stats(), teacher_cfg.stats())
     teacher_dim, teacher_k = probe_teacher(teacher, input_size)
     if teacher_k != K:
         raise UserError(f"--teacher {args.teacher!r} outputs {teacher_k} classes, the dataset has {K}")
