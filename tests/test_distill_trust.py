@@ -385,3 +385,10 @@ def test_workers_do_not_change_the_data_and_resume_is_exact(tmp_path):
     run(folder_args(data, tmp_path / "k", *common, "--workers", "2", "--stop-after-steps", "7"))
     run(folder_args(data, tmp_path / "k", *common, "--workers", "2", "--resume", "auto"))
     assert_same_weights(weights(tmp_path / "w0" / "last.pt"), weights(tmp_path / "k" / "last.pt"))
+
+
+def test_teacher_checkpoint_of_another_input_size_names_the_flag(tmp_path):
+    t = timm.create_model("vit_tiny_patch16_224", num_classes=10, **{**json.loads(VIT), "img_size": 32})
+    torch.save(t.state_dict(), tmp_path / "t32.pt")
+    with pytest.raises(UserError, match="pos_embed.*another input size: set --img-size"):
+        run(hcd_args(tmp_path / "o", *TINY, "--teacher-checkpoint", str(tmp_path / "t32.pt")))

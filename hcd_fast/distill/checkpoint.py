@@ -95,8 +95,11 @@ def load_weights(model: nn.Module, path: str, num_classes: int, flag: str) -> di
             raise UserError(f"{flag} {path!r}: the model was trained for {got[0]} classes "
                             f"({k} has shape {got}) but the dataset has {num_classes}")
     if mismatched:
+        sized = any("pos_embed" in k or "relative_position" in k for k, _, _ in mismatched)
+        hint = ("; the file was made for another input size: set --img-size to it (or img_size in the "
+                "model's --*-kwargs)") if sized else ""
         raise UserError(f"{flag} {path!r} does not fit the model: "
-                        + "; ".join(f"{k}: checkpoint {g} vs model {w}" for k, g, w in mismatched[:5]))
+                        + "; ".join(f"{k}: checkpoint {g} vs model {w}" for k, g, w in mismatched[:5]) + hint)
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
