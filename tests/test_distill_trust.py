@@ -378,11 +378,11 @@ def test_workers_do_not_change_the_data_and_resume_is_exact(tmp_path):
     """Augmented ImageFolder data: --workers 0 and 2 give the same weights, and a run killed mid-epoch and
     resumed with 2 workers equals both (each image's augmentation is seeded by (seed, epoch, index))."""
     data = make_folder(tmp_path / "data", per_class=8)
-    common = ["--epochs", "2", "--batch-size", "4", "--ckpt-interval", "2", "--seed", "1", "--reprob", "0.5"]
+    common = ["--epochs", "1", "--batch-size", "4", "--ckpt-interval", "2", "--seed", "1", "--reprob", "0.5"]
     run(folder_args(data, tmp_path / "w0", *common))
     run(folder_args(data, tmp_path / "w2", *common, "--workers", "2"))
     assert_same_weights(weights(tmp_path / "w0" / "last.pt"), weights(tmp_path / "w2" / "last.pt"))
-    run(folder_args(data, tmp_path / "k", *common, "--workers", "2", "--stop-after-steps", "7"))
+    run(folder_args(data, tmp_path / "k", *common, "--workers", "2", "--stop-after-steps", "3"))
     run(folder_args(data, tmp_path / "k", *common, "--workers", "2", "--resume", "auto"))
     assert_same_weights(weights(tmp_path / "w0" / "last.pt"), weights(tmp_path / "k" / "last.pt"))
 
