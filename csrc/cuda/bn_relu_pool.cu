@@ -134,7 +134,7 @@ Tensor3 bn_relu_pool_bwd(HCD_BN_BWD_ARGS) {
   const Tensor g = grad_out.to(xc.scalar_type()).contiguous();
   const Tensor mean = save_mean.contiguous(), invstd = save_invstd.contiguous();
   Tensor gx = at::empty_like(xc), gw = at::empty({C}, w.options()), gb = at::empty({C}, w.options());
-  if (B * C == 0) return {gx.to(x.scalar_type()), gw.zero_().to(weight.scalar_type()), gb.zero_().to(bias.scalar_type())};
+  if (B * C == 0) return {gx.to(x.scalar_type()).contiguous(grad_x_format(x)), gw.zero_().to(weight.scalar_type()), gb.zero_().to(bias.scalar_type())};
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "hcd_fast_bn_relu_pool_bwd", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -145,7 +145,9 @@ Tensor3 bn_relu_pool_bwd(HCD_BN_BWD_ARGS) {
         gb.data_ptr<acc_t>(), B, C, HW, training);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {gx.to(x.scalar_type()), gw.to(weight.scalar_type()), gb.to(bias.scalar_type())};
+  // grad_x: dense in x's memory format (the op contract, hcd_fast/ops/bn_relu_pool.py).
+  return {gx.to(x.scalar_type()).contiguous(grad_x_format(x)), gw.to(weight.scalar_type()),
+          gb.to(bias.scalar_type())};
 }
 
 }  // namespace hcd_fast::cuda

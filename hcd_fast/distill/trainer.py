@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import difflib
 import json
 import os
@@ -362,14 +363,8 @@ def _run(args: argparse.Namespace, ctx: DistContext) -> dict:
     if args.method == "ce":
         teacher_dim = 1  # unused: the ce criterion has no parameters
 
-    opts = LossOptions(temperature=args.temperature, label_smoothing=args.label_smoothing, w_gt=args.w_gt,
-                       w_kd=args.w_kd, w_kl=args.w_kl, w_ol=args.w_ol, num_sub_logits=args.num_sub_logits,
-                       ortho_threshold=args.ortho_threshold, ortho_eps=args.ortho_eps,
-                       gt_mask=args.gt_mask, detach_sub_targets=args.detach_sub_targets,
-                       lambda_student=args.lambda_student, lambda_teacher=args.lambda_teacher,
-                       cfm_hidden=args.cfm_hidden, embed_dim=args.embed_dim, dkd_alpha=args.dkd_alpha,
-                       dkd_beta=args.dkd_beta, dkd_warmup=args.dkd_warmup, ofa_eps=args.ofa_eps,
-                       w_ofa=args.w_ofa, backend=args.backend)
+    # Every loss option is a flag of the same name (the HCDConfig ones generated from HCDConfig, cli.py).
+    opts = LossOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(LossOptions)})
     try:
         criterion = build_criterion(args.method, channels, teacher_dim, K, opts)
     except (ValueError, TypeError) as exc:
