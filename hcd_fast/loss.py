@@ -78,14 +78,11 @@ class HCDLoss(nn.Module):
                 config.lambda_student, config.lambda_teacher, backend)
             for _ in channels)
         init_weights(self)
-        self._tables: Dict[torch.device, OpTable] = {}
 
     def ops(self, device: torch.device) -> OpTable:
-        """This loss's op table for tensors on ``device`` (resolved on the first call per device)."""
-        table = self._tables.get(device)
-        if table is None:
-            table = self._tables[device] = op_table(self.backend, device)
-        return table
+        """This loss's op table for tensors on ``device``: resolved on the first call per device type and cached
+        by ``hcd_fast.ops.op_table`` (not on the module, which stays picklable)."""
+        return op_table(self.backend, device)
 
     def extra_repr(self) -> str:
         return (f"student_channels={self.student_channels}, teacher_dim={self.teacher_dim}, "

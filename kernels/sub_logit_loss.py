@@ -6,7 +6,8 @@ P = softmax(./T), p = softmax(.) at T = 1, lse = logsumexp):
 * CE_ls(z, y) = lse(z) - (1-ls) z_y - ls/K sum_k z_k,     dCE/dz = p - (1-ls) onehot(y) - ls/K.
 * KL_T(a || c) = T^2 sum_k P_a (log P_a - log P_c) (log-probabilities on both sides: stable for large
   logits),  dKL/dc = T (P_c - P_a),  dKL/da = T P_a (log P_a - log P_c - KL/T^2)   (a = zf, c = z_s).
-* Orthogonality: v_i = masked zf_i, r_i = max(||v_i||, eps), G_ij = v_i.v_j / (r_i r_j),
+* Orthogonality: v_i = zf_i - ortho_shift z_t (ortho_shift = 0 unless ortho_on="raw"), its target entry set
+  to mask_fill when mask_target, r_i = max(||v_i||, eps), G_ij = v_i.v_j / (r_i r_j),
   OL = c sum_{i!=j} relu(G_ij - theta)^2 with c = 1 / (B n (n-1)). With A = 4 c relu(G - theta) (off
   diagonal), dOL/dv_i = sum_j M_ij v_j, M_ij = A_ij / (r_i r_j) and
   M_ii = -[||v_i|| > eps] sum_j A_ij G_ij / r_i^2 (the normalisation's projection), so the orthogonality
