@@ -3,7 +3,7 @@
 
 The extension:
 - CPU kernels always (csrc/cpu/*.cpp, -O3, OpenMP through at::parallel_for). The vectorised kernel bodies
-  are compiled twice, a portable default and an AVX2+FMA copy chosen at run time (csrc/cpu/dispatch.h), so
+  are compiled twice, a portable default and an AVX2+FMA copy chosen at run time (csrc/cpu/dispatch.cpp), so
   no -march=native: the machine that builds need not be the one that runs.
 - CUDA kernels (csrc/cuda/*.cu) when torch is a CUDA build and nvcc exists under CUDA_HOME; a GPU need not
   be visible. TORCH_CUDA_ARCH_LIST is honoured (default 9.0).

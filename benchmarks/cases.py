@@ -20,7 +20,6 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-import hcd_fast
 from hcd_fast import HCDConfig, HCDLoss
 from hcd_fast import functional as HF
 from hcd_fast import reference as R
@@ -364,11 +363,3 @@ class Runner:
             loss.backward()
             return loss
         return run
-
-
-def make_runner(case: Case, device: torch.device) -> Runner:
-    return Runner(case, device)
-
-
-def available_backends_report() -> str:
-    return "; ".join(f"{n}: {'yes' if s.available else 'no'}" for n, s in hcd_fast.backends().items())

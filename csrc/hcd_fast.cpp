@@ -1,6 +1,7 @@
-// The one registration file of hcd_fast._C: torch op schemas (namespace hcd_fast), their CPU and CUDA
-// kernels, and a tiny Python module for build introspection. Fake (meta) kernels and autograd are
-// registered from Python (hcd_fast/ops/cpp_ops.py) so torch.compile can trace through the ops.
+// The one registration file of hcd_fast._C: the CPU and CUDA kernels of the hcd_fast ops, and a tiny Python
+// module for build introspection. Each op's schema, fake kernel and autograd are defined once, in Python, by
+// its op file (hcd_fast/ops/<op>.py; hcd_fast/ops/cpp_ops.py defines them under this namespace): the kernels
+// below implement that contract (the dispatcher checks their C++ signatures against the schema).
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
@@ -11,27 +12,6 @@
 
 namespace hcd_fast::cpu {
 std::string set_capability(const std::string& name);
-}
-
-TORCH_LIBRARY(hcd_fast, m) {
-  // Loss, parts and the gradients with respect to sub_logits and student_logits, all from one pass.
-  m.def(
-      "sub_logit_loss(Tensor sub_logits, Tensor student_logits, Tensor teacher_logits, Tensor target, "
-      "float temperature, float label_smoothing, float ortho_threshold, float ortho_eps, int gt_mask, "
-      "bool detach_sub_targets, float w_gt, float w_kd, float w_kl, float w_ol, bool compute_grad) "
-      "-> (Tensor loss, Tensor parts, Tensor grad_sub_logits, Tensor grad_student_logits)");
-  // Training mode updates the running statistics in place.
-  m.def(
-      "bn_relu_pool_fwd(Tensor x, Tensor weight, Tensor bias, Tensor(a!) running_mean, Tensor(b!) running_var, "
-      "bool training, float momentum, float eps) -> (Tensor out, Tensor save_mean, Tensor save_invstd)");
-  m.def(
-      "bn_relu_pool_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor bias, Tensor save_mean, "
-      "Tensor save_invstd, bool training) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
-  m.def("pool_linear(Tensor x, Tensor weight, Tensor bias) -> (Tensor out, Tensor pooled)");
-  m.def(
-      "cfm(Tensor student_feat, Tensor teacher_feat, Tensor weight1, Tensor bias1, Tensor? weight2, "
-      "Tensor? bias2, Tensor teacher_logits, int num_sub_logits, float lambda_student, float lambda_teacher) "
-      "-> (Tensor sub_logits, Tensor hidden)");
 }
 
 TORCH_LIBRARY_IMPL(hcd_fast, CPU, m) {

@@ -13,12 +13,13 @@ using at::Tensor;
 
 // Returns (loss 0-d, parts (5,) [ce, sub_ce, kd, sub_kl, ortho], d loss/d sub_logits, d loss/d student_logits);
 // loss, parts and gradients in the compute dtype (fp32, or fp64 for fp64 input); gradients are empty (0,)
-// unless compute_grad.
-#define HCD_SUB_LOGIT_LOSS_ARGS                                                                          \
-  const Tensor &sub_logits, const Tensor &student_logits, const Tensor &teacher_logits,                  \
-      const Tensor &target, double temperature, double label_smoothing, double ortho_threshold,          \
-      double ortho_eps, int64_t gt_mask, bool detach_sub_targets, double w_gt, double w_kd, double w_kl, \
-      double w_ol, bool compute_grad
+// unless compute_grad. Options as encoded by hcd_fast/ops/sub_logit_loss.py: the orthogonality rows are
+// v_i = zf_i - ortho_shift * z_t with the target entry set to mask_fill when mask_target.
+#define HCD_SUB_LOGIT_LOSS_ARGS                                                                             \
+  const Tensor &sub_logits, const Tensor &student_logits, const Tensor &teacher_logits,                     \
+      const Tensor &target, double temperature, double label_smoothing, double ortho_threshold,             \
+      double ortho_eps, bool mask_target, double mask_fill, double ortho_shift, bool detach_sub_targets,    \
+      double w_gt, double w_kd, double w_kl, double w_ol, bool compute_grad
 using SubLogitLossOut = std::tuple<Tensor, Tensor, Tensor, Tensor>;
 
 // bn_relu_pool_fwd: (out (B, C) in x's dtype, save_mean (C,), save_invstd (C,) in the compute dtype);
@@ -78,6 +79,13 @@ inline Tensor bn_update_running_stats(const Tensor &mean, const Tensor &var, Ten
   running_mean.copy_(running_mean.to(dt) * (1.0 - momentum) + mean * momentum);
   running_var.copy_(running_var.to(dt) * (1.0 - momentum) + var * (momentum * unbias));
   return (var + eps).rsqrt();
+}
+
+// Layout of a gradient with respect to a (B, C, H, W) input: channels_last when x is dense channels_last and not
+// also contiguous, else contiguous (hcd_fast/ops/library.py: memory_format).
+inline at::MemoryFormat grad_x_format(const Tensor &x) {
+  return (!x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast)) ? at::MemoryFormat::ChannelsLast
+                                                                                 : at::MemoryFormat::Contiguous;
 }
 
 // Eval: (mean, invstd) from the running statistics, contiguous, in `dt`.

@@ -1,56 +1,58 @@
-"""HCDConfig: every option of the HCD loss, explicit, with the default of SPEC section 2."""
+"""HCDConfig: every option of the HCD loss, explicit, with the default of SPEC section 2.
+
+Each field carries its help text (``dataclasses.fields(HCDConfig)[i].metadata["help"]``): the hcd-distill
+flags are generated from it, so the documentation of an option exists once.
+"""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 GT_MASK_MODES = ("zero", "none", "large_negative")
+ORTHO_ON_MODES = ("fused", "raw")
 
 # Value written at the target class by gt_mask="large_negative" (SPEC section 2, item 6).
 LARGE_NEGATIVE = -1e6
+
+
+def _opt(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass(frozen=True)
 class HCDConfig:
     """Options of the HCD loss (SPEC section 2). Frozen; validated on construction.
 
-    Attributes:
-        num_sub_logits: n, the number of sub-logits the shared logits are split into (>= 1).
-        temperature: T of every KL term (> 0). KL terms are scaled by T^2.
-        label_smoothing: ls of every cross-entropy term, in [0, 1).
-        ortho_threshold: theta of the orthogonality hinge relu(G_ij - theta)^2.
-        ortho_eps: eps of the sub-logit normalisation v / max(||v||, eps).
-        lambda_student: weight of the CFM sub-logits in the fusion zf = ls*z + lt*z_t.
-        lambda_teacher: weight of the teacher logits in that fusion.
-        gt_mask: what the orthogonality loss does with the target class entry of each
-            sub-logit: "zero" (set to 0), "none" (keep), "large_negative" (set to -1e6).
-        detach_sub_targets: detach the fused sub-logits where they are the KL target, so the
-            sub-logit KL trains only the student logits.
-        cfm_hidden: hidden width of the CFM MLP; "teacher" means D_t (the default), an int gives
-            that width, None gives a single linear D + D_t -> n*K.
-        embed_dim: D, the projector output width; None means max(C_last, D_t).
-        w_gt: weight of CE(z_s) + sum_s subCE_s.
-        w_kd: weight of the Hinton KD term T^2 KL(p_t || p_s).
-        w_kl: weight of sum_s subKL_s.
-        w_ol: weight of sum_s OL_s.
+    Sign rules: the ``w_*`` weights are >= 0. ``lambda_student`` and ``lambda_teacher`` may be any finite
+    number: zf = lambda_student * z + lambda_teacher * z_t is linear in both, a negative weight flips that
+    term's sign, ``lambda_teacher = 0`` removes the teacher from the fusion, and ``lambda_student = 0`` makes
+    the sub-logits constant (the CFM then receives no gradient; with ``ortho_on="raw"`` the orthogonality
+    term is then 0). ``ortho_threshold`` is a cosine, in [-1, 1).
     """
 
-    num_sub_logits: int = 4
-    temperature: float = 1.0
-    label_smoothing: float = 0.1
-    ortho_threshold: float = 0.5
-    ortho_eps: float = 1e-12
-    lambda_student: float = 1.0
-    lambda_teacher: float = 1.0
-    gt_mask: str = "zero"
-    detach_sub_targets: bool = False
-    cfm_hidden: Optional[object] = "teacher"
-    embed_dim: Optional[int] = None
-    w_gt: float = 1.0
-    w_kd: float = 1.0
-    w_kl: float = 6.0
-    w_ol: float = 1.0
+    num_sub_logits: int = _opt(4, "n, the number of sub-logits the shared CFM logits are split into (>= 1)")
+    temperature: float = _opt(1.0, "T of every KL term (> 0); KL terms are scaled by T^2")
+    label_smoothing: float = _opt(0.1, "label smoothing of every cross-entropy term, in [0, 1)")
+    ortho_threshold: float = _opt(0.5, "theta of the orthogonality hinge relu(cos - theta)^2, a cosine in [-1, 1)")
+    ortho_eps: float = _opt(1e-12, "eps of the sub-logit normalisation v / max(||v||, eps) (> 0)")
+    ortho_on: str = _opt("fused", "which sub-logits the orthogonality loss sees: 'fused' (zf, after the "
+                         "teacher fusion) or 'raw' (the CFM's own sub-logits, before it)", choices=ORTHO_ON_MODES)
+    lambda_student: float = _opt(1.0, "weight of the CFM sub-logits in the fusion zf = ls*z + lt*z_t (any "
+                                 "finite number)")
+    lambda_teacher: float = _opt(1.0, "weight of the teacher logits in the fusion (any finite number; 0: no "
+                                 "teacher fusion)")
+    gt_mask: str = _opt("zero", "target-class entry of each sub-logit in the orthogonality loss: 'zero' (set "
+                        "to 0), 'none' (kept) or 'large_negative' (set to -1e6)", choices=GT_MASK_MODES)
+    detach_sub_targets: bool = _opt(False, "detach the fused sub-logits where they are the sub-logit KL's "
+                                    "target, so that KL trains only the student logits")
+    cfm_hidden: Optional[object] = _opt("teacher", "CFM hidden width: 'teacher' (D_t), an int, or None (a single "
+                                        "linear D + D_t -> n*K)")
+    embed_dim: Optional[int] = _opt(None, "D, the projector output width; None: max(C_last, D_t)")
+    w_gt: float = _opt(1.0, "weight of CE(z_s) + sum_s subCE_s (>= 0)")
+    w_kd: float = _opt(1.0, "weight of the Hinton KD term T^2 KL(p_t || p_s) (>= 0)")
+    w_kl: float = _opt(6.0, "weight of sum_s subKL_s (>= 0)")
+    w_ol: float = _opt(1.0, "weight of sum_s OL_s, the orthogonality loss (>= 0)")
 
     def __post_init__(self) -> None:
         def bad(name: str, expected: str) -> ValueError:
@@ -68,6 +70,8 @@ class HCDConfig:
             raise bad("temperature", "a number > 0")
         if not 0 <= self.label_smoothing < 1:
             raise bad("label_smoothing", "a number in [0, 1)")
+        if not -1 <= self.ortho_threshold < 1:
+            raise bad("ortho_threshold", "a cosine in [-1, 1)")
         if not self.ortho_eps > 0:
             raise bad("ortho_eps", "a number > 0")
         for name in ("w_gt", "w_kd", "w_kl", "w_ol"):
@@ -75,6 +79,8 @@ class HCDConfig:
                 raise bad(name, "a number >= 0")
         if self.gt_mask not in GT_MASK_MODES:
             raise bad("gt_mask", f"one of {GT_MASK_MODES}")
+        if self.ortho_on not in ORTHO_ON_MODES:
+            raise bad("ortho_on", f"one of {ORTHO_ON_MODES}")
         if not isinstance(self.detach_sub_targets, bool):
             raise bad("detach_sub_targets", "a bool")
         h = self.cfm_hidden
@@ -87,6 +93,3 @@ class HCDConfig:
     def replace(self, **changes) -> "HCDConfig":
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)

@@ -1,7 +1,9 @@
-"""Functional API of the four fused ops, with input checks and backend dispatch.
+"""Functional API of the four fused ops: the public boundary, where inputs are validated (once) and the
+backend's op table is looked up (resolved once per backend and device type, ``hcd_fast.ops.op_table``).
 
 Every function takes ``backend`` ("auto", "reference", "triton", "cuda" or "cpu"; see
-``hcd_fast.backends()``) and computes exactly what ``hcd_fast.reference`` defines.
+``hcd_fast.backends()``) and computes exactly what ``hcd_fast.reference`` defines, with the dtypes of the
+README's dtype contract on every backend.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from hcd_fast.config import HCDConfig
-from hcd_fast.ops.dispatch import get_op
+from hcd_fast.ops.dispatch import op_table
 from hcd_fast.validation import (check_float, check_logits_and_target, check_same_device, check_shape,
                                  check_target_range, resolve_validate)
 
@@ -63,8 +65,8 @@ def sub_logit_loss(
     check_same_device(student_logits=student_logits, sub_logits=sub_logits)
     if resolve_validate(validate, target.device):
         check_target_range(target, num_classes)
-    op = get_op("sub_logit_loss", backend, student_logits.device)
-    return op(sub_logits, student_logits, teacher_input(teacher_logits), target, config)
+    ops = op_table(backend, student_logits.device)
+    return ops.sub_logit_loss(sub_logits, student_logits, teacher_input(teacher_logits), target, config)
 
 
 def cfm(
@@ -80,7 +82,9 @@ def cfm(
     lambda_teacher: float = 1.0,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Complementary Feature Mapper + teacher fusion -> fused sub-logits (B, n, K).
+    """Complementary Feature Mapper + teacher fusion -> fused sub-logits (B, n, K), in
+    promote(student_feat, teacher_feat, weight1, teacher_logits) (under autocast: promote(autocast dtype,
+    teacher_logits)).
 
     Args:
         student_feat: h_s, (B, D).
@@ -114,8 +118,8 @@ def cfm(
         check_shape("bias2", bias2, (out_dim,))
     check_same_device(student_feat=student_feat, teacher_feat=teacher_feat, weight1=weight1, bias1=bias1,
                       weight2=weight2, bias2=bias2, teacher_logits=teacher_logits)
-    op = get_op("cfm", backend, student_feat.device)
-    return op(student_feat, teacher_input(teacher_feat), weight1, bias1, weight2, bias2,
+    ops = op_table(backend, student_feat.device)
+    return ops.cfm(student_feat, teacher_input(teacher_feat), weight1, bias1, weight2, bias2,
               teacher_input(teacher_logits), num_sub_logits, lambda_student, lambda_teacher)
 
 
@@ -130,7 +134,7 @@ def bn_relu_pool(
     eps: float = 1e-5,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """mean_{h,w} ReLU(BatchNorm2d(x)): x (B, C, H, W), weight/bias/running stats (C,) -> (B, C).
+    """mean_{h,w} ReLU(BatchNorm2d(x)): x (B, C, H, W), weight/bias/running stats (C,) -> (B, C) in x's dtype.
 
     Training mode normalises with batch statistics and updates ``running_mean``/``running_var`` in
     place like ``nn.BatchNorm2d(momentum=momentum)``; eval mode uses the running statistics.
@@ -142,17 +146,21 @@ def bn_relu_pool(
         check_float(name, t, 1)
         check_shape(name, t, (channels,), "the channels of x")
     check_same_device(x=x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
-    op = get_op("bn_relu_pool", backend, x.device)
-    return op(x, weight, bias, running_mean, running_var, training, momentum, eps)
+    batch, _, height, width = x.shape
+    if training and batch * height * width <= 1:
+        # nn.BatchNorm2d's own error: the unbiased variance of one value is undefined.
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(x.shape)}")
+    ops = op_table(backend, x.device)
+    return ops.bn_relu_pool(x, weight, bias, running_mean, running_var, training, momentum, eps)
 
 
 def pool_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """mean_{h,w} (W x + b) = W mean_{h,w}(x) + b: x (B, C, H, W), W (D, C), b (D,) -> (B, D)."""
+    """mean_{h,w} (W x + b) = W mean_{h,w}(x) + b: x (B, C, H, W), W (D, C), b (D,) -> (B, D) in x's dtype
+    (under autocast: the autocast dtype)."""
     check_float("x", x, 4)
     check_float("weight", weight, 2)
     check_shape("weight", weight, (None, x.shape[1]), "(D, C) with C the channels of x")
     check_float("bias", bias, 1)
     check_shape("bias", bias, (weight.shape[0],))
     check_same_device(x=x, weight=weight, bias=bias)
-    op = get_op("pool_linear", backend, x.device)
-    return op(x, weight, bias)
+    return op_table(backend, x.device).pool_linear(x, weight, bias)

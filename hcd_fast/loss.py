@@ -1,6 +1,7 @@
 """HCDLoss: the drop-in criterion that owns the projectors and CFMs (SPEC sections 2 and 5)."""
 from __future__ import annotations
 
+import operator
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -9,8 +10,22 @@ import torch.nn as nn
 from hcd_fast import functional as HF
 from hcd_fast.config import HCDConfig
 from hcd_fast.modules import CFM, ConvProjector, LinearProjector, init_weights
-from hcd_fast.ops.dispatch import check_backend_name
-from hcd_fast.validation import check_float, check_logits_and_target, check_same_device, check_shape
+from hcd_fast.ops.dispatch import OpTable, check_backend_name, op_table
+from hcd_fast.validation import (check_float, check_logits_and_target, check_same_device, check_shape,
+                                 check_target_range, resolve_validate)
+
+
+def _count(name: str, v) -> int:
+    """v as an int >= 1 (Python and numpy integers alike; not bool, not float)."""
+    try:
+        if isinstance(v, bool):
+            raise TypeError
+        i = operator.index(v)
+    except TypeError:
+        raise ValueError(f"{name}: expected an int >= 1, got {v!r}") from None
+    if i < 1:
+        raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+    return i
 
 
 class HCDLoss(nn.Module):
@@ -36,12 +51,14 @@ class HCDLoss(nn.Module):
         super().__init__()
         if not isinstance(config, HCDConfig):
             raise TypeError(f"config: expected an HCDConfig, got {type(config).__name__}")
-        channels = tuple(student_channels)
-        if not channels or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in channels):
+        try:
+            channels = tuple(_count("student_channels", c) for c in student_channels)
+        except (TypeError, ValueError):
+            channels = ()
+        if not channels:
             raise ValueError(f"student_channels: expected a non-empty sequence of ints >= 1, got {student_channels!r}")
-        for name, v in (("teacher_dim", teacher_dim), ("num_classes", num_classes)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+        teacher_dim = _count("teacher_dim", teacher_dim)
+        num_classes = _count("num_classes", num_classes)
         check_backend_name(backend)
         self.config = config
         self.student_channels = channels
@@ -61,6 +78,11 @@ class HCDLoss(nn.Module):
                 config.lambda_student, config.lambda_teacher, backend)
             for _ in channels)
         init_weights(self)
+
+    def ops(self, device: torch.device) -> OpTable:
+        """This loss's op table for tensors on ``device``: resolved on the first call per device type and cached
+        by ``hcd_fast.ops.op_table`` (not on the module, which stays picklable)."""
+        return op_table(self.backend, device)
 
     def extra_repr(self) -> str:
         return (f"student_channels={self.student_channels}, teacher_dim={self.teacher_dim}, "
@@ -84,17 +106,20 @@ class HCDLoss(nn.Module):
         check_shape("teacher_feat", teacher_feat, (batch, self.teacher_dim), "(B, teacher_dim)")
         check_same_device(student_logits=student_logits, teacher_feat=teacher_feat,
                           **{f"student_feats[{s}]": f for s, f in enumerate(student_feats)})
+        if resolve_validate(self.validate, target.device):
+            check_target_range(target, num_classes)
 
     def forward(self, student_feats: Sequence[torch.Tensor], student_logits: torch.Tensor,
                 teacher_feat: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor,
                 return_parts: bool = False
                 ) -> Union[torch.Tensor, Tuple[torch.Tensor, Dict[str, torch.Tensor]]]:
+        # Validated once here; the ops below run without re-checking (kernels keep memory-safety checks only).
         self._check_inputs(student_feats, student_logits, teacher_feat, teacher_logits, target)
-        teacher_feat = HF.teacher_input(teacher_feat)  # once here, not once per stage
+        ops = self.ops(student_logits.device)
+        teacher_feat = HF.teacher_input(teacher_feat)  # the teacher is a constant: once here, for every op
         teacher_logits = HF.teacher_input(teacher_logits)
         sub_logits = torch.stack([
-            cfm(projector(f), teacher_feat, teacher_logits)
+            cfm.run(projector.run(f, ops), teacher_feat, teacher_logits, ops)
             for f, projector, cfm in zip(student_feats, self.projectors, self.cfms)])
-        loss, parts = HF.sub_logit_loss(sub_logits, student_logits, teacher_logits, target, self.config,
-                                        backend=self.backend, validate=self.validate)
+        loss, parts = ops.sub_logit_loss(sub_logits, student_logits, teacher_logits, target, self.config)
         return (loss, parts) if return_parts else loss

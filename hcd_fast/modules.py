@@ -1,8 +1,9 @@
 """Thin nn.Module wrappers: the projectors and the CFM (SPEC section 2), computing through the fused ops.
 
 Parameters live in ordinary ``nn.Conv2d`` / ``nn.BatchNorm2d`` / ``nn.Linear`` submodules so checkpoints
-look like the published code's; only the hot tails (BN+ReLU+GAP, conv1x1+GAP, the CFM) go through
-``hcd_fast.functional`` and so through the selected backend.
+look like the published code's; only the hot tails (BN+ReLU+GAP, conv1x1+GAP, the CFM) go through the fused
+ops. Called on their own, the modules validate their input through ``hcd_fast.functional``; ``HCDLoss``
+validates once and calls ``run(..., ops)`` with its op table.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hcd_fast import functional as HF
+from hcd_fast.ops.dispatch import OpTable
 
 
 def init_weights(module: nn.Module) -> None:
@@ -52,9 +54,10 @@ class SepConv(nn.Module):
         return F.relu(self.bn2(self.forward_pre_bn(x)))
 
 
-def _bn_momentum(bn: nn.BatchNorm2d, training: bool) -> float:
-    """The momentum nn.BatchNorm2d would use this step (None means a cumulative average)."""
-    if training and bn.track_running_stats:
+def count_batch_momentum(bn: nn.BatchNorm2d) -> float:
+    """What nn.BatchNorm2d does before normalising: in training, count the batch (num_batches_tracked += 1),
+    and return the momentum of this step's running-stat update (momentum None: a cumulative average)."""
+    if bn.training and bn.track_running_stats:
         bn.num_batches_tracked.add_(1)
         if bn.momentum is None:
             return 1.0 / float(bn.num_batches_tracked)
@@ -74,6 +77,10 @@ class ConvProjector(nn.Module):
         self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x, None)
+
+    def run(self, x: torch.Tensor, ops: Optional[OpTable]) -> torch.Tensor:
+        """forward with a resolved op table (inputs already validated), or None: through hcd_fast.functional."""
         for block in self.blocks[:-1]:
             x = block(x)
         last = self.blocks[-1]
@@ -83,9 +90,12 @@ class ConvProjector(nn.Module):
             # After convert_sync_batchnorm the statistics are global across ranks: the module computes
             # them (the fused op's statistics would be per process).
             return F.relu(bn(x)).mean(dim=(2, 3))
-        momentum = _bn_momentum(bn, self.training)
-        return HF.bn_relu_pool(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, self.training,
-                               momentum, bn.eps, backend=self.backend)
+        # The BatchNorm's own mode decides batch vs running statistics, as it would in bn(x).
+        momentum = count_batch_momentum(bn)
+        args = (x, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.training, momentum, bn.eps)
+        if ops is None:
+            return HF.bn_relu_pool(*args, backend=self.backend)
+        return ops.bn_relu_pool(*args)
 
 
 class LinearProjector(nn.Module):
@@ -98,7 +108,13 @@ class LinearProjector(nn.Module):
         self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return HF.pool_linear(x, self.proj.weight.flatten(1), self.proj.bias, backend=self.backend)
+        return self.run(x, None)
+
+    def run(self, x: torch.Tensor, ops: Optional[OpTable]) -> torch.Tensor:
+        """forward with a resolved op table (inputs already validated), or None: through hcd_fast.functional."""
+        if ops is None:
+            return HF.pool_linear(x, self.proj.weight.flatten(1), self.proj.bias, backend=self.backend)
+        return ops.pool_linear(x, self.proj.weight.flatten(1), self.proj.bias)
 
 
 class CFM(nn.Module):
@@ -121,8 +137,16 @@ class CFM(nn.Module):
 
     def forward(self, student_feat: torch.Tensor, teacher_feat: torch.Tensor,
                 teacher_logits: torch.Tensor) -> torch.Tensor:
+        return self.run(student_feat, teacher_feat, teacher_logits, None)
+
+    def run(self, student_feat: torch.Tensor, teacher_feat: torch.Tensor, teacher_logits: torch.Tensor,
+            ops: Optional[OpTable]) -> torch.Tensor:
+        """forward with a resolved op table (inputs validated, teacher detached), or None: through
+        hcd_fast.functional."""
         fc2_w = None if self.fc2 is None else self.fc2.weight
         fc2_b = None if self.fc2 is None else self.fc2.bias
-        return HF.cfm(student_feat, teacher_feat, self.fc1.weight, self.fc1.bias, fc2_w, fc2_b,
-                      teacher_logits, self.num_sub_logits, self.lambda_student, self.lambda_teacher,
-                      backend=self.backend)
+        args = (student_feat, teacher_feat, self.fc1.weight, self.fc1.bias, fc2_w, fc2_b, teacher_logits,
+                self.num_sub_logits, self.lambda_student, self.lambda_teacher)
+        if ops is None:
+            return HF.cfm(*args, backend=self.backend)
+        return ops.cfm(*args)

@@ -97,9 +97,9 @@ def _kl_rows(target_logits: torch.Tensor, input_logits: torch.Tensor, temperatur
 
 
 def orthogonality(sub_logits: torch.Tensor, target: torch.Tensor, config: HCDConfig) -> torch.Tensor:
-    """Orthogonality loss of one stage's fused sub-logits (B, n, K) -> 0-d.
+    """Orthogonality loss of one stage's sub-logits (B, n, K) -> 0-d.
 
-    v_i = zf_i with the target entry masked (config.gt_mask), v_i <- v_i / max(||v_i||, eps),
+    v_i = sub_logits_i with the target entry masked (config.gt_mask), v_i <- v_i / max(||v_i||, eps),
     G = V V^T per sample, OL = mean over b and i != j of relu(G_ij - theta)^2; 0 when n == 1.
     """
     batch, n, num_classes = sub_logits.shape
@@ -131,7 +131,8 @@ def sub_logit_loss(
         student_logits: z_s, (B, K).
         teacher_logits: z_t, (B, K); detached.
         target: y, (B,) integer class indices.
-        config: the HCDConfig (temperature, label smoothing, weights, gt_mask, ...).
+        config: the HCDConfig (temperature, label smoothing, weights, gt_mask, ortho_on, ...); with
+            ortho_on="raw" the orthogonality term sees zf - lambda_teacher * z_t.
 
     Returns:
         loss: 0-d fp32 (fp64 for fp64 input), w_gt*(ce + sub_ce) + w_kd*kd + w_kl*sub_kl + w_ol*ortho.
@@ -154,11 +155,14 @@ def sub_logit_loss(
     sub_kl = zf.new_zeros(())
     ortho = zf.new_zeros(())
     kl_target = zf.detach() if config.detach_sub_targets else zf
+    # ortho_on="raw": the orthogonality loss sees the CFM's own sub-logits lambda_s z = zf - lambda_t z_t (the
+    # cosines do not depend on the scale lambda_s); "fused": the fused zf.
+    ortho_rows = zf - config.lambda_teacher * z_t[None, :, None, :] if config.ortho_on == "raw" else zf
     for s in range(num_stages):
         sub_ce = sub_ce + F.cross_entropy(rows[s], row_target, label_smoothing=ls)
         # Sub-logit KL: T^2 KL(softmax(zf_i/T) || softmax(z_s/T)), mean over (b, i).
         sub_kl = sub_kl + _kl_rows(kl_target[s], z_s[:, None, :].expand(batch, n, num_classes), T).mean()
-        ortho = ortho + orthogonality(zf[s], target, config)
+        ortho = ortho + orthogonality(ortho_rows[s], target, config)
 
     loss = (config.w_gt * (ce + sub_ce) + config.w_kd * kd + config.w_kl * sub_kl
              + config.w_ol * ortho)

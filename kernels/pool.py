@@ -14,8 +14,8 @@ and xhat = (x - mean) * rstd,
     dx = w rstd (dy - d_bias / N - xhat d_weight / N)   (training; N = B*H*W)
     dx = w rstd dy                                        (eval: the statistics are constants).
 
-pool_linear: W @ mean_hw(x) + b; the mean is the row-mean kernel below, the small GEMM is torch's, and the
-backward broadcasts (g @ W) / HW over the map.
+pool_linear: W @ mean_hw(x) + b; the mean is the row-mean kernel below, the small GEMM is torch's (its
+backward is torch ops, hcd_fast/ops/pool_linear.py).
 
 Every kernel takes x through its four strides, so channels_last and sliced inputs need no copy.
 """
@@ -24,10 +24,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-# Allocator of every buffer the kernels write (tests swap in a NaN-filled one to check full coverage).
-_empty = torch.empty
-
 
 @triton.jit
 def _tile_offsets(c, hw, W, stride_c, stride_h, stride_w):
@@ -242,28 +238,6 @@ def bn_relu_pool_bwd_dx_kernel(
                  dx.to(dx_ptr.dtype.element_ty), mask=m)
 
 
-@triton.jit
-def spatial_broadcast_kernel(
-    g_ptr, dx_ptr,
-    C, HW, W,
-    stride_db, stride_dc, stride_dh, stride_dw,
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
-):
-    """Grid (B, cdiv(C, BLOCK_C)): dx[b, c, h, w] = g[b, c] / HW (backward of the spatial mean)."""
-    b = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = c < C
-    offs = tl.arange(0, BLOCK_HW)
-    g = tl.load(g_ptr + b * C + c, mask=c_ok, other=0.0) / HW
-    tile = tl.zeros([BLOCK_C, BLOCK_HW], g.dtype) + g[:, None]
-    dbase = dx_ptr + b * stride_db
-    for h0 in range(0, HW, BLOCK_HW):
-        hw = h0 + offs
-        m = c_ok[:, None] & (hw < HW)[None, :]
-        tl.store(dbase + _tile_offsets(c, hw, W, stride_dc, stride_dh, stride_dw),
-                 tile.to(dx_ptr.dtype.element_ty), mask=m)
-
-
 # ------------------------------------------------------------------------------------------ launchers
 def _blocks(channels: int, hw: int, block_hw=None):
     """(BLOCK_C, BLOCK_HW): up to 512 spatial positions per tile, 2048 elements per tile in all."""
@@ -283,11 +257,13 @@ def _acc(dtype):
     return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
 
 
-def spatial_mean(x: torch.Tensor) -> torch.Tensor:
-    """x (B, C, H, W), any strides -> mean over (H, W), (B, C) in fp32 (fp64 for fp64 x)."""
+def spatial_mean(x: torch.Tensor, acc_dtype: torch.dtype) -> torch.Tensor:
+    """x (B, C, H, W), any strides -> mean over (H, W), (B, C) in acc_dtype (float32 or float64)."""
     batch, channels, height, width = x.shape
-    acc, acc_dtype = _acc(x.dtype)
-    mean = _empty((batch, channels), device=x.device, dtype=acc_dtype)
+    acc, _ = _acc(acc_dtype)
+    mean = torch.empty((batch, channels), device=x.device, dtype=acc_dtype)
+    if mean.numel() == 0:
+        return mean
     block_c, block_hw = _blocks(channels, height * width)
     row_stats_kernel[(batch, triton.cdiv(channels, block_c))](
         x, mean, mean, channels, height * width, width, *x.stride(),
@@ -295,43 +271,22 @@ def spatial_mean(x: torch.Tensor) -> torch.Tensor:
     return mean
 
 
-def spatial_broadcast(grad_mean: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """grad_mean (B, C) -> (B, C, H, W) filled with grad_mean / (H*W), in like's dtype and memory format."""
-    batch, channels, height, width = like.shape
-    dx = _empty(like.shape, device=like.device, dtype=like.dtype).as_strided(like.shape, _dense_strides(like))
-    block_c, block_hw = _blocks(channels, height * width)
-    spatial_broadcast_kernel[(batch, triton.cdiv(channels, block_c))](
-        grad_mean.contiguous(), dx, channels, height * width, width, *dx.stride(),
-        BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=4)
-    return dx
-
-
-def _dense_strides(x: torch.Tensor):
-    """Strides of a dense tensor in x's memory format (channels_last stays channels_last)."""
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        b, c, h, w = x.shape
-        return (h * w * c, 1, w * c, c)
-    return torch.empty(x.shape, device="meta").stride()
-
-
 def bn_relu_pool_forward(x, weight, bias, running_mean, running_var, training: bool, momentum: float,
                          eps: float):
     """x (B, C, H, W); weight, bias, running stats (C,). Updates the running stats in place (training).
 
-    Returns out (B, C) in x's dtype, and for the backward save_mean, save_rstd, scale, shift (C,) fp32
-    (fp64 for fp64 x)."""
+    Returns out (B, C) in x's dtype, save_mean and save_invstd (C,) in fp32 (fp64 if x, weight or bias is)."""
     batch, channels, height, width = x.shape
     hw = height * width
-    acc, acc_dtype = _acc(x.dtype)
+    acc, acc_dtype = _acc(torch.float64 if torch.float64 in (x.dtype, weight.dtype, bias.dtype) else x.dtype)
     dev = x.device
     block_c, block_hw = _blocks(channels, hw)
     grid = (batch, triton.cdiv(channels, block_c))
-    stats = [_empty((channels,), device=dev, dtype=acc_dtype) for _ in range(4)]
-    save_mean, save_rstd, scale, shift = stats
+    save_mean, save_rstd, scale, shift = (torch.empty((channels,), device=dev, dtype=acc_dtype) for _ in range(4))
     block_rb, block_rc = _reduce_blocks(batch, channels)
     if training:
-        row_mean = _empty((batch, channels), device=dev, dtype=acc_dtype)
-        row_m2 = _empty((batch, channels), device=dev, dtype=acc_dtype)
+        row_mean = torch.empty((batch, channels), device=dev, dtype=acc_dtype)
+        row_m2 = torch.empty((batch, channels), device=dev, dtype=acc_dtype)
         row_stats_kernel[grid](x, row_mean, row_m2, channels, hw, width, *x.stride(),
                                COMPUTE_M2=True, ACC=acc, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=4)
     else:
@@ -340,34 +295,40 @@ def bn_relu_pool_forward(x, weight, bias, running_mean, running_var, training: b
         row_mean, row_m2, weight, bias, running_mean, running_var, save_mean, save_rstd, scale, shift,
         batch, channels, hw, float(momentum), float(eps),
         TRAINING=bool(training), ACC=acc, BLOCK_B=block_rb, BLOCK_C=block_rc, num_warps=4)
-    out = _empty((batch, channels), device=dev, dtype=x.dtype)
+    out = torch.empty((batch, channels), device=dev, dtype=x.dtype)
     bn_relu_pool_fwd_kernel[grid](x, scale, shift, out, channels, hw, width, *x.stride(),
                                   ACC=acc, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=4)
-    return out, save_mean, save_rstd, scale, shift
+    return out, save_mean, save_rstd
 
 
-def bn_relu_pool_backward(grad, x, weight, save_mean, save_rstd, scale, shift, training: bool,
-                          weight_dtype=None, bias_dtype=None):
-    """grad (B, C) -> dx (B, C, H, W) in x's dtype and memory format, d weight and d bias (C,)."""
+def bn_relu_pool_backward(grad, x, weight, bias, save_mean, save_rstd, training: bool):
+    """grad (B, C) -> dx (B, C, H, W) in x's dtype, dense in x's memory format; d weight and d bias (C,) in
+    their parameters' dtypes."""
     batch, channels, height, width = x.shape
     hw = height * width
-    acc, acc_dtype = _acc(x.dtype)
+    acc, acc_dtype = _acc(save_mean.dtype)
     dev = x.device
+    # The normalisation as one multiply-add per element: y = x * scale + shift.
+    scale = weight.to(acc_dtype) * save_rstd
+    shift = bias.to(acc_dtype) - save_mean * scale
     block_c, block_hw = _blocks(channels, hw)
     grid = (batch, triton.cdiv(channels, block_c))
-    pdb = _empty((batch, channels), device=dev, dtype=acc_dtype)
-    pdw = _empty((batch, channels), device=dev, dtype=acc_dtype)
+    pdb = torch.empty((batch, channels), device=dev, dtype=acc_dtype)
+    pdw = torch.empty((batch, channels), device=dev, dtype=acc_dtype)
     bn_relu_pool_bwd_partial_kernel[grid](
         x, grad, scale, shift, save_mean, save_rstd, pdb, pdw, channels, hw, width,
         *x.stride(), *grad.stride(), ACC=acc, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=4)
-    dweight = _empty((channels,), device=dev, dtype=weight_dtype or weight.dtype)
-    dbias = _empty((channels,), device=dev, dtype=bias_dtype or weight.dtype)
-    coef = _empty((3, channels), device=dev, dtype=acc_dtype)
+    dweight = torch.empty((channels,), device=dev, dtype=weight.dtype)
+    dbias = torch.empty((channels,), device=dev, dtype=bias.dtype)
+    coef = torch.empty((3, channels), device=dev, dtype=acc_dtype)
     block_rb, block_rc = _reduce_blocks(batch, channels)
     bn_relu_pool_bwd_reduce_kernel[(triton.cdiv(channels, block_rc),)](
         pdb, pdw, weight, save_rstd, dweight, dbias, coef, batch, channels, hw,
         TRAINING=bool(training), ACC=acc, BLOCK_B=block_rb, BLOCK_C=block_rc, num_warps=4)
-    dx = _empty(x.shape, device=dev, dtype=x.dtype).as_strided(x.shape, _dense_strides(x))
+    # Dense in x's layout: channels_last when x is (and is not also contiguous), else contiguous.
+    fmt = torch.channels_last if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last) \
+        else torch.contiguous_format
+    dx = torch.empty(x.shape, device=dev, dtype=x.dtype, memory_format=fmt)
     bn_relu_pool_bwd_dx_kernel[grid](
         x, grad, scale, shift, save_mean, save_rstd, coef, dx, channels, hw, width,
         *x.stride(), *grad.stride(), *dx.stride(), ACC=acc, BLOCK_C=block_c, BLOCK_HW=block_hw,

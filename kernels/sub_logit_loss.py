@@ -6,7 +6,8 @@ P = softmax(./T), p = softmax(.) at T = 1, lse = logsumexp):
 * CE_ls(z, y) = lse(z) - (1-ls) z_y - ls/K sum_k z_k,     dCE/dz = p - (1-ls) onehot(y) - ls/K.
 * KL_T(a || c) = T^2 sum_k P_a (log P_a - log P_c) (log-probabilities on both sides: stable for large
   logits),  dKL/dc = T (P_c - P_a),  dKL/da = T P_a (log P_a - log P_c - KL/T^2)   (a = zf, c = z_s).
-* Orthogonality: v_i = masked zf_i, r_i = max(||v_i||, eps), G_ij = v_i.v_j / (r_i r_j),
+* Orthogonality: v_i = zf_i - ortho_shift z_t (ortho_shift = 0 unless ortho_on="raw"), its target entry set
+  to mask_fill when mask_target, r_i = max(||v_i||, eps), G_ij = v_i.v_j / (r_i r_j),
   OL = c sum_{i!=j} relu(G_ij - theta)^2 with c = 1 / (B n (n-1)). With A = 4 c relu(G - theta) (off
   diagonal), dOL/dv_i = sum_j M_ij v_j, M_ij = A_ij / (r_i r_j) and
   M_ii = -[||v_i|| > eps] sum_j A_ij G_ij / r_i^2 (the normalisation's projection), so the orthogonality
@@ -26,12 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-# gt_mask modes as kernel constants (hcd_fast.config.GT_MASK_MODES).
-GT_MASK_CODES = {"none": 0, "zero": 1, "large_negative": 2}
-LARGE_NEGATIVE = -1e6  # hcd_fast.config.LARGE_NEGATIVE, repeated so the kernels do not import hcd_fast
 NUM_PARTS = 5  # ce, sub_ce, kd, sub_kl, ortho
-# Allocator of every buffer the kernels write (tests swap in a NaN-filled one to check full coverage).
-_empty = torch.empty
 
 
 @triton.jit
@@ -41,12 +37,13 @@ def _extract_row(t, offs_n, j):
 
 
 @triton.jit
-def _masked_rows(x, k, y, row_ok, GT_MASK: tl.constexpr):
-    """v = zf with the target entry replaced per gt_mask (0: keep, 1: 0, 2: LARGE_NEGATIVE)."""
-    if GT_MASK == 1:
-        x = tl.where((k == y)[None, :], 0.0, x)
-    elif GT_MASK == 2:
-        x = tl.where((k == y)[None, :] & row_ok[:, None], -1000000.0, x)
+def _ortho_rows(x, zt, k, y, row_ok, mask_fill, ortho_shift, MASK_TARGET: tl.constexpr, SHIFT: tl.constexpr):
+    """v = zf - ortho_shift * z_t (SHIFT: ortho_on="raw"), with the target entry replaced by mask_fill
+    (MASK_TARGET); padding rows stay 0."""
+    if SHIFT:
+        x = tl.where(row_ok[:, None], x - ortho_shift * zt[None, :], 0.0)
+    if MASK_TARGET:
+        x = tl.where((k == y)[None, :] & row_ok[:, None], mask_fill, x)
     return x
 
 
@@ -57,9 +54,9 @@ def sub_logit_loss_fwd_kernel(
     S, N, K,
     stride_zf_s, stride_zf_b, stride_zf_n, stride_zf_k,
     stride_zs_b, stride_zs_k, stride_zt_b, stride_zt_k, stride_y,
-    temperature, label_smoothing, ortho_threshold, ortho_eps,
+    temperature, label_smoothing, ortho_threshold, ortho_eps, mask_fill, ortho_shift,
     coef_ce, coef_kd, coef_sub_ce, coef_kl, coef_ol, ol_norm,
-    GT_MASK: tl.constexpr, DETACH: tl.constexpr, COMPUTE_GRAD: tl.constexpr, ACC: tl.constexpr,
+    MASK_TARGET: tl.constexpr, SHIFT: tl.constexpr, DETACH: tl.constexpr, COMPUTE_GRAD: tl.constexpr, ACC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One program per sample b. coef_* are the loss weights divided by the means' counts
@@ -70,7 +67,10 @@ def sub_logit_loss_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     row_ok = offs_n < N
     inv_t = 1.0 / temperature
-    y = tl.load(y_ptr + b * stride_y).to(tl.int32)
+    y = tl.load(y_ptr + b * stride_y).to(tl.int64)
+    # Targets are range-checked at the public boundary; an unchecked bad one must still not read out of
+    # bounds, so it is clamped here (its loss is then wrong, never a crash or a stray read).
+    y = tl.minimum(tl.maximum(y, 0), K - 1)
     zs_row = zs_ptr + b * stride_zs_b
     zt_row = zt_ptr + b * stride_zt_b
     gzs_row = grad_zs_ptr + b * K
@@ -141,9 +141,15 @@ def sub_logit_loss_fwd_kernel(
     ol_b = tl.zeros([], ACC)
     eye = offs_n[:, None] == offs_n[None, :]
     pair_ok = row_ok[:, None] & row_ok[None, :] & (offs_n[:, None] != offs_n[None, :])
+    # Stage bases advance as 64-bit pointers: s * stride in int32 overflows once (S-1) B n K >= 2^31.
+    zf_stage = zf_ptr + b * stride_zf_b
+    gzf_stage = grad_zf_ptr + b * N * K
+    gzf_step = tl.num_programs(0).to(tl.int64) * N * K
     for s in range(0, S):
-        zf_rows = zf_ptr + s * stride_zf_s + b * stride_zf_b + offs_n[:, None] * stride_zf_n
-        gzf_rows = grad_zf_ptr + ((s * tl.num_programs(0) + b) * N + offs_n[:, None]) * K
+        zf_rows = zf_stage + offs_n[:, None] * stride_zf_n
+        gzf_rows = gzf_stage + offs_n[:, None] * K
+        zf_stage += stride_zf_s
+        gzf_stage += gzf_step
 
         # pass 1: per-row logsumexp at T = 1 and at T, row sums, Gram of the masked rows
         m1v = tl.full([BLOCK_N], float("-inf"), ACC)
@@ -166,7 +172,11 @@ def sub_logit_loss_fwd_kernel(
             m_new = tl.maximum(mtv, tl.max(a, 1))
             stv = stv * tl.exp(mtv - m_new) + tl.sum(tl.exp(a - m_new[:, None]), 1)
             mtv = m_new
-            v = _masked_rows(x, k, y, row_ok, GT_MASK)
+            if SHIFT:
+                zt = tl.load(zt_row + k * stride_zt_k, mask=ok, other=0.0).to(ACC)
+            else:
+                zt = tl.zeros([BLOCK_K], ACC)
+            v = _ortho_rows(x, zt, k, y, row_ok, mask_fill, ortho_shift, MASK_TARGET, SHIFT)
             for j in tl.static_range(BLOCK_N):
                 vj = _extract_row(v, offs_n, j)
                 dots = tl.sum(v * vj[None, :], 1)  # G[:, j]
@@ -222,13 +232,17 @@ def sub_logit_loss_fwd_kernel(
                 if not DETACH:
                     log_q = (zs * inv_t - ms) - log_ss
                     g += (coef_kl * temperature) * p * (log_p - log_q[None, :] - kl[:, None])
-                v = _masked_rows(x, k, y, row_ok, GT_MASK)
+                if SHIFT:
+                    zt = tl.load(zt_row + k * stride_zt_k, mask=ok, other=0.0).to(ACC)
+                else:
+                    zt = tl.zeros([BLOCK_K], ACC)
+                v = _ortho_rows(x, zt, k, y, row_ok, mask_fill, ortho_shift, MASK_TARGET, SHIFT)
                 g_ol = tl.zeros([BLOCK_N, BLOCK_K], ACC)
                 for j in tl.static_range(BLOCK_N):
                     vj = _extract_row(v, offs_n, j)
                     mj = tl.sum(tl.where(offs_n[None, :] == j, mmat, 0.0), 1)  # M[:, j]
                     g_ol += mj[:, None] * vj[None, :]
-                if GT_MASK != 0:
+                if MASK_TARGET:
                     g_ol = tl.where(is_y, 0.0, g_ol)
                 tl.store(gzf_rows + k[None, :], g + g_ol, mask=m2)
                 gzs = tl.load(gzs_row + k, mask=ok, other=0.0)
@@ -282,10 +296,11 @@ def _heuristic(n: int, num_classes: int, block_k=None):
 def sub_logit_loss_forward(
     sub_logits: torch.Tensor, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     target: torch.Tensor, temperature: float, label_smoothing: float, ortho_threshold: float,
-    ortho_eps: float, gt_mask: str, detach_sub_targets: bool, w_gt: float, w_kd: float, w_kl: float,
-    w_ol: float, compute_grad: bool, block_k=None,
+    ortho_eps: float, mask_target: bool, mask_fill: float, ortho_shift: float, detach_sub_targets: bool,
+    w_gt: float, w_kd: float, w_kl: float, w_ol: float, compute_grad: bool, block_k=None,
 ):
-    """Launch the fused forward (+ gradients) and the reduction.
+    """Launch the fused forward (+ gradients) and the reduction (arguments: the schema of
+    ``hcd_fast.ops.sub_logit_loss``).
 
     Args:
         sub_logits: zf, (S, B, n, K), any strides, fp16/bf16/fp32/fp64.
@@ -294,22 +309,25 @@ def sub_logit_loss_forward(
         block_k: override of the K block (tests use it to force the K loop).
 
     Returns:
-        loss (0-d), parts (5,) [ce, sub_ce, kd, sub_kl, ortho] in fp32 (fp64 for fp64 inputs),
+        loss (0-d), parts (5,) [ce, sub_ce, kd, sub_kl, ortho] in fp32 (fp64 if any logits are fp64),
         grad_sub_logits (S, B, n, K) and grad_student_logits (B, K) in that dtype (or empty).
     """
     num_stages, batch, n, num_classes = sub_logits.shape
     device = sub_logits.device
-    acc_dtype = torch.float64 if sub_logits.dtype == torch.float64 else torch.float32
-    acc = tl.float64 if acc_dtype == torch.float64 else tl.float32
-    partial = _empty((batch, NUM_PARTS), device=device, dtype=acc_dtype)
-    loss = _empty((), device=device, dtype=acc_dtype)
-    parts = _empty((NUM_PARTS,), device=device, dtype=acc_dtype)
+    fp64 = torch.float64 in (sub_logits.dtype, student_logits.dtype, teacher_logits.dtype)
+    acc_dtype = torch.float64 if fp64 else torch.float32
+    acc = tl.float64 if fp64 else tl.float32
+    partial = torch.empty((batch, NUM_PARTS), device=device, dtype=acc_dtype)
+    loss = torch.empty((), device=device, dtype=acc_dtype)
+    parts = torch.empty((NUM_PARTS,), device=device, dtype=acc_dtype)
     if compute_grad:
-        grad_zf = _empty((num_stages, batch, n, num_classes), device=device, dtype=acc_dtype)
-        grad_zs = _empty((batch, num_classes), device=device, dtype=acc_dtype)
+        grad_zf = torch.empty((num_stages, batch, n, num_classes), device=device, dtype=acc_dtype)
+        grad_zs = torch.empty((batch, num_classes), device=device, dtype=acc_dtype)
     else:
-        grad_zf = _empty((0,), device=device, dtype=acc_dtype)
-        grad_zs = _empty((0,), device=device, dtype=acc_dtype)
+        grad_zf = torch.empty((0,), device=device, dtype=acc_dtype)
+        grad_zs = torch.empty((0,), device=device, dtype=acc_dtype)
+    if batch == 0:
+        return loss.zero_(), parts.zero_(), grad_zf, grad_zs
     block_n, block_k, num_warps = _heuristic(n, num_classes, block_k)
     pairs = n * (n - 1)
     sub_logit_loss_fwd_kernel[(batch,)](
@@ -318,10 +336,11 @@ def sub_logit_loss_forward(
         num_stages, n, num_classes,
         *sub_logits.stride(), *student_logits.stride(), *teacher_logits.stride(), target.stride(0),
         float(temperature), float(label_smoothing), float(ortho_threshold), float(ortho_eps),
+        float(mask_fill), float(ortho_shift),
         w_gt / batch, w_kd / batch, w_gt / (batch * n), w_kl / (batch * n),
         w_ol / (batch * pairs) if pairs else 0.0, 1.0 / pairs if pairs else 0.0,
-        GT_MASK=GT_MASK_CODES[gt_mask], DETACH=bool(detach_sub_targets), COMPUTE_GRAD=bool(compute_grad),
-        ACC=acc, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+        MASK_TARGET=bool(mask_target), SHIFT=ortho_shift != 0.0, DETACH=bool(detach_sub_targets),
+        COMPUTE_GRAD=bool(compute_grad), ACC=acc, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
     )
     sub_logit_loss_reduce_kernel[(1,)](
         partial, loss, parts, batch, float(w_gt), float(w_kd), float(w_kl), float(w_ol),

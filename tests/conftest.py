@@ -10,6 +10,27 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 
+def _source_tree_kernels() -> None:
+    """Where hcd_fast is imported from this source tree (PYTHONPATH, a worktree), make ``hcd_fast.kernels`` this
+    tree's kernels/ too, not the one an editable install of another checkout maps it to."""
+    import importlib.util
+    import pathlib
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    spec = importlib.util.find_spec("hcd_fast")
+    if spec is None or spec.origin is None or pathlib.Path(spec.origin).resolve().parent != root / "hcd_fast":
+        return
+    kspec = importlib.util.spec_from_file_location("hcd_fast.kernels", root / "kernels" / "__init__.py",
+                                                   submodule_search_locations=[str(root / "kernels")])
+    module = importlib.util.module_from_spec(kspec)
+    sys.modules["hcd_fast.kernels"] = module
+    kspec.loader.exec_module(module)
+
+
+_source_tree_kernels()
+
+
 @pytest.fixture
 def poison_uninitialized():
     """Fresh torch.empty memory is NaN-filled, so an output element a kernel forgets to write shows up."""

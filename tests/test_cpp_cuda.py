@@ -96,6 +96,19 @@ def test_sub_logit_loss_cuda_deterministic_and_large_logits():
     assert_close("grad sub_logits", a[2], want[2], 1e-5)
 
 
+@pytest.mark.parametrize("n,dtype", [(80, torch.float32), (60, torch.float64), (200, torch.float32)])
+def test_sub_logit_loss_cuda_many_sub_logits(n, dtype):
+    """Any n (SPEC): the per-sample scratch exceeds the default 48 KB of shared memory from n = 76 (fp32) --
+    opted in up to the device limit (n = 80, fp64 n = 60), global memory beyond it (n = 200)."""
+    cfg = HCDConfig(num_sub_logits=n, temperature=2.0, ortho_threshold=0.1, ortho_on="raw", lambda_teacher=0.5)
+    inputs = sll_inputs(2, 3, n, 37, dtype=dtype, seed=n)
+    got = sll_run("cuda", *inputs, cfg, 0.37)
+    want = sll_truth(*inputs, cfg, 0.37)
+    assert_close("loss", got[0], want[0], 1e-5)
+    assert_close("grad sub_logits", got[2], want[2], 1e-5)
+    assert_close("grad student_logits", got[3], want[3], 1e-5)
+
+
 def test_sub_logit_loss_cuda_gradcheck_fp64():
     cfg = HCDConfig(num_sub_logits=3, temperature=2.0, ortho_threshold=0.2)
     sub, zs, zt, y = sll_inputs(2, 3, 3, 7, dtype=torch.float64, scale=1.0)
@@ -239,7 +252,7 @@ def test_opcheck_cuda():
     g = torch.Generator().manual_seed(0)
     sub, zs, zt, y = sll_inputs(2, 3, 4, 37)
     args = (sub.detach().permute(3, 2, 1, 0).contiguous().requires_grad_(), zs.detach().t().contiguous().requires_grad_(),
-            zt, y, 2.0, 0.1, 0.5, 1e-12, 1, False, 1.0, 1.0, 6.0, 1.0, True)
+            zt, y, 2.0, 0.1, 0.5, 1e-12, True, 0.0, 0.0, False, 1.0, 1.0, 6.0, 1.0, True)
     torch.library.opcheck(torch.ops.hcd_fast.sub_logit_loss.default, args)
     x = rnd(g, 3, 5, 4, 4, grad=False)
     w, b, rm, rv = (rnd(g, 5, grad=False) for _ in range(4))

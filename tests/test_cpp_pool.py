@@ -81,8 +81,13 @@ def test_bn_relu_pool_running_stats_equal_batchnorm2d():
 
 def test_bn_relu_pool_training_needs_two_values():
     x = torch.randn(1, 3, 1, 1)
+    args = (x, torch.ones(3), torch.zeros(3), torch.zeros(3), torch.ones(3), True)
+    # nn.BatchNorm2d's error at the public boundary, for every backend ...
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        HF.bn_relu_pool(*args, backend="cpu")
+    # ... and the kernel's own check when its op is called directly.
     with pytest.raises(RuntimeError, match="more than 1 value per channel"):
-        HF.bn_relu_pool(x, torch.ones(3), torch.zeros(3), torch.zeros(3), torch.ones(3), True, backend="cpu")
+        torch.ops.hcd_fast.bn_relu_pool_fwd(*args, 0.1, 1e-5)
 
 
 @pytest.mark.parametrize("training", [True, False])

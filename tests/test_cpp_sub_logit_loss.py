@@ -186,9 +186,9 @@ def test_opcheck():
     sub_leaf, zs_leaf, zt, y = make_inputs(2, 3, 4, 37)
     sub = sub_leaf.detach().permute(3, 2, 1, 0).contiguous().requires_grad_()
     zs = zs_leaf.detach().t().contiguous().requires_grad_()
-    for compute_grad, mode in ((True, 1), (False, 2)):
+    for compute_grad, mask, fill, shift in ((True, True, 0.0, 0.0), (False, True, -1e6, 1.5)):
         s, z = (sub, zs) if compute_grad else (sub.detach(), zs.detach())
-        args = (s, z, zt, y, 2.0, 0.1, 0.5, 1e-12, mode, False, 1.0, 1.0, 6.0, 1.0, compute_grad)
+        args = (s, z, zt, y, 2.0, 0.1, 0.5, 1e-12, mask, fill, shift, False, 1.0, 1.0, 6.0, 1.0, compute_grad)
         torch.library.opcheck(torch.ops.hcd_fast.sub_logit_loss.default, args)
 
 

@@ -115,6 +115,31 @@ def test_last_block_matches_plain_sepconv_module():
     assert torch.allclose(plain.bn2.running_var, proj.blocks[1].bn2.running_var)
 
 
+def test_projector_follows_its_batchnorm_mode():
+    """A projector whose last BatchNorm alone is in eval mode (frozen BN) uses the running statistics, as
+    bn(x) would: the BatchNorm's own training flag decides, not the projector's."""
+    torch.manual_seed(6)
+    proj = ConvProjector(4, 1, 6)
+    plain = SepConv(4, 6)
+    plain.load_state_dict(proj.blocks[0].state_dict())
+    proj.blocks[0].bn2.eval()
+    plain.bn2.eval()
+    x = torch.randn(3, 4, 8, 8)
+    before = proj.blocks[0].bn2.running_mean.clone()
+    assert torch.allclose(proj(x), plain(x).mean((2, 3)), atol=1e-6)
+    assert torch.equal(before, proj.blocks[0].bn2.running_mean)
+    assert int(proj.blocks[0].bn2.num_batches_tracked) == 0
+
+
+def test_numpy_integer_sizes_accepted():
+    np = pytest.importorskip("numpy")
+    crit = HCDLoss(np.array([4, 6, 8]), np.int64(TEACHER_DIM), np.int32(K))
+    assert crit.student_channels == CHANNELS and type(crit.num_classes) is int
+    crit(*make_inputs())
+    with pytest.raises(ValueError, match="num_classes"):
+        HCDLoss(CHANNELS, TEACHER_DIM, 7.0)
+
+
 def test_state_dict_round_trip():
     torch.manual_seed(6)
     a = HCDLoss(CHANNELS, TEACHER_DIM, K)

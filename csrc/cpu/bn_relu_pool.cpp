@@ -99,7 +99,9 @@ Tensor3 bn_relu_pool_bwd(HCD_BN_BWD_ARGS) {
     if (dt == at::kDouble) go(double{});
     else go(float{});
   });
-  return {gx.to(x.scalar_type()), gw.to(weight.scalar_type()), gb.to(bias.scalar_type())};
+  // grad_x: dense in x's memory format (the op contract, hcd_fast/ops/bn_relu_pool.py).
+  return {gx.to(x.scalar_type()).contiguous(grad_x_format(x)), gw.to(weight.scalar_type()),
+          gb.to(bias.scalar_type())};
 }
 
 }  // namespace hcd_fast::cpu

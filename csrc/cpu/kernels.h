@@ -6,9 +6,6 @@
 
 namespace hcd_fast::cpu {
 
-// gt_mask modes of the orthogonality loss (HCDConfig.gt_mask).
-enum GtMask : int64_t { kMaskNone = 0, kMaskZero = 1, kMaskLargeNegative = 2 };
-
 // Arguments of the fused sub-logit loss for samples [begin, end). T is the compute type (float/double);
 // all tensors are contiguous in T. grad_* are null when no gradient is wanted.
 template <typename T>
@@ -21,8 +18,10 @@ struct SubLogitLossArgs {
   T* grad_student_logits;   // (B, K) d loss / d student_logits, or null
   T* partials;              // (B, 5): per-sample sums of ce, sub_ce, kd, sub_kl, ortho hinge^2
   int64_t S, B, n, K;
-  double temperature, label_smoothing, ortho_threshold, ortho_eps, mask_fill;
-  int64_t gt_mask;
+  double temperature, label_smoothing, ortho_threshold, ortho_eps;
+  bool mask_target;    // the orthogonality rows have their target entry replaced by mask_fill
+  double mask_fill;
+  double ortho_shift;  // the orthogonality rows are v_i = zf_i - ortho_shift * z_t (0: the fused sub-logits)
   bool detach_sub_targets;
   double w_gt, w_kd, w_kl, w_ol;
 };

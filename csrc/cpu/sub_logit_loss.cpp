@@ -38,7 +38,8 @@ SubLogitLossOut sub_logit_loss(HCD_SUB_LOGIT_LOSS_ARGS) {
   TORCH_CHECK(zs.size(0) == B && zs.size(1) == K && zt.sizes() == zs.sizes() && y.size(0) == B,
               "sub_logit_loss: inconsistent shapes");
   const int64_t* yp = y.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b)  // B integer reads: the kernels index rows with the target
+  // Memory safety (the kernels index rows with the target); the user-facing check is at the public boundary.
+  for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK(yp[b] >= 0 && yp[b] < K, "sub_logit_loss (cpu): target class index ", yp[b], " out of range for ", K,
                 " classes");
   const auto opts = sub.options();
@@ -48,7 +49,6 @@ SubLogitLossOut sub_logit_loss(HCD_SUB_LOGIT_LOSS_ARGS) {
   Tensor parts = at::empty({5}, opts);
   Tensor loss = at::empty({}, opts);
 
-  const double fill = gt_mask == kMaskLargeNegative ? -1e6 : 0.0;
   const int64_t work_per_sample = (S * n + 2) * K;
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(work_per_sample, 1));
 
@@ -57,8 +57,9 @@ SubLogitLossOut sub_logit_loss(HCD_SUB_LOGIT_LOSS_ARGS) {
     SubLogitLossArgs<T> a = make_args<T>(sub, zs, zt, y, gsub, gzs, partials, compute_grad);
     a.S = S, a.B = B, a.n = n, a.K = K;
     a.temperature = temperature, a.label_smoothing = label_smoothing;
-    a.ortho_threshold = ortho_threshold, a.ortho_eps = ortho_eps, a.mask_fill = fill;
-    a.gt_mask = gt_mask, a.detach_sub_targets = detach_sub_targets;
+    a.ortho_threshold = ortho_threshold, a.ortho_eps = ortho_eps;
+    a.mask_target = mask_target, a.mask_fill = mask_fill, a.ortho_shift = ortho_shift;
+    a.detach_sub_targets = detach_sub_targets;
     a.w_gt = w_gt, a.w_kd = w_kd, a.w_kl = w_kl, a.w_ol = w_ol;
     const KernelTable& kt = kernels();
     at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {

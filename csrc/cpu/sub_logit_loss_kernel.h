@@ -8,7 +8,9 @@
 //   CE_ls(x, y)          = lse(x) - (1-ls) x_y - ls/K sum_k x_k,    d/dx = s1 - (1-ls) e_y - ls/K
 //   T^2 KL(p || q)       = T^2 sum_k p_k (log p_k - log q_k),      d/dx = T p (log p - log q - KL)
 //                                                                    d/dz_s = T (q - p)
-// Orthogonality per (stage, sample): v_i = x_i masked at y, den_i = max(|v_i|, eps), G = D / (den den^T)
+// Log-probabilities are formed as (x - max) / T - log Z, never x / T - (max / T + log Z): at logit scales
+// in the hundreds the latter loses the low bits of log p, and the gradients with them.
+// Orthogonality per (stage, sample): v_i = x_i - shift z_t (shift = 0 unless ortho_on="raw") masked at y, den_i = max(|v_i|, eps), G = D / (den den^T)
 // with D_ij = v_i . v_j, hinge h_ij = relu(G_ij - theta), d/dv_i = sum_j c_ij v_j where
 //   c_ij = 2 g_ij / (den_i den_j) (i != j),  c_ii = -2 sum_j g_ij G_ij / den_i^2 (0 if |v_i| < eps),
 //   g_ij = w_ol * 2 h_ij / (B n (n-1)).
@@ -34,13 +36,17 @@ void sub_logit_loss_kernel(const SubLogitLossArgs<T>& a, int64_t begin, int64_t 
   const T a_sce = T(a.w_gt / (B * n)), a_skl = T(a.w_kl * a.temperature / (B * n));
   const T ol_norm = n > 1 ? T(1.0 / (B * n * (n - 1))) : T(0);
   const T fill = T(a.mask_fill);
-  const bool masked = a.gt_mask != kMaskNone;
+  const bool masked = a.mask_target;
+  const T shift = T(a.ortho_shift);
+  const bool shifted = a.ortho_shift != 0.0 && n > 1;
 
   std::unique_ptr<T[]> logq_buf(new T[K]);  // log softmax(z_s/T) of the current sample
   T* lq = logq_buf.get();
   std::unique_ptr<T[]> small(new T[6 * n + 3 * n * n]);
   T *m = small.get(), *sumx = m + n, *Z1 = sumx + n, *ZT = Z1 + n, *klraw = ZT + n, *den = klraw + n;
   T *D = den + n, *G = D + n * n, *C = G + n * n;
+  // ortho_on="raw": the orthogonality rows u_i = x_i - shift z_t of the current (stage, sample).
+  std::unique_ptr<T[]> ubuf(shifted ? new T[n * K] : nullptr);
 
   for (int64_t b = begin; b < end; ++b) {
     const T* xs = a.student_logits + b * K;
@@ -69,14 +75,14 @@ void sub_logit_loss_kernel(const SubLogitLossArgs<T>& a, int64_t begin, int64_t 
       }
       if (unit_T) zts = z1s;
     }
-    const T lse1s = ms + std::log(z1s), lseTs = ms * invT + std::log(zts);
+    const T lse1s = ms + std::log(z1s), logzts = std::log(zts);
     {
-      const V vinvT(invT), vlse(lseTs);
+      const V vinvT(invT), vm(ms), vlogz(logzts);
       int64_t k = 0;
-      for (; k + L <= K; k += L) (V::loadu(xs + k) * vinvT - vlse).store(lq + k);
-      for (; k < K; ++k) lq[k] = xs[k] * invT - lseTs;
+      for (; k + L <= K; k += L) ((V::loadu(xs + k) - vm) * vinvT - vlogz).store(lq + k);
+      for (; k < K; ++k) lq[k] = (xs[k] - ms) * invT - logzts;
     }
-    // Teacher row: lse at T; KD = T^2 (sum_k pt_k (xt_k/T - log q_k) - lse_t).
+    // Teacher row: KD = T^2 (sum_k pt_k ((xt_k - mt)/T - log q_k) / Zt - log Zt).
     const T mt = row_max(xt, K);
     T ztt = 0, kd_acc = 0;
     {
@@ -85,20 +91,22 @@ void sub_logit_loss_kernel(const SubLogitLossArgs<T>& a, int64_t begin, int64_t 
       int64_t k = 0;
       for (; k + L <= K; k += L) {
         V xk = V::loadu(xt + k);
-        V e = vexp((xk - vm) * vinvT);
+        V d = (xk - vm) * vinvT;
+        V e = vexp(d);
         vz = vz + e;
-        vacc = at::vec::fmadd(e, xk * vinvT - V::loadu(lq + k), vacc);
+        vacc = at::vec::fmadd(e, d - V::loadu(lq + k), vacc);
       }
       ztt = hsum(vz);
       kd_acc = hsum(vacc);
       for (; k < K; ++k) {
-        T e = std::exp((xt[k] - mt) * invT);
+        T d = (xt[k] - mt) * invT;
+        T e = std::exp(d);
         ztt += e;
-        kd_acc += e * (xt[k] * invT - lq[k]);
+        kd_acc += e * (d - lq[k]);
       }
     }
-    const T lseTt = mt * invT + std::log(ztt);
-    const T kd_b = T2 * (kd_acc / ztt - lseTt);
+    const T logztt = std::log(ztt);
+    const T kd_b = T2 * (kd_acc / ztt - logztt);
     const T ce_b = lse1s - (T(1) - ls) * xs[y] - ls_K * sum_s;
 
     // Student gradient, CE + KD + the q part of every sub-logit KL row (sum over S*n rows of T(q - p)):
@@ -107,19 +115,19 @@ void sub_logit_loss_kernel(const SubLogitLossArgs<T>& a, int64_t begin, int64_t 
     if (grad) {
       const T cq = a_kd + T(S * n) * a_skl;
       const V vms(ms), vinvz1(T(1) / z1s), vace(a_ce), vlsK(a_ce * ls_K), vcq(cq), vakd(a_kd), vinvT(invT),
-          vlseTt(lseTt);
+          vmt(mt), vlogztt(logztt);
       int64_t k = 0;
       for (; k + L <= K; k += L) {
         V s1 = vexp(V::loadu(xs + k) - vms) * vinvz1;
         V q = vexp(V::loadu(lq + k));
-        V pt = vexp(V::loadu(xt + k) * vinvT - vlseTt);
+        V pt = vexp((V::loadu(xt + k) - vmt) * vinvT - vlogztt);
         V g = at::vec::fmadd(vace, s1, at::vec::fmadd(vcq, q, -(vlsK + vakd * pt)));
         g.store(gzs + k);
       }
       for (; k < K; ++k) {
         T s1 = std::exp(xs[k] - ms) / z1s;
         T q = std::exp(lq[k]);
-        T pt = std::exp(xt[k] * invT - lseTt);
+        T pt = std::exp((xt[k] - mt) * invT - logztt);
         gzs[k] = a_ce * s1 + cq * q - a_ce * ls_K - a_kd * pt;
       }
       gzs[y] -= a_ce * (T(1) - ls);
@@ -131,14 +139,20 @@ void sub_logit_loss_kernel(const SubLogitLossArgs<T>& a, int64_t begin, int64_t 
       const T* x0 = a.sub_logits + row0 * K;
       T* g0 = grad ? a.grad_sub_logits + row0 * K : nullptr;
 
-      // Pass A: max and sum of each row; Gram matrix of the (masked) rows for the orthogonality term.
+      // Pass A: max and sum of each row; Gram matrix of the (masked) orthogonality rows u.
       for (int64_t i = 0; i < n; ++i) row_max_sum(x0 + i * K, K, m[i], sumx[i]);
+      const T* u0 = x0;
+      if (shifted) {
+        for (int64_t r = 0; r < n; ++r)
+          for (int64_t k = 0; k < K; ++k) ubuf[r * K + k] = x0[r * K + k] - shift * xt[k];
+        u0 = ubuf.get();
+      }
       if (n > 1) {
         for (int64_t i = 0; i < n; ++i)
           for (int64_t j = i; j < n; ++j) {
-            T d = row_dot(x0 + i * K, x0 + j * K, K);
-            // Masking replaces x_y by the fill value in both rows.
-            if (masked) d += fill * fill - x0[i * K + y] * x0[j * K + y];
+            T d = row_dot(u0 + i * K, u0 + j * K, K);
+            // Masking replaces u_y by the fill value in both rows.
+            if (masked) d += fill * fill - u0[i * K + y] * u0[j * K + y];
             D[i * n + j] = D[j * n + i] = d;
           }
       }
@@ -157,11 +171,12 @@ void sub_logit_loss_kernel(const SubLogitLossArgs<T>& a, int64_t begin, int64_t 
           vz1 = vz1 + e1;
           if (g) e1.store(g + k);
           if (unit_T) {
-            vkl = at::vec::fmadd(e1, xk - V::loadu(lq + k), vkl);
+            vkl = at::vec::fmadd(e1, xk - vm - V::loadu(lq + k), vkl);
           } else {
-            V eT = vexp((xk - vm) * vinvT);
+            V dT = (xk - vm) * vinvT;
+            V eT = vexp(dT);
             vzT = vzT + eT;
-            vkl = at::vec::fmadd(eT, xk * vinvT - V::loadu(lq + k), vkl);
+            vkl = at::vec::fmadd(eT, dT - V::loadu(lq + k), vkl);
           }
         }
         T z1 = hsum(vz1), zT = hsum(vzT), kl = hsum(vkl);
@@ -170,18 +185,19 @@ void sub_logit_loss_kernel(const SubLogitLossArgs<T>& a, int64_t begin, int64_t 
           z1 += e1;
           if (g) g[k] = e1;
           if (unit_T) {
-            kl += e1 * (x[k] - lq[k]);
+            kl += e1 * (x[k] - m[i] - lq[k]);
           } else {
-            T eT = std::exp((x[k] - m[i]) * invT);
+            T dT = (x[k] - m[i]) * invT;
+            T eT = std::exp(dT);
             zT += eT;
-            kl += eT * (x[k] * invT - lq[k]);
+            kl += eT * (dT - lq[k]);
           }
         }
         if (unit_T) zT = z1;
         Z1[i] = z1;
         ZT[i] = zT;
-        const T lse1 = m[i] + std::log(z1), lseT = m[i] * invT + std::log(zT);
-        klraw[i] = kl / zT - lseT;  // KL(p || q) at temperature T, without the T^2
+        const T lse1 = m[i] + std::log(z1);
+        klraw[i] = kl / zT - std::log(zT);  // KL(p || q) at temperature T, without the T^2
         sub_ce_b += lse1 - (T(1) - ls) * x[y] - ls_K * sumx[i];
         sub_kl_b += T2 * klraw[i];
       }
@@ -211,21 +227,21 @@ void sub_logit_loss_kernel(const SubLogitLossArgs<T>& a, int64_t begin, int64_t 
       for (int64_t i = 0; i < n; ++i) {
         const T* x = x0 + i * K;
         T* g = g0 + i * K;
-        const T lseT = m[i] * invT + std::log(ZT[i]);
+        const T logzT = std::log(ZT[i]);
         const T inv_z1 = T(1) / Z1[i], inv_zT = T(1) / ZT[i];
         const T a_x = a.detach_sub_targets ? T(0) : a_skl;
-        const V vinvz1(inv_z1), vinvzT(inv_zT), vm(m[i]), vinvT(invT), vlseT(lseT), vasce(a_sce),
+        const V vinvz1(inv_z1), vinvzT(inv_zT), vm(m[i]), vinvT(invT), vlogzT(logzT), vasce(a_sce),
             vneg_ls(-a_sce * ls_K), vkl(klraw[i]), vax(a_x), vaskl(a_skl);
         int64_t k = 0;
         for (; k + L <= K; k += L) {
           V xk = V::loadu(x + k);
           V s1 = V::loadu(g + k) * vinvz1;  // exp(x - m) parked by pass B
           V p = unit_T ? s1 : vexp((xk - vm) * vinvT) * vinvzT;
-          V t = xk * vinvT - vlseT - V::loadu(lq + k) - vkl;  // log p - log q - KL
+          V t = (xk - vm) * vinvT - vlogzT - V::loadu(lq + k) - vkl;  // log p - log q - KL
           // a_sce (s1 - ls/K) + a_x p (log p - log q - KL)
           V gk = at::vec::fmadd(vasce, s1, at::vec::fmadd(vax * p, t, vneg_ls));
           if (ortho)
-            for (int64_t j = 0; j < n; ++j) gk = at::vec::fmadd(V(C[i * n + j]), V::loadu(x0 + j * K + k), gk);
+            for (int64_t j = 0; j < n; ++j) gk = at::vec::fmadd(V(C[i * n + j]), V::loadu(u0 + j * K + k), gk);
           gk.store(g + k);
           V gz = V::loadu(gzs + k) - vaskl * p;
           gz.store(gzs + k);
@@ -233,16 +249,16 @@ void sub_logit_loss_kernel(const SubLogitLossArgs<T>& a, int64_t begin, int64_t 
         for (; k < K; ++k) {
           T s1 = g[k] * inv_z1;
           T p = unit_T ? s1 : std::exp((x[k] - m[i]) * invT) * inv_zT;
-          T gk = a_sce * (s1 - ls_K) + a_x * p * (x[k] * invT - lseT - lq[k] - klraw[i]);
+          T gk = a_sce * (s1 - ls_K) + a_x * p * ((x[k] - m[i]) * invT - logzT - lq[k] - klraw[i]);
           if (ortho)
-            for (int64_t j = 0; j < n; ++j) gk += C[i * n + j] * x0[j * K + k];
+            for (int64_t j = 0; j < n; ++j) gk += C[i * n + j] * u0[j * K + k];
           g[k] = gk;
           gzs[k] -= a_skl * p;
         }
         g[y] -= a_sce * (T(1) - ls);
         // The masked entry does not reach the orthogonality term.
         if (ortho && masked)
-          for (int64_t j = 0; j < n; ++j) g[y] -= C[i * n + j] * x0[j * K + y];
+          for (int64_t j = 0; j < n; ++j) g[y] -= C[i * n + j] * u0[j * K + y];
       }
     }
     T* part = a.partials + b * 5;

@@ -296,7 +296,7 @@ Tensor3 bn_relu_pool_bwd(HCD_BN_BWD_ARGS) {
                                                                      : at::MemoryFormat::Contiguous));
   Tensor gw = at::empty({C}, w.options()), gb = at::empty({C}, w.options());
   if (B * C == 0 || HW == 0)  // no element: zero sums, empty dx
-    return {gx.to(x.scalar_type()), gw.zero_().to(weight.scalar_type()), gb.zero_().to(bias.scalar_type())};
+    return {gx.to(x.scalar_type()).contiguous(grad_x_format(x)), gw.zero_().to(weight.scalar_type()), gb.zero_().to(bias.scalar_type())};
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "hcd_fast_bn_relu_pool_bwd", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -325,7 +325,9 @@ Tensor3 bn_relu_pool_bwd(HCD_BN_BWD_ARGS) {
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
-  return {gx.to(x.scalar_type()), gw.to(weight.scalar_type()), gb.to(bias.scalar_type())};
+  // grad_x: dense in x's memory format (the op contract, hcd_fast/ops/bn_relu_pool.py).
+  return {gx.to(x.scalar_type()).contiguous(grad_x_format(x)), gw.to(weight.scalar_type()),
+          gb.to(bias.scalar_type())};
 }
 
 }  // namespace hcd_fast::cuda

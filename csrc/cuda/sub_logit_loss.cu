@@ -19,7 +19,7 @@ namespace hcd_fast::cuda {
 namespace {
 
 struct LossParams {
-  double temperature, label_smoothing, ortho_threshold, ortho_eps, fill;
+  double temperature, label_smoothing, ortho_threshold, ortho_eps, fill, shift;
   double w_gt, w_kd, w_kl, w_ol;
   bool masked, detach;
   bool vec16;  // sub-logit rows are 16-byte aligned: the reduction-only passes (A, Gram) use 16-byte loads
@@ -36,11 +36,13 @@ template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kMaxRowThreads) sub_logit_loss_rows_kernel(const scalar_t* __restrict__ sub, const scalar_t* __restrict__ zs,
                                            const scalar_t* __restrict__ zt, const int64_t* __restrict__ target,
                                            acc_t* __restrict__ grad_sub, acc_t* __restrict__ grad_zs,
-                                           acc_t* __restrict__ logq, acc_t* __restrict__ partials, int64_t S,
-                                           int64_t B, int64_t n, int64_t K, LossParams p) {
+                                           acc_t* __restrict__ logq, acc_t* __restrict__ partials,
+                                           acc_t* __restrict__ gscratch, int64_t S, int64_t B, int64_t n, int64_t K,
+                                           LossParams p) {
   extern __shared__ unsigned char smem_raw[];
   acc_t* ws = reinterpret_cast<acc_t*>(smem_raw);  // 3 * 32 reduction scratch
-  acc_t* m = ws + 3 * kWarp;
+  // Per-sample n-vectors and n x n matrices: in shared memory, or (large n) in this block's global slice.
+  acc_t* m = gscratch != nullptr ? gscratch + blockIdx.x * (4 * n + 2 * n * n) : ws + 3 * kWarp;
   acc_t *Z1 = m + n, *ZT = Z1 + n, *klraw = ZT + n, *D = klraw + n, *C = D + n * n;
 
   const int64_t b = blockIdx.x;
@@ -76,23 +78,25 @@ __global__ void __launch_bounds__(kMaxRowThreads) sub_logit_loss_rows_kernel(con
     zz[1] += dev_exp(d * invT);
   }
   block_sum<2>(zz, ws);
-  const acc_t lse1s = ms + dev_log(zz[0]), lseTs = ms * invT + dev_log(zz[1]);
-  for (int64_t k = tid; k < K; k += nt) lq[k] = acc_t(xs[k]) * invT - lseTs;
+  const acc_t lse1s = ms + dev_log(zz[0]);
+  // log q = (x - max) / T - log Z: never x / T - (max / T + log Z), which loses log q's low bits at large logits.
+  const acc_t logzs = dev_log(zz[1]);
+  for (int64_t k = tid; k < K; k += nt) lq[k] = (acc_t(xs[k]) - ms) * invT - logzs;
 
-  // Teacher row: KD = T^2 (sum_k pt_k (xt_k/T - log q_k) - lse_t).
+  // Teacher row: KD = T^2 (sum_k pt_k ((xt_k - mt)/T - log q_k) / Zt - log Zt).
   mloc = NEG_INF;
   for (int64_t k = tid; k < K; k += nt) mloc = max(mloc, acc_t(xt[k]));
   const acc_t mt = block_max(mloc, ws);
   acc_t tk[2] = {0, 0};
   for (int64_t k = tid; k < K; k += nt) {
-    acc_t x = acc_t(xt[k]);
-    acc_t e = dev_exp((x - mt) * invT);
+    acc_t d = (acc_t(xt[k]) - mt) * invT;
+    acc_t e = dev_exp(d);
     tk[0] += e;
-    tk[1] += e * (x * invT - lq[k]);
+    tk[1] += e * (d - lq[k]);
   }
   block_sum<2>(tk, ws);
-  const acc_t lseTt = mt * invT + dev_log(tk[0]);
-  const acc_t kd_b = T2 * (tk[1] / tk[0] - lseTt);
+  const acc_t logzt = dev_log(tk[0]);
+  const acc_t kd_b = T2 * (tk[1] / tk[0] - logzt);
   const acc_t ce_b = lse1s - (acc_t(1) - ls) * acc_t(xs[y]) - lsK * sum_s;
 
   // Student gradient: CE + KD + the q half of every sub-logit KL row; the -p halves are subtracted below.
@@ -101,7 +105,7 @@ __global__ void __launch_bounds__(kMaxRowThreads) sub_logit_loss_rows_kernel(con
     for (int64_t k = tid; k < K; k += nt) {
       acc_t x = acc_t(xs[k]);
       acc_t s1 = dev_exp(x - ms) * inv_z1;
-      acc_t pt = dev_exp(acc_t(xt[k]) * invT - lseTt);
+      acc_t pt = dev_exp((acc_t(xt[k]) - mt) * invT - logzt);
       acc_t g = a_ce * (s1 - lsK) + cq * dev_exp(lq[k]) - a_kd * pt;
       if (k == y) g -= a_ce * (acc_t(1) - ls);
       gzs[k] = g;
@@ -109,7 +113,8 @@ __global__ void __launch_bounds__(kMaxRowThreads) sub_logit_loss_rows_kernel(con
   }
 
   acc_t sub_ce_b = 0, sub_kl_b = 0, ol_b = 0;
-  const acc_t fill = acc_t(p.fill);
+  const acc_t fill = acc_t(p.fill), shift = acc_t(p.shift);
+  const bool shifted = p.shift != 0.0;  // ortho_on="raw": orthogonality rows u_i = x_i - shift z_t
   for (int64_t s = 0; s < S; ++s) {
     const int64_t row0 = (s * B + b) * n;
     const scalar_t* x0 = sub + row0 * K;
@@ -149,7 +154,12 @@ __global__ void __launch_bounds__(kMaxRowThreads) sub_logit_loss_rows_kernel(con
       for (int64_t i = 0; i < n; ++i)
         for (int64_t j = i; j < n; ++j) {
           acc_t d = 0;
-          if (p.vec16) {
+          if (shifted) {
+            for (int64_t k = tid; k < K; k += nt) {
+              const acc_t zk = shift * acc_t(xt[k]);
+              d += (acc_t(x0[i * K + k]) - zk) * (acc_t(x0[j * K + k]) - zk);
+            }
+          } else if (p.vec16) {
             const Pack16<scalar_t>* xi = reinterpret_cast<const Pack16<scalar_t>*>(x0 + i * K);
             const Pack16<scalar_t>* xj = reinterpret_cast<const Pack16<scalar_t>*>(x0 + j * K);
             for (int64_t c = tid; c < K / Pack16<scalar_t>::N; c += nt) {
@@ -161,7 +171,10 @@ __global__ void __launch_bounds__(kMaxRowThreads) sub_logit_loss_rows_kernel(con
             for (int64_t k = tid; k < K; k += nt) d += acc_t(x0[i * K + k]) * acc_t(x0[j * K + k]);
           }
           d = block_sum1(d, ws);
-          if (p.masked) d += fill * fill - acc_t(x0[i * K + y]) * acc_t(x0[j * K + y]);
+          if (p.masked) {
+            const acc_t zy = shifted ? shift * acc_t(xt[y]) : acc_t(0);
+            d += fill * fill - (acc_t(x0[i * K + y]) - zy) * (acc_t(x0[j * K + y]) - zy);
+          }
           if (tid == 0) D[i * n + j] = D[j * n + i] = d;
         }
     }
@@ -179,12 +192,12 @@ __global__ void __launch_bounds__(kMaxRowThreads) sub_logit_loss_rows_kernel(con
         acc_t eT = dev_exp((v - mi) * invT);
         r[0] += e1;
         r[1] += eT;
-        r[2] += eT * (v * invT - lq[k]);
+        r[2] += eT * ((v - mi) * invT - lq[k]);
         if (g) g[k] = e1;
       }
       block_sum<3>(r, ws);
-      const acc_t lse1 = mi + dev_log(r[0]), lseT = mi * invT + dev_log(r[1]);
-      const acc_t kl = r[2] / r[1] - lseT;
+      const acc_t lse1 = mi + dev_log(r[0]);
+      const acc_t kl = r[2] / r[1] - dev_log(r[1]);
       if (tid == 0) {
         Z1[i] = r[0];
         ZT[i] = r[1];
@@ -223,15 +236,17 @@ __global__ void __launch_bounds__(kMaxRowThreads) sub_logit_loss_rows_kernel(con
         const scalar_t* x = x0 + i * K;
         acc_t* g = g0 + i * K;
         const acc_t mi = m[i], inv_z1 = acc_t(1) / Z1[i], inv_zT = acc_t(1) / ZT[i], kl = klraw[i];
-        const acc_t lseT = mi * invT + dev_log(ZT[i]);
+        const acc_t logzT = dev_log(ZT[i]);
         for (int64_t k = tid; k < K; k += nt) {
           const acc_t v = acc_t(x[k]);
           const acc_t s1 = g[k] * inv_z1;
           const acc_t pk = dev_exp((v - mi) * invT) * inv_zT;
-          acc_t gk = a_sce * (s1 - lsK) + a_x * pk * (v * invT - lseT - lq[k] - kl);
+          acc_t gk = a_sce * (s1 - lsK) + a_x * pk * ((v - mi) * invT - logzT - lq[k] - kl);
           if (k == y) gk -= a_sce * (acc_t(1) - ls);
-          if (ortho && !(p.masked && k == y))
-            for (int64_t j = 0; j < n; ++j) gk += C[i * n + j] * acc_t(x0[j * K + k]);
+          if (ortho && !(p.masked && k == y)) {
+            const acc_t zk = shifted ? shift * acc_t(xt[k]) : acc_t(0);
+            for (int64_t j = 0; j < n; ++j) gk += C[i * n + j] * (acc_t(x0[j * K + k]) - zk);
+          }
           g[k] = gk;
           gzs[k] -= a_skl * pk;
         }
@@ -292,20 +307,32 @@ SubLogitLossOut sub_logit_loss(HCD_SUB_LOGIT_LOSS_ARGS) {
   Tensor loss = at::empty({}, opts);
   if (B == 0) return {loss.zero_(), parts.zero_(), gsub, gzs};
 
-  LossParams p{temperature, label_smoothing, ortho_threshold, ortho_eps, gt_mask == 2 ? -1e6 : 0.0,
-               w_gt, w_kd, w_kl, w_ol, gt_mask != 0, detach_sub_targets, false};
+  LossParams p{temperature, label_smoothing, ortho_threshold, ortho_eps, mask_fill, ortho_shift,
+               w_gt, w_kd, w_kl, w_ol, mask_target, detach_sub_targets, false};
   // 16-byte loads need every row start aligned: an aligned base and K * itemsize a multiple of 16.
   p.vec16 = reinterpret_cast<uintptr_t>(sub.data_ptr()) % 16 == 0 && (K * sub.element_size()) % 16 == 0;
   const int threads = row_threads(K);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in_dtype, "hcd_fast_sub_logit_loss", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const size_t smem = (3 * kWarp + 4 * n + 2 * n * n) * sizeof(acc_t);
-    TORCH_CHECK(smem <= 48 * 1024, "sub_logit_loss (cuda): num_sub_logits=", n, " is too large");
-    sub_logit_loss_rows_kernel<scalar_t, acc_t><<<B, threads, smem, stream>>>(
+    // The per-sample scratch (4n + 2n^2 values) lives in shared memory up to the device's opt-in limit
+    // (above the default 48 KB the kernel opts in), else in global memory: any n runs.
+    auto kernel = sub_logit_loss_rows_kernel<scalar_t, acc_t>;
+    const size_t per_sample = size_t(4 * n + 2 * n * n) * sizeof(acc_t);
+    size_t smem = 3 * kWarp * sizeof(acc_t) + per_sample;
+    const size_t optin = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+    Tensor gscratch;
+    if (smem > optin) {
+      gscratch = at::empty({B, 4 * n + 2 * n * n}, opts);
+      smem = 3 * kWarp * sizeof(acc_t);
+    } else if (smem > 48 * 1024) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    }
+    kernel<<<B, threads, smem, stream>>>(
         sub.data_ptr<scalar_t>(), zs.data_ptr<scalar_t>(), zt.data_ptr<scalar_t>(), y.data_ptr<int64_t>(),
         compute_grad ? gsub.data_ptr<acc_t>() : nullptr, compute_grad ? gzs.data_ptr<acc_t>() : nullptr,
-        logq.data_ptr<acc_t>(), partials.data_ptr<acc_t>(), S, B, n, K, p);
+        logq.data_ptr<acc_t>(), partials.data_ptr<acc_t>(),
+        gscratch.defined() ? gscratch.data_ptr<acc_t>() : nullptr, S, B, n, K, p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     sub_logit_loss_reduce_kernel<acc_t><<<1, 256, 0, stream>>>(partials.data_ptr<acc_t>(), loss.data_ptr<acc_t>(),
                                                                parts.data_ptr<acc_t>(), B, n, p);

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from typing import List, Optional
 
+from hcd_fast.config import HCDConfig
 from hcd_fast.distill.baselines import METHODS
 from hcd_fast.distill.data import DATASETS
 from hcd_fast.distill.errors import TrainingError, UserError
@@ -40,6 +42,29 @@ def _json_dict(text: str) -> dict:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"img_size\": 32}}', got {text!r}")
     return value
+
+
+# HCDConfig fields the baselines use too; every other loss flag is HCD-only and its help says so.
+_SHARED_LOSS_FLAGS = ("temperature", "label_smoothing", "w_gt", "w_kd", "embed_dim")
+
+
+def _add_hcd_config_flags(group) -> None:
+    """One flag per HCDConfig field, generated from the field: name, default, choices and help text live in
+    hcd_fast/config.py only."""
+    for f in dataclasses.fields(HCDConfig):
+        flag = "--" + f.name.replace("_", "-")
+        text = ("" if f.name in _SHARED_LOSS_FLAGS else "hcd: ") + f.metadata["help"]
+        if isinstance(f.default, bool):
+            group.add_argument(flag, action="store_true", help=text)
+        elif f.name == "cfm_hidden":  # 'teacher', an int or 'none': parsed in parse_args
+            group.add_argument(flag, default=f.default, help=text + "; on the command line 'none' (default "
+                               f"{f.default})")
+        elif "choices" in f.metadata:
+            group.add_argument(flag, default=f.default, choices=f.metadata["choices"],
+                               help=f"{text} (default {f.default})")
+        else:
+            kind = int if f.name in ("num_sub_logits", "embed_dim") else float
+            group.add_argument(flag, type=kind, default=f.default, help=f"{text} (default {f.default})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,25 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(student alone), kd (Hinton), dkd (decoupled KD), ofa (OFA-KD); SPEC section 9")
     g.add_argument("--backend", default="auto", help="hcd_fast backend: auto (fused when available), "
                    "reference, triton, cuda, cpu")
-    g.add_argument("--temperature", type=float, default=1.0, help="T of every KL / soft target (default 1)")
-    g.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing of every CE (0.1)")
-    g.add_argument("--w-gt", type=float, default=1.0, help="weight of the ground-truth CE terms (1)")
-    g.add_argument("--w-kd", type=float, default=1.0, help="weight of the logit KD term (kd, hcd, ofa) (1)")
-    g.add_argument("--w-kl", type=float, default=6.0, help="hcd: weight of the sub-logit KL (6)")
-    g.add_argument("--w-ol", type=float, default=1.0, help="hcd: weight of the orthogonality loss (1)")
-    g.add_argument("--num-sub-logits", type=int, default=4, help="hcd: n sub-logits (4)")
-    g.add_argument("--ortho-threshold", type=float, default=0.5, help="hcd: theta of the OL hinge (0.5)")
-    g.add_argument("--gt-mask", default="zero", choices=("zero", "none", "large_negative"),
-                   help="hcd: target-class treatment in the OL (zero)")
-    g.add_argument("--ortho-eps", type=float, default=1e-12, help="hcd: eps of the OL normalisation (1e-12)")
-    g.add_argument("--detach-sub-targets", action="store_true",
-                   help="hcd: detach the fused sub-logits where they are the sub-logit KL's target")
-    g.add_argument("--lambda-student", type=float, default=1.0, help="hcd: weight of CFM logits in the fusion")
-    g.add_argument("--lambda-teacher", type=float, default=1.0, help="hcd: weight of teacher logits in the fusion")
-    g.add_argument("--cfm-hidden", default="teacher", help="hcd: CFM hidden width: 'teacher' (D_t), an int, "
-                   "or 'none' (single linear)")
-    g.add_argument("--embed-dim", type=int, default=None, help="hcd/ofa: projector width D (default "
-                   "max(C_last, D_t))")
+    _add_hcd_config_flags(g)
     g.add_argument("--dkd-alpha", type=float, default=1.0, help="dkd: TCKD weight (1)")
     g.add_argument("--dkd-beta", type=float, default=2.0, help="dkd: NCKD weight (2; 8 is common on ImageNet)")
     g.add_argument("--dkd-warmup", type=float, default=20.0, help="dkd: epochs of linear ramp-up (20)")

@@ -6,6 +6,7 @@ The teacher lives outside it (``DistillTask.teacher``): frozen, never wrapped, n
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ class LossOptions:
     num_sub_logits: int = 4
     ortho_threshold: float = 0.5
     ortho_eps: float = 1e-12
+    ortho_on: str = "fused"
     gt_mask: str = "zero"
     detach_sub_targets: bool = False
     lambda_student: float = 1.0
@@ -58,12 +60,8 @@ class LossOptions:
     backend: str = "auto"
 
     def hcd_config(self) -> HCDConfig:
-        return HCDConfig(num_sub_logits=self.num_sub_logits, temperature=self.temperature,
-                         label_smoothing=self.label_smoothing, ortho_threshold=self.ortho_threshold,
-                         lambda_student=self.lambda_student, lambda_teacher=self.lambda_teacher,
-                         ortho_eps=self.ortho_eps, detach_sub_targets=self.detach_sub_targets,
-                         gt_mask=self.gt_mask, cfm_hidden=self.cfm_hidden, embed_dim=self.embed_dim,
-                         w_gt=self.w_gt, w_kd=self.w_kd, w_kl=self.w_kl, w_ol=self.w_ol)
+        """The HCDConfig of these options (every HCDConfig field has a field of the same name here)."""
+        return HCDConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(HCDConfig)})
 
 
 def build_criterion(method: str, student_channels: Sequence[int], teacher_dim: int, num_classes: int,

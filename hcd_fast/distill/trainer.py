@@ -33,7 +33,7 @@ import random
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -375,14 +375,8 @@ def build_student(args, K: int, device, input_size) -> Tuple[nn.Module, Tuple[in
 
 
 def loss_options(args) -> LossOptions:
-    return LossOptions(temperature=args.temperature, label_smoothing=args.label_smoothing, w_gt=args.w_gt,
-                       w_kd=args.w_kd, w_kl=args.w_kl, w_ol=args.w_ol, num_sub_logits=args.num_sub_logits,
-                       ortho_threshold=args.ortho_threshold, ortho_eps=args.ortho_eps,
-                       gt_mask=args.gt_mask, detach_sub_targets=args.detach_sub_targets,
-                       lambda_student=args.lambda_student, lambda_teacher=args.lambda_teacher,
-                       cfm_hidden=args.cfm_hidden, embed_dim=args.embed_dim, dkd_alpha=args.dkd_alpha,
-                       dkd_beta=args.dkd_beta, dkd_warmup=args.dkd_warmup, ofa_eps=args.ofa_eps,
-                       w_ofa=args.w_ofa, backend=args.backend)
+    # Every loss option is a flag of the same name (the HCDConfig ones generated from HCDConfig, cli.py).
+    return LossOptions(**{f.name: getattr(args, f.name) for f in fields(LossOptions)})
 
 
 def build_models(args, K: int, device, data_cfg: DataConfig, input_size) -> Models:

@@ -1,4 +1,4 @@
-"""Backend dispatch: one place that maps (op, backend, device) to an implementation.
+"""Backend dispatch: one place that maps (backend, device) to an op table.
 
 Each backend is a module exposing the four ops under their SPEC names (``sub_logit_loss``,
 ``bn_relu_pool``, ``pool_linear``, ``cfm``) with the signatures of ``hcd_fast.reference``, and a
@@ -8,13 +8,14 @@ import of ``hcd_fast`` never fails because of it.
 
 ``backend="auto"`` picks cuda > triton > reference for CUDA tensors and cpu > reference for CPU tensors.
 The environment variable ``HCD_FAST_BACKEND`` (read once, at import) replaces "auto" by a fixed choice.
+``op_table(backend, device)`` resolves once per (backend, device type) and caches the table.
 """
 from __future__ import annotations
 
 import importlib
 import os
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -104,9 +105,30 @@ def resolve(backend: str, device: torch.device) -> str:
     return backend
 
 
+class OpTable(NamedTuple):
+    """The four ops of one resolved backend (signatures of ``hcd_fast.reference``)."""
+    backend: str
+    sub_logit_loss: Callable
+    bn_relu_pool: Callable
+    pool_linear: Callable
+    cfm: Callable
+
+
+_TABLES: Dict[Tuple[str, str], OpTable] = {}
+
+
+def op_table(backend: str, device: torch.device) -> OpTable:
+    """The op table of ``backend`` ("auto" allowed) for tensors on ``device``; resolved once per device type."""
+    key = (backend, device.type)
+    table = _TABLES.get(key)
+    if table is None:
+        name = resolve(backend, device)
+        module = _IMPL[name]
+        table = OpTable(name, *(getattr(module, op) for op in OPS))
+        _TABLES[key] = table
+    return table
+
+
 def get_op(op: str, backend: str, device: torch.device):
     """The implementation of ``op`` for ``backend`` ("auto" allowed) and tensors on ``device``."""
-    name = resolve(backend, device)
-    module = _IMPL[name]
-    return getattr(module, op)
-
+    return getattr(op_table(backend, device), op)

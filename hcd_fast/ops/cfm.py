@@ -1,0 +1,97 @@
+"""The ``cfm`` op: the Complementary Feature Mapper and the teacher fusion -> fused sub-logits (B, n, K).
+
+    a = W1 [h_s ; f_t] + b1,   z = W2 relu(a) + b2 (or z = a without weight2),   zf_i = ls z_i + lt z_t.
+
+Kernel contract: student_feat h_s (B, D), teacher_feat f_t (B, D_t), weight1 (H, D + D_t), bias1 (H,),
+weight2 (n*K, H) and bias2 (n*K,) or both None, teacher_logits z_t (B, K) ->
+    (sub_logits (B, n, K), hidden (B, H) = relu(a), or (0,) without weight2), both in the output dtype
+    promote(h_s, f_t, W1, z_t). Products accumulate in fp32 (fp64 for fp64); epilogues in fp32/fp64.
+Precision policy (the reference's dtypes): under autocast the features and the weights are cast to the
+autocast dtype first (as ``F.linear`` is), so the output is promote(autocast dtype, z_t's dtype).
+Backward (shared; f_t and z_t get no gradient), with dz = lambda_student * g:
+    dW2 = dz^T relu(a),  db2 = sum_b dz,  da = (dz W2) [a > 0],  db1 = sum_b da,
+    dW1 = da^T [h_s ; f_t],  dh_s = da W1[:, :D].
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from hcd_fast.ops.library import OpDef, acc_dtype, autocast_cast, autocast_dtype
+
+SCHEMA = ("(Tensor student_feat, Tensor teacher_feat, Tensor weight1, Tensor bias1, Tensor? weight2, "
+          "Tensor? bias2, Tensor teacher_logits, int num_sub_logits, float lambda_student, float lambda_teacher) "
+          "-> (Tensor sub_logits, Tensor hidden)")
+
+
+def out_dtype(student_feat, teacher_feat, weight1, teacher_logits) -> torch.dtype:
+    dt = torch.promote_types(student_feat.dtype, teacher_feat.dtype)
+    return torch.promote_types(dt, torch.promote_types(weight1.dtype, teacher_logits.dtype))
+
+
+def _fake(student_feat, teacher_feat, weight1, bias1, weight2, bias2, teacher_logits, num_sub_logits,
+          lambda_student, lambda_teacher):
+    dt = out_dtype(student_feat, teacher_feat, weight1, teacher_logits)
+    batch, num_classes = teacher_logits.shape
+    zf = student_feat.new_empty((batch, num_sub_logits, num_classes), dtype=dt)
+    hidden = student_feat.new_empty((0,) if weight2 is None else (batch, weight1.shape[0]), dtype=dt)
+    return zf, hidden
+
+
+def _setup_context(ctx, inputs, output):
+    student_feat, teacher_feat, weight1, bias1, weight2, bias2 = inputs[:6]
+    ctx.lambda_student = inputs[8]
+    ctx.has_hidden = weight2 is not None
+    ctx.save_for_backward(student_feat, teacher_feat, weight1, weight2, output[1])
+    ctx.dtypes = (student_feat.dtype, weight1.dtype, bias1.dtype,
+                  None if weight2 is None else weight2.dtype, None if bias2 is None else bias2.dtype)
+
+
+def _backward(ctx, grad_zf, grad_hidden):
+    student_feat, teacher_feat, weight1, weight2, hidden = ctx.saved_tensors
+    dt = acc_dtype(student_feat.dtype, teacher_feat.dtype, weight1.dtype)
+    # GEMMs in the activation's dtype when it is bf16/fp16 (as in the forward), reductions in dt.
+    gemm = student_feat.dtype if student_feat.dtype in (torch.bfloat16, torch.float16) else dt
+    batch, dim = student_feat.shape
+    gz = grad_zf.reshape(batch, -1).to(dt) * ctx.lambda_student
+    needs = ctx.needs_input_grad
+    gw2 = gb2 = None
+    if ctx.has_hidden:
+        if needs[4]:
+            gw2 = (gz.to(gemm).t() @ hidden.to(gemm)).to(ctx.dtypes[3])
+        if needs[5]:
+            gb2 = gz.sum(0).to(ctx.dtypes[4])
+        ga = (gz.to(gemm) @ weight2.to(gemm)).to(dt)
+        ga = torch.ops.aten.threshold_backward(ga, hidden.to(dt), 0.0)  # the ReLU mask, one pass
+    else:
+        ga = gz
+    ga_g = ga.to(gemm)
+    gh = gw1 = gb1 = None
+    if needs[0]:
+        gh = (ga_g @ weight1[:, :dim].to(gemm)).to(ctx.dtypes[0])
+    if needs[2]:
+        u = torch.cat([student_feat.to(gemm), teacher_feat.to(gemm)], dim=1)
+        gw1 = (ga_g.t() @ u).to(ctx.dtypes[1])
+    if needs[3]:
+        gb1 = ga.sum(0).to(ctx.dtypes[2])
+    return gh, None, gw1, gb1, gw2, gb2, None, None, None, None
+
+
+OP = OpDef("cfm", SCHEMA, _fake, _setup_context, _backward)
+
+
+def bind(op) -> Callable:
+    """The public form of a backend's ``cfm`` torch op (signature of ``hcd_fast.reference.cfm``)."""
+
+    def cfm(student_feat: torch.Tensor, teacher_feat: torch.Tensor, weight1: torch.Tensor, bias1: torch.Tensor,
+            weight2: Optional[torch.Tensor], bias2: Optional[torch.Tensor], teacher_logits: torch.Tensor,
+            num_sub_logits: int, lambda_student: float = 1.0, lambda_teacher: float = 1.0) -> torch.Tensor:
+        cast = autocast_dtype(student_feat.device.type)
+        if cast is not None:
+            student_feat, teacher_feat, weight1, bias1, weight2, bias2 = (
+                autocast_cast(cast, t) for t in (student_feat, teacher_feat, weight1, bias1, weight2, bias2))
+        return op(student_feat, teacher_feat, weight1, bias1, weight2, bias2, teacher_logits,
+                  int(num_sub_logits), float(lambda_student), float(lambda_teacher))[0]
+
+    return cfm
