@@ -23,7 +23,7 @@
 # Without a GPU: HCD_GPU_CHECK_DRY=1 runs the same stages on the CPU, quickly (no install unless
 # HCD_GPU_CHECK_INSTALL=1, tiny benchmark shapes), to test this script.
 # Knobs: HCD_GPU_CHECK_BUDGET (total seconds, default 470), HCD_GPU_CHECK_STAGES (comma list of stages to
-# run: env, install, backends, test_cuda, test_triton, determinism, probe, bench; default all),
+# run: env, install, backends, test_cuda, test_triton, test_contract, determinism, probe, bench; default all),
 # HCD_GPU_CHECK_BENCH_CASES (the runner's --cases), PYTHON (the interpreter to use).
 # Measured on the first run (H100, 16 cores, 2026-11-27, benchmarks/results/h100/gpu_check/summary.txt): env 19 s,
 # install 52 s, backends 6 s, test_cuda 24 s, test_triton 35 s (8 xdist workers), determinism 22 s, bench 170 s
@@ -151,6 +151,15 @@ else
   # On the GPU: TRITON_INTERPRET unset, so tests/conftest.py leaves Triton on the real device.
   run_stage test_triton 90 env -u TRITON_INTERPRET "$PY" -m pytest -m cuda -q -p no:cacheprovider $XDIST \
     --junitxml="$OUTDIR/junit_triton.xml" $TRITON_TESTS
+fi
+
+# The op contract (tests/test_op_contract.py: dtypes, aliasing, opcheck, compiled gradients, ortho_on, large
+# logits) is parametrized over the backends available on the device: on the GPU, triton and cuda.
+if [ "$DRY" = "1" ]; then
+  run_stage test_contract 60 "$PY" -m pytest -q -p no:cacheprovider --collect-only tests/test_op_contract.py
+else
+  run_stage test_contract 90 env -u TRITON_INTERPRET "$PY" -m pytest -q -p no:cacheprovider $XDIST \
+    --junitxml="$OUTDIR/junit_contract.xml" tests/test_op_contract.py
 fi
 
 # --- 5. determinism ------------------------------------------------------------------------------------
