@@ -69,3 +69,25 @@ def test_functional_reference_equals_reference_module():
     a = HF.sub_logit_loss(zf, zs, zt, y, HCDConfig(), backend="reference")
     b = hcd_fast.reference.sub_logit_loss(zf, zs, zt, y, HCDConfig())
     assert torch.equal(a[0], b[0])
+
+
+def test_auto_on_cuda_picks_the_faster_backend_per_op(monkeypatch):
+    """With both GPU backends available, "auto" takes triton for sub_logit_loss and cuda for the other ops
+    (what the H100 run measured); with only one available, that one for every op."""
+    cuda = torch.device("cuda")
+
+    def fake_status(available):
+        return {name: dispatch.BackendStatus(name, name in available, "test", ("cuda",) if name in available else ())
+                for name in ("triton", "cuda")}
+
+    monkeypatch.setattr(dispatch, "_ENV_BACKEND", None)
+    for available, expected in [(("triton", "cuda"), {"sub_logit_loss": "triton"}),
+                                (("cuda",), {"sub_logit_loss": "cuda"}),
+                                (("triton",), {op: "triton" for op in dispatch.OPS})]:
+        monkeypatch.setattr(dispatch, "_STATUS", {**dispatch._STATUS, **fake_status(available)})
+        for op in dispatch.OPS:
+            want = expected.get(op, "cuda" if "cuda" in available else "triton")
+            assert dispatch.resolve("auto", cuda, op) == want, (available, op)
+    # an explicit backend is never re-routed
+    monkeypatch.setattr(dispatch, "_STATUS", {**dispatch._STATUS, **fake_status(("triton", "cuda"))})
+    assert dispatch.resolve("cuda", cuda, "sub_logit_loss") == "cuda"
