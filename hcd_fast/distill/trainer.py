@@ -361,6 +361,9 @@ def _run(args: argparse.Namespace, ctx: DistContext) -> dict:
         raise UserError(f"--student {args.student!r} outputs {student_k} classes, the dataset has {K}")
     if args.method == "ce":
         teacher_dim = 1  # unused: the ce criterion has no parameters
+    if getattr(args, "teacher_cache", None):  # replay stored views and f_t (hcd_fast.distill.teacher_cache)
+        from hcd_fast.distill.teacher_cache import open_for_training
+        data.train = open_for_training(args, data.train, teacher, teacher_dim if teacher is not None else None)
 
     opts = LossOptions(temperature=args.temperature, label_smoothing=args.label_smoothing, w_gt=args.w_gt,
                        w_kd=args.w_kd, w_kl=args.w_kl, w_ol=args.w_ol, num_sub_logits=args.num_sub_logits,
@@ -379,8 +382,6 @@ def _run(args: argparse.Namespace, ctx: DistContext) -> dict:
     channels_last = args.channels_last == "on" or (args.channels_last == "auto" and device.type == "cuda")
     if channels_last:
         distiller.to(memory_format=torch.channels_last)
-        if teacher is not None:
-            teacher.to(memory_format=torch.channels_last)
     if args.sync_bn:
         distiller = nn.SyncBatchNorm.convert_sync_batchnorm(distiller)
     task = DistillTask(distiller, teacher, device=device)
@@ -389,6 +390,11 @@ def _run(args: argparse.Namespace, ctx: DistContext) -> dict:
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
     scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+    if teacher is not None:  # bf16 weights / channels_last / compiled forward (hcd_fast.distill.teacher_speed)
+        from hcd_fast.distill.teacher_speed import apply_teacher_speed, resolve_teacher_speed
+        apply_teacher_speed(teacher, resolve_teacher_speed(
+            teacher.model, device, amp, getattr(args, "teacher_bf16", "auto"),
+            getattr(args, "teacher_channels_last", "auto"), getattr(args, "teacher_compile", "auto"), args.compile))
 
     # Loaders: deterministic order from (seed, epoch); the global batch is split over ranks.
     local_bs = args.batch_size // ctx.world
@@ -449,7 +455,7 @@ def _run(args: argparse.Namespace, ctx: DistContext) -> dict:
     if ctx.is_main:
         os.makedirs(out, exist_ok=True)  # only now: a run that fails its checks leaves nothing behind
     if args.compile:
-        task.compile()
+        task.compile(teacher=False)  # the teacher's compile is --teacher-compile's (teacher_speed)
     if ctx.enabled:
         task.prepare_distributed(device_ids=[device.index] if device.type == "cuda" else None,
                                  find_unused_parameters=args.find_unused_parameters)
@@ -493,15 +499,18 @@ def _run(args: argparse.Namespace, ctx: DistContext) -> dict:
         t_epoch = time.perf_counter()
         t_log, seen_log = t_epoch, 0
         step = step_in_epoch
-        for x, y in train_loader:
+        if hasattr(data.train, "set_epoch"):
+            data.train.set_epoch(epoch)  # the teacher cache's view choice
+        for batch in train_loader:
             if step >= steps_per_epoch:
                 break
-            x = x.to(device, non_blocking=True)
-            y = y.to(device, non_blocking=True)
+            x = batch[0].to(device, non_blocking=True)
+            y = batch[1].to(device, non_blocking=True)
+            cached_feat = batch[2].to(device, non_blocking=True) if len(batch) > 2 else None
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast():
-                result = task(x, y)
+                result = task(x, y, cached_feat)
             loss = result["loss"]
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
