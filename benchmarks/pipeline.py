@@ -81,7 +81,10 @@ def synthetic_imagefolder(root: str, classes: int, per_class: int, seed: int = 0
                           sizes=((500, 375), (375, 500), (500, 333), (640, 480), (400, 400))) -> str:
     """An ImageFolder (``root/train/cXXX/*.jpg``, ``root/val/...``) of deterministic synthetic JPEGs at
     ImageNet-like sizes, made once: a finished folder holds ``DONE`` and is reused as it is."""
-    folder = os.path.join(os.path.expanduser(root), f"synth_imagefolder_c{classes}_n{per_class}_v{val_per_class}_s{seed}")
+    tag = "x".join(f"{w}-{h}" for w, h in sizes)
+    import hashlib
+    folder = os.path.join(os.path.expanduser(root), f"synth_imagefolder_c{classes}_n{per_class}_v{val_per_class}_s{seed}_"
+                          f"{hashlib.sha256(tag.encode()).hexdigest()[:8]}")
     if os.path.isfile(os.path.join(folder, "DONE")):
         return folder
     jobs = []
