@@ -6,7 +6,7 @@
 One run measures, in images per second (and ms per step), on the same synthetic data:
 
 - ``loader/timm``: the PIL/timm training loader alone (ImageFolder, RandomResizedCrop, flip, colour jitter,
-  normalise; ``--workers`` processes), batches moved to the device.
+  normalise; ``--workers`` processes), batches moved to the device; one whole epoch after an untimed one.
 - ``loader/cache``: the teacher cache's replaying loader alone (same decode, stored crop and flip, f_t).
 - ``cache/build``: ``hcd-distill cache-teacher`` over K views of every image (a one-off cost, per view).
 - ``teacher/published``: the teacher forward as the published code runs it (``torch.no_grad``, fp32 on
@@ -109,27 +109,23 @@ def synthetic_imagefolder(root: str, classes: int, per_class: int, seed: int = 0
 
 
 # ------------------------------------------------------------------------------------------- helpers
-def _loader_rate(loader, device, max_batches: int) -> Dict[str, float]:
-    """img/s of iterating ``loader`` (batches moved to ``device``), the first batch (worker start) excluded."""
-    it = iter(loader)
-    first = next(it)
-    [t.to(device) for t in first[:3] if isinstance(t, torch.Tensor)]
+def _loader_rate(loader, device) -> Dict[str, float]:
+    """img/s of one whole epoch of ``loader`` (batches moved to ``device``), timed from ``iter()`` to the
+    last batch, after an untimed first epoch (persistent workers: no worker start in the timed epoch)."""
+    for _ in loader:
+        pass
     times, n = [], 0
-    t0 = time.perf_counter()
-    for b, batch in enumerate(it):
-        if b >= max_batches:
-            break
+    start = t0 = time.perf_counter()
+    for batch in loader:
         [t.to(device, non_blocking=True) for t in batch if isinstance(t, torch.Tensor)]
         synchronize(device)
         t1 = time.perf_counter()
         times.append((t1 - t0) * 1e3)
         t0 = t1
         n += batch[0].shape[0]
-    del it
-    if not times:
-        raise RuntimeError("the loader gave fewer than 2 batches: more images or a smaller batch are needed")
     res = summarize(times)
-    res["images_per_s"] = n / (sum(times) * 1e-3)
+    res["images_per_s"] = n / (time.perf_counter() - start)
+    res["median_ms"] = 1e3 * loader.batch_size / res["images_per_s"]  # ms per batch at the epoch's rate
     return res
 
 
@@ -298,19 +294,20 @@ def run(argv: Optional[List[str]] = None) -> dict:
     # --- loaders ------------------------------------------------------------------------------------------
     n_batches = len(data.train) // B - 1
 
-    def timm_loader():
+    def timm_loader(persistent=False):
         return DataLoader(data.train, batch_size=B, shuffle=True, num_workers=P["workers"], pin_memory=pin,
                           drop_last=True, generator=torch.Generator().manual_seed(0),
-                          persistent_workers=False)
+                          persistent_workers=persistent and P["workers"] > 0)
 
-    def cache_loader():
+    def cache_loader(persistent=False):
         ds = CachedViewDataset(RawSource(data.train), TeacherCache(cache_dir), seed=0)
         ds.set_epoch(0)
         return DataLoader(ds, batch_size=B, shuffle=True, num_workers=P["workers"], pin_memory=pin,
-                          drop_last=True, generator=torch.Generator().manual_seed(0), persistent_workers=False)
+                          drop_last=True, generator=torch.Generator().manual_seed(0),
+                          persistent_workers=persistent and P["workers"] > 0)
 
-    record("loader/timm", lambda: _loader_rate(timm_loader(), device, n_batches), workers=P["workers"])
-    record("loader/cache", lambda: _loader_rate(cache_loader(), device, n_batches), workers=P["workers"])
+    record("loader/timm", lambda: _loader_rate(timm_loader(persistent=True), device), workers=P["workers"])
+    record("loader/cache", lambda: _loader_rate(cache_loader(persistent=True), device), workers=P["workers"])
 
     # --- teacher forward ----------------------------------------------------------------------------------
     g = torch.Generator().manual_seed(0)

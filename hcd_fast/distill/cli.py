@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--aa", default=None, help="timm auto-augment policy, e.g. rand-m9-mstd0.5 (off)")
     g.add_argument("--reprob", type=float, default=0.0, help="random-erasing probability (0)")
     g.add_argument("--no-aug", action="store_true", help="no training augmentation (cifar100/imagefolder)")
+    g.add_argument("--digits-aug", action="store_true", help="digits: RandomResizedCrop + flip views (fresh "
+                   "each epoch; the teacher cache's views with --teacher-cache); digits are otherwise not augmented")
     g.add_argument("--interpolation", default="bicubic", help="resize interpolation (bicubic)")
     g.add_argument("--workers", type=int, default=4, help="data-loader workers per process (4; digits "
                    "always uses 0, it is in memory)")

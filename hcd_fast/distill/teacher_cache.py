@@ -21,7 +21,9 @@ is refused, as is a cache whose metadata differ from the run (teacher, weights, 
 a run with augmentations that cannot be replayed (RandAugment / auto-augment, random erasing). Under the
 cache the training transform is RandomResizedCrop + flip + normalisation: timm's default colour jitter is
 random per step and cannot be replayed either, so it is off (``--no-aug``: resize + centre crop, one view).
-The digits dataset (in memory, never augmented online) has one view per image: the image itself.
+The digits dataset (in memory, not augmented online) has one view per image, the image itself, unless
+``--digits-aug`` (both commands) gives it the same crop + flip views; online, ``--digits-aug`` draws a fresh
+view per image and epoch (``FreshViewDataset``), the K = infinity end of the cache.
 """
 from __future__ import annotations
 
@@ -102,9 +104,9 @@ class RawSource:
 
 
 # -------------------------------------------------------------------------------------------- views
-def transform_spec(dataset: str, img_size: int, interpolation: str, no_aug: bool) -> dict:
+def transform_spec(dataset: str, img_size: int, interpolation: str, no_aug: bool, digits_aug: bool = False) -> dict:
     """The replayable training transform of a run (stored in the metadata, compared at training)."""
-    aug = "none" if (no_aug or dataset == "digits") else "rrc_flip"
+    aug = "none" if (no_aug or (dataset == "digits" and not digits_aug)) else "rrc_flip"
     spec = {"aug": aug, "img_size": img_size, "interpolation": interpolation, "mean": list(IMAGENET_MEAN),
             "std": list(IMAGENET_STD)}
     if aug == "rrc_flip":
@@ -295,10 +297,40 @@ class CachedViewDataset(Dataset):
         return x, label, feat
 
 
+class FreshViewDataset(Dataset):
+    """Online counterpart of ``CachedViewDataset`` for in-memory data (``--digits-aug`` without a cache):
+    item n in epoch e -> (x, label) through a fresh view drawn from (seed, e, n), never repeated (K = inf),
+    with the same crop and flip function the cache replays."""
+
+    def __init__(self, source: RawSource, spec: dict, seed: int):
+        self.source, self.tf, self.seed, self.epoch = source, ViewTransform(spec), seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, n: int):
+        image, label = self.source.get(n)
+        height, width = self.source.image_hw(image)
+        rng = np.random.default_rng([self.seed, self.epoch, n, _CHOICE_SALT + 1])
+        return self.tf(image, sample_view(rng, height, width)), label
+
+
+def online_views(args, train_set: Dataset) -> Dataset:
+    """The training set of ``--digits-aug`` without a cache: digits through a fresh crop + flip per epoch."""
+    if args.dataset != "digits":
+        raise UserError(f"--digits-aug: only for --dataset digits (the {args.dataset} loader already augments)")
+    spec = transform_spec(args.dataset, args.img_size, args.interpolation, args.no_aug, True)
+    return FreshViewDataset(RawSource(train_set), spec, args.seed) if spec["aug"] != "none" else train_set
+
+
 def run_identity(args, source: RawSource, teacher_model: Optional[torch.nn.Module]) -> dict:
     """The metadata fields a cache must have for this run (teacher fields only when there is a teacher)."""
     out = {"dataset": args.dataset, "num_images": len(source), "files_sha256": source.file_list_hash(),
-           "transform": transform_spec(args.dataset, args.img_size, args.interpolation, args.no_aug)}
+           "transform": transform_spec(args.dataset, args.img_size, args.interpolation, args.no_aug,
+                                       getattr(args, "digits_aug", False))}
     if teacher_model is not None:
         out.update(teacher=args.teacher, teacher_kwargs=dict(args.teacher_kwargs),
                    teacher_weights_sha256=weights_hash(teacher_model))
@@ -357,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, default=32, help="input size in pixels (32; must match training)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="digits: held-out fraction (0.2)")
     p.add_argument("--no-aug", action="store_true", help="no augmentation: one view, resize + centre crop")
+    p.add_argument("--digits-aug", action="store_true", help="digits: K crop + flip views (as hcd-distill "
+                   "--digits-aug; digits are otherwise never augmented)")
     p.add_argument("--interpolation", default="bicubic", help="resize interpolation (bicubic)")
     p.add_argument("--views", type=int, default=16, help="K augmented views per image (16)")
     p.add_argument("--cache-dtype", choices=("fp16", "fp32"), default="fp16", help="storage of f_t (fp16)")
@@ -402,7 +436,7 @@ def create_cache(args: argparse.Namespace) -> dict:
                       no_aug=args.no_aug, interpolation=args.interpolation, train_split=args.train_split,
                       val_split=args.val_split)
     source = RawSource(data.train)
-    spec = transform_spec(args.dataset, args.img_size, args.interpolation, args.no_aug)
+    spec = transform_spec(args.dataset, args.img_size, args.interpolation, args.no_aug, args.digits_aug)
     num_views = args.views if spec["aug"] == "rrc_flip" else 1
 
     seed_everything(args.seed)  # the same initialisation as a training run with this seed (random teachers)

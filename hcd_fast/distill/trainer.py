@@ -364,6 +364,9 @@ def _run(args: argparse.Namespace, ctx: DistContext) -> dict:
     if getattr(args, "teacher_cache", None):  # replay stored views and f_t (hcd_fast.distill.teacher_cache)
         from hcd_fast.distill.teacher_cache import open_for_training
         data.train = open_for_training(args, data.train, teacher, teacher_dim if teacher is not None else None)
+    elif getattr(args, "digits_aug", False):  # digits through fresh crop + flip views (the cache's online twin)
+        from hcd_fast.distill.teacher_cache import online_views
+        data.train = online_views(args, data.train)
 
     opts = LossOptions(temperature=args.temperature, label_smoothing=args.label_smoothing, w_gt=args.w_gt,
                        w_kd=args.w_kd, w_kl=args.w_kl, w_ol=args.w_ol, num_sub_logits=args.num_sub_logits,
