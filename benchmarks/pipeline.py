@@ -20,6 +20,9 @@ One run measures, in images per second (and ms per step), on the same synthetic 
   GradScaler on CUDA, ``loss.item()`` every step); ``step/hcd_ours``: HCDLoss(backend="auto") with the
   teacher at hcd-distill's defaults; ``step/hcd_cache``: the same without a teacher forward (f_t from the
   cache, z_t = classifier(f_t)).
+- The teacher and step rows are timed together, round-robin on the CPU (``benchmarks.common.measure_group``:
+  a change in the machine's load hits every row alike), after a first call each (``first_call_s``:
+  compilation, cuDNN's search).
 - ``e2e/published``, ``e2e/ours``, ``e2e/cache``: loader and step together, as training runs them (the
   loader's workers run beside the step). Each step runs on a fixed tensor the loaded batch is copied into
   (the work does not depend on the pixel values).
@@ -47,7 +50,8 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from benchmarks.common import SCHEMA_VERSION, Policy, device_tag, environment, summarize, synchronize
+from benchmarks.common import (SCHEMA_VERSION, Policy, device_tag, environment, measure_group, summarize,
+                               synchronize)
 
 PROFILES = {
     # teacher, teacher kwargs, img, batch, classes, train images per class, views, workers, policy
@@ -126,26 +130,6 @@ def _loader_rate(loader, device) -> Dict[str, float]:
     res = summarize(times)
     res["images_per_s"] = n / (time.perf_counter() - start)
     res["median_ms"] = 1e3 * loader.batch_size / res["images_per_s"]  # ms per batch at the epoch's rate
-    return res
-
-
-def _time(fn: Callable[[], object], device, policy: Policy, batch: int) -> Dict[str, float]:
-    t0 = time.perf_counter()
-    fn()
-    synchronize(device)
-    first = time.perf_counter() - t0
-    for _ in range(max(policy.warmup - 1, 0)):
-        fn()
-    synchronize(device)
-    times = []
-    for _ in range(policy.max_reps):
-        t0 = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    res = summarize(times)
-    res["first_call_s"] = first
-    res["images_per_s"] = batch / (res["median_ms"] * 1e-3)
     return res
 
 
@@ -231,6 +215,45 @@ def run(argv: Optional[List[str]] = None) -> dict:
         dump()
         return row if row["status"] == "ok" else None
 
+    def time_group(entries) -> Dict[str, Callable[[], object]]:
+        """Build each entry's callable and time its first call (compilation, cuDNN search), then time them
+        all with ``measure_group`` (round-robin on the CPU: load changes hit every row alike)."""
+        fns, by_name = {}, {}
+        for name, factory, info in entries:
+            if factory is None:
+                skip(name, info["reason"])
+                continue
+            row = {"component": name, "status": "ok", "reason": None, **info}
+            rows.append(row)
+            by_name[name] = row
+            try:
+                fn = factory()
+                t0 = time.perf_counter()
+                fn()
+                synchronize(device)
+                row["first_call_s"] = time.perf_counter() - t0
+                fns[name] = fn
+            except Exception as exc:  # one failing component must not end the run
+                row.update(status="error", reason=f"{type(exc).__name__}: {exc}"[:600])
+                traceback.print_exception(type(exc), exc, exc.__traceback__, limit=4)
+                log(f"{name:<24} error: {row['reason']}")
+        log(f"timing {len(fns)} teacher/step rows together ({policy.max_reps} rounds at most)")
+        pol = Policy(warmup=max(policy.warmup - 1, 0), min_reps=policy.min_reps, max_reps=policy.max_reps,
+                     target_s=policy.target_s, flush_l2=policy.flush_l2)
+        for name, res in measure_group(fns, device, pol).items():
+            row = by_name[name]
+            if isinstance(res, BaseException):
+                row.update(status="error", reason=f"{type(res).__name__}: {res}"[:600])
+                fns.pop(name)
+                log(f"{name:<24} error: {row['reason']}")
+                continue
+            row.update(res)
+            row["images_per_s"] = B / (res["median_ms"] * 1e-3)
+            log(f"{name:<24} {row['images_per_s']:9.1f} img/s  ({row['median_ms']:.1f} ms, first call "
+                f"{row['first_call_s']:.1f} s)")
+        dump()
+        return fns
+
     def skip(name: str, reason: str, **info):
         rows.append({"component": name, "status": "skipped", "reason": reason, **info})
         log(f"{name:<24} skipped: {reason}")
@@ -263,7 +286,8 @@ def run(argv: Optional[List[str]] = None) -> dict:
     cache_args = SimpleNamespace(
         teacher=P["teacher"], teacher_checkpoint=None, allow_random_teacher=True, teacher_kwargs=P["teacher_kwargs"],
         dataset="imagefolder", data_dir=root, train_split="train", val_split="val", img_size=img, val_fraction=0.2,
-        no_aug=False, interpolation="bicubic", views=P["views"], cache_dtype="fp16", output=cache_dir, seed=0,
+        no_aug=False, digits_aug=False, interpolation="bicubic", views=P["views"], cache_dtype="fp16",
+        output=cache_dir, seed=0,
         batch_size=B, workers=P["workers"], device=dev_str, teacher_bf16="auto", teacher_channels_last="auto",
         threads=None, no_progress=True, aa=None, reprob=0.0)
     # The cache's teacher: a seeded random one (the benchmark times, it does not train).
@@ -348,16 +372,12 @@ def run(argv: Optional[List[str]] = None) -> dict:
                              f"torch.compile ({mode or 'default'})"))
     else:
         teacher_rows.append(("teacher/compiled", None, None, "compile off for this profile (--no-compile or quick)"))
-    teacher_ms = {}
+    group = []  # (name, factory, info): teacher rows and step rows, timed together (interleaved on CPU)
     for name, speed, amp, desc in teacher_rows:
         if speed is None and name != "teacher/published":
-            skip(name, desc)
+            group.append((name, None, {"reason": desc}))
             continue
-        r = record(name, lambda: _time(teacher_fn(speed, amp), device, policy, B), settings=desc)
-        if r:
-            teacher_ms[name] = r["median_ms"]
-        gc.collect()
-    torch._dynamo.reset()
+        group.append((name, lambda speed=speed, amp=amp: teacher_fn(speed, amp), {"settings": desc}))
 
     # --- steps --------------------------------------------------------------------------------------------
     case = ST.StepCase("vit_s", B, img, data.num_classes)  # the teacher is replaced below
@@ -390,17 +410,11 @@ def run(argv: Optional[List[str]] = None) -> dict:
                 "step/hcd_published": (bench, "hcd_ref"),
                 "step/hcd_ours": (bench_with(_TeacherAdapter(tap_ours, D)), "hcd"),
                 "step/hcd_cache": (bench_with(_TeacherAdapter(cached_teacher, D)), "hcd")}
-    step_ms = {}
-    built = {}
     for name, (b, variant) in step_fns.items():
-        def make(b=b, variant=variant):
-            fn = b.fn(variant)
-            built[name] = fn
-            return _time(fn, device, policy, B)
-        r = record(name, make, precision=ST.variant_precision(variant, device))
-        if r:
-            step_ms[name] = r["median_ms"]
-        gc.collect()
+        group.append((name, lambda b=b, variant=variant: b.fn(variant),
+                      {"precision": ST.variant_precision(variant, device)}))
+    built = time_group(group)
+    gc.collect()
 
     # --- end to end ---------------------------------------------------------------------------------------
     def e2e(loader_fn, step_fn, with_feat: bool):
