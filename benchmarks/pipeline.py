@@ -36,6 +36,7 @@ OUT is ``benchmarks/results/<device tag>/pipeline``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import gc
@@ -343,7 +344,7 @@ def run(argv: Optional[List[str]] = None) -> dict:
     def teacher_fn(speed: Optional[TeacherSpeed], amp):
         if speed is None:  # as published: no_grad, forward_features + forward_head twice (pre-logits, logits)
             def fwd():
-                with torch.no_grad(), (amp() if amp else torch.enable_grad()):
+                with torch.no_grad(), (amp() if amp else contextlib.nullcontext()):
                     t = model_fp32.forward_features(x)
                     return model_fp32.forward_head(t, pre_logits=True), model_fp32.forward_head(t)
             return fwd
