@@ -238,3 +238,21 @@ def test_compiled_teacher_forward_equals_eager():
     for a, b in zip(tap(x), ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     torch._dynamo.reset()
+
+
+def test_digits_aug_fresh_views_per_epoch():
+    """--digits-aug online: a fresh crop + flip per image and epoch, a pure function of (seed, epoch, index)."""
+    from hcd_fast.distill.errors import UserError
+    from hcd_fast.distill.teacher_cache import online_views
+    args = parse_args(STUDENT + COMMON + ["--digits-aug"])
+    data = build_data("digits", None, 16)
+    ds = online_views(args, data.train)
+    ds.set_epoch(0)
+    x0, y0 = ds[3]
+    assert x0.shape == (3, 16, 16) and y0 == int(data.train[3][1])
+    assert torch.equal(ds[3][0], x0)
+    ds.set_epoch(1)
+    assert not torch.equal(ds[3][0], x0)
+    assert online_views(parse_args(STUDENT + COMMON + ["--digits-aug", "--no-aug"]), data.train) is data.train
+    with pytest.raises(UserError, match="only for --dataset digits"):
+        online_views(parse_args(STUDENT + COMMON + ["--digits-aug", "--dataset", "cifar100"]), data.train)

@@ -1,4 +1,6 @@
-"""Accuracy of the teacher cache against online teaching on the digits demo (``python -m hcd_fast.distill.cache_study``).
+"""Accuracy of the teacher cache against online teaching on the digits demo.
+
+    python -m hcd_fast.distill.cache_study [--out runs/cache_study] [--views 1,4,16] [--seeds 3]
 
 The demo's ViT teacher (trained like ``make demo``, or reused from ``--teacher``), the demo's resnet10t
 student and recipe (hcd, 6 epochs, lr 0.01), with ``--digits-aug`` (RandomResizedCrop + flip) so that
