@@ -16,7 +16,7 @@ export MAX_JOBS ?= $(shell nproc)
 
 BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/* csrc/cuda/*)
 
-.PHONY: setup test bench bench-pipeline demo clean
+.PHONY: setup test test-compat bench bench-pipeline demo clean
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,31 @@ bench-pipeline: setup
 # then ce / kd / hcd into a tiny ResNet over 3 seeds; prints accuracy and wall time per method.
 demo: setup
 	$(PY) -m hcd_fast.distill.demo
+
+# The compatibility lane: the GPU machine's torch 2.11 / triton 3.6 (from the package index; triton 3.6's
+# interpreter needs numpy < 2.4) in .venv-compat. It builds the extension (CPU and sm_90 CUDA kernels) and runs
+# the CPU and Triton-interpreter tests in a copy of the tree under .venv-compat/src, so neither lane's
+# in-place hcd_fast/_C*.so (same file name, different torch ABI) overwrites the other's. Run it before a change
+# to kernels/, csrc/, hcd_fast/ops/ or the build files is submitted; CI runs `make test` only.
+COMPAT := .venv-compat
+COMPAT_PY := $(COMPAT)/bin/python
+COMPAT_TORCH_PKGS ?= torch==2.11.0 torchvision==0.26.0 "numpy<2.4"
+
+$(COMPAT)/.deps:
+	$(PYTHON) -m venv $(COMPAT)
+	$(COMPAT_PY) -m pip install -q $(COMPAT_TORCH_PKGS)
+	$(COMPAT_PY) -m pip install -q $(filter-out numpy,$(DEPS)) "numpy<2.4"
+	touch $@
+
+test-compat: $(COMPAT)/.deps
+	rm -rf $(COMPAT)/src && mkdir -p $(COMPAT)/src
+	git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents --preserve=timestamps -t $(COMPAT)/src
+	cp -r $(COMPAT)/src/kernels $(COMPAT)/src/hcd_fast/kernels  # the installed layout (setup.py's package_dir)
+	cd $(COMPAT)/src && ../bin/python setup.py -q build_ext --inplace --build-temp ../build-temp
+	cd $(COMPAT)/src && TRITON_INTERPRET=1 PYTHONPATH=$$PWD ../bin/python -c "import torch, triton, numpy, hcd_fast; \
+	  print('compat lane: torch', torch.__version__, '| triton', triton.__version__, '| numpy', numpy.__version__); \
+	  assert hcd_fast.backends()['triton'].available, hcd_fast.backends()['triton'].reason"
+	cd $(COMPAT)/src && PYTHONPATH=$$PWD ../bin/python -m pytest -q -p no:cacheprovider tests
 
 clean:
 	rm -rf build *.egg-info hcd_fast/*.so

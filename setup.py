@@ -24,7 +24,7 @@ def _flag(name):
 
 
 def _cublas_dirs(cuda_home):
-    """(include dir, lib dir, lib file) of cuBLAS: the toolkit's own, else torch's nvidia-cublas wheel."""
+    """(include dir, lib dir, lib files) of cuBLAS and cuBLASLt: the toolkit's own, else torch's nvidia wheel."""
     candidates = [(os.path.join(cuda_home, "include"), os.path.join(cuda_home, "lib64"))]
     for site in sys.path:
         for sub in ("nvidia/cu13", "nvidia/cu12", "nvidia/cublas"):
@@ -33,8 +33,9 @@ def _cublas_dirs(cuda_home):
     for inc, lib in candidates:
         if os.path.exists(os.path.join(inc, "cublas_v2.h")):
             libs = sorted(glob.glob(os.path.join(lib, "libcublas.so*")))
-            if libs:
-                return inc, lib, os.path.basename(libs[0])
+            lt_libs = sorted(glob.glob(os.path.join(lib, "libcublasLt.so*")))
+            if libs and lt_libs:
+                return inc, lib, [os.path.basename(libs[0]), os.path.basename(lt_libs[0])]
     return None
 
 
@@ -66,7 +67,7 @@ def _extensions():
     elif not has_cuda:
         print(f"hcd_fast: CUDA kernels skipped (torch.version.cuda={torch.version.cuda}, CUDA_HOME={cuda_home})")
     if has_cuda:
-        inc, lib, libfile = cublas
+        inc, lib, libfiles = cublas
         sources = cpu_sources + sorted(glob.glob("csrc/cuda/*.cu"))
         define_macros.append(("HCD_FAST_WITH_CUDA", "1"))
         ext = cpp_extension.CUDAExtension(
@@ -74,7 +75,7 @@ def _extensions():
             include_dirs=[os.path.join(ROOT, "csrc"), inc],
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
-            extra_link_args=["-fopenmp", f"-L{lib}", f"-l:{libfile}", f"-Wl,-rpath,{lib}"],
+            extra_link_args=["-fopenmp", f"-L{lib}"] + [f"-l:{f}" for f in libfiles] + [f"-Wl,-rpath,{lib}"],
         )
     else:
         ext = cpp_extension.CppExtension(

@@ -128,6 +128,8 @@ def _ratios(rows: List[dict], copy_gbps: float) -> None:
             r["copy_fraction"] = r["gbps"] / copy_gbps
         if r.get("flops"):
             r["tflops"] = r["flops"] / (r["median_ms"] * 1e-3) / 1e12
+        if r.get("floor_ms"):
+            r["floor_fraction"] = r["floor_ms"] / r["median_ms"]
 
 
 def run(argv: Optional[List[str]] = None) -> dict:
@@ -242,6 +244,7 @@ def run(argv: Optional[List[str]] = None) -> dict:
             if suite == "ops":
                 row["bytes"] = C.essential_bytes(case)
                 row["flops"] = C.flops(case)
+                row["floor_ms"] = C.roofline_floor_ms(case)  # on an H100, whatever device runs this
                 why = provider_unavailable_reason(p, device)
                 if why is None and p == "compile" and budget is not None and time.perf_counter() - start > budget:
                     why = f"time budget ({budget:.0f} s) spent before this case: compile dropped"
@@ -268,8 +271,9 @@ def run(argv: Optional[List[str]] = None) -> dict:
         for row in case_rows:
             p = row["provider"]
             if row["status"] == "ok":
+                floor = f", H100 floor {row['floor_ms']:.3g} ms" if row.get("floor_ms") else ""
                 _log(f"[{time.perf_counter() - start:6.0f}s] {case.id:<36} {p:<8} {row['median_ms']:10.3f} ms "
-                     f"(IQR {row['iqr_ms']:.3f}, {row['reps']} reps, first call {row['first_call_s']:.1f} s)")
+                     f"(IQR {row['iqr_ms']:.3f}, {row['reps']} reps, first call {row['first_call_s']:.1f} s{floor})")
             else:
                 _log(f"[{time.perf_counter() - start:6.0f}s] {case.id:<36} {p:<8} {row['status']}: {row['reason']}")
         if suite == "ops":

@@ -177,6 +177,23 @@ def flops(case: Case) -> Optional[int]:
     return 3 * fwd
 
 
+# The roofline every op case is held against (issue 11, SPEC section 7), whatever device ran it: the H100 SXM's
+# HBM3 bandwidth and its dense peak, tensor cores for bf16/fp16, CUDA cores for fp32 (TF32 off) and fp64.
+H100_HBM_BYTES_PER_S = 3.35e12
+H100_PEAK_FLOPS = {"bf16": 990e12, "fp16": 990e12, "fp32": 67e12, "fp64": 67e12}
+
+
+def roofline_floor_ms(case: Case) -> Optional[float]:
+    """The least time a fwd+bwd can take on an H100: max(essential bytes / HBM bandwidth, FLOPs / peak), in ms;
+    None where neither is modelled (the whole head)."""
+    nbytes, nflops = essential_bytes(case), flops(case)
+    if nbytes is None and nflops is None:
+        return None
+    t = max(nbytes / H100_HBM_BYTES_PER_S if nbytes else 0.0,
+            nflops / H100_PEAK_FLOPS[case.dtype] if nflops else 0.0)
+    return 1e3 * t
+
+
 def _leaf(t: torch.Tensor, grad: bool) -> torch.Tensor:
     return t.detach().requires_grad_(grad)
 

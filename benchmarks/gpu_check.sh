@@ -10,7 +10,7 @@
 #      (falls back to setup.py build_ext --inplace)
 #   3. prints the backend report (python -m hcd_fast)
 #   4. runs the CUDA tests (pytest -m cuda) and the Triton tests on CUDA tensors
-#   5. runs the determinism check (python -m benchmarks.determinism)
+#   5. runs the determinism check (python -m benchmarks.determinism) and benchmarks/gpu_probe.py (~27 s)
 #   6. runs the GPU benchmarks (python -m benchmarks --profile gpu): ops at the ImageNet-like shape, the
 #      HCD head, the sub_logit_loss batch sweep to 8192, the Swin-T/ViT-S -> ResNet18 steps
 # Each stage runs under `timeout`, inside one global deadline; a failed or timed-out stage is recorded and
@@ -23,9 +23,11 @@
 # Without a GPU: HCD_GPU_CHECK_DRY=1 runs the same stages on the CPU, quickly (no install unless
 # HCD_GPU_CHECK_INSTALL=1, tiny benchmark shapes), to test this script.
 # Knobs: HCD_GPU_CHECK_BUDGET (total seconds, default 470), HCD_GPU_CHECK_STAGES (comma list of stages to
-# run: env, install, backends, test_cuda, test_triton, determinism, bench; default all),
+# run: env, install, backends, test_cuda, test_triton, determinism, probe, bench; default all),
 # HCD_GPU_CHECK_BENCH_CASES (the runner's --cases), PYTHON (the interpreter to use).
-# Typical times are unknown until the first GPU run; the caps below keep >= ~150 s for the benchmarks.
+# Measured on the first run (H100, 16 cores, 2026-11-27, benchmarks/results/h100/gpu_check/summary.txt): env 19 s,
+# install 52 s, backends 6 s, test_cuda 24 s, test_triton 35 s (8 xdist workers), determinism 22 s, bench 170 s
+# (budget-capped): 337 s in all, plus ~30 s of machine start. The caps below are ~2x those.
 set -u -o pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -124,7 +126,7 @@ if [ "$DRY" = "1" ] && [ "${HCD_GPU_CHECK_INSTALL:-0}" != "1" ]; then
   printf '%-14s %-24s\n' install "skipped (dry run)" | tee -a "$SUMMARY"
 else
   export -f install
-  run_stage install 200 bash -c install
+  run_stage install 150 bash -c install
 fi
 
 # --- 3. backend report ---------------------------------------------------------------------------------
@@ -137,7 +139,7 @@ cp "$OUTDIR/logs/backends.log" "$OUTDIR/backends.txt" 2>/dev/null || true
 # kernels, 1-4 s each), so they run on 8 pytest-xdist workers (on the GPU image) when it is there.
 XDIST=""
 if [ "$DRY" != "1" ] && "$PY" -c "import xdist" >/dev/null 2>&1; then XDIST="-n 8"; fi
-run_stage test_cuda 90 "$PY" -m pytest -m cuda -q -p no:cacheprovider --junitxml="$OUTDIR/junit_cuda.xml" \
+run_stage test_cuda 60 "$PY" -m pytest -m cuda -q -p no:cacheprovider --junitxml="$OUTDIR/junit_cuda.xml" \
   tests/test_cpp_cuda.py
 TRITON_TESTS=$(ls tests/test_triton*.py 2>/dev/null | tr '\n' ' ')
 if [ -z "$TRITON_TESTS" ]; then
@@ -147,7 +149,7 @@ elif [ "$DRY" = "1" ]; then
   run_stage test_triton 60 "$PY" -m pytest -q -p no:cacheprovider --collect-only $TRITON_TESTS
 else
   # On the GPU: TRITON_INTERPRET unset, so tests/conftest.py leaves Triton on the real device.
-  run_stage test_triton 100 env -u TRITON_INTERPRET "$PY" -m pytest -m cuda -q -p no:cacheprovider $XDIST \
+  run_stage test_triton 90 env -u TRITON_INTERPRET "$PY" -m pytest -m cuda -q -p no:cacheprovider $XDIST \
     --junitxml="$OUTDIR/junit_triton.xml" $TRITON_TESTS
 fi
 
@@ -156,6 +158,13 @@ if [ "$DRY" = "1" ]; then
   run_stage determinism 60 "$PY" -m benchmarks.determinism --quick --out "$OUTDIR/determinism.json"
 else
   run_stage determinism 45 "$PY" -m benchmarks.determinism --out "$OUTDIR/determinism.json"
+fi
+
+# --- 5b. probe: torch.compile gradients of pool_linear per backend, a profile of sub_logit_loss's kernels ---------
+if [ "$DRY" = "1" ]; then
+  printf '%-14s %-24s\n' probe "skipped (dry run: needs CUDA)" | tee -a "$SUMMARY"
+else
+  run_stage probe 60 "$PY" benchmarks/gpu_probe.py
 fi
 
 # --- 6. benchmarks -------------------------------------------------------------------------------------

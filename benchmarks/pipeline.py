@@ -271,7 +271,7 @@ def run(argv: Optional[List[str]] = None) -> dict:
     from torch.utils.data import DataLoader
 
     from benchmarks import steps as ST
-    from hcd_fast.distill.data import build_data
+    from hcd_fast.distill.data import DataConfig, build_data
     from hcd_fast.distill.taps import TeacherTap
     from hcd_fast.distill.teacher_cache import (CachedViewDataset, RawSource, TeacherCache, create_cache,
                                                 run_identity)
@@ -280,7 +280,8 @@ def run(argv: Optional[List[str]] = None) -> dict:
     B, img = P["batch"], P["img"]
     cuda = device.type == "cuda"
     amp_ours = "bf16" if cuda else "off"
-    data = build_data("imagefolder", root, img, interpolation="bicubic")
+    data_cfg = DataConfig(interpolation="bicubic")  # the student's input (ImageNet statistics)
+    data = build_data("imagefolder", root, img, cfg=data_cfg)
     pin = cuda
 
     cache_dir = os.path.join(os.path.expanduser(args.data_root), f"pipeline_cache_{os.path.basename(root)}_"
@@ -293,12 +294,15 @@ def run(argv: Optional[List[str]] = None) -> dict:
         batch_size=B, workers=P["workers"], device=dev_str, teacher_bf16="auto", teacher_channels_last="auto",
         threads=None, no_progress=True, aa=None, reprob=0.0)
     # The cache's teacher: a seeded random one (the benchmark times, it does not train).
-    torch.manual_seed(0)
-    teacher_model = timm.create_model(P["teacher"], num_classes=data.num_classes, **P["teacher_kwargs"]).eval()
+    from hcd_fast.distill.trainer import create_model, seed_everything
+    seed_everything(0)  # as create_cache builds its random teacher
+    teacher_model = create_model("--teacher", P["teacher"], data.num_classes, P["teacher_kwargs"], img).eval()
+    teacher_stats = DataConfig.of_model(P["teacher"]).stats()
     meta_ok = False
     if os.path.isfile(os.path.join(cache_dir, "meta.json")):
         try:
-            TeacherCache(cache_dir).check(run_identity(cache_args, RawSource(data.train), teacher_model))
+            TeacherCache(cache_dir).check(run_identity(cache_args, RawSource(data.train), teacher_model,
+                                                       "bicubic", teacher_stats))
             meta_ok = True
         except Exception as exc:
             log(f"stale benchmark cache {cache_dir} ({exc}); rebuilding")
@@ -326,7 +330,8 @@ def run(argv: Optional[List[str]] = None) -> dict:
                           persistent_workers=persistent and P["workers"] > 0)
 
     def cache_loader(persistent=False):
-        ds = CachedViewDataset(RawSource(data.train), TeacherCache(cache_dir), seed=0)
+        ds = CachedViewDataset(RawSource(data.train), TeacherCache(cache_dir), seed=0, mean=data_cfg.mean,
+                               std=data_cfg.std)
         ds.set_epoch(0)
         return DataLoader(ds, batch_size=B, shuffle=True, num_workers=P["workers"], pin_memory=pin,
                           drop_last=True, generator=torch.Generator().manual_seed(0),

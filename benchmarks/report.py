@@ -103,6 +103,9 @@ def markdown(result: dict) -> str:
               "- times are medians of fwd+bwd (ops) or of one optimizer step (steps), warm-up excluded; "
               "'vs eager' / 'vs compile' = that provider's median / this one's (higher is faster); "
               "bandwidth = minimum bytes moved / median time (% of copy bandwidth); peak memory on CUDA only",
+              "- H100 floor = the least fwd+bwd time on an H100 SXM: max(minimum bytes / 3.35 TB/s, FLOPs / dense peak "
+              "(990 TFLOP/s bf16/fp16, 67 fp32/fp64)); '% of it' = floor / median, the share of the roofline reached "
+              "(shown on H100 runs only; elsewhere the column is the H100's floor, for reference)",
               ""]
     targets = result.get("targets") or []
     if targets:
@@ -115,21 +118,31 @@ def markdown(result: dict) -> str:
     ops = [r for r in rows if r["suite"] == "ops" and r["group"] != "sweep"]
     sweep = [r for r in rows if r["suite"] == "ops" and r["group"] == "sweep"]
     steps = [r for r in rows if r["suite"] == "steps"]
-    head = ("| case | shape | provider | median ms | IQR ms | vs eager | vs compile | bandwidth | peak MiB "
-            "| first call s |")
-    sep = "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"
+    on_h100 = "H100" in str(env.get("device_name", ""))
+    floor_col = "H100 floor ms (% of it)" if on_h100 else "H100 floor ms (computed, not this device)"
+    head = ("| case | shape | provider | median ms | IQR ms | vs eager | vs compile | bandwidth | "
+            f"{floor_col} | peak MiB | first call s |")
+    sep = "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+
+    def floor_cell(r):
+        if not r.get("floor_ms"):
+            return "n/a"
+        if not on_h100:
+            return f"{r['floor_ms']:.3g}"
+        return f"{r['floor_ms']:.3g} ({100 * r['floor_ms'] / r['median_ms']:.1f}%)"
 
     def op_lines(rs):
         out = []
         for r in rs:
             if r["status"] != "ok":
                 out.append(f"| {r['case']} | {r['shape_str']} | {r['provider']} | {r['status']}: "
-                           f"{(r.get('reason') or '')[:80]} | | | | | | |")
+                           f"{(r.get('reason') or '')[:80]} | | | | | | | |")
                 continue
             star = " **(target)**" if r.get("target") and r["provider"] in FUSED else ""
             out.append(f"| {r['case']} | {r['shape_str']} | {r['provider']}{star} | {r['median_ms']:.3f} | "
                        f"{r['iqr_ms']:.3f} | {_x(r.get('speedup_vs_eager'))} | "
-                       f"{_x(r.get('speedup_vs_compile'))} | {_throughput(r)} | {_mib(r.get('peak_mem_bytes'))} | "
+                       f"{_x(r.get('speedup_vs_compile'))} | {_throughput(r)} | {floor_cell(r)} | "
+                       f"{_mib(r.get('peak_mem_bytes'))} | "
                        f"{_fmt(r.get('first_call_s'))} |")
         return out
 

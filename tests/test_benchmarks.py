@@ -106,10 +106,18 @@ def test_derived_numbers(quick_run):
             assert r["bytes"] == nbytes
             assert r["gbps"] == pytest.approx(nbytes / (r["median_ms"] * 1e-3) / 1e9)
             assert r["copy_fraction"] == pytest.approx(r["gbps"] / copy_gbps)
+            # the H100 floor: the bytes at 3.35 TB/s (memory-bound)
+            assert r["floor_ms"] == pytest.approx(1e3 * nbytes / 3.35e12)
+            assert r["floor_fraction"] == pytest.approx(r["floor_ms"] / r["median_ms"])
         if r["op"] == "cfm":
             s = r["shape"]
             fwd = 2 * s["B"] * ((s["D"] + s["Dt"]) * s["hidden"] + s["hidden"] * s["n"] * s["K"])
             assert r["flops"] == 3 * fwd
+            # the H100 floor: the FLOPs at the dense peak of the dtype (tensor cores for bf16/fp16)
+            peak = {"fp32": 67e12, "fp64": 67e12, "bf16": 990e12, "fp16": 990e12}[r["dtype"]]
+            assert r["floor_ms"] == pytest.approx(1e3 * 3 * fwd / peak)
+        if r["op"] == "head":
+            assert r["floor_ms"] is None  # not modelled
 
 
 def test_markdown_and_plots(quick_run):
@@ -117,6 +125,7 @@ def test_markdown_and_plots(quick_run):
     out, result = quick_run
     md = (out / "results.md").read_text()
     assert "| case | shape | provider | median ms |" in md
+    assert "H100 floor ms (computed, not this device)" in md  # the floor column, marked on a CPU run
     assert "## Whole distillation steps" in md and "## sub_logit_loss batch sweep" in md
     for c in C.profile_cases("quick"):
         assert c.id in md

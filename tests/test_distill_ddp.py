@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from hcd_fast.distill.checkpoint import safe_load
 from hcd_fast.distill.cli import parse_args
 from hcd_fast.distill.trainer import run
 
@@ -40,8 +41,8 @@ def test_two_gloo_processes_equal_one(tmp_path):
     single = run(parse_args(ARGS + ["--output", str(tmp_path / "single")]))
     mp.start_processes(worker, args=(2, free_port(), str(tmp_path / "ddp")), nprocs=2, join=True,
                        start_method="spawn")
-    a = torch.load(tmp_path / "single" / "last.pt", map_location="cpu", weights_only=False)
-    b = torch.load(tmp_path / "ddp" / "last.pt", map_location="cpu", weights_only=False)
+    a = safe_load(str(tmp_path / "single" / "last.pt"), "test")
+    b = safe_load(str(tmp_path / "ddp" / "last.pt"), "test")
     assert single["global_step"] == b["global_step"] == 2
     assert len(b["rng"]) == 2  # every rank's RNG state is kept for an exact resume
     changed = 0

@@ -115,3 +115,23 @@ def test_distill_task_without_timm_task():
         "print('ok')\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
+def test_teacher_tap_converts_the_students_normalisation():
+    """x normalised with the student's statistics reaches the teacher normalised with its own."""
+    torch.manual_seed(3)
+    model = make(TEACHER).eval()
+    raw = torch.rand(2, 3, 16, 16)
+    s_mean, s_std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    t_mean, t_std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    view = lambda v: torch.tensor(v).view(1, 3, 1, 1)  # noqa: E731
+    x_student = (raw - view(s_mean)) / view(s_std)
+    x_teacher = (raw - view(t_mean)) / view(t_std)
+    tap = TeacherTap(model, (s_mean, s_std), (t_mean, t_std))
+    feat, logits = tap(x_student)
+    torch.testing.assert_close(logits, model(x_teacher), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(feat, model.forward_head(model.forward_features(x_teacher), pre_logits=True),
+                               rtol=1e-5, atol=1e-5)
+    same = TeacherTap(model, (s_mean, s_std), (s_mean, s_std))
+    assert not same.renormalize
+    torch.testing.assert_close(same(x_student)[1], model(x_student))

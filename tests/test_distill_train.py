@@ -90,7 +90,8 @@ def test_cli_main_reports_errors(capsys):
 
 
 def load(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
+    from hcd_fast.distill.checkpoint import safe_load
+    return safe_load(str(path), "test")  # our own checkpoints load with weights_only=True
 
 
 def test_outputs_and_teacher_from_own_checkpoint(tmp_path):
@@ -103,12 +104,12 @@ def test_outputs_and_teacher_from_own_checkpoint(tmp_path):
     assert s["epochs"] == 1 and s["global_step"] == 3
     # The checkpoint really becomes the teacher: its accuracy on the validation split is the one recorded.
     import timm
-    from hcd_fast.distill.data import build_digits
-    from hcd_fast.distill.trainer import load_teacher_weights
+    from hcd_fast.distill.checkpoint import load_weights
+    from hcd_fast.distill.data import DataConfig, build_digits
     teacher = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=16, patch_size=4, depth=1,
                                 embed_dim=16, num_heads=2)
-    load_teacher_weights(teacher, str(teacher_out / "best.pt"), 10)
-    xv, yv = build_digits(16).val.tensors
+    load_weights(teacher, str(teacher_out / "best.pt"), 10, "--teacher-checkpoint")
+    xv, yv = build_digits(16, cfg=DataConfig.of_model("vit_tiny_patch16_224")).val.tensors
     with torch.no_grad():
         acc = 100.0 * (teacher.eval()(xv).argmax(-1) == yv).double().mean().item()
     assert acc == pytest.approx(s["best_top1"], abs=1e-9)

@@ -2,7 +2,10 @@
 
 The replayed view is checked against timm's own RandomResizedCrop given the stored window, the stored f_t
 against a fresh teacher forward on that view, the recomputed logits against the teacher's forward_head;
-a cached run against an online run; every refusal exits 2 with a message naming what differs.
+a cached run against an online run; every refusal exits 2 with a message naming what differs. The test
+teacher (a ViT: timm mean = std = 0.5) and student (ImageNet statistics) normalise differently, so the
+cache's f_t (the teacher on views normalised with its own statistics) is checked against the online
+teacher, which converts the student's input.
 """
 import json
 import math
@@ -14,10 +17,10 @@ import torch
 
 from benchmarks.pipeline import synthetic_imagefolder
 from hcd_fast.distill.cli import main, parse_args
-from hcd_fast.distill.data import IMAGENET_MEAN, IMAGENET_STD, build_data
+from hcd_fast.distill.data import BadSample, DataConfig, build_data, collate_skip_bad
 from hcd_fast.distill.taps import TeacherTap, probe_teacher
-from hcd_fast.distill.teacher_cache import (RATIO, SCALE, TeacherCache, open_for_training, replay_choice,
-                                            sample_view)
+from hcd_fast.distill.teacher_cache import (RATIO, SCALE, CachedViewDataset, RawSource, TeacherCache,
+                                            open_for_training, replay_choice, sample_view)
 from hcd_fast.distill.teacher_speed import (TeacherSpeed, apply_teacher_speed, is_cnn,
                                             resolve_teacher_speed)
 from hcd_fast.distill.trainer import seed_everything
@@ -53,20 +56,31 @@ def cache16(tmp_path_factory, folder):
     return _cache(tmp_path_factory, folder, "fp16")
 
 
-def _teacher(num_classes, seed=0):
+STUDENT_CFG = DataConfig.of_model("resnet10t")
+TEACHER_CFG = DataConfig.of_model("vit_tiny_patch16_224")
+
+
+def test_student_and_teacher_normalise_differently():
+    assert STUDENT_CFG.stats() != TEACHER_CFG.stats()  # else the normalisation tests below prove nothing
+
+
+def _teacher(num_classes, seed=0, teacher_stats=TEACHER_CFG.stats()):
+    """The run's teacher as the trainer builds it: seeded random weights, the student's input converted to
+    the teacher's statistics."""
     import timm
     seed_everything(seed)  # as cache-teacher and the trainer build a random teacher
-    tap = TeacherTap(timm.create_model("vit_tiny_patch16_224", num_classes=num_classes, **json.loads(TKW)))
+    tap = TeacherTap(timm.create_model("vit_tiny_patch16_224", num_classes=num_classes, **json.loads(TKW)),
+                     STUDENT_CFG.stats(), teacher_stats)
     dim, _ = probe_teacher(tap, (3, 16, 16))
     return tap, dim
 
 
-def _replay(folder, cache, *extra):
+def _replay(folder, cache, *extra, teacher_stats=TEACHER_CFG.stats()):
     args = parse_args(STUDENT + TEACHER + COMMON + ["--allow-random-teacher", "--dataset", "imagefolder",
                                                      "--data-dir", folder, "--teacher-cache", cache, *extra])
-    data = build_data("imagefolder", folder, 16)
-    tap, dim = _teacher(data.num_classes)
-    return open_for_training(args, data.train, tap, dim), tap, data
+    data = build_data("imagefolder", folder, 16, cfg=STUDENT_CFG)
+    tap, dim = _teacher(data.num_classes, teacher_stats=teacher_stats)
+    return open_for_training(args, data.train, tap, dim, STUDENT_CFG), tap, data
 
 
 def test_sample_view_is_a_random_resized_crop():
@@ -98,6 +112,7 @@ def test_replayed_view_and_logits_equal_a_fresh_teacher_forward(folder, cache32)
     ds, tap, data = _replay(folder, cache32)
     cache = TeacherCache(cache32)
     assert cache.meta["num_views"] == 3 and cache.meta["dtype"] == "fp32"
+    assert cache.meta["teacher_input"] == {"mean": list(TEACHER_CFG.mean), "std": list(TEACHER_CFG.std)}
     timm_rrc = RandomResizedCropAndInterpolation(16, interpolation="bicubic")
     seen = set()
     for epoch in range(3):
@@ -108,17 +123,48 @@ def test_replayed_view_and_logits_equal_a_fresh_teacher_forward(folder, cache32)
             i, j, h, w, flip = (int(v) for v in cache.views[n, k])
             seen.add((n, k))
             # The student's input: timm's online crop with the stored window, then the stored flip.
-            image, label = data.train.loader(data.train.samples[n][0]), data.train.samples[n][1]
+            base = data.train.base  # the ImageFolder inside hcd-distill's SampleDataset
+            image, label = base.loader(base.samples[n][0]), base.samples[n][1]
             timm_rrc.get_params = lambda img, scale, ratio: (i, j, h, w)
             ref = timm_rrc(image)
             ref = TF.hflip(ref) if flip else ref
-            ref = TF.normalize(TF.to_tensor(ref), IMAGENET_MEAN, IMAGENET_STD)
+            ref = TF.normalize(TF.to_tensor(ref), STUDENT_CFG.mean, STUDENT_CFG.std)  # the student's stats
             assert y == label and torch.equal(x, ref)
-            # The stored f_t is the teacher's feature of exactly that view; z_t = classifier(f_t).
+            # The stored f_t (the teacher on the view normalised with its own statistics) is the online
+            # teacher's feature of the student's input (converted to the teacher's statistics); z_t =
+            # classifier(f_t).
             feat, logits = tap(x[None])
             torch.testing.assert_close(f[None], feat, rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(tap.logits_from_feat(f[None]), logits, rtol=1e-4, atol=1e-5)
     assert len({k for _, k in seen}) == 3  # every view is replayed somewhere
+
+
+def test_teacher_normalisation_is_part_of_the_identity(folder, cache32):
+    """A run whose teacher expects other statistics (e.g. its checkpoint's) is refused: its online teacher
+    would not see the input the cached f_t came from."""
+    from hcd_fast.distill.errors import UserError
+    with pytest.raises(UserError, match="teacher_input"):
+        _replay(folder, cache32, teacher_stats=STUDENT_CFG.stats())
+
+
+def test_unreadable_file_is_a_bad_sample(tmp_path, folder, cache32):
+    """Replay keeps SampleDataset's semantics: an unreadable image is a BadSample, dropped by the collate,
+    which returns the cached f_t of the readable ones."""
+    import shutil
+    copy = str(tmp_path / "data")
+    shutil.copytree(folder, copy)
+    data = build_data("imagefolder", copy, 16, cfg=STUDENT_CFG)
+    bad_path = data.train.base.samples[-1][0]
+    with open(bad_path, "wb") as f:
+        f.write(b"not an image")
+    ds = CachedViewDataset(RawSource(data.train), TeacherCache(cache32), 0, STUDENT_CFG.mean, STUDENT_CFG.std)
+    n = len(ds) - 1
+    bad = ds[n]
+    assert isinstance(bad, BadSample) and bad.path == bad_path
+    x, y, skipped, feat = collate_skip_bad([ds[0], bad, ds[1]])
+    assert x.shape == (2, 3, 16, 16) and y.shape == (2,) and skipped == [bad]
+    assert torch.equal(feat[0], ds[0][2]) and torch.equal(feat[1], ds[1][2])
+    assert collate_skip_bad([bad]) == (None, None, [bad])
 
 
 def test_fp16_store_close_to_fp32(cache32, cache16):
@@ -246,13 +292,15 @@ def test_digits_aug_fresh_views_per_epoch():
     from hcd_fast.distill.teacher_cache import online_views
     args = parse_args(STUDENT + COMMON + ["--digits-aug"])
     data = build_data("digits", None, 16)
-    ds = online_views(args, data.train)
+    ds = online_views(args, data.train, STUDENT_CFG)
     ds.set_epoch(0)
     x0, y0 = ds[3]
     assert x0.shape == (3, 16, 16) and y0 == int(data.train[3][1])
     assert torch.equal(ds[3][0], x0)
     ds.set_epoch(1)
     assert not torch.equal(ds[3][0], x0)
-    assert online_views(parse_args(STUDENT + COMMON + ["--digits-aug", "--no-aug"]), data.train) is data.train
+    assert online_views(parse_args(STUDENT + COMMON + ["--digits-aug", "--no-aug"]), data.train,
+                        STUDENT_CFG) is data.train
     with pytest.raises(UserError, match="only for --dataset digits"):
-        online_views(parse_args(STUDENT + COMMON + ["--digits-aug", "--dataset", "cifar100"]), data.train)
+        online_views(parse_args(STUDENT + COMMON + ["--digits-aug", "--dataset", "cifar100"]), data.train,
+                     STUDENT_CFG)

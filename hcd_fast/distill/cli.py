@@ -8,7 +8,7 @@ from typing import List, Optional
 
 from hcd_fast.distill.baselines import METHODS
 from hcd_fast.distill.data import DATASETS
-from hcd_fast.distill.errors import UserError
+from hcd_fast.distill.errors import TrainingError, UserError
 
 # The published recipe (SPEC section 2): SGD momentum 0.9, lr 0.05, wd 2e-3, cosine to 1e-3 with 3 warm-up
 # epochs, 300 epochs, batch 128, CIFAR-100 upsampled to 224 (as OFA-KD does).
@@ -21,6 +21,7 @@ PRESETS = {
 
 EPILOG = """examples:
   hcd-distill --teacher vit_tiny_patch16_224 --student resnet18 --teacher-checkpoint t.pt --method hcd
+  hcd-distill --teacher vit_tiny_patch16_224 --student resnet18 --allow-random-teacher --epochs 1  # smoke test
   hcd-distill --preset cifar100 --data-dir data/ --teacher swin_tiny_patch4_window7_224 --student resnet18 \\
       --teacher-checkpoint swin_t_cifar100.pt --method hcd
   torchrun --nproc-per-node 8 -m hcd_fast.distill --preset imagenet --data-dir /data/imagenet ...
@@ -28,7 +29,8 @@ EPILOG = """examples:
   hcd-distill cache-teacher --teacher T --teacher-checkpoint t.pt ... --views 16 --output cache/  # then:
   hcd-distill --teacher T --teacher-checkpoint t.pt ... --teacher-cache cache/   # no teacher forward
 A preset sets the defaults of its flags; flags given explicitly win. Outputs: OUTPUT/{last,best}.pt,
-metrics.csv, metrics.jsonl, loss.png, accuracy.png, summary.json."""
+metrics.csv, metrics.jsonl, loss.png, accuracy.png, summary.json. Exit codes: 0 done, 1 training failed
+(a non-finite loss), 2 a bad flag, file, dataset or output folder (found before the first step)."""
 
 
 def _json_dict(text: str) -> dict:
@@ -53,8 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--student", required=True, help="timm model name of the student; it must support "
                    "forward_intermediates")
     g.add_argument("--teacher-checkpoint", metavar="PATH", help="local file with the teacher's weights (a "
-                   "state_dict, or a dict holding one under 'state_dict'/'model'/'state_dict_ema'); its class "
-                   "count must match the dataset")
+                   "state_dict, or a dict holding one under 'state_dict'/'model'/'state_dict_ema', or "
+                   ".safetensors; read with torch.load(weights_only=True), never unpickled); its class count "
+                   "must match the dataset")
+    g.add_argument("--teacher-pretrained", nargs="?", const="hub", default=None, metavar="FILE", help="start "
+                   "the teacher from timm's pretrained weights: from the hub (no value) or a local FILE (timm's "
+                   "pretrained_cfg_overlay); without --teacher-checkpoint their class count must match the dataset")
+    g.add_argument("--student-pretrained", nargs="?", const="hub", default=None, metavar="FILE", help="start "
+                   "the student from timm's pretrained weights: from the hub (no value) or a local FILE; a "
+                   "classifier of another class count is re-initialised")
     g.add_argument("--allow-random-teacher", action="store_true", help="run without --teacher-checkpoint "
                    "(random teacher; for smoke tests and benchmarks only)")
     g.add_argument("--teacher-kwargs", type=_json_dict, default={}, metavar="JSON", help="extra "
@@ -115,7 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-aug", action="store_true", help="no training augmentation (cifar100/imagefolder)")
     g.add_argument("--digits-aug", action="store_true", help="digits: RandomResizedCrop + flip views (fresh "
                    "each epoch; the teacher cache's views with --teacher-cache); digits are otherwise not augmented")
-    g.add_argument("--interpolation", default="bicubic", help="resize interpolation (bicubic)")
+    g.add_argument("--interpolation", default=None, help="resize interpolation (default: the student's timm "
+                   "data config, usually bicubic)")
+    g.add_argument("--crop-pct", type=float, default=None, help="evaluation centre-crop fraction (default: "
+                   "the student's timm data config, e.g. 0.875, for imagefolder; 1.0 for cifar100)")
     g.add_argument("--workers", type=int, default=4, help="data-loader workers per process (4; digits "
                    "always uses 0, it is in memory)")
 
@@ -136,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this (off)")
 
     g = p.add_argument_group("speed")
-    g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     g.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="autocast: auto = "
                    "bf16 on CUDA, off on CPU; fp16 adds a GradScaler")
     g.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
@@ -163,11 +175,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("state and output")
     g.add_argument("--output", metavar="DIR", default=None, help="output folder (default runs/<dataset>_"
-                   "<teacher>_to_<student>_<method>_s<seed>)")
+                   "<teacher>_to_<student>_<method>_s<seed>_<hash of the flags that change results>); a folder "
+                   "holding another run's results is refused unless --resume or --overwrite")
+    g.add_argument("--overwrite", action="store_true", help="start afresh in an output folder holding another "
+                   "run's results, deleting them")
+    g.add_argument("--allow-changed-args", action="store_true", help="resume although result-defining flags "
+                   "changed since the checkpoint (listed in a warning) instead of refusing")
     g.add_argument("--resume", default="none", help="'auto': continue from OUTPUT/last.pt if it exists; a "
                    "path: continue from that checkpoint; 'none' (default): start fresh")
-    g.add_argument("--ckpt-interval", type=int, default=0, help="also checkpoint every N steps (0: only at "
-                   "epoch ends)")
+    g.add_argument("--ckpt-interval", type=int, default=0, help="also checkpoint every N steps (0: off)")
+    g.add_argument("--ckpt-minutes", type=float, default=10.0, help="also checkpoint last.pt when this many "
+                   "minutes of wall time passed since the last one, checked every --log-interval steps (10; 0: "
+                   "off); epoch ends always checkpoint")
+    g.add_argument("--skip-nonfinite", type=int, default=0, metavar="N", help="skip up to N steps whose loss is "
+                   "not finite (costs one host sync per step); by default (0) a non-finite loss stops the run")
     g.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order (0)")
     g.add_argument("--max-steps-per-epoch", type=int, default=None, help="debug: cut every epoch to N steps")
     g.add_argument("--stop-after-steps", type=int, default=None, help="debug: exit after N global steps "
@@ -219,4 +240,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UserError as exc:
         print(f"hcd-distill: error: {exc}", file=sys.stderr)
         return 2
+    except TrainingError as exc:
+        print(f"hcd-distill: error: {exc}", file=sys.stderr)
+        return 1
     return 0

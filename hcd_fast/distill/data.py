@@ -6,25 +6,64 @@
 - ``cifar100``: torchvision's CIFAR100 from ``data_dir`` (never downloaded), timm transforms.
 - ``imagefolder``: ``data_dir/<train_split>/<class>/*.jpg`` and ``data_dir/<val_split>/...`` (ImageNet layout).
 
+Images are normalised with the student's timm data config (mean, std, interpolation, crop_pct; see
+``DataConfig``). ``SampleDataset`` wraps the image datasets: each sample's augmentation draws from RNGs
+seeded by (seed, epoch, sample index), so the data are the same whatever ``--workers`` and wherever a run
+resumes; an image file that cannot be read becomes a ``BadSample`` that ``collate_skip_bad`` drops and
+reports (the trainer warns once per file and counts them).
+
 ``ResumableDistributedSampler`` is ``DistributedSampler`` (same permutation: seed + epoch) that can start
 mid-epoch, so a resumed run sees exactly the samples the killed one had not yet seen.
 ``ShardSampler`` splits the validation set without padding, so metrics summed over ranks are exact.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import random
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, List, NamedTuple, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, DistributedSampler, Sampler, TensorDataset
+from torch.utils.data import default_collate
 
 from hcd_fast.distill.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DATASETS = ("digits", "cifar100", "imagefolder")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How images become the student's input: timm's data config of the student model."""
+
+    mean: Tuple[float, float, float] = IMAGENET_MEAN
+    std: Tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bicubic"
+    crop_pct: float = 1.0
+
+    @classmethod
+    def of_model(cls, name: str, interpolation: Optional[str] = None, crop_pct: Optional[float] = None) -> "DataConfig":
+        """timm's data config of the model ``name`` (its default pretrained_cfg), flags overriding."""
+        from timm.data import resolve_data_config
+        from timm.models import get_pretrained_cfg
+        pcfg = get_pretrained_cfg(name)
+        cfg = resolve_data_config(pretrained_cfg=pcfg.to_dict() if pcfg is not None else {"mean": IMAGENET_MEAN})
+        return cls(tuple(float(v) for v in cfg["mean"]), tuple(float(v) for v in cfg["std"]),
+                   interpolation or cfg.get("interpolation", "bicubic"),
+                   float(crop_pct if crop_pct is not None else cfg.get("crop_pct", 1.0)))
+
+    def stats(self) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+        return self.mean, self.std
+
+    def to_dict(self) -> dict:
+        return {"mean": list(self.mean), "std": list(self.std), "interpolation": self.interpolation,
+                "crop_pct": self.crop_pct}
 
 
 @dataclass
@@ -52,8 +91,10 @@ def digits_tensors(img_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Tuple
     return ((x - m) / s).contiguous(), torch.as_tensor(d.target, dtype=torch.int64)
 
 
-def build_digits(img_size: int, val_fraction: float = 0.2) -> DataBundle:
-    x, y = digits_tensors(img_size)
+def build_digits(img_size: int, val_fraction: float = 0.2, cfg: DataConfig = DataConfig()) -> DataBundle:
+    if not 0.0 <= val_fraction < 1.0:
+        raise UserError(f"--val-fraction {val_fraction}: expected a fraction in [0, 1) (0: no validation)")
+    x, y = digits_tensors(img_size, cfg.mean, cfg.std)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     n_val = int(round(len(y) * val_fraction))
     val_idx, train_idx = perm[:n_val], perm[n_val:]
@@ -61,12 +102,13 @@ def build_digits(img_size: int, val_fraction: float = 0.2) -> DataBundle:
                       (3, img_size, img_size), True)
 
 
-def _transforms(img_size: int, aa: Optional[str], reprob: float, no_aug: bool, interpolation: str):
+def _transforms(img_size: int, aa: Optional[str], reprob: float, no_aug: bool, cfg: DataConfig):
+    """timm's train/eval transforms; eval resizes to img_size / crop_pct and centre-crops img_size."""
     from timm.data import create_transform
     train_tf = create_transform(img_size, is_training=not no_aug, auto_augment=aa, re_prob=reprob,
-                                interpolation=interpolation, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    val_tf = create_transform(img_size, is_training=False, interpolation=interpolation, mean=IMAGENET_MEAN,
-                              std=IMAGENET_STD, crop_pct=1.0)
+                                interpolation=cfg.interpolation, mean=cfg.mean, std=cfg.std)
+    val_tf = create_transform(img_size, is_training=False, interpolation=cfg.interpolation, mean=cfg.mean,
+                              std=cfg.std, crop_pct=cfg.crop_pct)
     return train_tf, val_tf
 
 
@@ -98,30 +140,124 @@ def check_imagefolder_dir(data_dir: Optional[str], train_split: str, val_split: 
                              f"{data_dir}/{val_split}/<class>/*.jpg)")
 
 
+def _image_folder(root: str, transform):
+    from torchvision.datasets import ImageFolder
+    try:
+        return ImageFolder(root, transform=transform)
+    except (FileNotFoundError, OSError) as exc:  # no class folder, or a class folder without images
+        raise UserError(f"--data-dir: the split {root!r} cannot be used: {exc}") from None
+
+
 def build_data(dataset: str, data_dir: Optional[str], img_size: int, *, val_fraction: float = 0.2,
                aa: Optional[str] = None, reprob: float = 0.0, no_aug: bool = False,
-               interpolation: str = "bicubic", train_split: str = "train", val_split: str = "val") -> DataBundle:
-    """The train/val datasets, class count and input size of ``dataset`` (one of DATASETS)."""
+               cfg: DataConfig = DataConfig(), train_split: str = "train", val_split: str = "val",
+               seed: int = 0) -> DataBundle:
+    """The train/val datasets, class count and input size of ``dataset`` (one of DATASETS). Image
+    datasets are wrapped in ``SampleDataset`` and their first image is read now (a split that cannot be
+    read fails here, naming the file)."""
     if dataset == "digits":
-        return build_digits(img_size, val_fraction)
+        return build_digits(img_size, val_fraction, cfg)
     if dataset == "cifar100":
         root = check_cifar100_dir(data_dir)
         from torchvision.datasets import CIFAR100
-        train_tf, val_tf = _transforms(img_size, aa, reprob, no_aug, interpolation)
-        train = CIFAR100(root, train=True, transform=train_tf, download=False)
-        val = CIFAR100(root, train=False, transform=val_tf, download=False)
-        return DataBundle(train, val, 100, (3, img_size, img_size), False)
+        train_tf, val_tf = _transforms(img_size, aa, reprob, no_aug, cfg)
+        try:
+            train = CIFAR100(root, train=True, transform=train_tf, download=False)
+            val = CIFAR100(root, train=False, transform=val_tf, download=False)
+        except Exception as exc:
+            raise UserError(f"--data-dir {data_dir!r}: CIFAR-100 cannot be read ({type(exc).__name__}: {exc})") from None
+        return DataBundle(SampleDataset(train, seed), SampleDataset(val, seed), 100, (3, img_size, img_size), False)
     if dataset == "imagefolder":
         check_imagefolder_dir(data_dir, train_split, val_split)
-        from torchvision.datasets import ImageFolder
-        train_tf, val_tf = _transforms(img_size, aa, reprob, no_aug, interpolation)
-        train = ImageFolder(os.path.join(data_dir, train_split), transform=train_tf)
-        val = ImageFolder(os.path.join(data_dir, val_split), transform=val_tf)
+        train_tf, val_tf = _transforms(img_size, aa, reprob, no_aug, cfg)
+        train = _image_folder(os.path.join(data_dir, train_split), train_tf)
+        val = _image_folder(os.path.join(data_dir, val_split), val_tf)
         if train.classes != val.classes:
             raise UserError(f"--data-dir {data_dir!r}: {train_split} has {len(train.classes)} classes, "
                              f"{val_split} has {len(val.classes)}; they must list the same class folders")
-        return DataBundle(train, val, len(train.classes), (3, img_size, img_size), False)
+        bundle = DataBundle(SampleDataset(train, seed), SampleDataset(val, seed), len(train.classes),
+                            (3, img_size, img_size), False)
+        for split in (bundle.train, bundle.val):
+            split.check_readable()
+        return bundle
     raise UserError(f"--dataset: expected one of {DATASETS}, got {dataset!r}")
+
+
+# ------------------------------------------------------------------------------ per-sample datasets
+class BadSample(NamedTuple):
+    """A sample whose file could not be read: its path and why."""
+
+    path: str
+    reason: str
+
+
+# What PIL and torchvision raise for a truncated, corrupt or non-image file.
+_READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed that is a pure function of (seed, epoch, sample index)."""
+    digest = hashlib.blake2b(f"{seed},{epoch},{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+@contextmanager
+def seeded_rngs(seed: int):
+    """torch (CPU), python and numpy global RNGs seeded with ``seed`` inside, restored afterwards (the
+    main process's RNG streams, e.g. drop-path's, do not see the data loading when --workers is 0)."""
+    saved = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(saved[0])
+        random.setstate(saved[1])
+        np.random.set_state(saved[2])
+
+
+class SampleDataset(Dataset):
+    """An image dataset whose sample i in epoch e is a pure function of (seed, e, i), whatever worker loads
+    it; an unreadable file gives ``BadSample(path, reason)`` instead of raising."""
+
+    def __init__(self, base: Dataset, seed: int):
+        self.base, self.seed, self.epoch = base, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def path(self, index: int) -> str:
+        samples = getattr(self.base, "samples", None)
+        return samples[index][0] if samples is not None else f"{type(self.base).__name__}[{index}]"
+
+    def __getitem__(self, index: int):
+        with seeded_rngs(sample_seed(self.seed, self.epoch, index)):
+            try:
+                return self.base[index]
+            except _READ_ERRORS as exc:
+                return BadSample(self.path(index), f"{type(exc).__name__}: {exc}")
+
+    def check_readable(self) -> None:
+        """Read the first sample: a split whose files cannot be read fails before training."""
+        if len(self) and isinstance(self[0], BadSample):
+            bad = self[0]
+            raise UserError(f"--data-dir: cannot read {bad.path!r} ({bad.reason}); fix or remove the file")
+
+
+def collate_skip_bad(batch: list) -> tuple:
+    """(images, labels, bad samples) from (image, label) samples, and (images, labels, bad samples,
+    cached teacher features f_t (B, D_t)) from the teacher cache's (image, label, f_t) samples: unreadable
+    samples are dropped from the batch; images and labels are None (and no f_t) when none is left."""
+    good = [b for b in batch if not isinstance(b, BadSample)]
+    bad = [b for b in batch if isinstance(b, BadSample)]
+    if not good:
+        return None, None, bad
+    x, y, *extra = default_collate(good)
+    return (x, y, bad, *extra)
 
 
 class ResumableDistributedSampler(DistributedSampler):

@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from hcd_fast.distill.checkpoint import safe_load
 from hcd_fast.distill.cli import parse_args
 from hcd_fast.distill.trainer import run
 
@@ -60,6 +61,15 @@ def step_times(methods, batch_size: int, rounds: int = 8, steps: int = 10) -> di
     return {m: st.median(v) for m, v in times.items()}
 
 
+def _usable_teacher(path: str) -> bool:
+    """A cached teacher written by this version of the trainer (it records its input normalisation)."""
+    from hcd_fast.distill.errors import UserError
+    try:
+        return os.path.isfile(path) and "data_config" in safe_load(path, "teacher")
+    except UserError:
+        return False
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m hcd_fast.distill.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,12 +83,13 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=64, help="global batch (64)")
     p.add_argument("--retrain-teacher", action="store_true", help="ignore the cached teacher")
     a = p.parse_args(argv)
-    common = ["--img-size", "16", "--batch-size", str(a.batch_size), "--no-progress", "--no-plots"]
+    # --overwrite: the demo's own run folders are replaced on every run (the teacher is cached separately).
+    common = ["--img-size", "16", "--batch-size", str(a.batch_size), "--no-progress", "--no-plots", "--overwrite"]
     os.makedirs(a.out, exist_ok=True)
     teacher_ckpt = os.path.join(a.out, "teacher.pt")
 
     t0 = time.perf_counter()
-    if a.retrain_teacher or not os.path.isfile(teacher_ckpt):
+    if a.retrain_teacher or not _usable_teacher(teacher_ckpt):
         print(f"[demo] training the ViT teacher on digits ({a.teacher_epochs} epochs) ...", flush=True)
         out = os.path.join(a.out, "teacher_run")
         s = run(parse_args(TEACHER + common + [
@@ -90,7 +101,7 @@ def main(argv=None) -> int:
               f"at {teacher_ckpt}", flush=True)
     else:
         print(f"[demo] using the cached teacher {teacher_ckpt}", flush=True)
-    teacher_acc = torch.load(teacher_ckpt, map_location="cpu", weights_only=False)["best_top1"]
+    teacher_acc = safe_load(teacher_ckpt, "teacher")["best_top1"]
 
     results = {}
     for method in a.methods.split(","):

@@ -4,7 +4,9 @@
   through ``model.forward_intermediates(x, indices, intermediates_only=False)`` then ``forward_head``.
 - ``TeacherTap``: the frozen teacher's penultimate feature f_t (B, D_t) and logits z_t (B, K) through
   ``forward_features`` -> ``forward_head(pre_logits=True)`` -> the classifier, in eval mode under
-  ``torch.inference_mode`` (outputs cloned afterwards so autograd may use them as constants).
+  ``torch.inference_mode`` (outputs cloned afterwards so autograd may use them as constants). When the
+  teacher was trained with other input statistics than the student's (timm data configs), it converts the
+  student's normalised input to its own on the device: x_t = (x_s * std_s + mean_s - mean_t) / std_t.
 - ``probe_student`` / ``probe_teacher``: one dry run at the training input size gives C_s, D_t and K
   exactly, whatever the model family (timm's feature_info differs between CNNs and ViTs).
 """
@@ -45,18 +47,41 @@ class StudentTap(nn.Module):
         return self.model.forward_head(final), list(feats)
 
 
+Stats = Tuple[Sequence[float], Sequence[float]]  # (mean (3,), std (3,))
+
+
 class TeacherTap(nn.Module):
     """Frozen teacher: ``forward(x (B, 3, H, W)) -> (feat (B, D_t), logits (B, K))``, no gradient ever.
 
     The module stays in eval mode whatever ``.train()`` is called with, its parameters have
     ``requires_grad=False``, and the forward runs under ``torch.inference_mode``.
+
+    Args:
+        model: a timm model with ``forward_features`` and ``forward_head``.
+        input_stats: (mean, std) the input ``x`` is normalised with (the student's data config).
+        teacher_stats: (mean, std) the teacher expects. When both are given and differ, ``x`` is converted
+            (x * std_in / std_t + (mean_in - mean_t) / std_t per channel) before the teacher sees it.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, input_stats: Optional[Stats] = None, teacher_stats: Optional[Stats] = None):
         super().__init__()
         _require(model, ("forward_features", "forward_head"), "teacher")
         self.model = model
         model.requires_grad_(False)
+        # The statistics the teacher's input is normalised with, as it sees it (the teacher cache records
+        # them: cached f_t must come from the same teacher input as the online forward).
+        stats = teacher_stats if teacher_stats is not None else input_stats
+        self.teacher_input_stats = (None if stats is None else
+                                    (tuple(float(v) for v in stats[0]), tuple(float(v) for v in stats[1])))
+        self.renormalize = (input_stats is not None and teacher_stats is not None
+                            and any(tuple(map(float, a)) != tuple(map(float, b))
+                                    for a, b in zip(input_stats, teacher_stats)))
+        if self.renormalize:
+            (m_in, s_in), (m_t, s_t) = [(torch.tensor(m, dtype=torch.float32).view(1, -1, 1, 1),
+                                         torch.tensor(s, dtype=torch.float32).view(1, -1, 1, 1))
+                                        for m, s in (input_stats, teacher_stats)]
+            self.register_buffer("in_scale", s_in / s_t, persistent=False)
+            self.register_buffer("in_shift", (m_in - m_t) / s_t, persistent=False)
         classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
         # logits = classifier(pre_logits); models whose head is not one module fall back to forward_head.
         self._use_classifier = isinstance(classifier, nn.Module)
@@ -71,6 +96,8 @@ class TeacherTap(nn.Module):
         return super().train(False)
 
     def _forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.renormalize:
+            x = x * self.in_scale.to(x.dtype) + self.in_shift.to(x.dtype)
         t = self.model.forward_features(x)
         feat = self.model.forward_head(t, pre_logits=True)
         logits = self.model.get_classifier()(feat) if self._use_classifier else self.model.forward_head(t)
@@ -135,7 +162,8 @@ def probe_teacher(tap: TeacherTap, input_size: Tuple[int, int, int]) -> Tuple[in
     feat, logits = tap(x)
     if tap._use_classifier:
         with torch.inference_mode():
-            direct = tap.model.forward_head(tap.model.forward_features(x))
+            xt = x * tap.in_scale + tap.in_shift if tap.renormalize else x
+            direct = tap.model.forward_head(tap.model.forward_features(xt))
         if direct.shape != logits.shape or not torch.allclose(direct, logits, rtol=1e-4, atol=1e-4):
             tap._use_classifier = False
             feat, logits = tap(x)

@@ -9,8 +9,16 @@ training image and stores, per view, the crop window and flip and the teacher's 
   (3/4, 4/3), 10 tries, then the centre crop), flip with probability 1/2.
 - ``DIR/feats.npy``: fp16 (default) or fp32 (N, K, D_t) f_t, memory-mapped when read.
 - ``DIR/meta.json`` (written last: a cache without it is incomplete and never read): format, teacher
-  name, kwargs and weights hash (sha256 of its state_dict), dataset name, hash of its file list (paths and
+  name, kwargs and weights hash (sha256 of its state_dict), the teacher's input normalisation (mean, std:
+  its timm data config, or its hcd-distill checkpoint's), dataset name, hash of its file list (paths and
   labels; the pixels for in-memory data), N, image size, the transform, K, D_t, dtype, seed.
+
+Normalisation: the teacher saw each view normalised with its own statistics; a training run normalises the
+replayed view with the student's (its data config) and its online teacher converts that to the teacher's
+statistics (``TeacherTap``), the same input up to float rounding. The cache's ``teacher_input`` must equal
+the run's teacher statistics; the student's normalisation is the run's own and not part of the cache.
+Unreadable image files become ``BadSample`` at replay, as in ``SampleDataset``; the replay draws no global
+RNG (the view is stored, its choice a pure function of (seed, epoch, n)), so it needs no per-sample seeding.
 
 Training with ``--teacher-cache DIR`` (any method) replays, for image n in epoch e, view
 k = choice(seed, e, n) of its K (a pure function of the run's seed, the epoch and the index, so sharding
@@ -40,7 +48,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from hcd_fast.distill.data import IMAGENET_MEAN, IMAGENET_STD, DATASETS, build_data
+from hcd_fast.distill.data import (_READ_ERRORS, DATASETS, BadSample, DataConfig, SampleDataset, build_data)
 from hcd_fast.distill.errors import UserError
 
 FORMAT = "hcd-distill-teacher-cache/1"
@@ -52,9 +60,12 @@ _CHOICE_SALT = 0x7EAC4E  # separates the replay choice's stream from the views' 
 # ------------------------------------------------------------------------------------------- sources
 class RawSource:
     """Un-transformed training samples of a hcd-distill dataset: ``get(n) -> (image, label)`` where image
-    is a PIL image (imagefolder, cifar100) or a normalised (3, H, W) tensor (digits)."""
+    is a PIL image (imagefolder, cifar100) or a normalised (3, H, W) tensor (digits). A ``SampleDataset``
+    (hcd-distill's wrapper of image datasets) is unwrapped to the dataset it holds."""
 
     def __init__(self, dataset: Dataset):
+        if isinstance(dataset, SampleDataset):
+            dataset = dataset.base
         self.dataset = dataset
         name = type(dataset).__name__
         if isinstance(dataset, TensorDataset):
@@ -69,6 +80,10 @@ class RawSource:
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def path(self, n: int) -> str:
+        samples = getattr(self.dataset, "samples", None)
+        return samples[n][0] if samples is not None else f"{type(self.dataset).__name__}[{n}]"
 
     def get(self, n: int):
         d = self.dataset
@@ -105,10 +120,10 @@ class RawSource:
 
 # -------------------------------------------------------------------------------------------- views
 def transform_spec(dataset: str, img_size: int, interpolation: str, no_aug: bool, digits_aug: bool = False) -> dict:
-    """The replayable training transform of a run (stored in the metadata, compared at training)."""
+    """The replayable training views of a run (stored in the metadata, compared at training); the
+    normalisation is not in it (the teacher's is ``teacher_input``, the student's the run's own)."""
     aug = "none" if (no_aug or (dataset == "digits" and not digits_aug)) else "rrc_flip"
-    spec = {"aug": aug, "img_size": img_size, "interpolation": interpolation, "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD)}
+    spec = {"aug": aug, "img_size": img_size, "interpolation": interpolation}
     if aug == "rrc_flip":
         spec.update(scale=list(SCALE), ratio=[round(r, 6) for r in RATIO])
     return spec
@@ -154,14 +169,15 @@ def replay_choice(seed: int, epoch: int, index: int, num_views: int) -> int:
 
 
 class ViewTransform:
-    """Image + view (top, left, h, w, flip) -> normalised (3, S, S) float tensor, the same function at
-    caching and at replay. ``aug == "rrc_flip"``: resized crop of the window to S x S with the run's
-    interpolation (timm's RandomResizedCropAndInterpolation does exactly this with its sampled window),
-    flip, to tensor, normalise. ``aug == "none"``: timm's no-augmentation train transform (resize the
-    short side, centre crop) for images; the tensor itself for in-memory (digits) data."""
+    """Image + view (top, left, h, w, flip) -> (3, S, S) float tensor normalised with (mean, std), the
+    same function at caching (the teacher's statistics) and at replay (the student's).
+    ``aug == "rrc_flip"``: resized crop of the window to S x S with the run's interpolation (timm's
+    RandomResizedCropAndInterpolation does exactly this with its sampled window), flip, to tensor,
+    normalise. ``aug == "none"``: timm's no-augmentation train transform (resize the short side, centre
+    crop) for images; the tensor itself for in-memory (digits) data."""
 
-    def __init__(self, spec: dict):
-        self.spec = spec
+    def __init__(self, spec: dict, mean, std):
+        self.spec, self.mean, self.std = spec, tuple(mean), tuple(std)
         self._noaug = None
 
     def __call__(self, image, view) -> torch.Tensor:
@@ -179,15 +195,14 @@ class ViewTransform:
             if self._noaug is None:
                 from timm.data import create_transform
                 self._noaug = create_transform(s["img_size"], is_training=True, no_aug=True,
-                                               interpolation=s["interpolation"], mean=tuple(s["mean"]),
-                                               std=tuple(s["std"]))
+                                               interpolation=s["interpolation"], mean=self.mean, std=self.std)
             return self._noaug(image)
         i, j, h, w, flip = (int(v) for v in view)
         image = TF.resized_crop(image, i, j, h, w, [s["img_size"]] * 2,
                                 interpolation=str_to_interp_mode(s["interpolation"]))
         if flip:
             image = TF.hflip(image)
-        return TF.normalize(TF.to_tensor(image), s["mean"], s["std"])
+        return TF.normalize(TF.to_tensor(image), self.mean, self.std)
 
 
 def make_views(source: RawSource, spec: dict, num_views: int, seed: int) -> np.ndarray:
@@ -195,7 +210,11 @@ def make_views(source: RawSource, spec: dict, num_views: int, seed: int) -> np.n
     n = len(source)
     views = np.zeros((n, num_views, 5), dtype=np.int32)
     for idx in range(n):
-        image, _ = source.get(idx)
+        try:
+            image, _ = source.get(idx)
+        except _READ_ERRORS as exc:
+            raise UserError(f"cache-teacher: cannot read {source.path(idx)!r} ({type(exc).__name__}: {exc}); "
+                            f"fix or remove the file") from None
         height, width = source.image_hw(image)
         for k in range(num_views):
             views[idx, k] = (sample_view(view_rng(seed, idx, k), height, width) if spec["aug"] == "rrc_flip"
@@ -206,8 +225,8 @@ def make_views(source: RawSource, spec: dict, num_views: int, seed: int) -> np.n
 class _AllViews(Dataset):
     """Flat (image, view) pairs for caching: item n*K + k -> (x, n, k)."""
 
-    def __init__(self, source: RawSource, spec: dict, views: np.ndarray):
-        self.source, self.tf, self.views = source, ViewTransform(spec), views
+    def __init__(self, source: RawSource, spec: dict, views: np.ndarray, mean, std):
+        self.source, self.tf, self.views = source, ViewTransform(spec, mean, std), views
         self.k = views.shape[1]
 
     def __len__(self) -> int:
@@ -274,12 +293,13 @@ class TeacherCache:
 
 
 class CachedViewDataset(Dataset):
-    """The training set under ``--teacher-cache``: item n -> (x (3, S, S), label, f_t (D_t,) fp32) of view
-    ``replay_choice(seed, epoch, n, K)``; ``set_epoch`` before each epoch's iterator."""
+    """The training set under ``--teacher-cache``: item n -> (x (3, S, S) normalised with (mean, std), label,
+    f_t (D_t,) fp32) of view ``replay_choice(seed, epoch, n, K)``, or ``BadSample`` when its file cannot be
+    read; ``set_epoch`` before each epoch's iterator."""
 
-    def __init__(self, source: RawSource, cache: TeacherCache, seed: int):
+    def __init__(self, source: RawSource, cache: TeacherCache, seed: int, mean, std):
         self.source, self.cache, self.seed = source, cache, seed
-        self.tf = ViewTransform(cache.meta["transform"])
+        self.tf = ViewTransform(cache.meta["transform"], mean, std)
         self.num_views = cache.meta["num_views"]
         self.epoch = 0
 
@@ -291,7 +311,10 @@ class CachedViewDataset(Dataset):
 
     def __getitem__(self, n: int):
         k = replay_choice(self.seed, self.epoch, n, self.num_views)
-        image, label = self.source.get(n)
+        try:
+            image, label = self.source.get(n)
+        except _READ_ERRORS as exc:
+            return BadSample(self.source.path(n), f"{type(exc).__name__}: {exc}")
         x = self.tf(image, self.cache.views[n, k])
         feat = torch.from_numpy(np.array(self.cache.feats[n, k], dtype=np.float32))
         return x, label, feat
@@ -303,7 +326,8 @@ class FreshViewDataset(Dataset):
     with the same crop and flip function the cache replays."""
 
     def __init__(self, source: RawSource, spec: dict, seed: int):
-        self.source, self.tf, self.seed, self.epoch = source, ViewTransform(spec), seed, 0
+        # In-memory tensors are already normalised: the view transform crops and flips them only.
+        self.source, self.tf, self.seed, self.epoch = source, ViewTransform(spec, (0.0,) * 3, (1.0,) * 3), seed, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -318,22 +342,37 @@ class FreshViewDataset(Dataset):
         return self.tf(image, sample_view(rng, height, width)), label
 
 
-def online_views(args, train_set: Dataset) -> Dataset:
-    """The training set of ``--digits-aug`` without a cache: digits through a fresh crop + flip per epoch."""
+def online_views(args, train_set: Dataset, cfg: DataConfig) -> Dataset:
+    """The training set of ``--digits-aug`` without a cache: digits through a fresh crop + flip per epoch
+    (resized with ``cfg.interpolation``, the run's data config)."""
     if args.dataset != "digits":
         raise UserError(f"--digits-aug: only for --dataset digits (the {args.dataset} loader already augments)")
-    spec = transform_spec(args.dataset, args.img_size, args.interpolation, args.no_aug, True)
+    spec = transform_spec(args.dataset, args.img_size, cfg.interpolation, args.no_aug, True)
     return FreshViewDataset(RawSource(train_set), spec, args.seed) if spec["aug"] != "none" else train_set
 
 
-def run_identity(args, source: RawSource, teacher_model: Optional[torch.nn.Module]) -> dict:
-    """The metadata fields a cache must have for this run (teacher fields only when there is a teacher)."""
-    out = {"dataset": args.dataset, "num_images": len(source), "files_sha256": source.file_list_hash(),
-           "transform": transform_spec(args.dataset, args.img_size, args.interpolation, args.no_aug,
+def files_hash(args, source: RawSource) -> str:
+    """``source.file_list_hash()``; in-memory digits are hashed as built with the default (ImageNet)
+    statistics, since a run holds them normalised with the student's and the cache with the teacher's."""
+    if source.kind == "tensor" and args.dataset == "digits":
+        from hcd_fast.distill.data import build_digits
+        return RawSource(build_digits(args.img_size, args.val_fraction).train).file_list_hash()
+    return source.file_list_hash()
+
+
+def run_identity(args, source: RawSource, teacher_model: Optional[torch.nn.Module], interpolation: str,
+                 teacher_stats=None) -> dict:
+    """The metadata fields a cache must have for this run (teacher fields only when there is a teacher).
+    ``interpolation``: the run's resize interpolation (its data config); ``teacher_stats``: (mean, std) the
+    teacher's input is normalised with."""
+    out = {"dataset": args.dataset, "num_images": len(source), "files_sha256": files_hash(args, source),
+           "transform": transform_spec(args.dataset, args.img_size, interpolation, args.no_aug,
                                        getattr(args, "digits_aug", False))}
     if teacher_model is not None:
         out.update(teacher=args.teacher, teacher_kwargs=dict(args.teacher_kwargs),
-                   teacher_weights_sha256=weights_hash(teacher_model))
+                   teacher_weights_sha256=weights_hash(teacher_model),
+                   teacher_input={"mean": [float(v) for v in teacher_stats[0]],
+                                  "std": [float(v) for v in teacher_stats[1]]})
     return out
 
 
@@ -346,11 +385,12 @@ def _check_replayable(args) -> None:
                         f"the cache (use --reprob 0, or train online)")
 
 
-def open_for_training(args, train_set: Dataset, teacher, feat_dim: Optional[int]) -> CachedViewDataset:
+def open_for_training(args, train_set: Dataset, teacher, feat_dim: Optional[int], cfg: DataConfig) -> CachedViewDataset:
     """The replaying training set of ``--teacher-cache`` after every check (UserError otherwise).
 
     ``teacher`` is the probed ``TeacherTap`` (None for method ce), before any speed setting is applied;
-    ``feat_dim`` its D_t."""
+    ``feat_dim`` its D_t; ``cfg`` the run's (student's) data config: the replayed views are resized with its
+    interpolation and normalised with its mean and std, as the online loader would."""
     _check_replayable(args)
     cache = TeacherCache(args.teacher_cache)
     source = RawSource(train_set)
@@ -358,11 +398,14 @@ def open_for_training(args, train_set: Dataset, teacher, feat_dim: Optional[int]
         raise UserError(f"--teacher-cache with --teacher {args.teacher!r}: its logits are not "
                         f"classifier(pre_logits) (the probe compared them with forward_head), so cached features "
                         f"cannot stand in for its forward; train online")
-    expected = run_identity(args, source, teacher.model if teacher is not None else None)
+    if teacher is not None and teacher.teacher_input_stats is None:
+        raise ValueError("open_for_training: the TeacherTap was built without input statistics")
+    expected = run_identity(args, source, teacher.model if teacher is not None else None, cfg.interpolation,
+                            teacher.teacher_input_stats if teacher is not None else None)
     if teacher is not None:
         expected["feat_dim"] = feat_dim
     cache.check(expected)
-    return CachedViewDataset(source, cache, args.seed)
+    return CachedViewDataset(source, cache, args.seed, cfg.mean, cfg.std)
 
 
 # -------------------------------------------------------------------------------- cache-teacher command
@@ -391,7 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-aug", action="store_true", help="no augmentation: one view, resize + centre crop")
     p.add_argument("--digits-aug", action="store_true", help="digits: K crop + flip views (as hcd-distill "
                    "--digits-aug; digits are otherwise never augmented)")
-    p.add_argument("--interpolation", default="bicubic", help="resize interpolation (bicubic)")
+    p.add_argument("--interpolation", default="bicubic", help="resize interpolation (bicubic; must be the "
+                   "training run's: its --interpolation, or by default the student's timm data config)")
     p.add_argument("--views", type=int, default=16, help="K augmented views per image (16)")
     p.add_argument("--cache-dtype", choices=("fp16", "fp32"), default="fp16", help="storage of f_t (fp16)")
     p.add_argument("--output", required=True, metavar="DIR", help="cache folder (must not hold a cache)")
@@ -414,7 +458,8 @@ def create_cache(args: argparse.Namespace) -> dict:
 
     from hcd_fast.distill.taps import TeacherTap, probe_teacher
     from hcd_fast.distill.teacher_speed import apply_teacher_speed, resolve_teacher_speed
-    from hcd_fast.distill.trainer import _check_model_name, _create_model, load_teacher_weights, seed_everything
+    from hcd_fast.distill.checkpoint import load_weights
+    from hcd_fast.distill.trainer import _check_model_name, create_model, seed_everything
 
     _check_model_name("--teacher", args.teacher)
     if args.teacher_checkpoint is None and not args.allow_random_teacher:
@@ -432,18 +477,32 @@ def create_cache(args: argparse.Namespace) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")
-    data = build_data(args.dataset, args.data_dir, args.img_size, val_fraction=args.val_fraction,
-                      no_aug=args.no_aug, interpolation=args.interpolation, train_split=args.train_split,
-                      val_split=args.val_split)
+    # The teacher sees every view normalised with its own statistics, as hcd-distill's online teacher
+    # does (TeacherTap converts the student's input): its timm data config, or its checkpoint's.
+    teacher_cfg = DataConfig.of_model(args.teacher, args.interpolation)
+
+    def load_data(cfg: DataConfig):
+        return build_data(args.dataset, args.data_dir, args.img_size, val_fraction=args.val_fraction,
+                          no_aug=args.no_aug, cfg=cfg, train_split=args.train_split, val_split=args.val_split,
+                          seed=args.seed)
+
+    data = load_data(teacher_cfg)
+    seed_everything(args.seed)  # the same initialisation as a training run with this seed (random teachers)
+    model = create_model("--teacher", args.teacher, data.num_classes, args.teacher_kwargs, args.img_size)
+    if args.teacher_checkpoint:
+        meta = load_weights(model, args.teacher_checkpoint, data.num_classes, "--teacher-checkpoint")
+        if "data_config" in meta:  # as the trainer's build_teacher: the checkpoint knows its statistics
+            ckpt_cfg = DataConfig(tuple(meta["data_config"]["mean"]), tuple(meta["data_config"]["std"]),
+                                  teacher_cfg.interpolation, teacher_cfg.crop_pct)
+            if ckpt_cfg.stats() != teacher_cfg.stats():
+                teacher_cfg = ckpt_cfg
+                if data.in_memory:  # digits are normalised when built
+                    data = load_data(teacher_cfg)
     source = RawSource(data.train)
     spec = transform_spec(args.dataset, args.img_size, args.interpolation, args.no_aug, args.digits_aug)
     num_views = args.views if spec["aug"] == "rrc_flip" else 1
-
-    seed_everything(args.seed)  # the same initialisation as a training run with this seed (random teachers)
-    model = _create_model("--teacher", args.teacher, data.num_classes, args.teacher_kwargs)
-    if args.teacher_checkpoint:
-        load_teacher_weights(model, args.teacher_checkpoint, data.num_classes)
-    tap = TeacherTap(model.to(device))
+    # No conversion inside the tap: its input is already normalised with the teacher's statistics.
+    tap = TeacherTap(model.to(device), teacher_cfg.stats(), teacher_cfg.stats())
     feat_dim, k_out = probe_teacher(tap, data.input_size)
     if k_out != data.num_classes:
         raise UserError(f"--teacher {args.teacher!r} outputs {k_out} classes, the dataset has {data.num_classes}")
@@ -451,7 +510,8 @@ def create_cache(args: argparse.Namespace) -> dict:
         raise UserError(f"--teacher {args.teacher!r}: its logits are not classifier(pre_logits) (checked "
                         f"against forward_head), so its features cannot be cached; train online")
     meta = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            **run_identity(args, source, model), "num_views": num_views, "feat_dim": feat_dim,
+            **run_identity(args, source, model, args.interpolation, teacher_cfg.stats()), "num_views": num_views,
+            "feat_dim": feat_dim,
             "dtype": args.cache_dtype, "seed": args.seed, "num_classes": data.num_classes}
     amp = "bf16" if device.type == "cuda" else "off"
     speed = resolve_teacher_speed(model, device, amp, args.teacher_bf16, args.teacher_channels_last, "off")
@@ -464,7 +524,7 @@ def create_cache(args: argparse.Namespace) -> dict:
     feats = np.lib.format.open_memmap(feats_tmp, mode="w+", dtype=np.float16 if args.cache_dtype == "fp16"
                                       else np.float32, shape=(len(source), num_views, feat_dim))
     workers = 0 if data.in_memory else args.workers
-    loader = DataLoader(_AllViews(source, spec, views), batch_size=args.batch_size, shuffle=False,
+    loader = DataLoader(_AllViews(source, spec, views, *teacher_cfg.stats()), batch_size=args.batch_size, shuffle=False,
                         num_workers=workers, pin_memory=device.type == "cuda")
     t0 = time.perf_counter()
     for x, n, k in tqdm(loader, disable=args.no_progress, desc="cache-teacher", dynamic_ncols=True):

@@ -1,0 +1,239 @@
+"""Safe checkpoint files and run folders for hcd-distill.
+
+- ``safe_load``: ``torch.load(weights_only=True)`` with exactly one extra allowed type,
+  ``argparse.Namespace`` (timm's train.py stores its arguments with the weights), or a ``.safetensors``
+  file. Nothing else is ever unpickled and there is no unsafe fallback: a file that needs other types, a
+  truncated file or a foreign one is a ``UserError`` naming the flag and the file.
+- ``read_state_dict`` / ``load_weights``: a model's weights from a plain, timm or hcd-distill checkpoint.
+- ``atomic_save`` / ``atomic_write_text``: a temporary file in the same folder, fsync, ``os.replace``; the
+  temporary file is removed when the write fails or is interrupted.
+- ``RunFolder``: a run refuses a folder holding another run's results (unless resuming it or
+  ``--overwrite``), holds a lock file while it runs, and removes temporary files of interrupted saves.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import re
+import socket
+import zipfile
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from hcd_fast.distill.errors import UserError
+
+CKPT_FORMAT = "hcd-distill/1"
+SAFE_GLOBALS = [argparse.Namespace]
+RESULT_FILES = ("last.pt", "best.pt", "summary.json", "metrics.csv", "metrics.jsonl", "loss.png", "accuracy.png")
+LOCK_NAME = ".hcd-distill.lock"
+_TMP_RE = re.compile(r"^(%s)\.tmp\d*$" % "|".join(re.escape(n) for n in RESULT_FILES))
+
+
+# ------------------------------------------------------------------------------------------- loading
+def safe_load(path: str, flag: str):
+    """The object stored in ``path`` (a torch checkpoint or .safetensors), never unpickling arbitrary types."""
+    if str(path).endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:  # pragma: no cover
+            raise UserError(f"{flag} {path!r}: reading .safetensors needs the safetensors package") from None
+        try:
+            return load_file(path)
+        except Exception as exc:
+            raise UserError(f"{flag} {path!r}: not a readable .safetensors file ({exc})") from None
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        extra = ""
+        try:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+            extra = f" (it needs {', '.join(names)})" if names else ""
+        except Exception:
+            pass
+        if "Unsupported global" in str(exc) or extra:
+            raise UserError(f"{flag} {path!r}: holds Python objects beyond tensors, containers and "
+                            f"argparse.Namespace{extra}; hcd-distill never unpickles arbitrary objects. Re-save "
+                            f"it as a plain state_dict (torch.save(model.state_dict(), ...)) or .safetensors") from None
+        raise UserError(f"{flag} {path!r}: cannot be read, truncated or not a PyTorch checkpoint ({exc})") from None
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as exc:
+        raise UserError(f"{flag} {path!r}: cannot be read, truncated or not a PyTorch checkpoint "
+                        f"({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
+def read_state_dict(path: str, flag: str) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """(state_dict, meta) from a plain / timm / hcd-distill checkpoint or a .safetensors file. ``meta`` holds
+    the input normalisation an hcd-distill checkpoint was trained with (``data_config``), else is empty."""
+    obj = safe_load(path, flag)
+    meta: dict = {}
+    if isinstance(obj, dict) and obj.get("format") == CKPT_FORMAT:
+        prefix = "student.model."  # an hcd-distill checkpoint: its student becomes this model
+        if isinstance(obj.get("data_config"), dict):
+            meta["data_config"] = obj["data_config"]
+        obj = {k[len(prefix):]: v for k, v in obj["distiller"].items() if k.startswith(prefix)}
+    for key in ("state_dict_ema", "state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"{flag} {path!r}: expected a state_dict (names to tensors), got "
+                        f"{type(obj).__name__}")
+    return {(k[7:] if k.startswith("module.") else k): v for k, v in obj.items()}, meta
+
+
+def load_weights(model: nn.Module, path: str, num_classes: int, flag: str) -> dict:
+    """Load ``path`` into ``model`` exactly (every key, every shape); returns the file's meta."""
+    state, meta = read_state_dict(path, flag)
+    own = model.state_dict()
+    mismatched = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
+                  if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    for k, got, want in mismatched:
+        if want and want[0] == num_classes and got and got[0] != num_classes:
+            raise UserError(f"{flag} {path!r}: the model was trained for {got[0]} classes "
+                            f"({k} has shape {got}) but the dataset has {num_classes}")
+    if mismatched:
+        sized = any("pos_embed" in k or "relative_position" in k for k, _, _ in mismatched)
+        hint = ("; the file was made for another input size: set --img-size to it (or img_size in the "
+                "model's --*-kwargs)") if sized else ""
+        raise UserError(f"{flag} {path!r} does not fit the model: "
+                        + "; ".join(f"{k}: checkpoint {g} vs model {w}" for k, g, w in mismatched[:5]) + hint)
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise UserError(f"{flag} {path!r} does not fit the model: missing keys "
+                        f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected keys "
+                        f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    model.load_state_dict(state)
+    return meta
+
+
+def classifier_classes(path: str, classifier: str, flag: str) -> Optional[int]:
+    """Output count of the classifier ``classifier`` (timm's pretrained_cfg['classifier']) in ``path``."""
+    state, _ = read_state_dict(path, flag)
+    w = state.get(f"{classifier}.weight")
+    return int(w.shape[0]) if w is not None and w.dim() >= 1 else None
+
+
+# ------------------------------------------------------------------------------------------- writing
+def _tmp_name(path: str) -> str:
+    return f"{path}.tmp{os.getpid()}"
+
+
+def atomic_save(obj, path: str) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then os.replace (never a torn file)."""
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def atomic_write_bytes(data: bytes, path: str) -> None:
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def atomic_write_text(text: str, path: str) -> None:
+    atomic_write_bytes(text.encode(), path)
+
+
+def atomic_copy(src: str, dst: str) -> None:
+    with open(src, "rb") as f:
+        atomic_write_bytes(f.read(), dst)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+# ---------------------------------------------------------------------------------------- run folder
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunFolder:
+    """The output folder of one run: result checks, lock file, stale temporary files.
+
+    ``check`` (any rank, before anything is written) refuses a folder holding another run's results unless
+    the run resumes that folder's last.pt or ``overwrite`` is set. ``acquire`` (rank 0, just before
+    training) creates the folder, takes the lock (which also proves the folder writable), removes temporary
+    files of interrupted saves and, with ``overwrite``, the previous results. ``release`` drops the lock.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self.lock = os.path.join(path, LOCK_NAME)
+        self.locked = False
+
+    def results(self) -> list:
+        return [n for n in RESULT_FILES if os.path.isfile(os.path.join(self.path, n))]
+
+    def check(self, resuming_here: bool, overwrite: bool) -> None:
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise UserError(f"--output {self.path!r}: exists and is not a folder")
+        found = self.results()
+        if found and not resuming_here and not overwrite:
+            raise UserError(f"--output {self.path!r} already holds another run's results ({', '.join(found)}): "
+                            f"pass --resume auto to continue that run, --overwrite to replace it, or choose "
+                            f"another --output")
+
+    def acquire(self, overwrite: bool) -> None:
+        try:
+            os.makedirs(self.path, exist_ok=True)
+            self._take_lock()
+        except OSError as exc:
+            raise UserError(f"--output {self.path!r}: cannot write there ({exc.strerror or exc})") from None
+        for name in os.listdir(self.path):
+            if _TMP_RE.match(name) or (overwrite and name in RESULT_FILES):
+                _remove(os.path.join(self.path, name))
+
+    def _take_lock(self) -> None:
+        me = f"{os.getpid()} {socket.gethostname()}\n"
+        for _ in range(2):
+            try:
+                fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    with open(self.lock) as f:
+                        pid_text, _, host = f.read().strip().partition(" ")
+                    pid = int(pid_text)
+                except (OSError, ValueError):
+                    pid, host = -1, ""
+                if host == socket.gethostname() and (pid < 0 or not _pid_alive(pid)):
+                    _remove(self.lock)  # stale: its run is gone
+                    continue
+                raise UserError(f"--output {self.path!r} is in use by another hcd-distill run (pid {pid} on "
+                                f"{host or 'an unknown host'}); if that run is gone, delete {self.lock!r}") from None
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+            self.locked = True
+            return
+        raise UserError(f"--output {self.path!r}: could not take the lock {self.lock!r}")
+
+    def release(self) -> None:
+        if self.locked:
+            _remove(self.lock)
+            self.locked = False
