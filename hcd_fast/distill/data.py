@@ -23,7 +23,7 @@ import os
 import random
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, List, NamedTuple, Optional, Tuple
+from typing import Iterator, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
