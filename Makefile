@@ -16,7 +16,7 @@ export MAX_JOBS ?= $(shell nproc)
 
 BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/* csrc/cuda/*)
 
-.PHONY: setup test test-compat bench demo clean
+.PHONY: setup test test-compat bench bench-pipeline demo clean
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ test: setup
 
 bench: setup
 	$(PY) -m benchmarks
+
+# Where a distillation step's wall time goes (loader, teacher, student + head; teacher cache), on a synthetic
+# JPEG ImageFolder generated once under ~/.cache/hcd_fast (benchmarks/pipeline.py).
+bench-pipeline: setup
+	$(PY) -m benchmarks pipeline
 
 # hcd-distill on the embedded digits data (CPU, a few minutes): ViT teacher (cached under runs/demo/),
 # then ce / kd / hcd into a tiny ResNet over 3 seeds; prints accuracy and wall time per method.

@@ -3,6 +3,7 @@
     python -m benchmarks                      # the device's profile (cpu: fits 10 min on 2 cores; gpu)
     python -m benchmarks --quick              # tiny shapes, 2 repetitions: a smoke run
     python -m benchmarks --cases sub_logit_loss,steps --providers eager,fused --dtypes fp32 --out /tmp/r
+    python -m benchmarks pipeline             # loader / teacher / step / end-to-end img/s (benchmarks/pipeline.py)
 
 ``--cases`` takes comma-separated patterns matched against case ids (``sub_logit_loss/imagenet/fp32``,
 ``sweep/sub_logit_loss/B=512/fp32``, ``head/cifar/bf16``, ``step/swin_t->resnet18``): a pattern selects a
@@ -307,6 +308,10 @@ def run(argv: Optional[List[str]] = None) -> dict:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["pipeline"]:  # the whole-pipeline benchmark (benchmarks/pipeline.py)
+        from benchmarks import pipeline
+        return pipeline.main(argv[1:])
     run(argv)
     return 0
 

@@ -130,8 +130,8 @@ def _poison_loss_at(monkeypatch, call):
     forward = DistillTask.forward
     calls = {"n": 0}
 
-    def poisoned(self, input, target):
-        out = forward(self, input, target)
+    def poisoned(self, input, target, cached_feat=None):  # cached_feat: the teacher cache's f_t
+        out = forward(self, input, target, cached_feat)
         calls["n"] += 1
         if calls["n"] == call:
             out["loss"] = out["loss"] * float("nan")

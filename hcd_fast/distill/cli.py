@@ -28,6 +28,8 @@ EPILOG = """examples:
       --teacher-checkpoint swin_t_cifar100.pt --method hcd
   torchrun --nproc-per-node 8 -m hcd_fast.distill --preset imagenet --data-dir /data/imagenet ...
   hcd-distill ... --resume auto            # continue a killed run from OUTPUT/last.pt
+  hcd-distill cache-teacher --teacher T --teacher-checkpoint t.pt ... --views 16 --output cache/  # then:
+  hcd-distill --teacher T --teacher-checkpoint t.pt ... --teacher-cache cache/   # no teacher forward
 A preset sets the defaults of its flags; flags given explicitly win. Outputs: OUTPUT/{last,best}.pt,
 metrics.csv, metrics.jsonl, loss.png, accuracy.png, summary.json. Exit codes: 0 done, 1 training failed
 (a non-finite loss), 2 a bad flag, file, dataset or output folder (found before the first step)."""
@@ -127,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--aa", default=None, help="timm auto-augment policy, e.g. rand-m9-mstd0.5 (off)")
     g.add_argument("--reprob", type=float, default=0.0, help="random-erasing probability (0)")
     g.add_argument("--no-aug", action="store_true", help="no training augmentation (cifar100/imagefolder)")
+    g.add_argument("--digits-aug", action="store_true", help="digits: RandomResizedCrop + flip views (fresh "
+                   "each epoch; the teacher cache's views with --teacher-cache); digits are otherwise not augmented")
     g.add_argument("--interpolation", default=None, help="resize interpolation (default: the student's timm "
                    "data config, usually bicubic)")
     g.add_argument("--crop-pct", type=float, default=None, help="evaluation centre-crop fraction (default: "
@@ -157,6 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
                    help="channels_last memory format (auto: on for CUDA)")
     g.add_argument("--compile", action="store_true", help="torch.compile the student and teacher forwards")
+    g.add_argument("--teacher-bf16", choices=("auto", "on", "off"), default="auto", help="teacher weights "
+                   "cast to bf16, fp32 outputs (auto: on under bf16 autocast on CUDA)")
+    g.add_argument("--teacher-channels-last", choices=("auto", "on", "off"), default="auto",
+                   help="channels_last teacher (auto: on for CNN teachers on CUDA)")
+    g.add_argument("--teacher-compile", choices=("auto", "on", "off"), default="auto", help="torch.compile "
+                   "the teacher forward on its own, with CUDA graphs on CUDA (auto: follows --compile)")
+    g.add_argument("--teacher-cache", metavar="DIR", default=None, help="replay stored views and teacher "
+                   "features from DIR (made by `hcd-distill cache-teacher`): no teacher forward in training")
     g.add_argument("--log-interval", type=int, default=20, help="read metrics from the device (one host "
                    "sync) every N steps (20)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default torch's)")
@@ -224,6 +236,10 @@ def _parse_indices(text):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["cache-teacher"]:  # the teacher feature cache's own command
+        from hcd_fast.distill.teacher_cache import main as cache_main
+        return cache_main(argv[1:])
     from hcd_fast.distill.trainer import run
     try:
         args = parse_args(argv)

@@ -23,7 +23,7 @@ import os
 import random
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, List, NamedTuple, Optional, Tuple
+from typing import Iterator, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -248,15 +248,16 @@ class SampleDataset(Dataset):
             raise UserError(f"--data-dir: cannot read {bad.path!r} ({bad.reason}); fix or remove the file")
 
 
-def collate_skip_bad(batch: list) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], List[BadSample]]:
-    """(images, labels, bad samples): unreadable samples are dropped from the batch; images and labels are
-    None when none is left."""
+def collate_skip_bad(batch: list) -> tuple:
+    """(images, labels, bad samples) from (image, label) samples, and (images, labels, bad samples,
+    cached teacher features f_t (B, D_t)) from the teacher cache's (image, label, f_t) samples: unreadable
+    samples are dropped from the batch; images and labels are None (and no f_t) when none is left."""
     good = [b for b in batch if not isinstance(b, BadSample)]
     bad = [b for b in batch if isinstance(b, BadSample)]
     if not good:
         return None, None, bad
-    x, y = default_collate(good)
-    return x, y, bad
+    x, y, *extra = default_collate(good)
+    return (x, y, bad, *extra)
 
 
 class ResumableDistributedSampler(DistributedSampler):

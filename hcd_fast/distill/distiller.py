@@ -155,12 +155,15 @@ class DistillTask(_TaskBase):
                                                                     **ddp_kwargs)
         return self
 
-    def compile(self, backend: str = "inductor", mode: Optional[str] = None, **kwargs) -> nn.Module:
-        """Compile the student and teacher forwards in place (state_dict keys unchanged)."""
+    def compile(self, backend: str = "inductor", mode: Optional[str] = None, teacher: bool = True,
+                teacher_mode: Optional[str] = None, **kwargs) -> nn.Module:
+        """Compile the student and (``teacher=True``) teacher forwards in place (state_dict keys unchanged);
+        the teacher's with ``teacher_mode`` (e.g. "reduce-overhead": CUDA graphs), unless already compiled."""
         distiller = unwrap(self.trainable_module)
         distiller.student.compile(backend=backend, mode=mode, **kwargs)
-        if self.teacher is not None:
-            self.teacher.model.compile(backend=backend, mode=mode, **kwargs)
+        if teacher and self.teacher is not None and self.teacher._fwd == self.teacher._forward:
+            # The teacher forward on its own graph (static shapes: training drops the last batch).
+            self.teacher.compile_forward(mode=teacher_mode, backend=backend, **kwargs)
         return distiller.model
 
     def get_trainable_module(self, ema: bool = False):
@@ -174,13 +177,19 @@ class DistillTask(_TaskBase):
         module = self.trainable_module
         return module.no_sync() if hasattr(module, "no_sync") else nullcontext()
 
-    def teacher_outputs(self, input: torch.Tensor):
+    def teacher_outputs(self, input: torch.Tensor, cached_feat: Optional[torch.Tensor] = None):
+        """(f_t, z_t): the teacher forward, or with ``cached_feat`` (B, D_t) from the teacher cache the
+        classifier alone on it (no teacher forward)."""
         if self.teacher is None:
             return None, None
+        if cached_feat is not None:
+            feat = cached_feat.float()
+            return feat, self.teacher.logits_from_feat(feat)
         return self.teacher(input)
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
-        teacher_feat, teacher_logits = self.teacher_outputs(input)
+    def forward(self, input: torch.Tensor, target: torch.Tensor,
+                cached_feat: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        teacher_feat, teacher_logits = self.teacher_outputs(input, cached_feat)
         logits, loss, parts = self.trainable_module(input, target, teacher_feat, teacher_logits)
         return {"loss": loss, "output": logits, **parts}
 

@@ -68,6 +68,11 @@ class TeacherTap(nn.Module):
         _require(model, ("forward_features", "forward_head"), "teacher")
         self.model = model
         model.requires_grad_(False)
+        # The statistics the teacher's input is normalised with, as it sees it (the teacher cache records
+        # them: cached f_t must come from the same teacher input as the online forward).
+        stats = teacher_stats if teacher_stats is not None else input_stats
+        self.teacher_input_stats = (None if stats is None else
+                                    (tuple(float(v) for v in stats[0]), tuple(float(v) for v in stats[1])))
         self.renormalize = (input_stats is not None and teacher_stats is not None
                             and any(tuple(map(float, a)) != tuple(map(float, b))
                                     for a, b in zip(input_stats, teacher_stats)))
@@ -80,6 +85,11 @@ class TeacherTap(nn.Module):
         classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
         # logits = classifier(pre_logits); models whose head is not one module fall back to forward_head.
         self._use_classifier = isinstance(classifier, nn.Module)
+        # Speed settings (hcd_fast.distill.teacher_speed): weights' dtype the input is cast to (None: as
+        # given), channels_last input, and the (possibly compiled) forward.
+        self.input_dtype: Optional[torch.dtype] = None
+        self.channels_last = False
+        self._fwd = self._forward
         super().train(False)
 
     def train(self, mode: bool = True) -> "TeacherTap":
@@ -95,9 +105,33 @@ class TeacherTap(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         with torch.inference_mode():
-            feat, logits = self._forward(x)
+            if self.input_dtype is not None:
+                x = x.to(self.input_dtype)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            feat, logits = self._fwd(x)
         # Inference tensors cannot enter autograd; a clone outside inference mode is an ordinary tensor.
+        # Low-precision weights give fp32 outputs (the same dtype whatever the weights are stored in).
+        if self.input_dtype is not None:
+            return feat.float(), logits.float()
         return feat.clone(), logits.clone()
+
+    def logits_from_feat(self, feat: torch.Tensor) -> torch.Tensor:
+        """Teacher logits (B, K) from a stored pre-logit feature f_t (B, D_t): the classifier alone (what
+        the teacher cache replays). Only for teachers whose logits are ``classifier(pre_logits)``, which
+        ``probe_teacher`` checks against ``forward_head``."""
+        if not self._use_classifier:
+            raise ValueError("this teacher's logits are not classifier(pre_logits); its features cannot "
+                             "stand in for its forward")
+        with torch.inference_mode():
+            w = self.model.get_classifier().weight
+            logits = self.model.get_classifier()(feat.to(w.dtype))
+        return logits.float() if self.input_dtype is not None else logits.clone()
+
+    def compile_forward(self, mode: Optional[str] = None, **kwargs) -> None:
+        """torch.compile the teacher forward on its own (features, pre-logits and classifier in one
+        graph, static shapes); ``mode="reduce-overhead"`` adds CUDA graphs on CUDA."""
+        self._fwd = torch.compile(self._forward, mode=mode, dynamic=False, **kwargs)
 
 
 @torch.no_grad()

@@ -329,6 +329,7 @@ class Models:
     distiller: Distiller
     channels: Tuple[int, ...]
     part_names: Tuple[str, ...]
+    teacher_dim: int = 1  # D_t (1, unused, for ce)
 
 
 def build_teacher(args, K: int, device, data_cfg: DataConfig, input_size) -> Tuple[Optional[TeacherTap], int]:
@@ -387,7 +388,8 @@ def build_models(args, K: int, device, data_cfg: DataConfig, input_size) -> Mode
     except (ValueError, TypeError) as exc:
         raise UserError(f"loss options: {exc}") from None
     part_names = tuple(getattr(criterion, "part_names", PART_NAMES))
-    return Models(teacher, Distiller(StudentTap(student, args.indices), criterion).to(device), channels, part_names)
+    return Models(teacher, Distiller(StudentTap(student, args.indices), criterion).to(device), channels, part_names,
+                  teacher_dim)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -583,11 +585,15 @@ class Trainer:
         seed_everything(args.seed)
         m = build_models(args, K, device, self.data_cfg, self.data.input_size)
         self.distiller, self.part_names, self.channels = m.distiller, m.part_names, m.channels
+        if getattr(args, "teacher_cache", None):  # replay stored views and f_t (hcd_fast.distill.teacher_cache)
+            from hcd_fast.distill.teacher_cache import open_for_training
+            self.data.train = open_for_training(args, self.data.train, m.teacher, m.teacher_dim, self.data_cfg)
+        elif getattr(args, "digits_aug", False):  # digits through fresh crop + flip views (the cache's online twin)
+            from hcd_fast.distill.teacher_cache import online_views
+            self.data.train = online_views(args, self.data.train, self.data_cfg)
         self.channels_last = args.channels_last == "on" or (args.channels_last == "auto" and device.type == "cuda")
-        if self.channels_last:
+        if self.channels_last:  # the teacher's memory format is --teacher-channels-last's (teacher_speed)
             self.distiller.to(memory_format=torch.channels_last)
-            if m.teacher is not None:
-                m.teacher.to(memory_format=torch.channels_last)
         if args.sync_bn:
             self.distiller = nn.SyncBatchNorm.convert_sync_batchnorm(self.distiller)
         self.task = DistillTask(self.distiller, m.teacher, device=device)
@@ -595,6 +601,12 @@ class Trainer:
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
         self.autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
         self.scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+        if m.teacher is not None:  # bf16 weights / channels_last / compiled forward (hcd_fast.distill.teacher_speed)
+            from hcd_fast.distill.teacher_speed import apply_teacher_speed, resolve_teacher_speed
+            apply_teacher_speed(m.teacher, resolve_teacher_speed(
+                m.teacher.model, device, amp, getattr(args, "teacher_bf16", "auto"),
+                getattr(args, "teacher_channels_last", "auto"), getattr(args, "teacher_compile", "auto"),
+                args.compile))
         self._build_loaders()
         self._build_optim()
 
@@ -703,7 +715,7 @@ class Trainer:
     def fit(self, state: TrainState) -> dict:
         args, ctx, device = self.args, self.ctx, self.device
         if args.compile:
-            self.task.compile()
+            self.task.compile(teacher=False)  # the teacher's compile is --teacher-compile's (teacher_speed)
         if ctx.enabled:
             self.task.prepare_distributed(device_ids=[device.index] if device.type == "cuda" else None,
                                           find_unused_parameters=args.find_unused_parameters)
@@ -720,15 +732,18 @@ class Trainer:
             self.end_epoch(state, *result)
         return self.finish(state, stopped)
 
-    def _step(self, state: TrainState, x: torch.Tensor, y: torch.Tensor):
-        """One update; returns (loss and parts (1 + P,) float64, correct count) or None when skipped."""
+    def _step(self, state: TrainState, x: torch.Tensor, y: torch.Tensor, cached_feat: Optional[torch.Tensor] = None):
+        """One update; returns (loss and parts (1 + P,) float64, correct count) or None when skipped.
+        ``cached_feat``: the teacher cache's f_t (B, D_t) of these views (no teacher forward), or None."""
         args = self.args
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
+        if cached_feat is not None:
+            cached_feat = cached_feat.to(self.device, non_blocking=True)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with self.autocast():
-            result = self.task(x, y)
+            result = self.task(x, y, cached_feat)
         loss = result["loss"]
         vals = torch.stack([loss.detach().double()] + [result[k].detach().double() for k in self.part_names])
         nonfinite = ~torch.isfinite(vals[0])
@@ -791,7 +806,7 @@ class Trainer:
                    desc=f"{args.method} epoch {state.epoch + 1}/{args.epochs}")
         t_epoch = time.perf_counter()
         self.t_log, self.seen_log = t_epoch, 0
-        for x, y, bad in self.train_loader:
+        for x, y, bad, *cached in self.train_loader:  # cached: [f_t] under --teacher-cache
             if state.step_in_epoch >= self.steps_per_epoch:
                 break
             if bad:
@@ -800,7 +815,7 @@ class Trainer:
             state.global_step += 1
             out = None
             if x is not None and (x.shape[0] >= 2 or self.local_bs < 2):
-                out = self._step(state, x, y)
+                out = self._step(state, x, y, cached[0] if cached else None)
             elif x is None or x.shape[0] < 2:
                 state.skipped_steps += 1  # too few readable images for BatchNorm
             if out is not None:

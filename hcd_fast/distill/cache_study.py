@@ -1,0 +1,96 @@
+"""Accuracy of the teacher cache against online teaching on the digits demo.
+
+    python -m hcd_fast.distill.cache_study [--out runs/cache_study] [--views 1,4,16] [--seeds 3]
+
+The demo's ViT teacher (trained like ``make demo``, or reused from ``--teacher``), the demo's resnet10t
+student and recipe (hcd, 6 epochs, lr 0.01), with ``--digits-aug`` (RandomResizedCrop + flip) so that
+views differ: online, the teacher sees a fresh view per image and epoch; with the cache, one of K stored
+views per image and epoch (K in ``--views``), f_t stored in fp16. Prints and writes OUT/results.json and
+OUT/results.md (mean, std, min, max of the final val top-1 over the seeds, and wall time per run).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+
+from hcd_fast.distill.cli import main as cli_main
+from hcd_fast.distill.cli import parse_args
+from hcd_fast.distill.demo import STUDENT, TEACHER
+from hcd_fast.distill.trainer import run
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m hcd_fast.distill.cache_study", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/cache_study", help="output folder (runs/cache_study)")
+    p.add_argument("--teacher", default=None, help="teacher checkpoint (default: OUT/teacher.pt, trained like "
+                   "the demo's on first run)")
+    p.add_argument("--views", default="1,4,16", help="comma list of K (1,4,16)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per setting (3)")
+    p.add_argument("--epochs", type=int, default=6, help="student epochs (6)")
+    p.add_argument("--teacher-epochs", type=int, default=30, help="teacher epochs when training it (30)")
+    p.add_argument("--lr", type=float, default=0.01, help="student peak learning rate (0.01)")
+    p.add_argument("--batch-size", type=int, default=64, help="global batch (64)")
+    a = p.parse_args(argv)
+    common = ["--img-size", "16", "--batch-size", str(a.batch_size), "--no-progress", "--no-plots"]
+    os.makedirs(a.out, exist_ok=True)
+    t_start = time.perf_counter()
+    teacher_ckpt = a.teacher or os.path.join(a.out, "teacher.pt")
+    if not os.path.isfile(teacher_ckpt):
+        out = os.path.join(a.out, "teacher_run")
+        s = run(parse_args(TEACHER + common + [
+            "--method", "ce", "--indices", "1", "--epochs", str(a.teacher_epochs), "--opt", "adamw", "--lr", "2e-3",
+            "--weight-decay", "0.05", "--min-lr", "1e-5", "--warmup-epochs", "2", "--output", out]))
+        shutil.copyfile(os.path.join(out, "best.pt"), teacher_ckpt + ".tmp")
+        os.replace(teacher_ckpt + ".tmp", teacher_ckpt)
+        print(f"[cache_study] teacher val top-1 {s['best_top1']:.2f}%", flush=True)
+    teacher = ["--teacher", "vit_tiny_patch16_224", "--teacher-kwargs", TEACHER[3], "--teacher-checkpoint",
+               teacher_ckpt]
+    settings = ["online"] + [f"cache K={k}" for k in a.views.split(",")]
+    cache_seconds = {}
+    for k in a.views.split(","):
+        folder = os.path.join(a.out, f"cache_k{k}")
+        if not os.path.isfile(os.path.join(folder, "meta.json")):
+            t = time.perf_counter()
+            rc = cli_main(["cache-teacher"] + teacher + ["--img-size", "16", "--digits-aug", "--views", k,
+                                                         "--output", folder, "--no-progress"])
+            if rc != 0:
+                return rc
+            cache_seconds[k] = time.perf_counter() - t
+    results = {name: [] for name in settings}
+    for seed in range(a.seeds):
+        for name in settings:
+            tag = name.replace("cache K=", "k")
+            flags = STUDENT + teacher + common + ["--method", "hcd", "--digits-aug", "--epochs", str(a.epochs),
+                                                  "--seed", str(seed), "--warmup-epochs", "1", "--lr", str(a.lr),
+                                                  "--output", os.path.join(a.out, f"{tag}_s{seed}")]
+            if name != "online":
+                flags += ["--teacher-cache", os.path.join(a.out, f"cache_k{tag[1:]}")]
+            t = time.perf_counter()
+            s = run(parse_args(flags))
+            results[name].append({"top1": s["final_top1"], "seconds": time.perf_counter() - t})
+            print(f"[cache_study] {name:<12} seed {seed}: val top-1 {s['final_top1']:.2f}%", flush=True)
+    lines = ["| teaching (hcd, digits, --digits-aug) | val top-1 mean (%) | std | min | max | s/run |",
+             "|---|---|---|---|---|---|"]
+    for name, rs in results.items():
+        accs = [r["top1"] for r in rs]
+        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        lines.append(f"| {name} | {statistics.mean(accs):.2f} | {std:.2f} | {min(accs):.2f} | {max(accs):.2f} | "
+                     f"{statistics.mean(r['seconds'] for r in rs):.1f} |")
+    md = "\n".join(lines)
+    with open(os.path.join(a.out, "results.json"), "w") as f:
+        json.dump({"results": results, "cache_build_seconds": cache_seconds, "epochs": a.epochs, "lr": a.lr,
+                   "seeds": a.seeds, "total_seconds": time.perf_counter() - t_start}, f, indent=1)
+    with open(os.path.join(a.out, "results.md"), "w") as f:
+        f.write(md + "\n")
+    print(md + f"\ntotal {time.perf_counter() - t_start:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

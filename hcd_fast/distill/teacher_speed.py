@@ -1,0 +1,89 @@
+"""Teacher speed switches of hcd-distill: the frozen teacher's forward is most of an ImageNet distillation
+step (a ViT-B/Swin-T teacher vs a ResNet18 student), so it gets its own settings.
+
+- ``weights_bf16``: the teacher's parameters and buffers cast to bf16 (not only autocast: no per-step
+  weight casts, half the weight traffic); the input is cast to bf16 and f_t, z_t come back in fp32. The
+  function computed is the same model; its rounding is bf16's, as under bf16 autocast. Default: on where
+  the run trains under bf16 autocast on CUDA (``--amp auto``/``bf16``), off elsewhere.
+- ``channels_last``: NHWC weights and input for CNN teachers (cuDNN's fast layout); a ViT/Swin teacher
+  has one patch-embedding conv, so it is left alone. Default: on for CNN teachers on CUDA. On the CPU
+  channels_last was slower for ResNets on the development machine (benchmarks/steps.py), so it is off.
+- ``compile``: ``torch.compile`` of the teacher forward on its own graph (features, pre-logits and
+  classifier), static shapes; ``reduce-overhead`` (CUDA graphs) on CUDA, where the training batch shape
+  is static (the last partial batch is dropped). Default: follows ``--compile``.
+
+``resolve_teacher_speed`` turns the CLI's auto/on/off switches into a ``TeacherSpeed``;
+``apply_teacher_speed`` applies one to a ``TeacherTap`` (after ``probe_teacher``, which runs in fp32).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from hcd_fast.distill.errors import UserError
+from hcd_fast.distill.taps import TeacherTap
+
+SWITCHES = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class TeacherSpeed:
+    weights_bf16: bool = False
+    channels_last: bool = False
+    compile: bool = False
+    compile_mode: Optional[str] = None  # torch.compile mode of the teacher forward
+
+    def describe(self) -> str:
+        on = [n for n, v in (("bf16 weights", self.weights_bf16), ("channels_last", self.channels_last),
+                             (f"compiled ({self.compile_mode or 'default'})", self.compile)) if v]
+        return ", ".join(on) if on else "eager fp32 (as built)"
+
+
+def is_cnn(model: nn.Module) -> bool:
+    """True for convolutional teachers: more than one Conv2d and no attention block (a ViT or Swin has one
+    patch-embedding conv and attention modules)."""
+    convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    attention = any("Attention" in type(m).__name__ for m in model.modules())
+    return convs > 1 and not attention
+
+
+def _switch(flag: str, value: str, auto: bool) -> bool:
+    if value not in SWITCHES:
+        raise UserError(f"{flag}: expected one of {SWITCHES}, got {value!r}")
+    return auto if value == "auto" else value == "on"
+
+
+def resolve_teacher_speed(model: nn.Module, device: torch.device, amp: str, bf16: str = "auto",
+                          channels_last: str = "auto", compile: str = "auto",
+                          compile_all: bool = False) -> TeacherSpeed:
+    """The teacher's speed settings from the CLI switches.
+
+    Args:
+        model: the bare timm teacher (to tell CNNs from transformers).
+        device: the training device.
+        amp: the resolved autocast of the run: "bf16", "fp16" or "off".
+        bf16, channels_last, compile: "auto", "on" or "off" (``--teacher-bf16``, ``--teacher-channels-last``,
+            ``--teacher-compile``).
+        compile_all: ``--compile`` (the auto value of ``compile``).
+    """
+    cuda = device.type == "cuda"
+    weights_bf16 = _switch("--teacher-bf16", bf16, cuda and amp == "bf16")
+    cl = _switch("--teacher-channels-last", channels_last, cuda and is_cnn(model))
+    comp = _switch("--teacher-compile", compile, compile_all)
+    return TeacherSpeed(weights_bf16, cl, comp, "reduce-overhead" if (comp and cuda) else None)
+
+
+def apply_teacher_speed(tap: TeacherTap, speed: TeacherSpeed) -> TeacherTap:
+    """Apply ``speed`` to ``tap`` in place (returns it)."""
+    if speed.weights_bf16:
+        tap.model.to(torch.bfloat16)
+        tap.input_dtype = torch.bfloat16
+    if speed.channels_last:
+        tap.model.to(memory_format=torch.channels_last)
+        tap.channels_last = True
+    if speed.compile:
+        tap.compile_forward(mode=speed.compile_mode)
+    return tap
