@@ -23,7 +23,7 @@
 # Without a GPU: HCD_GPU_CHECK_DRY=1 runs the same stages on the CPU, quickly (no install unless
 # HCD_GPU_CHECK_INSTALL=1, tiny benchmark shapes), to test this script.
 # Knobs: HCD_GPU_CHECK_BUDGET (total seconds, default 470), HCD_GPU_CHECK_STAGES (comma list of stages to
-# run: env, install, backends, test_cuda, test_triton, test_contract, determinism, probe, bench; default all),
+# run: env, install, backends, test_cuda, test_triton, test_contract, determinism, probe, bench, pipeline; default all),
 # HCD_GPU_CHECK_BENCH_CASES (the runner's --cases), PYTHON (the interpreter to use).
 # Measured on the first run (H100, 16 cores, 2026-11-27, benchmarks/results/h100/gpu_check/summary.txt): env 19 s,
 # install 52 s, backends 6 s, test_cuda 24 s, test_triton 35 s (8 xdist workers), determinism 22 s, bench 170 s
@@ -191,6 +191,17 @@ else
     --out "$OUTDIR/bench"
 fi
 
+# --- 7. the whole-pipeline benchmark (loader, teacher, steps, teacher cache; benchmarks/pipeline.py) --------
+# Last, with what the budget leaves: ~60 s on a 16-core H100 host without the compiled-teacher row (estimate,
+# not yet measured on a GPU); run it alone with HCD_GPU_CHECK_STAGES=env,install,pipeline for the full profile.
+if [ "$DRY" = "1" ]; then
+  run_stage pipeline 120 "$PY" -m benchmarks pipeline --profile quick --device cpu --data-root /tmp/hcd_fast_cache \
+    --out "$OUTDIR/pipeline" --no-plots
+else
+  run_stage pipeline 180 "$PY" -m benchmarks pipeline --device cuda --profile gpu --no-compile \
+    --data-root /tmp/hcd_fast_cache --out "$OUTDIR/pipeline"
+fi
+
 # A bench stage cut short leaves results.json without results.md: render what it measured.
 if [ -f "$OUTDIR/bench/results.json" ] && [ ! -f "$OUTDIR/bench/results.md" ]; then
   timeout 60 "$PY" -m benchmarks.report "$OUTDIR/bench/results.json" || true
@@ -219,7 +230,8 @@ fi
 tar -czf "/tmp/gpu_check.$$.tar.gz" -C "$OUTDIR" . && mv "/tmp/gpu_check.$$.tar.gz" "$OUTDIR/gpu_check.tar.gz"
 if [ "$PACK" = "1" ]; then
   find "$OUTDIR" -type f ! -name gpu_check.tar.gz ! -name summary.txt ! -name backends.txt \
-    ! -path "$OUTDIR/bench/results.json" ! -path "$OUTDIR/bench/results.md" -delete
+    ! -path "$OUTDIR/bench/results.json" ! -path "$OUTDIR/bench/results.md" \
+    ! -path "$OUTDIR/pipeline/pipeline.json" ! -path "$OUTDIR/pipeline/pipeline.md" -delete
   find "$OUTDIR" -mindepth 1 -type d -empty -delete
 fi
 echo "everything: $OUTDIR/gpu_check.tar.gz (tar -xzf it into benchmarks/results/<device>/ to commit the bench part)"
