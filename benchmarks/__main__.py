@@ -30,7 +30,8 @@ from benchmarks import cases as C
 from benchmarks import report
 from benchmarks import steps as ST
 from benchmarks.common import (SCHEMA_VERSION, Policy, copy_bandwidth, device_tag, environment, measure_group,
-                               peak_memory, provider_unavailable_reason, select_providers, synchronize)
+                               parse_device, peak_memory, provider_unavailable_reason, select_providers,
+                               synchronize)
 
 POLICIES = {  # (ops, steps)
     "cpu": (Policy(warmup=2, min_reps=5, max_reps=30, target_s=1.0, flush_l2=False),
@@ -152,10 +153,7 @@ def run(argv: Optional[List[str]] = None) -> dict:
     args = ap.parse_args(argv)
 
     start = time.perf_counter()
-    dev_str = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    device = torch.device(dev_str)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: no CUDA device is available")
+    device = parse_device(ap, args.device)
     profile = "quick" if args.quick else (args.profile or ("gpu" if device.type == "cuda" else "cpu"))
     budget = DEFAULT_BUDGET_S[profile] if args.budget_s < 0 else (args.budget_s or None)
     out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", device_tag(device))

@@ -29,6 +29,14 @@ BASE_PROVIDERS = ("eager", "compile")
 FUSED_BACKENDS = ("cpu", "cuda", "triton")
 
 
+def parse_device(ap, value: str) -> torch.device:
+    """--device auto|cpu|cuda -> torch.device (auto: cuda if available); ap.error (exit 2) for cuda without one."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if value == "auto" else value)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is available")
+    return device
+
+
 def fused_providers(device: torch.device) -> List[str]:
     """The fused backends hcd_fast reports available for ``device``. Triton on CPU tensors runs only in
     the interpreter (orders of magnitude too slow to time), so it is left out there."""

@@ -51,8 +51,8 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from benchmarks.common import (SCHEMA_VERSION, Policy, device_tag, environment, measure_group, summarize,
-                               synchronize)
+from benchmarks.common import (SCHEMA_VERSION, Policy, device_tag, environment, measure_group, parse_device,
+                               summarize, synchronize)
 
 PROFILES = {
     # teacher, teacher kwargs, img, batch, classes, train images per class, views, workers, policy
@@ -166,10 +166,7 @@ def run(argv: Optional[List[str]] = None) -> dict:
     args = ap.parse_args(argv)
 
     start = time.perf_counter()
-    dev_str = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    device = torch.device(dev_str)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: no CUDA device is available")
+    device = parse_device(ap, args.device)
     profile = args.profile or ("gpu" if device.type == "cuda" else "cpu")
     P = dict(PROFILES[profile])
     for key in ("teacher", "batch", "workers", "views"):
@@ -291,7 +288,7 @@ def run(argv: Optional[List[str]] = None) -> dict:
         dataset="imagefolder", data_dir=root, train_split="train", val_split="val", img_size=img, val_fraction=0.2,
         no_aug=False, digits_aug=False, interpolation="bicubic", views=P["views"], cache_dtype="fp16",
         output=cache_dir, seed=0,
-        batch_size=B, workers=P["workers"], device=dev_str, teacher_bf16="auto", teacher_channels_last="auto",
+        batch_size=B, workers=P["workers"], device=str(device), teacher_bf16="auto", teacher_channels_last="auto",
         threads=None, no_progress=True, aa=None, reprob=0.0)
     # The cache's teacher: a seeded random one (the benchmark times, it does not train).
     from hcd_fast.distill.trainer import create_model, seed_everything
