@@ -81,9 +81,11 @@ def provider_unavailable_reason(provider: str, device: torch.device) -> Optional
 
 
 def git_commit() -> Dict[str, object]:
-    """HEAD of the repository (or $HCD_GIT_COMMIT where the tree was copied without .git) and whether the
-    code under test differs from it."""
-    env = os.environ.get("HCD_GIT_COMMIT")
+    """$HCD_GIT_COMMIT when set (the caller knows the tree: a copy on a GPU machine may carry a stale .git),
+    else HEAD of the repository, and whether the code under test differs from it (None when unknown)."""
+    env = os.environ.get("HCD_GIT_COMMIT", "").strip()
+    if env:
+        return {"git_commit": env, "git_dirty": None}
     try:
         commit = subprocess.run(["git", "-C", REPO_ROOT, "rev-parse", "HEAD"], capture_output=True, text=True,
                                 timeout=10).stdout.strip()
@@ -92,7 +94,7 @@ def git_commit() -> Dict[str, object]:
                                capture_output=True, text=True, timeout=10).stdout.strip() != ""
     except Exception:
         commit, dirty = "", None
-    return {"git_commit": commit or env or "unknown", "git_dirty": dirty if commit else None}
+    return {"git_commit": commit or "unknown", "git_dirty": dirty if commit else None}
 
 
 def cpu_model() -> str:

@@ -105,9 +105,11 @@ export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"   # import from the tree even if the install fails
 export PYTHONUNBUFFERED=1
-# Record the commit in every result row even where the tree was copied without .git.
-if [ -z "${HCD_GIT_COMMIT:-}" ]; then
-  HCD_GIT_COMMIT="$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || cat "$ROOT/.git_commit" 2>/dev/null || echo unknown)"
+# Record the commit in every result row. HCD_GIT_COMMIT, when the caller sets it, wins (a copied tree may carry
+# a stale .git: pass HCD_GIT_COMMIT=$(git rev-parse HEAD) from the checkout that was copied); else the rows take
+# HEAD and its dirty flag from git, or .git_commit where the tree has no .git.
+if [ -z "${HCD_GIT_COMMIT:-}" ] && ! git -C "$ROOT" rev-parse HEAD >/dev/null 2>&1; then
+  HCD_GIT_COMMIT="$(cat "$ROOT/.git_commit" 2>/dev/null || echo unknown)"
   export HCD_GIT_COMMIT
 fi
 

@@ -174,3 +174,15 @@ def test_readme_summary_renders_from_committed_results():
     text = render(path)
     assert "| sub_logit_loss/imagenet/fp32 | S=4 B=256 n=4 K=1000 |" in text
     assert "sweep/" not in text.split("Whole optimizer steps")[0]
+
+
+def test_git_commit_prefers_the_callers_commit(monkeypatch):
+    # A tree copied to a GPU machine can carry a stale .git: the caller's HCD_GIT_COMMIT wins, dirty unknown.
+    from benchmarks.common import git_commit
+    monkeypatch.setenv("HCD_GIT_COMMIT", "0123abcd")
+    assert git_commit() == {"git_commit": "0123abcd", "git_dirty": None}
+    monkeypatch.delenv("HCD_GIT_COMMIT")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout.strip()
+    got = git_commit()
+    assert got["git_commit"] == (head or "unknown") and got["git_dirty"] in (True, False, None)
