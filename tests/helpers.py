@@ -143,3 +143,25 @@ def single_rounding_rtol(dtype) -> float:
 def low_atol(dtype) -> float:
     """Absolute floor for values near fp16's subnormal range (6e-8 spacing); none for fp32/fp64."""
     return 1e-7 if dtype in UNIT_ROUNDOFF else 1e-12
+
+
+# Maps of bn_relu_pool / pool_linear: B = 1, H*W = 1 (and both: training must refuse it), C not a multiple of
+# 4/8/32, C > 32 (several channel tiles), H*W < 8 and > 8, and a map large enough for several row chunks of the
+# channels_last reductions (N = B*H*W = 2 * 40 * 40 = 3200 rows: 50 chunks of 64).
+MAP_SHAPES = [(1, 5, 3, 3), (3, 37, 1, 1), (2, 70, 5, 3), (1, 3, 1, 7), (1, 6, 1, 1), (2, 33, 40, 40)]
+
+
+def layout(x, kind):
+    """Same values, different memory: "nchw" (contiguous), "nhwc" (channels_last), "sliced" (every other channel
+    of a wider map, columns offset by one) or "strided" (every other column): the last two are neither."""
+    if kind == "nhwc":
+        return x.contiguous(memory_format=torch.channels_last)
+    if kind == "sliced":
+        big = torch.zeros(x.shape[0], x.shape[1] * 2, x.shape[2], x.shape[3] + 3, dtype=x.dtype, device=x.device)
+        big[:, ::2, :, 1:x.shape[3] + 1] = x
+        return big[:, ::2, :, 1:x.shape[3] + 1]
+    if kind == "strided":
+        big = torch.zeros(*x.shape[:3], 2 * x.shape[3], dtype=x.dtype, device=x.device)
+        big[..., ::2] = x
+        return big[..., ::2]
+    return x.contiguous()

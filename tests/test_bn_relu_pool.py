@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 
 from hcd_fast import functional as HF
-from helpers import (ALL_DTYPES, assert_close, backend_params, interpreter_rounding, low_atol, over_backends,
-                     single_rounding_rtol, within_twice)
+from helpers import (ALL_DTYPES, MAP_SHAPES, assert_close, backend_params, interpreter_rounding, layout, low_atol,
+                     over_backends, single_rounding_rtol, within_twice)
 
 pytestmark = pytest.mark.usefixtures("poison_uninitialized")
 NAMES = ("out", "d x", "d weight", "d bias", "running_mean", "running_var")
@@ -26,22 +26,6 @@ def bn_inputs(B, C, H, W, seed=0):
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
     return {"x": r(B, C, H, W) * 2 + 0.5, "w": r(C), "b": r(C) * 0.5, "rm": r(C), "rv": r(C).abs() + 0.5,
             "gout": r(B, C)}
-
-
-def layout(x, kind):
-    """Same values, different memory: "nchw" (contiguous), "nhwc" (channels_last), "sliced" (every other channel
-    of a wider map, columns offset by one) or "strided" (every other column): the last two are neither."""
-    if kind == "nhwc":
-        return x.contiguous(memory_format=torch.channels_last)
-    if kind == "sliced":
-        big = torch.zeros(x.shape[0], x.shape[1] * 2, x.shape[2], x.shape[3] + 3, dtype=x.dtype, device=x.device)
-        big[:, ::2, :, 1:x.shape[3] + 1] = x
-        return big[:, ::2, :, 1:x.shape[3] + 1]
-    if kind == "strided":
-        big = torch.zeros(*x.shape[:3], 2 * x.shape[3], dtype=x.dtype, device=x.device)
-        big[..., ::2] = x
-        return big[..., ::2]
-    return x.contiguous()
 
 
 def run(name, device, t, training, momentum, kind="nchw", dtype=None, eps=1e-5):
@@ -93,10 +77,8 @@ def test_bn_relu_pool_matches_reference(backend, B, C, H, W, training, momentum,
 # Memory formats x dtypes. Tolerances relative to the largest |value|, from the unit roundoff u of the output
 # dtype: the kernels accumulate in fp32 (fp64 for fp64) and round each output once, plus fp32 summation error:
 # rtol = 2u + 1e-4 (helpers.single_rounding_rtol); fp32 1e-5; fp64 1e-10.
-# B = 1, H*W = 1 (and both: training must refuse it), C not a multiple of 4/8/32, C > 32 (several channel
-# tiles), H*W < 8 and > 8, and a map large enough for several row chunks of the channels_last reductions
-# (N = B*H*W = 2 * 40 * 40 = 3200 rows: 50 chunks of 64).
-MAP_SHAPES = [(1, 5, 3, 3), (3, 37, 1, 1), (2, 70, 5, 3), (1, 3, 1, 7), (1, 6, 1, 1), (2, 33, 40, 40)]
+# MAP_SHAPES (helpers.py): B = 1, H*W = 1 (and both: training must refuse it), odd C, several channel tiles,
+# several row chunks of the channels_last reductions.
 LAYOUTS = ["nchw", "nhwc", "strided"]
 LAYOUT_CASES = [s + (kind, training, dtype) for s, kind, training, dtype in
                 itertools.product(MAP_SHAPES[:5], LAYOUTS, [True, False], ALL_DTYPES)]
