@@ -101,7 +101,9 @@ def over_backends(cases, gpu_cases=(), jit_gpu_cases=None, compiled_cases=(), na
 def _case_id(v) -> str:
     if isinstance(v, torch.dtype):
         return str(v).replace("torch.", "")
-    return str(v)
+    if v is None or isinstance(v, (bool, int, float, str, tuple)):
+        return str(v)
+    return type(v).__name__  # (pytest numbers repeated ids)
 
 
 def to_dev(b: Backend, *tensors):
