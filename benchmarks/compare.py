@@ -15,7 +15,8 @@ interquartile range IQR has standard error ~1.2533 * (IQR / 1.349) / sqrt(n) for
 terms: s = sqrt(sum of (se / median)^2). Z = 3. The floor --band (default 0.10) covers what the within-run
 spread does not see: run-to-run drift of a ratio from load that changes between the two providers' timings,
 frequency and memory placement on the shared 2-core development machine (benchmarks/README.md: how it was
-chosen). Exit status: 0 when nothing regressed, 1 when a ratio regressed or a case that ran in OLD failed or
+chosen). Runs measured with a 1-min load average above their thread count are flagged as not comparable.
+Exit status: 0 when nothing regressed, 1 when a ratio regressed or a case that ran in OLD failed or
 is missing in NEW, 2 when a file cannot be read.
 """
 from __future__ import annotations
@@ -135,6 +136,18 @@ def _run_line(name: str, path: str, data: dict) -> str:
             f"{env.get('loadavg_start', '?')} -> {data.get('loadavg_end', '?')}")
 
 
+def loaded(data: dict) -> Optional[Tuple[float, int]]:
+    """(highest 1-min load average recorded in the run, threads it used) when the load exceeded the threads:
+    other work competed for the cores and the ratios are not comparable; else None."""
+    threads = [r.get("threads") for r in data["rows"] if isinstance(r, dict) and r.get("threads")]
+    loads = [r.get("loadavg") for r in data["rows"] if isinstance(r, dict)]
+    loads += [(data.get("env") or {}).get("loadavg_start"), data.get("loadavg_end")]
+    loads = [float(v) for v in loads if isinstance(v, (int, float))]
+    if not threads or not loads or max(loads) <= max(threads):
+        return None
+    return max(loads), max(threads)
+
+
 def markdown(records: List[dict], old_path: str, old: dict, new_path: str, new: dict, band: float,
              z: float = Z) -> str:
     lines = ["# Benchmark comparison (speedup ratios; higher is faster)", "",
@@ -143,6 +156,12 @@ def markdown(records: List[dict], old_path: str, old: dict, new_path: str, new: 
              "REGRESSION = a ratio fell by more than its band", ""]
     if (old.get("env") or {}).get("device_name") != (new.get("env") or {}).get("device_name"):
         lines += ["**Warning: the runs are on different devices; their ratios do not compare.**", ""]
+    for name, data in (("old", old), ("new", new)):
+        load = loaded(data)
+        if load is not None:
+            lines += [f"**Warning: the {name} run was measured under load (1-min load average up to {load[0]:g} on "
+                      f"{load[1]} threads): its ratios move by far more than the band (three runs of one commit at "
+                      "load 9-11 on 2 cores differed by up to 80%); rerun on an idle machine.**", ""]
     lines += ["| case | provider | vs eager old | new | change | vs compile old | new | change | band | verdict |",
               "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in records:

@@ -250,6 +250,7 @@ def test_compare_flags_a_regression_beyond_the_band(tmp_path):
     assert "| pool_linear/cifar/fp32 | cpu | 8.89x | 5.93x | -33.3% |" in proc.stdout
     assert "**missing in new**" in proc.stdout and "**failed in new**" in proc.stdout
     assert md.read_text().strip() == proc.stdout.strip()
+    assert "under load" not in proc.stdout  # the committed run was at load ~1 on 2 threads
     same = subprocess.run([sys.executable, "-m", "benchmarks", "compare", str(old_path), str(old_path)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert same.returncode == 0 and "no regression beyond the noise band" in same.stdout
@@ -265,3 +266,17 @@ def test_compare_bad_file_exits_2_naming_it(tmp_path, content, words):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert str(bad) in proc.stderr and words in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_compare_warns_about_a_loaded_run():
+    from benchmarks import compare as CMP
+
+    data = CMP.load(COMMITTED_CPU)
+    assert CMP.loaded(data) is None
+    busy = _perturbed(data, {})
+    for r in busy["rows"]:
+        r["loadavg"] = 10.1
+    assert CMP.loaded(busy) == (10.1, 2)
+    md = CMP.markdown(CMP.compare(data, busy), "old.json", data, "new.json", busy, CMP.DEFAULT_BAND)
+    assert "the new run was measured under load (1-min load average up to 10.1 on 2 threads)" in md
+    assert "the old run" not in md
