@@ -35,8 +35,9 @@ def cfm_gemm_kernel(
     stride_a1m, stride_a1k, stride_a2m, stride_a2k, stride_wn, stride_wk,
     stride_ztm, stride_ztk, stride_om, stride_on,
     lambda_s, lambda_t, scalars_ptr,
-    SCALARS_FP64: tl.constexpr, HAS_A2: tl.constexpr, EPILOGUE: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SCALARS_FP64: tl.constexpr, HAS_A2: tl.constexpr, EPILOGUE: tl.constexpr, ACC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)): out = epilogue(A1 W[:, :K1]^T + A2 W[:, K1:]^T + bias)."""
     pid_m = tl.program_id(0)

@@ -29,6 +29,7 @@ import triton.language as tl
 
 from hcd_fast.kernels import fp64_scalars
 
+
 @triton.jit
 def _tile_offsets(c, hw, W, stride_c, stride_h, stride_w):
     """Element offsets of a (BLOCK_C, BLOCK_HW) tile of one sample's (C, H, W) map."""
@@ -303,7 +304,8 @@ def bn_relu_pool_forward(x, weight, bias, running_mean, running_var, training: b
     bn_stats_kernel[(triton.cdiv(channels, block_rc),)](
         row_mean, row_m2, weight, bias, running_mean, running_var, save_mean, save_rstd, scale, shift,
         batch, channels, hw, float(momentum), float(eps), scalars if scalars is not None else save_mean,
-        SCALARS_FP64=scalars is not None, TRAINING=bool(training), ACC=acc, BLOCK_B=block_rb, BLOCK_C=block_rc, num_warps=4)
+        SCALARS_FP64=scalars is not None, TRAINING=bool(training), ACC=acc, BLOCK_B=block_rb, BLOCK_C=block_rc,
+        num_warps=4)
     out = torch.empty((batch, channels), device=dev, dtype=x.dtype)
     bn_relu_pool_fwd_kernel[grid](x, scale, shift, out, channels, hw, width, *x.stride(),
                                   ACC=acc, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=4)

@@ -85,7 +85,8 @@ LAYOUT_CASES = [s + (kind, training, dtype) for s, kind, training, dtype in
 LAYOUT_BIG_CASES = [MAP_SHAPES[5] + (kind, training, dtype) for kind, training, dtype in
                     itertools.product(LAYOUTS, [True, False], ALL_DTYPES)]  # ~10 s each in the interpreter
 LAYOUT_JIT_CASES = [s + (kind, True, dtype) for s, kind, dtype in
-                    itertools.product([MAP_SHAPES[2], MAP_SHAPES[5]], ["nchw", "nhwc"], [torch.float32, torch.bfloat16])]
+                    itertools.product([MAP_SHAPES[2], MAP_SHAPES[5]], ["nchw", "nhwc"],
+                                      [torch.float32, torch.bfloat16])]
 
 
 @pytest.mark.parametrize("backend,B,C,H,W,kind,training,dtype",

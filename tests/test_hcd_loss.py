@@ -320,7 +320,8 @@ def test_compiled_first_call_in_a_fresh_process():
 def backend_inputs(B, channels, sizes, Dt, K, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     feats = [torch.randn(B, c, s, s, generator=g, dtype=torch.float64) * 1.5 for c, s in zip(channels, sizes)]
-    zs, ft = torch.randn(B, K, generator=g, dtype=torch.float64) * 2, torch.randn(B, Dt, generator=g, dtype=torch.float64)
+    zs = torch.randn(B, K, generator=g, dtype=torch.float64) * 2
+    ft = torch.randn(B, Dt, generator=g, dtype=torch.float64)
     zt = torch.randn(B, K, generator=g, dtype=torch.float64) * 2
     y = torch.randint(0, K, (B,), generator=g)
     return [[f.to(device) for f in feats], zs.to(device), ft.to(device), zt.to(device), y.to(device)]

@@ -65,7 +65,8 @@ LAYOUTS = ["nchw", "nhwc", "strided"]
 LAYOUT_CASES = [s + (kind, dtype) for s, kind, dtype in itertools.product(MAP_SHAPES[:5], LAYOUTS, ALL_DTYPES)]
 LAYOUT_BIG_CASES = [MAP_SHAPES[5] + (kind, dtype) for kind, dtype in itertools.product(LAYOUTS, ALL_DTYPES)]
 LAYOUT_JIT_CASES = [s + (kind, dtype) for s, kind, dtype in
-                    itertools.product([MAP_SHAPES[2], MAP_SHAPES[5]], ["nchw", "nhwc"], [torch.float32, torch.bfloat16])]
+                    itertools.product([MAP_SHAPES[2], MAP_SHAPES[5]], ["nchw", "nhwc"],
+                                      [torch.float32, torch.bfloat16])]
 
 
 @pytest.mark.parametrize("backend,B,C,H,W,kind,dtype", over_backends(
