@@ -1,4 +1,7 @@
-"""Comparison helpers shared by the backend test files."""
+"""Helpers shared by the op test files: comparisons, and the one list of backends they are parametrized over."""
+import dataclasses
+
+import pytest
 import torch
 
 
@@ -24,17 +27,12 @@ def assert_close_to(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-5, a
 # ------------------------------------------------------------------------------------------ backends
 # The one place the op test files get their backends from: a new backend is one more entry in BACKENDS
 # (a parameter of every op test), not a new test file.
-import dataclasses  # noqa: E402
-
-import pytest  # noqa: E402
-
-
 @dataclasses.dataclass(frozen=True)
 class Backend:
     """A backend name (the ``backend=`` argument) and the device its tensors live on."""
     name: str
     device: str
-    jit: bool = False  # compiles one kernel per configuration on the GPU (Triton): GPU case lists are trimmed
+    jit: bool = False  # Triton: interpreted on the CPU (slow), one compile per configuration on the GPU
 
     @property
     def id(self) -> str:
@@ -104,12 +102,6 @@ def _case_id(v) -> str:
     if v is None or isinstance(v, (bool, int, float, str, tuple)):
         return str(v)
     return type(v).__name__  # (pytest numbers repeated ids)
-
-
-def to_dev(b: Backend, *tensors):
-    """The tensors moved to the backend's device (None stays None)."""
-    out = tuple(None if t is None else t.to(b.device) for t in tensors)
-    return out if len(out) != 1 else out[0]
 
 
 def interpreter_rounding(backend: Backend, dtype) -> float:
