@@ -4,6 +4,7 @@
     python -m benchmarks --quick              # tiny shapes, 2 repetitions: a smoke run
     python -m benchmarks --cases sub_logit_loss,steps --providers eager,fused --dtypes fp32 --out /tmp/r
     python -m benchmarks pipeline             # loader / teacher / step / end-to-end img/s (benchmarks/pipeline.py)
+    python -m benchmarks compare OLD.json NEW.json   # speedup ratios side by side, regressions flagged
 
 ``--cases`` takes comma-separated patterns matched against case ids (``sub_logit_loss/imagenet/fp32``,
 ``sweep/sub_logit_loss/B=512/fp32``, ``head/cifar/bf16``, ``step/swin_t->resnet18``): a pattern selects a
@@ -310,6 +311,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if argv[:1] == ["pipeline"]:  # the whole-pipeline benchmark (benchmarks/pipeline.py)
         from benchmarks import pipeline
         return pipeline.main(argv[1:])
+    if argv[:1] == ["compare"]:  # two runs' speedup ratios side by side (benchmarks/compare.py)
+        from benchmarks import compare
+        return compare.main(argv[1:])
     run(argv)
     return 0
 

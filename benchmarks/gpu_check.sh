@@ -9,7 +9,7 @@
 #      --no-deps --no-index -e . with TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=$(nproc), CUDA_HOME found
 #      (falls back to setup.py build_ext --inplace)
 #   3. prints the backend report (python -m hcd_fast)
-#   4. runs the CUDA tests (pytest -m cuda) and the Triton tests on CUDA tensors
+#   4. runs every CUDA-marked test (pytest -m "cuda and not triton", then -m "cuda and triton")
 #   5. runs the determinism check (python -m benchmarks.determinism) and benchmarks/gpu_probe.py (~27 s)
 #   6. runs the GPU benchmarks (python -m benchmarks --profile gpu): ops at the ImageNet-like shape, the
 #      HCD head, the sub_logit_loss batch sweep to 8192, the Swin-T/ViT-S -> ResNet18 steps
@@ -136,23 +136,22 @@ run_stage backends 60 "$PY" -m hcd_fast
 cp "$OUTDIR/logs/backends.log" "$OUTDIR/backends.txt" 2>/dev/null || true
 
 # --- 4. tests ------------------------------------------------------------------------------------------
-# The C++ CUDA tests (tests/test_cpp_cuda.py) and the Triton GPU tests (the `cuda`-marked tests of
-# tests/test_triton*.py) run once each. The Triton ones are dominated by JIT compiles (~80 distinct
-# kernels, 1-4 s each), so they run on 8 pytest-xdist workers (on the GPU image) when it is there.
+# Every CUDA test runs once, selected by marker over tests/ (tests/helpers.py marks the GPU parameters of the
+# backend-parametrized files `cuda`, and the Triton ones `triton`; tests/conftest.py marks tests/test_triton*.py
+# `triton`): test_cuda runs `cuda and not triton` (the compiled CUDA backend),
+# test_triton runs `cuda and triton`. The Triton ones are dominated by JIT compiles (1-4 s per distinct kernel
+# configuration), so they run on 8 pytest-xdist workers (on the GPU image) when it is there.
 XDIST=""
 if [ "$DRY" != "1" ] && "$PY" -c "import xdist" >/dev/null 2>&1; then XDIST="-n 8"; fi
-run_stage test_cuda 60 "$PY" -m pytest -m cuda -q -p no:cacheprovider --junitxml="$OUTDIR/junit_cuda.xml" \
-  tests/test_cpp_cuda.py
-TRITON_TESTS=$(ls tests/test_triton*.py 2>/dev/null | tr '\n' ' ')
-if [ -z "$TRITON_TESTS" ]; then
-  printf '%-14s %-24s\n' test_triton "skipped (no tests/test_triton*.py)" | tee -a "$SUMMARY"
-elif [ "$DRY" = "1" ]; then
+run_stage test_cuda 90 "$PY" -m pytest -m "cuda and not triton" -q -p no:cacheprovider \
+  --junitxml="$OUTDIR/junit_cuda.xml" tests
+if [ "$DRY" = "1" ]; then
   # On CPU the Triton tests run in the interpreter (the normal test suite does that); only collect them.
-  run_stage test_triton 60 "$PY" -m pytest -q -p no:cacheprovider --collect-only $TRITON_TESTS
+  run_stage test_triton 60 "$PY" -m pytest -m "cuda and triton" -q -p no:cacheprovider --collect-only tests
 else
   # On the GPU: TRITON_INTERPRET unset, so tests/conftest.py leaves Triton on the real device.
-  run_stage test_triton 90 env -u TRITON_INTERPRET "$PY" -m pytest -m cuda -q -p no:cacheprovider $XDIST \
-    --junitxml="$OUTDIR/junit_triton.xml" $TRITON_TESTS
+  run_stage test_triton 150 env -u TRITON_INTERPRET "$PY" -m pytest -m "cuda and triton" -q -p no:cacheprovider \
+    $XDIST --junitxml="$OUTDIR/junit_triton.xml" tests
 fi
 
 # The op contract (tests/test_op_contract.py: dtypes, aliasing, opcheck, compiled gradients, ortho_on, large

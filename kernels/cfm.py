@@ -7,7 +7,9 @@ u = [h_s ; f_t] is never materialised: the first GEMM's K loop runs over two ope
     FUSE: zf[b, o] = lambda_s * (pre[b, o]) + lambda_t * z_t[b, o mod K]   (o = i*K + k, the view (B, n, K))
 so the two-layer CFM is GEMM(RELU) then GEMM(FUSE) on the hidden activation, and cfm_hidden=None is one
 GEMM(FUSE). Accumulation is fp32 (fp64 for fp64 inputs); fp32 operands use IEEE fp32 products
-(input_precision="ieee"), not TF32, to match torch's default fp32 matmul.
+(input_precision="ieee"), not TF32, to match torch's default fp32 matmul. A compiled kernel takes a Python
+float as an fp32 parameter, so with fp64 accumulation lambda_s, lambda_t are read from an fp64 tensor instead
+(kernels/__init__.py: fp64_scalars).
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from hcd_fast.kernels import fp64_scalars
 
 EPILOGUE_RELU = 1
 EPILOGUE_FUSE = 2
@@ -30,9 +34,10 @@ def cfm_gemm_kernel(
     M, N, K1, K2, NUM_CLASSES,
     stride_a1m, stride_a1k, stride_a2m, stride_a2k, stride_wn, stride_wk,
     stride_ztm, stride_ztk, stride_om, stride_on,
-    lambda_s, lambda_t,
-    HAS_A2: tl.constexpr, EPILOGUE: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    lambda_s, lambda_t, scalars_ptr,
+    SCALARS_FP64: tl.constexpr, HAS_A2: tl.constexpr, EPILOGUE: tl.constexpr, ACC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)): out = epilogue(A1 W[:, :K1]^T + A2 W[:, K1:]^T + bias)."""
     pid_m = tl.program_id(0)
@@ -68,6 +73,9 @@ def cfm_gemm_kernel(
     if EPILOGUE == 1:
         acc = tl.maximum(acc, 0.0)
     else:
+        if SCALARS_FP64:  # exact fp64 lambdas (a float parameter is fp32)
+            lambda_s = tl.load(scalars_ptr)
+            lambda_t = tl.load(scalars_ptr + 1)
         zt = tl.load(zt_ptr + rm[:, None] * stride_ztm + (rn % NUM_CLASSES)[None, :] * stride_ztk,
                      mask=out_mask, other=0.0).to(ACC)
         acc = lambda_s * acc + lambda_t * zt
@@ -107,14 +115,15 @@ def cfm_gemm(a1: torch.Tensor, a2, weight: torch.Tensor, bias: torch.Tensor, tea
     zt = teacher_logits if fuse else bias
     num_classes = teacher_logits.shape[1] if fuse else 1
     a2_ = a2 if a2 is not None else a1
+    scalars = fp64_scalars(out.device, lambda_s, lambda_t) if fuse and acc == tl.float64 else None
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     cfm_gemm_kernel[grid](
         a1, a2_, weight, bias, zt, out,
         m, n, k1, k2, num_classes,
         *a1.stride(), *a2_.stride(), *weight.stride(),
         *(teacher_logits.stride() if fuse else (0, 0)), *out.stride(),
-        float(lambda_s), float(lambda_t),
-        HAS_A2=a2 is not None, EPILOGUE=epilogue, ACC=acc,
+        float(lambda_s), float(lambda_t), scalars if scalars is not None else bias,
+        SCALARS_FP64=scalars is not None, HAS_A2=a2 is not None, EPILOGUE=epilogue, ACC=acc,
         DOT_PRECISION="ieee" if a1.dtype in (torch.float32, torch.float64) else "tf32", DOT_DTYPE=dot_dtype,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
     )

@@ -17,13 +17,18 @@ and xhat = (x - mean) * rstd,
 pool_linear: W @ mean_hw(x) + b; the mean is the row-mean kernel below, the small GEMM is torch's (its
 backward is torch ops, hcd_fast/ops/pool_linear.py).
 
-Every kernel takes x through its four strides, so channels_last and sliced inputs need no copy.
+Every kernel takes x through its four strides, so channels_last and sliced inputs need no copy. A compiled
+kernel takes a Python float as an fp32 parameter, so with fp64 accumulation momentum and eps are read from an
+fp64 tensor instead (kernels/__init__.py: fp64_scalars).
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from hcd_fast.kernels import fp64_scalars
+
 
 @triton.jit
 def _tile_offsets(c, hw, W, stride_c, stride_h, stride_w):
@@ -68,11 +73,15 @@ def bn_stats_kernel(
     mean_ptr, m2_ptr, weight_ptr, bias_ptr, running_mean_ptr, running_var_ptr,
     save_mean_ptr, save_rstd_ptr, scale_ptr, shift_ptr,
     B, C, HW,
-    momentum, eps,
-    TRAINING: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+    momentum, eps, scalars_ptr,
+    SCALARS_FP64: tl.constexpr, TRAINING: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     """Grid cdiv(C, BLOCK_C): per-channel statistics (Chan's combination of the row partials in a fixed
     order), the running-stat update (training), and scale/shift of the normalisation."""
+    if SCALARS_FP64:  # exact fp64 momentum and eps (a float parameter is fp32)
+        momentum = tl.load(scalars_ptr)
+        eps = tl.load(scalars_ptr + 1)
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     offs_b = tl.arange(0, BLOCK_B)
@@ -291,10 +300,12 @@ def bn_relu_pool_forward(x, weight, bias, running_mean, running_var, training: b
                                COMPUTE_M2=True, ACC=acc, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=4)
     else:
         row_mean = row_m2 = save_mean  # unread in eval mode
+    scalars = fp64_scalars(dev, momentum, eps) if acc_dtype == torch.float64 else None
     bn_stats_kernel[(triton.cdiv(channels, block_rc),)](
         row_mean, row_m2, weight, bias, running_mean, running_var, save_mean, save_rstd, scale, shift,
-        batch, channels, hw, float(momentum), float(eps),
-        TRAINING=bool(training), ACC=acc, BLOCK_B=block_rb, BLOCK_C=block_rc, num_warps=4)
+        batch, channels, hw, float(momentum), float(eps), scalars if scalars is not None else save_mean,
+        SCALARS_FP64=scalars is not None, TRAINING=bool(training), ACC=acc, BLOCK_B=block_rb, BLOCK_C=block_rc,
+        num_warps=4)
     out = torch.empty((batch, channels), device=dev, dtype=x.dtype)
     bn_relu_pool_fwd_kernel[grid](x, scale, shift, out, channels, hw, width, *x.stride(),
                                   ACC=acc, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=4)

@@ -52,3 +52,46 @@ def triton_cpu_guard(request):
     status = hcd_fast.backends()["triton"]
     if request.node.get_closest_marker("cuda") is None and "cpu" not in status.devices:
         pytest.skip("CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 at import)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The ``triton`` marker on every test of a tests/test_triton*.py file too (the backend-parametrized files
+    mark their triton parameters in tests/helpers.py), so ``-m "cuda and triton"`` selects every Triton GPU
+    test and ``-m "cuda and not triton"`` every other CUDA test (benchmarks/gpu_check.sh)."""
+    for item in items:
+        if item.fspath.basename.startswith("test_triton") and item.get_closest_marker("triton") is None:
+            item.add_marker(pytest.mark.triton)
+
+
+@pytest.fixture
+def no_tf32():
+    """cuDNN/cuBLAS in true fp32 (the projector convs run in eager torch on every backend)."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+@pytest.fixture
+def float_args_as_fp32(monkeypatch):
+    """The Triton interpreter passes a Python float kernel argument as the compiled launcher does: an fp32
+    scalar. (The interpreter keeps the Python float, which then takes the dtype of the tensor it meets, exact in
+    fp64; on the GPU a float argument is an fp32 kernel parameter, ~1e-8 relative error at fp64.) A no-op
+    where the kernels are compiled for the GPU."""
+    try:
+        import numpy as np
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:
+        yield
+        return
+    original = interpreter._implicit_cvt
+
+    def implicit_cvt(arg):
+        if isinstance(arg, float):
+            return tl.tensor(interpreter.TensorHandle(np.array([arg], dtype=np.float32), tl.float32), tl.float32)
+        return original(arg)
+
+    monkeypatch.setattr(interpreter, "_implicit_cvt", implicit_cvt)
+    yield

@@ -186,3 +186,109 @@ def test_git_commit_prefers_the_callers_commit(monkeypatch):
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout.strip()
     got = git_commit()
     assert got["git_commit"] == (head or "unknown") and got["git_dirty"] in (True, False, None)
+
+
+# ------------------------------------------------------------------ python -m benchmarks compare
+COMMITTED_CPU = os.path.join(ROOT, "benchmarks", "results", "cpu", "results.json")
+
+
+def _perturbed(data, factors):
+    """A copy of a results.json with the median (and quartiles) of (case, provider) rows scaled."""
+    import copy
+
+    out = copy.deepcopy(data)
+    for r in out["rows"]:
+        f = factors.get((r["case"], r["provider"]))
+        if f is not None:
+            for key in ("median_ms", "p25_ms", "p75_ms", "iqr_ms", "min_ms"):
+                if r.get(key) is not None:
+                    r[key] *= f
+    return out
+
+
+def test_compare_committed_cpu_run_with_itself():
+    from benchmarks import compare as CMP
+
+    data = CMP.load(COMMITTED_CPU)
+    records = CMP.compare(data, data)
+    fused = [r for r in records if r["suite"] == "ops"]
+    assert fused and all(r["provider"] == "cpu" for r in fused)  # the baselines are not rows of their own
+    assert {r["verdict"] for r in records} == {"ok"}
+    for r in records:
+        assert r["change_vs_eager"] == 0 and r["old_vs_eager"] == r["new_vs_eager"] > 0
+        assert r["band"] >= CMP.DEFAULT_BAND
+    # the ratios are the run's own (speedup_vs_eager / _vs_compile / _vs_hcd_ref fields)
+    stored = {(r["case"], r["provider"]): r for r in data["rows"]}
+    for r in records:
+        row = stored[(r["case"], r["provider"])]
+        assert r["old_vs_eager"] == pytest.approx(row.get("speedup_vs_eager") or row["speedup_vs_hcd_ref"])
+        if r["old_vs_compile"] is not None:
+            assert r["old_vs_compile"] == pytest.approx(row["speedup_vs_compile"])
+
+
+def test_compare_flags_a_regression_beyond_the_band(tmp_path):
+    from benchmarks import compare as CMP
+
+    data = CMP.load(COMMITTED_CPU)
+    new = _perturbed(data, {("pool_linear/cifar/fp32", "cpu"): 1.5,    # 33% slower: a regression
+                            ("cfm/cifar/fp32", "cpu"): 1.03,           # 3%: inside the noise band
+                            ("sub_logit_loss/cifar/fp32", "eager"): 0.5,  # eager 2x faster: cpu's ratio halves
+                            ("bn_relu_pool/imagenet/bf16", "cpu"): 0.5,   # 2x faster
+                            ("step/swin_t->resnet18", "hcd"): 1.4})     # step regression (vs hcd_ref)
+    verdicts = {(r["case"], r["provider"]): r for r in CMP.compare(data, new)}
+    assert verdicts[("pool_linear/cifar/fp32", "cpu")]["verdict"] == "REGRESSION"
+    assert verdicts[("pool_linear/cifar/fp32", "cpu")]["change_vs_eager"] == pytest.approx(1 / 1.5 - 1)
+    assert verdicts[("cfm/cifar/fp32", "cpu")]["verdict"] == "ok"
+    assert verdicts[("sub_logit_loss/cifar/fp32", "cpu")]["verdict"] == "REGRESSION"
+    assert verdicts[("bn_relu_pool/imagenet/bf16", "cpu")]["verdict"] == "faster"
+    assert verdicts[("step/swin_t->resnet18", "hcd")]["verdict"] == "REGRESSION"
+    flagged = {k for k, r in verdicts.items() if r["verdict"] != "ok"}
+    assert flagged == {("pool_linear/cifar/fp32", "cpu"), ("sub_logit_loss/cifar/fp32", "cpu"),
+                       ("bn_relu_pool/imagenet/bf16", "cpu"), ("step/swin_t->resnet18", "hcd")}
+    # A noisy row (IQR ~1.5x its median in the committed run) gets a wider band than the 10% floor.
+    assert verdicts[("sub_logit_loss/imagenet/fp32", "cpu")]["band"] > 0.5
+
+    # The command line: exit 1 and the table, with a missing case and a failed one in the new run too.
+    new["rows"] = [r for r in new["rows"] if r["case"] != "cfm/imagenet/bf16"]
+    for r in new["rows"]:
+        if r["case"] == "head/cifar/bf16" and r["provider"] == "cpu":
+            r.update(status="error", reason="RuntimeError: boom", median_ms=None)
+    old_path, new_path, md = tmp_path / "old.json", tmp_path / "new.json", tmp_path / "cmp.md"
+    old_path.write_text(json.dumps(data))
+    new_path.write_text(json.dumps(new))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "compare", str(old_path), str(new_path), "--out",
+                           str(md)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert "| pool_linear/cifar/fp32 | cpu | 8.89x | 5.93x | -33.3% |" in proc.stdout
+    assert "**missing in new**" in proc.stdout and "**failed in new**" in proc.stdout
+    assert md.read_text().strip() == proc.stdout.strip()
+    assert "under load" not in proc.stdout  # the committed run was at load ~1 on 2 threads
+    same = subprocess.run([sys.executable, "-m", "benchmarks", "compare", str(old_path), str(old_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert same.returncode == 0 and "no regression beyond the noise band" in same.stdout
+
+
+@pytest.mark.parametrize("content,words", [(None, "cannot read"), ("{not json", "not a JSON file"),
+                                            ('{"rows": 3}', "not a benchmarks results.json")])
+def test_compare_bad_file_exits_2_naming_it(tmp_path, content, words):
+    bad = tmp_path / "bad.json"
+    if content is not None:
+        bad.write_text(content)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "compare", COMMITTED_CPU, str(bad)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert str(bad) in proc.stderr and words in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_compare_warns_about_a_loaded_run():
+    from benchmarks import compare as CMP
+
+    data = CMP.load(COMMITTED_CPU)
+    assert CMP.loaded(data) is None
+    busy = _perturbed(data, {})
+    for r in busy["rows"]:
+        r["loadavg"] = 10.1
+    assert CMP.loaded(busy) == (10.1, 2)
+    md = CMP.markdown(CMP.compare(data, busy), "old.json", data, "new.json", busy, CMP.DEFAULT_BAND)
+    assert "the new run was measured under load (1-min load average up to 10.1 on 2 threads)" in md
+    assert "the old run" not in md

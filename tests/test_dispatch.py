@@ -18,6 +18,14 @@ def test_backends_report_every_backend_with_a_reason():
         assert isinstance(status.reason, str) and status.reason
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_backend_available():
+    """On a GPU machine the compiled CUDA backend must be there (a failed extension build fails here)."""
+    status = hcd_fast.backends()["cuda"]
+    assert status.available, status.reason
+
+
 def test_python_m_hcd_fast_prints_the_report():
     out = subprocess.run([sys.executable, "-m", "hcd_fast"], capture_output=True, text=True, check=True).stdout
     for name in ("reference", "triton", "cuda", "cpu"):

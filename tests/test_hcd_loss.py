@@ -1,10 +1,16 @@
-"""HCDLoss with the reference backend: structure, gradcheck, autocast, state_dict, torch.compile, errors."""
+"""HCDLoss: structure, gradcheck, autocast, state_dict, torch.compile, errors (reference backend); and every
+backend (tests/helpers.py: cpu, triton in the interpreter, triton-cuda and cuda on a GPU) against the reference
+with the same weights: loss, parts, every parameter and input gradient, running statistics."""
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
 
 from hcd_fast import HCDConfig, HCDLoss, functional as HF
 from hcd_fast.modules import ConvProjector, LinearProjector, SepConv
+from hcd_fast.reference import PART_NAMES
+from helpers import assert_close, backend_params, over_backends
 
 CHANNELS = (4, 6, 8)
 SIZES = (8, 4, 2)
@@ -268,19 +274,16 @@ def test_sync_batchnorm_conversion_keeps_the_loss(monkeypatch):
         assert torch.allclose(x.float(), y.float(), atol=1e-6), name
 
 
-def _cpu_backends():
-    import hcd_fast
-
-    return [name for name, st in hcd_fast.backends().items() if st.available and "cpu" in st.devices]
-
-
-@pytest.mark.parametrize("backend", _cpu_backends())
+@pytest.mark.parametrize("backend", backend_params(reference=True))
 def test_teacher_outputs_from_inference_mode(backend):
     """Teacher tensors made under torch.inference_mode() (the usual frozen-teacher pattern) are accepted by
     every path, and give the same loss and gradients as ordinary tensors."""
     torch.manual_seed(11)
-    crit = HCDLoss(CHANNELS, TEACHER_DIM, K, backend=backend).eval()
-    feats, zs, ft, zt, y = make_inputs(grad=True)
+    crit = HCDLoss(CHANNELS, TEACHER_DIM, K, backend=backend.name).to(backend.device).eval()
+    feats, zs, ft, zt, y = make_inputs()
+    feats = [f.to(backend.device).requires_grad_() for f in feats]
+    zs, ft, zt, y = zs.to(backend.device).requires_grad_(), ft.to(backend.device), zt.to(backend.device), \
+        y.to(backend.device)
     with torch.inference_mode():
         ft_inf, zt_inf = ft.clone(), zt.clone()
     assert ft_inf.is_inference() and zt_inf.is_inference()
@@ -311,3 +314,147 @@ def test_compiled_first_call_in_a_fresh_process():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.strip().endswith("ok True")
+
+
+# ---------------------------------------------------------------- every backend against the reference
+def backend_inputs(B, channels, sizes, Dt, K, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    feats = [torch.randn(B, c, s, s, generator=g, dtype=torch.float64) * 1.5 for c, s in zip(channels, sizes)]
+    zs = torch.randn(B, K, generator=g, dtype=torch.float64) * 2
+    ft = torch.randn(B, Dt, generator=g, dtype=torch.float64)
+    zt = torch.randn(B, K, generator=g, dtype=torch.float64) * 2
+    y = torch.randint(0, K, (B,), generator=g)
+    return [[f.to(device) for f in feats], zs.to(device), ft.to(device), zt.to(device), y.to(device)]
+
+
+def backend_step(crit, inputs, dtype, grad_out=0.7):
+    """One forward/backward: loss, parts, every parameter and input gradient, the buffers after the step."""
+    feats = [f.detach().to(dtype).clone().requires_grad_() for f in inputs[0]]
+    zs = inputs[1].detach().to(dtype).clone().requires_grad_()
+    crit.zero_grad()
+    loss, parts = crit(feats, zs, inputs[2].to(dtype), inputs[3].to(dtype), inputs[4], return_parts=True)
+    loss.backward(torch.tensor(grad_out, dtype=loss.dtype, device=loss.device))
+    strip = lambda n: n.replace("_orig_mod.", "")  # noqa: E731  (torch.compile's wrapper prefix)
+    grads = {strip(n): p.grad for n, p in crit.named_parameters()}
+    grads.update({f"d feats[{i}]": f.grad for i, f in enumerate(feats)}, **{"d student_logits": zs.grad})
+    buffers = {strip(n): b.clone() for n, b in crit.named_buffers()}
+    return loss.detach(), parts, grads, buffers
+
+
+def compare(backend, cfg, training, B, channels, sizes, Dt, K, steps, floor=1e-6, fixed=True):
+    """The backend in fp32 against the reference in fp64 (truth) with the same weights, step after step (the
+    running statistics accumulate), then in eval mode. Each value within rtol 1e-5 (gradients 2e-5; atol 1e-6,
+    parts 1e-5) of the truth or within twice the fp32 reference's own error plus ``floor`` of the largest
+    value, whichever is larger (long fp32 chains through the projectors at ResNet-like shapes); fixed=False
+    keeps only the second bound."""
+    dev = backend.device
+    torch.manual_seed(0)
+    truth = HCDLoss(channels, Dt, K, cfg, backend="reference").to(dev).double().train(training)
+    fast = HCDLoss(channels, Dt, K, cfg, backend=backend.name).to(dev).train(training)
+    ref32 = HCDLoss(channels, Dt, K, cfg, backend="reference").to(dev).train(training)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in truth.state_dict().items()}
+    fast.load_state_dict(state)
+    ref32.load_state_dict(state)
+
+    def check(name, g, r, w, rtol, atol):
+        w = w.double()
+        err, ref_err = (g.double() - w).abs().max().item(), (r.double() - w).abs().max().item()
+        scale = w.abs().max().item()
+        bound = max(rtol * scale + atol if fixed else 0.0, 2 * ref_err + floor * scale)
+        assert torch.isfinite(g).all() and err <= bound, f"{name}: {err:.3e} vs reference {ref_err:.3e}"
+
+    for step in range(steps):
+        inputs = backend_inputs(B, channels, sizes, Dt, K, dev, seed=step)
+        want, got, base = (backend_step(c, inputs, dt) for c, dt in
+                           ((truth, torch.float64), (fast, torch.float32), (ref32, torch.float32)))
+        assert got[0].dtype == torch.float32
+        check("loss", got[0], base[0], want[0], 1e-5, 1e-6)
+        assert set(got[1]) == set(PART_NAMES)
+        for name in PART_NAMES:
+            check(name, got[1][name], base[1][name], want[1][name], 1e-5, 1e-5)
+        assert set(got[2]) == set(want[2])
+        for name in want[2]:
+            assert got[2][name] is not None, name
+            check(name, got[2][name], base[2][name], want[2][name], 2e-5, 1e-6)
+        for name in want[3]:
+            check(name, got[3][name], base[3][name], want[3][name], 1e-5, 1e-6)
+    for crit in (truth, fast, ref32):
+        crit.eval()
+    inputs = backend_inputs(B, channels, sizes, Dt, K, dev, seed=steps)
+    with torch.no_grad():
+        want, got, base = (c([f.to(dt) for f in inputs[0]], *[t.to(dt) for t in inputs[1:4]], inputs[4])
+                           for c, dt in ((truth, torch.float64), (fast, torch.float32), (ref32, torch.float32)))
+    check("eval loss", got, base, want, 1e-5, 1e-6)
+
+
+SMALL = ((4, 6, 8), (8, 4, 3), 10, 7)  # channels, sizes, teacher_dim, K
+RESNET = ((64, 128, 256, 512), (8, 4, 2, 1), 384, 100)  # ResNet18-like stages at 32x32, CIFAR-like K
+BACKEND_CASES = [
+    # cfg, training, B, channels, sizes, Dt, K, steps
+    (HCDConfig(), True, 3, *SMALL, 2),
+    (HCDConfig(num_sub_logits=2, temperature=4.0, cfm_hidden=None, gt_mask="large_negative", lambda_student=0.7,
+               lambda_teacher=1.3, w_kl=2.0, w_ol=3.0, detach_sub_targets=True), True, 3, *SMALL, 1),
+    (HCDConfig(num_sub_logits=3, cfm_hidden=16, gt_mask="none", ortho_threshold=-0.1), False, 3, *SMALL, 1),
+    (HCDConfig(num_sub_logits=1), True, 3, (6,), (3,), 10, 7, 1),  # one stage, n = 1
+    (HCDConfig(), True, 4, *RESNET, 2),
+    (HCDConfig(num_sub_logits=3, temperature=4.0, cfm_hidden=None, gt_mask="none", w_kl=2.0, w_ol=3.0,
+               lambda_student=0.5, lambda_teacher=2.0), True, 3, (16,), (3,), 24, 37, 2),
+    (HCDConfig(num_sub_logits=2, cfm_hidden=20, gt_mask="large_negative", detach_sub_targets=True,
+               label_smoothing=0.0), True, 5, (8, 12), (5, 3), 16, 1001, 2),
+]
+
+
+@pytest.mark.parametrize("backend,cfg,training,B,channels,sizes,Dt,K,steps",
+                         over_backends(BACKEND_CASES, jit_gpu_cases=[]))
+def test_hcd_loss_matches_reference(backend, cfg, training, B, channels, sizes, Dt, K, steps, no_tf32):
+    compare(backend, cfg, training, B, channels, sizes, Dt, K, steps)
+
+
+@pytest.mark.parametrize("backend,sizes,B,floor", over_backends(
+    [], gpu_cases=[((8, 4, 2, 1), 16, 2e-5)], jit_gpu_cases=[((28, 14, 7, 4), 32, 1e-6)]))
+def test_hcd_loss_matches_reference_gpu_sizes(backend, sizes, B, floor, no_tf32):
+    """At ResNet-like sizes on the GPU, within twice the fp32 reference's own error (plus ``floor``) of the
+    float64 truth: loss, parts, every gradient, running statistics."""
+    compare(backend, HCDConfig(), True, B, RESNET[0], sizes, RESNET[2], RESNET[3], 1, floor=floor, fixed=False)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_hcd_loss_compiled_fullgraph_matches_eager(backend):
+    """torch.compile(fullgraph=True) of the whole criterion (inductor around the custom ops) gives the eager
+    loss, parts, gradients and running statistics (the in-place update survives functionalization)."""
+    channels, sizes, B, K, Dt = (8, 16), (4, 2), 3, 37, 12
+    torch.manual_seed(1)
+    eager = HCDLoss(channels, Dt, K, config=HCDConfig(num_sub_logits=3), backend=backend.name).to(backend.device)
+    model = copy.deepcopy(eager)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    inputs = backend_inputs(B, channels, sizes, Dt, K, backend.device, seed=3)
+    e = backend_step(eager, inputs, torch.float32, 1.0)
+    c = backend_step(compiled, inputs, torch.float32, 1.0)
+    assert_close("loss", c[0], e[0], 2e-5, atol=1e-9)
+    for k in PART_NAMES:
+        assert_close(k, c[1][k], e[1][k], 2e-5, atol=1e-9)
+    assert set(c[2]) == set(e[2]) and len(e[2]) > 0
+    for name in e[2]:
+        assert_close(name, c[2][name], e[2][name], 1e-4, atol=1e-9)
+    for name in e[3]:
+        assert_close(name, c[3][name], e[3][name], 2e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_hcd_loss_under_autocast_bf16(backend):
+    """Autocast hands the ops bf16 activations with fp32 weights: the loss stays fp32 and close to the fp32
+    loss, every parameter gradient fp32 and finite."""
+    channels, sizes, B, K, Dt = (8, 16), (4, 2), 3, 37, 12
+    torch.manual_seed(2)
+    crit = HCDLoss(channels, Dt, K, backend=backend.name).to(backend.device)
+    feats, zs, ft, zt, y = backend_inputs(B, channels, sizes, Dt, K, backend.device, seed=4)
+    feats, zs, ft, zt = [f.float() for f in feats], zs.float(), ft.float(), zt.float()
+    want = crit(feats, zs, ft, zt, y)
+    with torch.autocast(backend.device, dtype=torch.bfloat16):
+        loss = crit([f.requires_grad_() for f in feats], zs, ft, zt, y)
+    assert loss.dtype == torch.float32
+    assert_close("autocast loss", loss.detach(), want.detach(), 5e-2)
+    loss.backward()
+    for name, p in crit.named_parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name

@@ -16,12 +16,12 @@ import torch
 import hcd_fast
 from hcd_fast import HCDConfig, reference
 from hcd_fast.ops import op_table
-from helpers import assert_close
+from helpers import BACKENDS, assert_close
 
 CPU = torch.device("cpu")
 DEV = torch.device("cuda") if torch.cuda.is_available() else CPU
-FAST = [name for name, s in hcd_fast.backends().items()
-        if s.available and name != "reference" and DEV.type in s.devices]
+# The fast backends of tests/helpers.py (the one list) available on this machine's device.
+FAST = [b.name for b in BACKENDS if b.device == DEV.type and DEV.type in hcd_fast.backends()[b.name].devices]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 

@@ -1,0 +1,298 @@
+"""cfm on every backend (tests/helpers.py: cpu, triton in the interpreter, triton-cuda and cuda on a GPU) against
+hcd_fast.reference: fused sub-logits zf (B, n, K) and every gradient (h_s, W1, b1, W2, b2).
+
+Truth is the reference in float64 on the same values, on the backend's device. Fresh memory is NaN-poisoned
+(every test), grad_output is random, the teacher inputs require grad and must receive none, and the "strided"
+layout feeds h_s, f_t, W1, W2 as transposed-storage views and z_t as a column slice.
+"""
+import pytest
+import torch
+
+from hcd_fast import functional as HF
+from helpers import (ALL_DTYPES, UNIT_ROUNDOFF, assert_close, backend_params, interpreter_rounding, low_atol,
+                     over_backends, within_twice)
+
+pytestmark = pytest.mark.usefixtures("poison_uninitialized")
+LEAVES = ("h", "w1", "b1", "w2", "b2")
+NAMES = {"out": "zf", "h": "d h_s", "w1": "d W1", "b1": "d b1", "w2": "d W2", "b2": "d b2"}
+
+
+def cfm_inputs(B, D, Dt, H, n, K, dtype=torch.float32, seed=0, w_scale=None, b_scale=0.1):
+    """Values drawn in float64 (then rounded to dtype), on the CPU; H None: no hidden layer (W1: D+Dt -> n*K).
+    Weights N(0, w_scale^2) (default 1 / fan-in), biases N(0, b_scale^2)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, s=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * s).to(dtype)
+
+    width = n * K if H is None else H
+    return {"h": r(B, D), "ft": r(B, Dt), "w1": r(width, D + Dt, s=w_scale or (D + Dt) ** -0.5),
+            "b1": r(width, s=b_scale), "w2": None if H is None else r(n * K, H, s=w_scale or H ** -0.5),
+            "b2": None if H is None else r(n * K, s=b_scale), "zt": r(B, K, s=2.0), "gout": r(B, n, K)}
+
+
+def _strided(x, column_slice=False):
+    """Same values, non-contiguous: a transposed-storage view, or (z_t) a column slice of a wider tensor."""
+    if column_slice:
+        return torch.cat([x, x], 1)[:, :x.shape[1]]
+    return x.t().contiguous().t()
+
+
+def run(name, device, t, n, ls, lt, layout="contiguous", dtype=None):
+    """HF.cfm(backend=name) -> {"out": zf, leaf: its gradient}; dtype casts every input first (float64 truth)."""
+    cast = (lambda v: v.to(device=device, dtype=dtype)) if dtype else (lambda v: v.to(device))
+    leaves = {k: cast(t[k]).clone().requires_grad_() for k in LEAVES if t[k] is not None}
+    ft, zt = cast(t["ft"]).clone().requires_grad_(), cast(t["zt"]).clone().requires_grad_()
+    a = dict(leaves, ft=ft, zt=zt, w2=leaves.get("w2"), b2=leaves.get("b2"))
+    if layout == "strided":
+        a.update({k: _strided(a[k]) for k in ("h", "ft", "w1", "w2") if a[k] is not None}, zt=_strided(zt, True))
+        assert not a["w1"].is_contiguous()  # (h_s, f_t, z_t too, unless B = 1)
+    out = HF.cfm(a["h"], a["ft"], a["w1"], a["b1"], a["w2"], a["b2"], a["zt"], n, ls, lt, backend=name)
+    grads = torch.autograd.grad(out, list(leaves.values()) + [ft, zt], grad_outputs=cast(t["gout"]).to(out.dtype),
+                                allow_unused=True)
+    assert grads[-2] is None and grads[-1] is None, "the teacher inputs must not receive gradient"
+    return dict(out=out.detach(), **dict(zip(leaves, grads[:-2])))
+
+
+def truth(device, t, n, ls, lt):
+    return run("reference", device, t, n, ls, lt, dtype=torch.float64)
+
+
+# B, D, Dt, H, n, K, lambda_s, lambda_t, layout: B in {1, 3, 37}, odd sizes, K up to 1001, n in {1, 2, 3, 4, 8},
+# no hidden layer (H None), lambda_t = 0, transposed / sliced inputs.
+CASES = [
+    (1, 5, 3, 4, 1, 7, 0.7, 1.3, "strided"), (3, 16, 24, None, 4, 7, 0.7, 1.3, "strided"),
+    (37, 24, 16, 32, 3, 37, 0.7, 1.3, "strided"), (3, 64, 48, 48, 8, 100, 0.7, 1.3, "strided"),
+    (8, 512, 384, 384, 4, 100, 0.7, 1.3, "strided"), (2, 8, 8, None, 2, 1001, 0.7, 1.3, "strided"),
+    (1, 5, 7, 9, 1, 7, 1.0, 1.0, "contiguous"), (3, 20, 40, 33, 4, 37, 0.7, 1.3, "contiguous"),
+    (37, 17, 19, None, 3, 5, 1.0, 1.0, "contiguous"), (3, 64, 48, 48, 2, 100, 0.5, 2.0, "contiguous"),
+    (5, 8, 12, None, 8, 13, 1.5, 0.0, "contiguous"), (6, 9, 11, 24, 3, 19, 0.8, 1.1, "strided"),
+    (6, 9, 11, None, 3, 19, 0.8, 1.1, "strided"),
+]
+GPU_CASES = [(128, 512, 384, 384, 4, 100, 0.7, 1.3, "strided"), (256, 768, 768, 768, 4, 1000, 1.0, 1.0, "contiguous")]
+JIT_GPU_CASES = [CASES[7], CASES[8], CASES[11], GPU_CASES[1]]
+
+
+@pytest.mark.parametrize("backend,B,D,Dt,H,n,K,ls,lt,layout", over_backends(CASES, GPU_CASES, JIT_GPU_CASES))
+def test_cfm_matches_reference(backend, B, D, Dt, H, n, K, ls, lt, layout):
+    t = cfm_inputs(B, D, Dt, H, n, K, seed=B + D + K)
+    got = run(backend.name, backend.device, t, n, ls, lt, layout)
+    want = truth(backend.device, t, n, ls, lt)
+    assert got["out"].shape == (B, n, K) and got["out"].dtype == torch.float32
+    assert set(got) == set(want)
+    for k in want:
+        assert_close(NAMES[k], got[k], want[k], 1e-5)
+
+
+@pytest.mark.parametrize("backend,B,D,Dt,H,n,K,ls,lt", over_backends([
+    (3, 4, 5, None, 2, 7, 0.5, 2.0), (3, 4, 5, 6, 2, 7, 0.5, 2.0), (2, 3, 4, 6, 2, 3, 0.7, 1.3),
+    (2, 3, 4, None, 2, 3, 0.7, 1.3)]))
+def test_cfm_gradcheck_fp64(backend, B, D, Dt, H, n, K, ls, lt):
+    """Full Jacobian in float64 (Triton: the same tl.dot kernels, fp64 accumulation), transposed-storage inputs."""
+    t = {k: None if v is None else v.to(backend.device) for k, v in
+         cfm_inputs(B, D, Dt, H, n, K, torch.float64, seed=1).items()}
+    ft, zt = _strided(t["ft"]), t["zt"]
+
+    def f(h, w1, b1, *rest):
+        w2, b2 = rest if rest else (None, None)
+        return HF.cfm(_strided(h), ft, _strided(w1), b1, w2 if w2 is None else _strided(w2), b2, zt, n, ls, lt,
+                      backend=backend.name)
+
+    args = [t[k].clone().requires_grad_() for k in LEAVES if t[k] is not None]
+    assert torch.autograd.gradcheck(f, tuple(args), eps=1e-6, atol=1e-7)
+
+
+# B, D, Dt, H, n, K, lambda_s, lambda_t, layout, weight scale (None: 1 / fan-in, biases 0.1; else unit biases:
+# the Triton files' inputs), seed, floor (relative to the largest |value|: 1e-5 from the C++ files, 1e-6 from the
+# Triton ones). Seed 3 for the unit-bias case: at seed 2 one hidden pre-activation lies within a bf16 rounding
+# of 0, so a backend whose (correctly rounded) hidden value lands on the other side of the ReLU than the
+# reference's differs by a whole hidden unit's gradient: ill-conditioned, not a defect.
+LOW_CASES = [(16, 48, 32, None, 4, 100, 1.0, 1.0, "contiguous", None, 5, 1e-5),
+             (16, 48, 32, 64, 4, 100, 1.0, 1.0, "strided", None, 5, 1e-5),
+             (5, 32, 48, 40, 4, 10, 1.0, 1.0, "contiguous", 0.3, 3, 1e-6)]
+LOW_GPU_CASES = [(3, 16, 24, None, 4, 7, 0.7, 1.3, "strided", None, 5, 1e-5),
+                 (37, 24, 16, 32, 3, 37, 0.7, 1.3, "strided", None, 5, 1e-5),
+                 (128, 512, 384, 384, 4, 100, 0.7, 1.3, "strided", None, 5, 1e-5)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("backend,B,D,Dt,H,n,K,ls,lt,layout,w_scale,seed,floor", over_backends(
+    LOW_CASES, LOW_GPU_CASES, jit_gpu_cases=[(128, 256, 384, 384, 4, 100, 1.0, 1.0, "contiguous", 0.3, 2, 1e-6)]))
+def test_cfm_low_precision(backend, B, D, Dt, H, n, K, ls, lt, layout, w_scale, seed, floor, dtype):
+    """bf16/fp16 in, same dtype out, within twice the reference's own error in that dtype (plus ``floor`` and,
+    in the Triton interpreter, its bf16 truncation: helpers.interpreter_rounding)."""
+    t = cfm_inputs(B, D, Dt, H, n, K, dtype, seed=seed, w_scale=w_scale, b_scale=1.0 if w_scale else 0.1)
+    got = run(backend.name, backend.device, t, n, ls, lt, layout)
+    ref = run("reference", backend.device, t, n, ls, lt, layout)
+    want = truth(backend.device, t, n, ls, lt)
+    for k in want:
+        assert got[k].dtype == dtype
+        within_twice(NAMES[k], got[k], ref[k], want[k], floor + interpreter_rounding(backend, dtype))
+
+
+# Rounding points, all dtypes. Pre-activations are kept away from 0 (b1 = +-1 exactly, |u W1^T| < 0.5: entries of
+# u W1^T are N(0, 0.1^2)), so the ReLU mask is the same in every precision and the comparisons measure rounding only.
+#
+# Forward, against an fp64 emulation of the design: the GEMM inputs (u, W1, b1, W2) rounded to the GEMM dtype g
+# (the activation dtype), exact products and sums, hidden rounded to g, z + b2 and the teacher term exact, zf
+# rounded once to the output dtype. The kernels differ from it by fp32 accumulation (~1e-6 relative) and by
+# hidden values that sit on a rounding boundary (the epilogue may round an fp32 value where the emulation rounds
+# an fp64 one): at most one ulp of g per hidden element, which moves z by about u_g * rms(z) at most; plus one
+# ulp of the output dtype: rtol = 2 u_g + u_out + 1e-4 relative to the largest |value| (bf16 ~0.012 / 0.008).
+# A layout, transpose or missing-term defect moves zf by more than 0.1 of its largest value.
+#
+# Gradients (the backward's GEMMs also run in g) and the forward, against the fp64 truth of the unrounded
+# inputs: up to four roundings of relative size u_g (inputs and weights, hidden, GEMM result, output) each
+# contribute about u_g * rms(result) summed over a GEMM's terms with random signs, ~4 u_g at the worst element:
+# rtol = 16 u_g (bf16 0.0625, fp16 0.0078); fp32 keeps 1e-5 and fp64 1e-10 (no rounding to a lower precision).
+def cfm_rtol(dtype):
+    return {torch.float64: 1e-10, torch.float32: 1e-5}.get(dtype) or 16 * UNIT_ROUNDOFF[dtype]
+
+
+def rounding_inputs(device, B, D, Dt, H, n, K, act_dtype, param_dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, dtype=act_dtype, scale=1.0, grad=True):
+        v = (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device, dtype)
+        return v.requires_grad_(grad)
+
+    hid = n * K if H is None else H
+    h, ft = r(B, D), r(B, Dt, grad=False)
+    w1 = r(hid, D + Dt, dtype=param_dtype, scale=0.1 * (D + Dt) ** -0.5)
+    signs = torch.randint(0, 2, (hid,), generator=g, dtype=torch.float64) * 2 - 1
+    b1 = signs.to(device, param_dtype).requires_grad_()
+    w2 = None if H is None else r(n * K, H, dtype=param_dtype, scale=H ** -0.5)
+    b2 = None if H is None else r(n * K, dtype=param_dtype, scale=0.1)
+    zt = r(B, K, grad=False)
+    return h, ft, w1, b1, w2, b2, zt
+
+
+def rounding_run(name, n, h, ft, w1, b1, w2, b2, zt, go, autocast_dtype=None):
+    leaves = [t for t in (h, w1, b1, w2, b2) if t is not None]
+    with torch.autocast(h.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        out = HF.cfm(h, ft, w1, b1, w2, b2, zt, n, 0.7, 1.3, backend=name)
+    return (out.detach(),) + torch.autograd.grad(out, leaves, grad_outputs=go.to(out.dtype))
+
+
+def rounding_truth(n, h, ft, w1, b1, w2, b2, zt, go):
+    d = lambda t: None if t is None else t.detach().double().requires_grad_()  # noqa: E731
+    return rounding_run("reference", n, d(h), ft.double(), d(w1), d(b1), d(w2), d(b2), zt.double(), go.double())
+
+
+def cfm_emulated(n, h, ft, w1, b1, w2, b2, zt, out_dtype):
+    """The forward's rounding points in fp64 (see above); g = the activation (student feature) dtype."""
+    gd = h.dtype
+    r = lambda t: t.detach().to(gd).double()  # noqa: E731
+    u = torch.cat([r(h), r(ft)], dim=1)
+    if w2 is None:
+        z = u @ r(w1).t() + b1.detach().double()  # one GEMM, its fp32 output + b1 in the fusion epilogue
+    else:
+        hidden = torch.relu(u @ r(w1).t() + r(b1)).to(gd).double()
+        z = hidden @ r(w2).t() + b2.detach().double()
+    batch, num_classes = zt.shape
+    zf = 0.7 * z.view(batch, n, num_classes) + 1.3 * zt.to(out_dtype).double()[:, None, :]
+    return zf.to(out_dtype).double()
+
+
+def emulation_rtol(gemm_dtype, out_dtype):
+    return 2 * UNIT_ROUNDOFF.get(gemm_dtype, 0.0) + UNIT_ROUNDOFF.get(out_dtype, 0.0) + 1e-4
+
+
+# B = 1 and B = 3 (B = 1: cuBLASLt is skipped, GEMM + epilogue kernel), odd D, Dt, H, K, no W2 (z = W1 u + b1),
+# and a larger one (GPU only: slow in the Triton interpreter).
+ROUNDING_SHAPES = [(1, 16, 24, 32, 4, 7), (3, 13, 11, None, 3, 5), (37, 24, 16, 33, 3, 37), (5, 7, 9, 5, 2, 3)]
+ROUNDING_GPU_SHAPES = [(128, 512, 384, 384, 4, 100)]
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("backend,B,D,Dt,H,n,K", over_backends(ROUNDING_SHAPES, ROUNDING_GPU_SHAPES,
+                                                                ROUNDING_SHAPES[:2]))
+def test_cfm_dtypes(backend, B, D, Dt, H, n, K, dtype):
+    """Every input in one dtype: bf16/fp16 run the GEMMs in that dtype (tensor cores on the GPU), one rounding
+    of the output; forward and gradients against the fp64 truth, the forward against the rounding emulation."""
+    inputs = rounding_inputs(backend.device, B, D, Dt, H, n, K, dtype, dtype, seed=B + D + K)
+    go = torch.randn(B, n, K, generator=torch.Generator().manual_seed(B), dtype=torch.float64).to(backend.device, dtype)
+    got = rounding_run(backend.name, n, *inputs, go)
+    want = rounding_truth(n, *inputs, go)
+    assert got[0].dtype == dtype
+    for i, (gt, w_) in enumerate(zip(got, want)):
+        assert_close(f"cfm output {i}", gt, w_, cfm_rtol(dtype), atol=low_atol(dtype))
+    if dtype in UNIT_ROUNDOFF:
+        assert_close("cfm forward (emulated)", got[0], cfm_emulated(n, *inputs, dtype), emulation_rtol(dtype, dtype))
+
+
+@pytest.mark.parametrize("act_dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("backend,B,D,Dt,H,n,K", over_backends(ROUNDING_SHAPES, ROUNDING_GPU_SHAPES,
+                                                                ROUNDING_SHAPES[:2]))
+def test_cfm_autocast_fp32_weights(backend, B, D, Dt, H, n, K, act_dtype):
+    """Under torch.autocast with fp32 parameters and low-precision features (what the trainer runs): the
+    forward's GEMMs run in the activation dtype, like the backward's; forward and every gradient against the
+    fp64 truth, the forward against the emulation of its rounding points, and bit-identical reruns."""
+    inputs = rounding_inputs(backend.device, B, D, Dt, H, n, K, act_dtype, torch.float32, seed=3 * B + D)
+    go = torch.randn(B, n, K, generator=torch.Generator().manual_seed(B + 1), dtype=torch.float64)
+    go = go.to(backend.device, torch.float32)
+    got = rounding_run(backend.name, n, *inputs, go, autocast_dtype=act_dtype)
+    want = rounding_truth(n, *inputs, go)
+    for i, (gt, w_) in enumerate(zip(got, want)):
+        assert_close(f"cfm output {i}", gt, w_, cfm_rtol(act_dtype), atol=low_atol(act_dtype))
+    out_dtype = got[0].dtype
+    assert_close("cfm forward (emulated)", got[0], cfm_emulated(n, *inputs, out_dtype),
+                 emulation_rtol(act_dtype, out_dtype))
+    again = rounding_run(backend.name, n, *inputs, go, autocast_dtype=act_dtype)
+    for gt, ag in zip(got, again):
+        assert torch.equal(gt, ag)  # deterministic run to run
+
+
+@pytest.mark.parametrize("backend,B,D,Dt,H,n,K", over_backends(
+    [(37, 24, 16, 32, 3, 37), (5, 8, 12, None, 8, 13)], gpu_cases=[(128, 256, 384, 384, 4, 100)],
+    jit_gpu_cases=[(128, 256, 384, 384, 4, 100)]))
+def test_cfm_deterministic(backend, B, D, Dt, H, n, K):
+    t = cfm_inputs(B, D, Dt, H, n, K, seed=3)
+    a, b = (run(backend.name, backend.device, t, n, 1.0, 1.0) for _ in range(2))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("H", [None, 6])
+def test_cfm_fp64_scalars_exact(backend, H, float_args_as_fp32):
+    """float64 in: lambda_s, lambda_t not representable in fp32 (0.3, 0.7) reach the kernels in fp64 (a compiled
+    Triton kernel takes a Python float as an fp32 parameter: ~1e-8 relative error), so zf equals the float64
+    reference to 1e-12. In the interpreter, float arguments are made fp32 as on the GPU (conftest.py)."""
+    t = cfm_inputs(5, 7, 9, H, 3, 11, torch.float64, seed=6)
+    got = run(backend.name, backend.device, t, 3, 0.3, 0.7)
+    want = truth(backend.device, t, 3, 0.3, 0.7)
+    for k in want:
+        assert_close(NAMES[k], got[k], want[k], 1e-12, atol=0.0)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_cfm_torch_compile_fullgraph(backend):
+    """The custom op traces without a graph break (aot_eager: no codegen) and gives the eager gradients."""
+    t = {k: v.to(backend.device) for k, v in cfm_inputs(3, 8, 6, 10, 2, 5, seed=7).items()}
+
+    def f(h, w1, b1, w2, b2):
+        return HF.cfm(h, t["ft"], w1, b1, w2, b2, t["zt"], 2, 0.5, 1.5, backend=backend.name)
+
+    def grads(fn):
+        leaves = [t[k].clone().requires_grad_() for k in LEAVES]
+        out = fn(*leaves)
+        out.backward(t["gout"])
+        return [out.detach()] + [x.grad for x in leaves]
+
+    eager = grads(f)
+    torch._dynamo.reset()
+    for i, (c, e) in enumerate(zip(grads(torch.compile(f, fullgraph=True, backend="aot_eager")), eager)):
+        assert_close(f"output/grad {i}", c, e, 1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_cfm_opcheck(backend):
+    """Schema, fake kernel and autograd registration of the backend's torch op, with and without W2."""
+    ns = torch.ops.hcd_triton if backend.name == "triton" else torch.ops.hcd_fast
+    for H in (None, 6):
+        t = {k: None if v is None else v.to(backend.device) for k, v in cfm_inputs(3, 4, 5, H, 2, 7).items()}
+        for k in LEAVES:
+            if t[k] is not None:
+                t[k].requires_grad_()
+        torch.library.opcheck(ns.cfm.default, (t["h"], t["ft"], t["w1"], t["b1"], t["w2"], t["b2"], t["zt"], 2, 0.5,
+                                               2.0))
