@@ -148,8 +148,8 @@ def test_deterministic_whatever_threads_and_batch(folder):
     ds = _data(folder).train
     ds.set_epoch(4)
     idx = list(range(len(ds)))[::-1]
-    a, _, _ = _dali(ds, idx, batch=4, threads=1)
-    b, _, _ = _dali(ds, idx, batch=3, threads=3)
+    a, _, _ = _dali(ds, idx, batch=4, threads=0)  # host inputs in this process
+    b, _, _ = _dali(ds, idx, batch=3, threads=2)  # in 2 worker processes
     c, _, _ = _dali(ds, idx, batch=4, threads=1)
     assert torch.equal(a, b) and torch.equal(a, c)
     ds.set_epoch(5)
@@ -158,39 +158,39 @@ def test_deterministic_whatever_threads_and_batch(folder):
 
 # ------------------------------------------------------------------------------ order, sharding, resume
 class _Recorder(DL.DaliLoader):
-    """A DaliLoader that records the indices and host parameters it feeds."""
+    """A DaliLoader that records the host parameters it feeds (per sample, in the order fed)."""
 
-    def _inputs(self, indices):
-        self.fed = getattr(self, "fed", []) + list(indices)
-        inputs, meta = super()._inputs(indices)
-        self.params = getattr(self, "params", []) + [list(zip(*inputs[1:]))]
-        return inputs, meta
+    def host_batches(self):
+        self.params = []
+        for batch in super().host_batches():
+            self.params += [it[1] for it in batch]
+            yield batch
 
 
 @needs_dali
 def test_sharding_covers_the_epoch_once_in_the_samplers_order(folder):
     ds = _data(folder).train
     ds.set_epoch(1)
-    full, _, _ = _dali(ds, list(range(len(ds))), batch=1)
+    full, _, _ = _dali(ds, list(range(len(ds))), batch=1)  # row n: the view of index n
     world, seen = 3, []
     for rank in range(world):
         sampler = ResumableDistributedSampler(ds, world, rank, seed=3, drop_last=True)
         sampler.set_epoch(1)
-        loader = _Recorder(ds, sampler, 2, CPU, 2, drop_last=True)
-        x = torch.cat([b[0] for b in loader])
         order = list(iter(sampler))
-        assert loader.fed == order[:len(order) // 2 * 2]  # the sampler's order, batches of 2, drop_last
-        assert torch.equal(x, full[loader.fed])  # a sample's view does not depend on the shard or batch
-        seen += loader.fed
+        x = torch.cat([b[0] for b in DL.DaliLoader(ds, sampler, 2, CPU, 2, drop_last=True)])
+        n = len(order) // 2 * 2
+        assert len(x) == n and torch.equal(x, full[order[:n]])  # the sampler's order, batches of 2, drop_last
+        seen += order[:n]
         sampler.set_start(2)  # resume after the first batch: the rest, identical
-        rest = torch.cat([b[0] for b in _Recorder(ds, sampler, 2, CPU, 2, drop_last=True)])
+        rest = torch.cat([b[0] for b in DL.DaliLoader(ds, sampler, 2, CPU, 2, drop_last=True)])
         assert torch.equal(rest, x[2:])
     assert len(seen) == len(set(seen)) and len(seen) >= len(ds) - world * 2  # each at most once, drop_last
     val = _data(folder).val
-    shards = [_Recorder(val, ShardSampler(val, world, r), 64, CPU, 1) for r in range(world)]
-    for s in shards:
-        list(s)
-    assert sorted(i for s in shards for i in getattr(s, "fed", [])) == list(range(len(val)))  # validation: exactly once
+    full_val, _, _ = _dali(val, list(range(len(val))))
+    for world in (1, 2):  # validation: every image exactly once over the ranks, no padding
+        parts = [list(DL.DaliLoader(val, ShardSampler(val, world, r), 64, CPU, 1)) for r in range(world)]
+        for r, batches in enumerate(parts):
+            assert torch.equal(torch.cat([b[0] for b in batches]), full_val[r::world])
 
 
 @needs_dali
@@ -232,7 +232,7 @@ def test_cache_replay_feeds_the_stored_windows(folder, cache):
     views = ds.cache.views
     ks = [replay_choice(5, 2, n, 3) for n in idx]
     assert len(set(ks)) > 1  # several views are replayed, so the choice is exercised
-    fed = [p for batch in loader.params for p in batch]  # (anchor, shape, flip) per sample
+    fed = loader.params  # (anchor, shape, flip) per sample
     for n, k, (anchor, shape, flip) in zip(idx, ks, fed):
         assert list(anchor) + list(shape) + [int(flip)] == [int(v) for v in views[n, k]]
     np.testing.assert_array_equal(feats.numpy(), np.stack([ds.cache.feats[n, k] for n, k in zip(idx, ks)]))

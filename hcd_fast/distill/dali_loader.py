@@ -37,13 +37,13 @@ window's borders, and nvJPEG's IDCT/upsampling differs from libjpeg-turbo's by a
 from __future__ import annotations
 
 import io
-import os
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Deque, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 
 from hcd_fast.distill.data import BadSample, SampleDataset, sample_seed, seeded_rngs
 from hcd_fast.distill.errors import UserError
@@ -315,6 +315,46 @@ class _Batch:
     feats: Optional[np.ndarray] = None
 
 
+class HostInputs(Dataset):
+    """The host side of the DALI pipeline, per sample: item n -> (JPEG bytes, the plan's parameters (numpy
+    arrays in the graph's input order), label, cached f_t or None), or ``BadSample`` when the file cannot be
+    read or is not a JPEG. Run in DataLoader workers (``--workers``), so reading files and drawing views
+    happen beside the training loop, as the timm loader's decoding does."""
+
+    def __init__(self, dataset, folder, plan: ViewPlan, cached: bool):
+        self.dataset, self.folder, self.plan, self.cached = dataset, folder, plan, cached
+
+    def __len__(self) -> int:
+        return len(self.folder.samples)
+
+    def __getitem__(self, n: int):
+        path, label = self.folder.samples[n]
+        raw, width, height, reason = read_jpeg(path)
+        if raw is None:
+            return BadSample(path, reason)
+        plan, feat = self.plan, None
+        k = self.dataset.view_index(n) if self.cached else None
+        if self.cached:
+            feat = np.asarray(self.dataset.cache.feats[n, k], dtype=np.float32)
+        if plan.kind == "resize_crop":
+            (nh, nw), (top, left) = resize_crop_params(plan.resize, plan.size, width, height)
+            params = (np.array([nh, nw], dtype=np.float32), np.array([top, left], dtype=np.int32))
+        else:
+            if self.cached:
+                top, left, h, w, flip = (int(v) for v in self.dataset.cache.views[n, k])
+                coef = IDENTITY_JITTER
+            else:
+                (top, left, h, w), flip, coef = train_params(plan, width, height, self.dataset.seed,
+                                                             self.dataset.epoch, n)
+            params = (np.array([top, left], dtype=np.int32), np.array([h, w], dtype=np.int32),
+                      np.array(int(flip), dtype=np.int32)) + ((coef,) if plan.jitter is not None else ())
+        return raw, params, int(label), feat
+
+
+def _as_list(batch: list) -> list:
+    return batch
+
+
 class DaliLoader:
     """Iterates one epoch of ``dataset`` in the order of ``sampler`` (re-read at each ``iter()``, so
     ``set_epoch``/``set_start`` apply), yielding what the trainer's DataLoader yields: ``(x (B, 3, S, S)
@@ -322,59 +362,29 @@ class DaliLoader:
 
     ``dataset``: a ``SampleDataset`` of an ImageFolder (its ``transform`` gives the plan; training views
     drawn with (``dataset.seed``, ``dataset.epoch``, index)), or the teacher cache's ``CachedViewDataset``
-    (stored windows). ``train``: views are drawn (False: the transform must be resize + centre crop)."""
+    (stored windows). ``workers``: DataLoader processes computing ``HostInputs`` (0: in this process) and
+    DALI threads (at least 1)."""
 
-    def __init__(self, dataset, sampler, batch_size: int, device: torch.device, num_threads: int = 4,
+    def __init__(self, dataset, sampler, batch_size: int, device: torch.device, workers: int = 4,
                  drop_last: bool = False):
         self.dataset, self.sampler, self.batch_size, self.device = dataset, sampler, batch_size, device
-        self.num_threads, self.drop_last = num_threads, drop_last
+        self.workers, self.drop_last = workers, drop_last
         self.cached = hasattr(dataset, "view_index")
         self.folder = image_folder_of(dataset)
         if self.folder is None:
             raise UserError(f"--loader dali: the dataset ({type(dataset).__name__}) is not an ImageFolder")
         self.plan = replay_view_plan(dataset.tf) if self.cached else view_plan(self.folder.transform)
-        self._pipe = None
 
     def __len__(self) -> int:
         n = len(self.sampler)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    # -- host side: one batch of external inputs
-    def _inputs(self, indices: List[int]):
-        jpegs, p1, p2, p3, p4, labels, bad, feats = [], [], [], [], [], [], [], []
-        epoch = getattr(self.dataset, "epoch", 0)
-        for n in indices:
-            path, label = self.folder.samples[n]
-            raw, width, height, reason = read_jpeg(path)
-            if raw is None:
-                bad.append(BadSample(path, reason))
-                continue
-            plan = self.plan
-            if plan.kind == "resize_crop":
-                (nh, nw), (top, left) = resize_crop_params(plan.resize, plan.size, width, height)
-                p1.append(np.array([nh, nw], dtype=np.float32))
-                p2.append(np.array([top, left], dtype=np.int32))
-            else:
-                if self.cached:
-                    k = self.dataset.view_index(n)
-                    top, left, h, w, flip = (int(v) for v in self.dataset.cache.views[n, k])
-                    feats.append(np.asarray(self.dataset.cache.feats[n, k], dtype=np.float32))
-                    coef = IDENTITY_JITTER
-                else:
-                    (top, left, h, w), flip, coef = train_params(plan, width, height, self.dataset.seed, epoch, n)
-                p1.append(np.array([top, left], dtype=np.int32))
-                p2.append(np.array([h, w], dtype=np.int32))
-                p3.append(np.array(int(flip), dtype=np.int32))
-                p4.append(coef)
-            if self.cached and plan.kind == "resize_crop":
-                k = self.dataset.view_index(n)
-                feats.append(np.asarray(self.dataset.cache.feats[n, k], dtype=np.float32))
-            jpegs.append(raw)
-            labels.append(int(label))
-        meta = _Batch(labels, bad, np.stack(feats) if feats else None)
-        if self.plan.kind == "window":
-            return ((jpegs, p1, p2, p3, p4) if self.plan.jitter is not None else (jpegs, p1, p2, p3)), meta
-        return (jpegs, p1, p2), meta
+    def host_batches(self) -> Iterator[list]:
+        """This epoch's batches of ``HostInputs`` items, in the sampler's order."""
+        from torch.utils.data import BatchSampler, DataLoader
+        return iter(DataLoader(HostInputs(self.dataset, self.folder, self.plan, self.cached),
+                               batch_sampler=BatchSampler(self.sampler, self.batch_size, self.drop_last),
+                               num_workers=self.workers, collate_fn=_as_list))
 
     def _to_torch(self, tl) -> torch.Tensor:
         if self.device.type == "cuda":
@@ -386,40 +396,40 @@ class DaliLoader:
         return torch.from_numpy(np.array(tl.as_array(), copy=True))
 
     def __iter__(self) -> Iterator[tuple]:
-        indices = list(iter(self.sampler))
-        bs = self.batch_size
-        stop = len(indices) - (len(indices) % bs if self.drop_last else 0)
-        batches = deque(indices[i:min(i + bs, stop)] for i in range(0, stop, bs))
+        host = self.host_batches()
         metas: Deque[_Batch] = deque()
         carried: List[BadSample] = []  # bad samples of batches that had no readable image left
 
         def source():
-            while batches:
-                inputs, meta = self._inputs(batches.popleft())
-                if meta.labels:
-                    meta.bad = carried + meta.bad
-                    carried.clear()
-                    metas.append(meta)
-                    return inputs
-                carried.extend(meta.bad)
+            for items in host:
+                good = [it for it in items if not isinstance(it, BadSample)]
+                bad = carried + [it for it in items if isinstance(it, BadSample)]
+                carried.clear()
+                if not good:
+                    carried.extend(bad)
+                    continue
+                feats = np.stack([it[3] for it in good]) if self.cached else None
+                metas.append(_Batch([it[2] for it in good], bad, feats))
+                columns = [[it[0] for it in good]] + [list(c) for c in zip(*(it[1] for it in good))]
+                return tuple(columns)
             raise StopIteration
 
-        self._pipe = None  # a pipeline left mid-epoch (break) holds prefetched batches: never reused
-        if not batches:
-            return
-        self._pipe = pipe = build_pipeline(self.plan, bs, self.num_threads, self.device, source)
-        while True:
-            try:
-                (out,) = pipe.run()
-            except StopIteration:
-                break
-            meta = metas.popleft()
-            x = self._to_torch(out)
-            y = torch.tensor(meta.labels, dtype=torch.int64)
-            if self.cached:
-                yield x, y, meta.bad, torch.from_numpy(meta.feats)
-            else:
-                yield x, y, meta.bad
-        self._pipe = None
+        # A new pipeline per epoch: one left mid-epoch (a break) holds prefetched batches of the old order.
+        pipe = build_pipeline(self.plan, self.batch_size, max(self.workers, 1), self.device, source)
+        try:
+            while True:
+                try:
+                    (out,) = pipe.run()
+                except StopIteration:
+                    break
+                meta = metas.popleft()
+                x = self._to_torch(out)
+                y = torch.tensor(meta.labels, dtype=torch.int64)
+                if self.cached:
+                    yield x, y, meta.bad, torch.from_numpy(meta.feats)
+                else:
+                    yield x, y, meta.bad
+        finally:
+            del pipe
         if carried:
             yield None, None, list(carried)
