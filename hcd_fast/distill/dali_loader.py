@@ -298,7 +298,8 @@ def build_pipeline(plan: ViewPlan, batch_size: int, num_threads: int, device: to
                                                      dtype=[types.UINT8, types.FLOAT, types.INT32])
             img = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB, adjust_orientation=False)
             x = fn.resize(img, size=size, interp_type=interp, antialias=True)  # uint8, as PIL's
-            x = fn.slice(x, anchor, np.array([plan.size, plan.size], dtype=np.int32), axes=[0, 1])
+            # named argument inputs live on the CPU whatever the operator's device
+            x = fn.slice(x, start=anchor, shape=[plan.size, plan.size], axes=[0, 1])
             mirror = 0
         out = fn.crop_mirror_normalize(x, mirror=mirror, mean=[255.0 * m for m in plan.mean],
                                        std=[255.0 * s for s in plan.std], output_layout="CHW", dtype=types.FLOAT)
