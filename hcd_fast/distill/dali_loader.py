@@ -16,23 +16,27 @@ DALI loader shows each image the view the timm loader would have shown:
 - evaluation and ``--no-aug``: timm's Resize (shorter side, torchvision's output-size rule) + CenterCrop
   (torchvision's rounding), the sizes and offsets computed on the host.
 
-The device then does: ``decoders.image_slice`` of the window (ROI decoding) -> ``resize`` to S x S with the
-run's interpolation (antialiased, float) -> per position of the jitter order ``x <- clamp(f x + (1 - f) d)``
-with d = 0 (brightness), mean(gray(x)) (contrast) or gray(x) (saturation), gray = ITU-R 601 luma as PIL's
-"L" -> ``crop_mirror_normalize`` (flip, (x / 255 - mean) / std, CHW). Evaluation decodes the whole image,
-resizes to the host-computed size and slices the centre crop. There is no randomness inside DALI, so the
-output is a function of (seed, epoch, index) whatever the thread count, device or batch composition.
+The host work per sample (read the file, parse its header, draw the view) runs in ``--workers`` DataLoader
+processes (``HostInputs``), beside the training loop; DALI gets ``--workers`` threads. The device then does:
+``decoders.image_slice`` of the window (ROI decoding) -> ``resize`` to S x S with the run's interpolation
+(antialiased, rounded to uint8 as PIL's resize is) -> for each stage of the jitter order, PIL's
+``ImageEnhance`` on uint8: ``x <- trunc(clamp(d + f (x - d), 0, 255))`` with d = 0 (brightness),
+round(mean(L)) (contrast) or L (saturation), L = round(ITU-R 601 luma) as PIL's "L" -> ``crop_mirror_normalize``
+(flip, (x / 255 - mean) / std, CHW). Evaluation decodes the whole image, resizes to the host-computed size
+and slices the centre crop. There is no randomness inside DALI, so the output is a function of (seed,
+epoch, index) whatever the worker or thread count, device or batch composition.
 
 Order and sharding are the trainer's: the loader reads the indices of its sampler
 (``ResumableDistributedSampler``: permutation from seed + epoch, rank r of ``world`` takes every world-th
 index, resumes mid-epoch), so ``shard_id = rank, num_shards = world`` and every rank sees its shard once
 per epoch, as with the timm loader. Files whose header is not a readable JPEG become ``BadSample`` and are
 dropped from their batch (as ``collate_skip_bad`` does); a JPEG that passes the header check but fails to
-decode stops the run with DALI's error.
+decode stops the run with DALI's error. A new DALI pipeline is built per epoch (~0.1 s on the CPU).
 
-Differences from the PIL path, all within the tolerance the tests check: PIL rounds to uint8 after the
-resize and after each jitter stage (DALI keeps float), resamplers differ in their last bit and at the
-window's borders, and nvJPEG's IDCT/upsampling differs from libjpeg-turbo's by a few grey levels.
+What differs from the PIL path (the tests bound it; see tests/test_dali_loader.py): the resamplers'
+arithmetic (PIL fixed point, DALI float: +-1 grey level at rounding boundaries, up to 2 at the window's
+borders), which the jitter's truncating stages can grow to 4; on CUDA, nvJPEG's IDCT and chroma upsampling
+differ from libjpeg-turbo's by a few grey levels (the CPU backend decodes with libjpeg-turbo, as PIL does).
 """
 from __future__ import annotations
 
@@ -417,10 +421,12 @@ class DaliLoader:
 
         # A new pipeline per epoch: one left mid-epoch (a break) holds prefetched batches of the old order.
         pipe = build_pipeline(self.plan, self.batch_size, max(self.workers, 1), self.device, source)
+        # On CUDA the outputs are bound to torch's current stream (no host synchronisation per batch).
+        stream = (torch.cuda.current_stream(self.device),) if self.device.type == "cuda" else ()
         try:
             while True:
                 try:
-                    (out,) = pipe.run()
+                    (out,) = pipe.run(*stream)
                 except StopIteration:
                     break
                 meta = metas.popleft()
