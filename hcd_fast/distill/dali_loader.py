@@ -35,8 +35,9 @@ decode stops the run with DALI's error. A new DALI pipeline is built per epoch (
 
 What differs from the PIL path (the tests bound it; see tests/test_dali_loader.py): the resamplers'
 arithmetic (PIL fixed point, DALI float: +-1 grey level at rounding boundaries, up to 2 at the window's
-borders), which the jitter's truncating stages can grow to 4; on CUDA, nvJPEG's IDCT and chroma upsampling
-differ from libjpeg-turbo's by a few grey levels (the CPU backend decodes with libjpeg-turbo, as PIL does).
+borders), which the jitter's truncating stages can grow to 4; on CUDA, nvJPEG's IDCT differs from
+libjpeg-turbo's (chroma upsampling is set to libjpeg-turbo's; the CPU backend decodes with libjpeg-turbo, as
+PIL does).
 """
 from __future__ import annotations
 
@@ -277,6 +278,10 @@ def build_pipeline(plan: ViewPlan, batch_size: int, num_threads: int, device: to
                          device_id=(device.index or 0) if gpu else None, seed=seed, prefetch_queue_depth=2,
                          exec_pipelined=True, exec_async=True)
     decode_device = "mixed" if gpu else "cpu"
+    # mixed: libjpeg-turbo's ("fancy") chroma upsampling, as PIL decodes; every image to the hardware decoder
+    # where the GPU has one (the default 0.65 splits each batch between two decoders, so a sample's pixels
+    # would depend on its batch), nvJPEG's CUDA decoder otherwise or for JPEGs the hardware cannot decode.
+    decode_kw = dict(jpeg_fancy_upsampling=True, hw_decoder_load=1.0) if gpu else {}
     with pipe:
         if plan.kind == "window":
             jittered = plan.jitter is not None
@@ -284,7 +289,7 @@ def build_pipeline(plan: ViewPlan, batch_size: int, num_threads: int, device: to
                 source=source, num_outputs=5 if jittered else 4, batch=True,
                 dtype=[types.UINT8, types.INT32, types.INT32, types.INT32] + [types.FLOAT] * jittered)
             img = fn.decoders.image_slice(jpegs, anchor, shape, device=decode_device, output_type=types.RGB,
-                                          axes=[0, 1], adjust_orientation=False)
+                                          axes=[0, 1], adjust_orientation=False, **decode_kw)
             # uint8 out of the resize (rounded, clamped), as PIL's resize gives the timm transform
             x = fn.resize(img, size=[plan.size, plan.size], interp_type=interp, antialias=True)
             if plan.jitter is not None:
@@ -300,7 +305,8 @@ def build_pipeline(plan: ViewPlan, batch_size: int, num_threads: int, device: to
         else:
             jpegs, size, anchor = fn.external_source(source=source, num_outputs=3, batch=True,
                                                      dtype=[types.UINT8, types.FLOAT, types.INT32])
-            img = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB, adjust_orientation=False)
+            img = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB, adjust_orientation=False,
+                                    **decode_kw)
             x = fn.resize(img, size=size, interp_type=interp, antialias=True)  # uint8, as PIL's
             # named argument inputs live on the CPU whatever the operator's device
             x = fn.slice(x, start=anchor, shape=[plan.size, plan.size], axes=[0, 1])
