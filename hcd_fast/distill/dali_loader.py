@@ -139,6 +139,11 @@ def view_plan(transform) -> ViewPlan:
                             f"normalisation); drop the option that adds it (--aa, --reprob) or use --loader timm")
     if norm is None:
         raise UserError("--loader dali: the transform does not normalise; use --loader timm")
+    present = [t for t in (rrc, flip, jitter, norm) if t is not None]
+    if [ts.index(t) for t in present] != sorted(ts.index(t) for t in present):
+        # train_params draws crop, flip, jitter in this order, as timm's transform applies them
+        raise UserError("--loader dali: the transform's crop, flip, jitter and normalisation are not in timm's "
+                        "order; use --loader timm")
     mean = tuple(float(v) for v in np.asarray(norm.mean).reshape(-1))
     std = tuple(float(v) for v in np.asarray(norm.std).reshape(-1))
     if rrc is not None:
@@ -152,7 +157,7 @@ def view_plan(transform) -> ViewPlan:
                     resize=int(short))
 
 
-def replay_view_plan(view_tf, image_size_hint: Optional[int] = None) -> ViewPlan:
+def replay_view_plan(view_tf) -> ViewPlan:
     """The plan of the teacher cache's ``ViewTransform`` (its stored spec): a "window" plan without
     jitter for ``rrc_flip`` (the window and flip come from the cache), timm's no-aug transform otherwise."""
     spec = view_tf.spec
@@ -168,9 +173,9 @@ IDENTITY_JITTER = np.array([[1.0, 0.0, 0.0]] * 3, dtype=np.float32)
 
 
 def jitter_coefficients(order, b, c, s) -> np.ndarray:
-    """(3, 3) float32 rows (f, a, m) per applied position of ColorJitter's order: the stage computes
-    ``x <- clamp(f x + (1 - f)(a gray(x) + m mean(gray(x))), 0, 255)``: brightness (f=b, d=0), contrast
-    (f=c, d=mean gray), saturation (f=s, d=gray); hue (id 3) is never on; unused rows are the identity."""
+    """(3, 3) float32 rows (f, a, m) per applied stage of ColorJitter's order: with d = a L + m round(mean(L)),
+    the stage computes ``x <- trunc(clamp(d + f (x - d), 0, 255))``: brightness (f=b, d=0), contrast
+    (f=c, d=mean L), saturation (f=s, d=L); hue (id 3) is never on; unused rows are the identity."""
     rows = []
     for fn_id in [int(v) for v in order]:
         if fn_id == 0 and b is not None:
