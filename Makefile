@@ -9,6 +9,8 @@ PIP := $(PY) -m pip
 # (benchmarks/gpu_check.sh), which pyproject's range also admits.
 TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 DEPS := timm numpy tqdm pytest pytest-benchmark ninja pybind11 matplotlib scikit-learn setuptools wheel
+# hcd-distill --loader dali (pyproject's [dali] extra, ~200 MB): make test runs its loader tests on DALI's CPU backend.
+DALI_PKGS ?= nvidia-dali-cuda130
 # The C++/CUDA extension build (see setup.py): Hopper by default, every core.
 export TORCH_CUDA_ARCH_LIST ?= 9.0
 export CUDA_HOME ?= /usr/local/cuda
@@ -31,7 +33,11 @@ $(VENV)/.installed: $(VENV)/.deps $(BUILD_INPUTS)
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 	touch $@
 
-setup: $(VENV)/.installed
+$(VENV)/.dali: $(VENV)/.deps
+	$(PIP) install -q $(DALI_PKGS)
+	touch $@
+
+setup: $(VENV)/.installed $(VENV)/.dali
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -8,6 +8,9 @@ One run measures, in images per second (and ms per step), on the same synthetic 
 - ``loader/timm``: the PIL/timm training loader alone (ImageFolder, RandomResizedCrop, flip, colour jitter,
   normalise; ``--workers`` processes), batches moved to the device; one whole epoch after an untimed one.
 - ``loader/cache``: the teacher cache's replaying loader alone (same decode, stored crop and flip, f_t).
+- ``loader/dali``, ``loader/dali_cache``: the NVIDIA DALI loader of ``hcd-distill --loader dali`` (nvJPEG
+  on CUDA, DALI's CPU decoder otherwise; ``--workers`` DALI threads), the same views as ``loader/timm`` /
+  ``loader/cache``; "skipped: DALI not installed" without ``nvidia.dali``.
 - ``cache/build``: ``hcd-distill cache-teacher`` over K views of every image (a one-off cost, per view).
 - ``teacher/published``: the teacher forward as the published code runs it (``torch.no_grad``, fp32 on
   CPU, fp16 autocast on CUDA); ``teacher/ours``: ``TeacherTap`` with hcd-distill's defaults on this
@@ -24,7 +27,8 @@ One run measures, in images per second (and ms per step), on the same synthetic 
   a change in the machine's load hits every row alike), after a first call each (``first_call_s``:
   compilation, cuDNN's search).
 - ``e2e/published``, ``e2e/ours``, ``e2e/cache``: loader and step together, as training runs them (the
-  loader's workers run beside the step). Each step runs on a fixed tensor the loaded batch is copied into
+  loader's workers run beside the step); ``e2e/ours_dali``, ``e2e/cache_dali``: the hcd steps of
+  ``e2e/ours`` / ``e2e/cache`` fed by the DALI loader. Each step runs on a fixed tensor the loaded batch is copied into
   (the work does not depend on the pixel values).
 
 The synthetic ImageFolder (JPEGs of ImageNet-like sizes, deterministic from the seed) is generated once
@@ -337,6 +341,30 @@ def run(argv: Optional[List[str]] = None) -> dict:
     record("loader/timm", lambda: _loader_rate(timm_loader(persistent=True), device), workers=P["workers"])
     record("loader/cache", lambda: _loader_rate(cache_loader(persistent=True), device), workers=P["workers"])
 
+    from hcd_fast.distill.dali_loader import DaliLoader, dali_status
+    have_dali, dali_version = dali_status()
+    result["env"]["dali"] = dali_version if have_dali else None
+    dali_settings = (f"DALI {dali_version}, {'nvJPEG (mixed)' if cuda else 'cpu'} decoder, "
+                     f"{max(P['workers'], 1)} threads")
+
+    def dali_loader(persistent=False, cached=False):
+        # hcd-distill --loader dali: the trainer's DaliLoader over the same data and order semantics
+        if cached:
+            ds = CachedViewDataset(RawSource(data.train), TeacherCache(cache_dir), seed=0, mean=data_cfg.mean,
+                                   std=data_cfg.std)
+        else:
+            ds = data.train
+        ds.set_epoch(0)
+        order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0)).tolist()
+        return DaliLoader(ds, order, B, device, max(P["workers"], 1), drop_last=True)
+
+    for name, cached in (("loader/dali", False), ("loader/dali_cache", True)):
+        if have_dali:
+            record(name, lambda cached=cached: _loader_rate(dali_loader(cached=cached), device),
+                   workers=P["workers"], settings=dali_settings)
+        else:
+            skip(name, "DALI not installed", workers=P["workers"])
+
     # --- teacher forward ----------------------------------------------------------------------------------
     g = torch.Generator().manual_seed(0)
     x = torch.randn(B, 3, img, img, generator=g).to(device)
@@ -421,7 +449,7 @@ def run(argv: Optional[List[str]] = None) -> dict:
     gc.collect()
 
     # --- end to end ---------------------------------------------------------------------------------------
-    def e2e(loader_fn, step_fn, with_feat: bool):
+    def e2e(loader_fn, step_fn, feat_at: Optional[int]):
         def go():
             loader = loader_fn()
             it = iter(loader)
@@ -436,8 +464,8 @@ def run(argv: Optional[List[str]] = None) -> dict:
                 if i >= n_steps:
                     break
                 bench.x.copy_(batch[0].to(device, non_blocking=True))
-                if with_feat:
-                    feat_buf.copy_(batch[2].to(device, non_blocking=True))
+                if feat_at is not None:  # f_t's place in the batch: 2 (DataLoader), 3 (DaliLoader)
+                    feat_buf.copy_(batch[feat_at].to(device, non_blocking=True))
                 step_fn()
                 n += batch[0].shape[0]
             synchronize(device)
@@ -446,13 +474,22 @@ def run(argv: Optional[List[str]] = None) -> dict:
             return {"images_per_s": n / dt, "median_ms": dt * 1e3 / max(n // B, 1), "steps": n // B}
         return go
 
-    for name, loader_fn, step_name, with_feat in (("e2e/published", timm_loader, "step/hcd_published", False),
-                                                  ("e2e/ours", timm_loader, "step/hcd_ours", False),
-                                                  ("e2e/cache", cache_loader, "step/hcd_cache", True)):
+    for name, loader_fn, step_name, feat_at in (
+            ("e2e/published", timm_loader, "step/hcd_published", None),
+            ("e2e/ours", timm_loader, "step/hcd_ours", None),
+            ("e2e/cache", cache_loader, "step/hcd_cache", 2),
+            ("e2e/ours_dali", dali_loader, "step/hcd_ours", None),
+            ("e2e/cache_dali", lambda: dali_loader(cached=True), "step/hcd_cache", 3)):
+        info = {"workers": P["workers"]}
+        if name.endswith("_dali"):
+            if not have_dali:
+                skip(name, "DALI not installed", **info)
+                continue
+            info["settings"] = dali_settings
         if step_name not in built:
             skip(name, f"{step_name} failed")
             continue
-        record(name, e2e(loader_fn, built[step_name], with_feat), workers=P["workers"])
+        record(name, e2e(loader_fn, built[step_name], feat_at), **info)
 
     # --- summary ------------------------------------------------------------------------------------------
     ok = {r["component"]: r for r in rows if r["status"] == "ok"}
@@ -465,6 +502,10 @@ def run(argv: Optional[List[str]] = None) -> dict:
         "hcd_cache_vs_published": ratio("step/hcd_cache", "step/hcd_published"),
         "e2e_ours_vs_published": ratio("e2e/ours", "e2e/published"),
         "e2e_cache_vs_published": ratio("e2e/cache", "e2e/published"),
+        "loader_dali_vs_timm": ratio("loader/dali", "loader/timm"),
+        "loader_dali_cache_vs_cache": ratio("loader/dali_cache", "loader/cache"),
+        "e2e_ours_dali_vs_ours": ratio("e2e/ours_dali", "e2e/ours"),
+        "e2e_cache_dali_vs_published": ratio("e2e/cache_dali", "e2e/published"),
         "teacher_ours_vs_published": ratio("teacher/ours", "teacher/published"),
     }
     result["breakdown"] = breakdown(ok)
@@ -491,10 +532,12 @@ def breakdown(ok: Dict[str, dict]) -> List[dict]:
     out = []
     pipelines = (("published", "loader/timm", "teacher/published", "step/hcd_published", "e2e/published"),
                  ("ours", "loader/timm", "teacher/ours", "step/hcd_ours", "e2e/ours"),
-                 ("ours + cache", "loader/cache", None, "step/hcd_cache", "e2e/cache"))
+                 ("ours + cache", "loader/cache", None, "step/hcd_cache", "e2e/cache"),
+                 ("ours, DALI", "loader/dali", "teacher/ours", "step/hcd_ours", "e2e/ours_dali"),
+                 ("ours + cache, DALI", "loader/dali_cache", None, "step/hcd_cache", "e2e/cache_dali"))
     for label, loader, teacher, step, e2e in pipelines:
         s, t = ms(step), (ms(teacher) if teacher else 0.0)
-        if s is None or t is None:
+        if s is None or t is None or ms(loader) is None and "DALI" in label:
             continue
         out.append({"pipeline": label, "loader_ms_per_img": ms(loader), "teacher_ms_per_img": t,
                     "student_head_ms_per_img": max(s - t, 0.0), "step_ms_per_img": s, "e2e_ms_per_img": ms(e2e)})
@@ -512,7 +555,7 @@ def markdown(result: dict) -> str:
              f"load average {env.get('loadavg_start')} -> {result.get('loadavg_end')}. Teacher {cfg['teacher']} "
              f"(random weights) -> student {cfg['student']}, {cfg['img']} px, batch {cfg['batch']}, "
              f"{cfg['workers']} loader workers, synthetic ImageFolder of {result['data']['train_images']} JPEGs, "
-             f"teacher cache K={cfg['views']} fp16.", "",
+             f"teacher cache K={cfg['views']} fp16, DALI {env.get('dali') or 'not installed'}.", "",
              "| component | img/s | ms (median) | settings | status |", "|---|---:|---:|---|---|"]
     for r in result["rows"]:
         settings = r.get("settings") or r.get("precision") or (f"{r['workers']} workers" if "workers" in r else "")
@@ -549,7 +592,7 @@ def safe_plot(result: dict, out_dir: str) -> List[str]:
         fig, ax = plt.subplots(figsize=(7, 4))
         names = [b["pipeline"] for b in bd]
         bottom = np.zeros(len(bd))
-        for key, label in (("loader_ms_per_img", "loader (PIL/timm or cache replay)"),
+        for key, label in (("loader_ms_per_img", "loader (PIL/timm, DALI, or cache replay)"),
                            ("teacher_ms_per_img", "teacher forward"),
                            ("student_head_ms_per_img", "student + HCD head (fwd, bwd, optimizer)")):
             vals = np.array([b[key] or 0.0 for b in bd])

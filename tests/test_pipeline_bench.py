@@ -11,11 +11,15 @@ import sys
 import pytest
 
 from benchmarks.pipeline import synthetic_imagefolder
+from hcd_fast.distill.dali_loader import dali_status
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMPONENTS = ["cache/build", "loader/timm", "loader/cache", "teacher/published", "teacher/ours",
-              "teacher/bf16_weights", "teacher/channels_last", "teacher/compiled", "step/ce", "step/kd",
-              "step/hcd_published", "step/hcd_ours", "step/hcd_cache", "e2e/published", "e2e/ours", "e2e/cache"]
+COMPONENTS = ["cache/build", "loader/timm", "loader/cache", "loader/dali", "loader/dali_cache", "teacher/published",
+              "teacher/ours", "teacher/bf16_weights", "teacher/channels_last", "teacher/compiled", "step/ce",
+              "step/kd", "step/hcd_published", "step/hcd_ours", "step/hcd_cache", "e2e/published", "e2e/ours",
+              "e2e/cache", "e2e/ours_dali", "e2e/cache_dali"]
+DALI_ROWS = ("loader/dali", "loader/dali_cache", "e2e/ours_dali", "e2e/cache_dali")
+HAVE_DALI = dali_status()[0]
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +43,8 @@ def test_outputs_and_rows(quick):
     for name, r in by.items():
         if name in ("teacher/channels_last", "teacher/compiled"):  # a ViT teacher; quick skips compile
             assert r["status"] == "skipped" and r["reason"]
+        elif name in DALI_ROWS and not HAVE_DALI:
+            assert r["status"] == "skipped" and r["reason"] == "DALI not installed"
         else:
             assert r["status"] == "ok", (name, r["reason"])
             assert r["images_per_s"] > 0
@@ -55,7 +61,11 @@ def test_ratios_and_breakdown_follow_the_rows(quick):
     assert rt["hcd_cache_vs_ours"] == pytest.approx(ips["step/hcd_cache"] / ips["step/hcd_ours"])
     assert rt["e2e_cache_vs_published"] == pytest.approx(ips["e2e/cache"] / ips["e2e/published"])
     bd = {b["pipeline"]: b for b in res["breakdown"]}
-    assert set(bd) == {"published", "ours", "ours + cache"}
+    assert set(bd) == {"published", "ours", "ours + cache"} | ({"ours, DALI", "ours + cache, DALI"} if HAVE_DALI else set())
+    if HAVE_DALI:
+        assert rt["e2e_ours_dali_vs_ours"] == pytest.approx(ips["e2e/ours_dali"] / ips["e2e/ours"])
+        assert bd["ours, DALI"]["loader_ms_per_img"] == pytest.approx(1e3 / ips["loader/dali"])
+        assert bd["ours + cache, DALI"]["e2e_ms_per_img"] == pytest.approx(1e3 / ips["e2e/cache_dali"])
     assert bd["ours + cache"]["teacher_ms_per_img"] == 0.0
     assert bd["published"]["teacher_ms_per_img"] == pytest.approx(1e3 / ips["teacher/published"])
     assert bd["ours"]["step_ms_per_img"] == pytest.approx(1e3 / ips["step/hcd_ours"])

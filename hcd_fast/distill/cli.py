@@ -30,6 +30,7 @@ EPILOG = """examples:
   hcd-distill ... --resume auto            # continue a killed run from OUTPUT/last.pt
   hcd-distill cache-teacher --teacher T --teacher-checkpoint t.pt ... --views 16 --output cache/  # then:
   hcd-distill --teacher T --teacher-checkpoint t.pt ... --teacher-cache cache/   # no teacher forward
+  hcd-distill --dataset imagefolder --data-dir /data/imagenet ... --loader dali  # GPU JPEG decoding (DALI)
 A preset sets the defaults of its flags; flags given explicitly win. Outputs: OUTPUT/{last,best}.pt,
 metrics.csv, metrics.jsonl, loss.png, accuracy.png, summary.json. Exit codes: 0 done, 1 training failed
 (a non-finite loss), 2 a bad flag, file, dataset or output folder (found before the first step)."""
@@ -136,7 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--crop-pct", type=float, default=None, help="evaluation centre-crop fraction (default: "
                    "the student's timm data config, e.g. 0.875, for imagefolder; 1.0 for cifar100)")
     g.add_argument("--workers", type=int, default=4, help="data-loader workers per process (4; digits "
-                   "always uses 0, it is in memory)")
+                   "always uses 0, it is in memory); DALI threads with --loader dali")
+    g.add_argument("--loader", choices=("timm", "dali"), default="timm", help="timm (default): PIL decoding in "
+                   "DataLoader workers; dali: NVIDIA DALI decodes the JPEGs (nvJPEG on CUDA, CPU otherwise) and "
+                   "crops, jitters, flips and normalises on the device, the same views as timm's (imagefolder "
+                   "only; pip install 'hcd_fast[dali]')")
 
     g = p.add_argument_group("optimisation (timm create_optimizer_v2 / create_scheduler_v2)")
     g.add_argument("--epochs", type=int, default=10, help="epochs (10)")

@@ -180,6 +180,16 @@ class ViewTransform:
         self.spec, self.mean, self.std = spec, tuple(mean), tuple(std)
         self._noaug = None
 
+    def noaug_transform(self):
+        """timm's no-augmentation train transform of the spec (resize the short side, centre crop,
+        normalise): the ``aug == "none"`` view of images (also the DALI loader's plan of it)."""
+        if self._noaug is None:
+            from timm.data import create_transform
+            s = self.spec
+            self._noaug = create_transform(s["img_size"], is_training=True, no_aug=True,
+                                           interpolation=s["interpolation"], mean=self.mean, std=self.std)
+        return self._noaug
+
     def __call__(self, image, view) -> torch.Tensor:
         import torchvision.transforms.functional as TF
         from timm.data.transforms import str_to_interp_mode
@@ -192,11 +202,7 @@ class ViewTransform:
                                 interpolation=str_to_interp_mode(s["interpolation"]), antialias=True)
             return TF.hflip(x) if flip else x
         if s["aug"] == "none":
-            if self._noaug is None:
-                from timm.data import create_transform
-                self._noaug = create_transform(s["img_size"], is_training=True, no_aug=True,
-                                               interpolation=s["interpolation"], mean=self.mean, std=self.std)
-            return self._noaug(image)
+            return self.noaug_transform()(image)
         i, j, h, w, flip = (int(v) for v in view)
         image = TF.resized_crop(image, i, j, h, w, [s["img_size"]] * 2,
                                 interpolation=str_to_interp_mode(s["interpolation"]))
@@ -309,8 +315,12 @@ class CachedViewDataset(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
+    def view_index(self, n: int) -> int:
+        """Which stored view image ``n`` shows in the current epoch (also the DALI loader's choice)."""
+        return replay_choice(self.seed, self.epoch, n, self.num_views)
+
     def __getitem__(self, n: int):
-        k = replay_choice(self.seed, self.epoch, n, self.num_views)
+        k = self.view_index(n)
         try:
             image, label = self.source.get(n)
         except _READ_ERRORS as exc:

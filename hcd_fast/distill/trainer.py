@@ -200,6 +200,11 @@ def check_args(args: argparse.Namespace, world: int) -> None:
                         f"the number of processes ({world})")
     _check_numbers(args)
     _check_optim(args)
+    if getattr(args, "loader", "timm") == "dali":  # the data checks follow in Trainer (check_dali_run)
+        from hcd_fast.distill.dali_loader import INSTALL_HINT, dali_status
+        ok, why = dali_status()
+        if not ok:
+            raise UserError(f"--loader dali: {why}; install it with {INSTALL_HINT}, or use --loader timm")
 
 
 def resolve_device(args: argparse.Namespace, ctx: DistContext) -> torch.device:
@@ -580,6 +585,10 @@ class Trainer:
                                aa=args.aa, reprob=args.reprob, no_aug=args.no_aug, cfg=self.data_cfg,
                                train_split=args.train_split, val_split=args.val_split, seed=args.seed)
         self.K = K = self.data.num_classes
+        self.dali = getattr(args, "loader", "timm") == "dali"
+        if self.dali:  # an ImageFolder of JPEGs, no option DALI cannot apply: checked before the models
+            from hcd_fast.distill.dali_loader import check_dali_run
+            check_dali_run(args, (self.data.train, self.data.val))
         if args.num_classes is not None and args.num_classes != K:
             raise UserError(f"--num-classes {args.num_classes}: the {args.dataset} dataset has {K} classes")
         seed_everything(args.seed)
@@ -628,6 +637,13 @@ class Trainer:
         workers = 0 if data.in_memory else args.workers
         pin = self.device.type == "cuda"
         self.loader_gen = torch.Generator()
+        if self.dali:  # the same samplers: order, sharding and resume as below (hcd_fast.distill.dali_loader)
+            from hcd_fast.distill.dali_loader import DaliLoader
+            self.train_loader = DaliLoader(data.train, self.sampler, self.local_bs, self.device, max(workers, 1),
+                                           drop_last=True)
+            self.val_loader = DaliLoader(data.val, ShardSampler(data.val, ctx.world, ctx.rank), max(self.local_bs, 64),
+                                         self.device, max(workers, 1))
+            return
         self.train_loader = DataLoader(data.train, batch_size=self.local_bs, sampler=self.sampler,
                                        num_workers=workers, pin_memory=pin, drop_last=True,
                                        generator=self.loader_gen, collate_fn=collate_skip_bad)
