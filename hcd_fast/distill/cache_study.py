@@ -85,6 +85,7 @@ def main(argv=None) -> int:
     md = "\n".join(lines)
     with open(os.path.join(a.out, "results.json"), "w") as f:
         json.dump({"results": results, "cache_build_seconds": cache_seconds, "epochs": a.epochs, "lr": a.lr,
+                   "teacher_checkpoint": os.path.abspath(teacher_ckpt), "teacher_trained_here": a.teacher is None,
                    "seeds": a.seeds, "total_seconds": time.perf_counter() - t_start}, f, indent=1)
     with open(os.path.join(a.out, "results.md"), "w") as f:
         f.write(md + "\n")
