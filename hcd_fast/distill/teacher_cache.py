@@ -13,6 +13,10 @@ training image and stores, per view, the crop window and flip and the teacher's 
   its timm data config, or its hcd-distill checkpoint's), dataset name, hash of its file list (paths and
   labels; the pixels for in-memory data), N, image size, the transform, K, D_t, dtype, seed.
 
+Under torchrun (``torchrun --nproc-per-node N -m hcd_fast.distill cache-teacher ...``, the ranks sharing the
+output folder) each rank fills the views of its slice of the images and the features of every N-th batch of
+the single-process build; rank 0 writes meta.json once all are done: the same files as one process.
+
 Normalisation: the teacher saw each view normalised with its own statistics; a training run normalises the
 replayed view with the student's (its data config) and its online teacher converts that to the teacher's
 statistics (``TeacherTap``), the same input up to float rounding. The cache's ``teacher_input`` must equal
