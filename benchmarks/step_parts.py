@@ -143,7 +143,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     shares = {"teacher": med["teacher/ours"] / med["step/ours"],
               "head": (med["student+head/ours"] - med["student"]) / med["step/ours"]}
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    result = {"suite": "step_parts", "created": created, "env": env, "threads": a.threads, "batch": a.batch, "img": a.img, "rounds": a.rounds,
+    result = {"suite": "step_parts", "created": created, "env": env, "threads": a.threads, "batch": a.batch,
+              "img": a.img, "rounds": a.rounds,
               "loadavg_start": round(load_start, 2), "loadavg_end": round(os.getloadavg()[0], 2),
               "cpu_ms": cpu, "wall_ms": wall, "cpu_median_ms": med, "ratios": ratios, "shares_of_step_ours": shares}
     os.makedirs(a.out, exist_ok=True)
