@@ -22,7 +22,8 @@ One run measures, in images per second (and ms per step), on the same synthetic 
   cache, z_t = classifier(f_t)).
 - The teacher and step rows are timed together, round-robin on the CPU (``benchmarks.common.measure_group``:
   a change in the machine's load hits every row alike), after a first call each (``first_call_s``:
-  compilation, cuDNN's search).
+  compilation, cuDNN's search). On the CPU each row keeps its per-round times (``round_ms``) and the hcd
+  ratios are also given per round (the median of the ratios within a round).
 - ``e2e/published``, ``e2e/ours``, ``e2e/cache``: loader and step together, as training runs them (the
   loader's workers run beside the step). Each step runs on a fixed tensor the loaded batch is copied into
   (the work does not depend on the pixel values).
