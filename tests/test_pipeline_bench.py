@@ -60,6 +60,12 @@ def test_ratios_and_breakdown_follow_the_rows(quick):
     assert rt["hcd_ours_vs_published"] == pytest.approx(ips["step/hcd_ours"] / ips["step/hcd_published"])
     assert rt["hcd_cache_vs_ours"] == pytest.approx(ips["step/hcd_cache"] / ips["step/hcd_ours"])
     assert rt["e2e_cache_vs_published"] == pytest.approx(ips["e2e/cache"] / ips["e2e/published"])
+    # per-round ratios: the median over the interleaved rounds of the ratio within each round
+    rounds = by["step/hcd_ours"]["round_ms"], by["step/hcd_published"]["round_ms"]
+    assert len(rounds[0]) == len(rounds[1]) == by["step/hcd_ours"]["reps"]
+    per_round = sorted(p / o for o, p in zip(*rounds))
+    assert rt["hcd_ours_vs_published_per_round"] == pytest.approx(
+        (per_round[(len(per_round) - 1) // 2] + per_round[len(per_round) // 2]) / 2)
     bd = {b["pipeline"]: b for b in res["breakdown"]}
     assert set(bd) == {"published", "ours", "ours + cache"} | ({"ours, DALI", "ours + cache, DALI"} if HAVE_DALI else set())
     if HAVE_DALI:

@@ -246,6 +246,37 @@ def test_cache_teacher_never_overwrites(cache32, capsys):
     assert os.path.getmtime(os.path.join(cache32, "feats.npy")) == before
 
 
+def _cache_rank(rank: int, world: int, port: int, argv: list) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    assert main(argv) == 0
+
+
+def test_sharded_build_equals_single_process(tmp_path, folder, cache32):
+    """cache-teacher under two gloo ranks (as torchrun starts them): 6 images x 3 views in batches of 4 (5
+    batches, 3 to rank 0 and 2 to rank 1; images 0-2 and 3-5 for the views) give the single-process cache
+    (cache32: the same flags), bit for bit, and meta.json is written once, by rank 0, after both ranks."""
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as sock:  # a free port for the gloo rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = str(tmp_path / "sharded")
+    argv = ["cache-teacher", *TEACHER, *COMMON, "--allow-random-teacher", "--dataset", "imagefolder",
+            "--data-dir", folder, "--views", "3", "--cache-dtype", "fp32", "--output", out, "--workers", "0",
+            "--batch-size", "4", "--no-progress"]
+    mp.start_processes(_cache_rank, args=(2, port, argv), nprocs=2, join=True, start_method="spawn")
+    single, sharded = TeacherCache(cache32), TeacherCache(out)
+    assert sorted(os.listdir(out)) == ["feats.npy", "meta.json", "views.npy"]  # no partial files left
+    assert sharded.meta["ranks"] == 2 and single.meta["ranks"] == 1
+    for key in set(single.meta) - {"created", "seconds", "ranks"}:
+        assert sharded.meta[key] == single.meta[key], key
+    assert single.views.shape == (6, 3, 5) and np.array_equal(sharded.views, single.views)
+    assert len(np.unique(single.views.reshape(-1, 5), axis=0)) > 6  # the views differ (a test that can fail)
+    assert np.array_equal(sharded.feats, single.feats) and np.abs(single.feats).sum() > 0
+
+
 # ------------------------------------------------------------------------------------------ teacher speed
 def test_speed_defaults():
     import timm

@@ -13,6 +13,10 @@ training image and stores, per view, the crop window and flip and the teacher's 
   its timm data config, or its hcd-distill checkpoint's), dataset name, hash of its file list (paths and
   labels; the pixels for in-memory data), N, image size, the transform, K, D_t, dtype, seed.
 
+Under torchrun (``torchrun --nproc-per-node N -m hcd_fast.distill cache-teacher ...``, the ranks sharing the
+output folder) each rank fills the views of its slice of the images and the features of every N-th batch of
+the single-process build; rank 0 writes meta.json once all are done: the same files as one process.
+
 Normalisation: the teacher saw each view normalised with its own statistics; a training run normalises the
 replayed view with the student's (its data config) and its online teacher converts that to the teacher's
 statistics (``TeacherTap``), the same input up to float rounding. The cache's ``teacher_input`` must equal
@@ -211,11 +215,13 @@ class ViewTransform:
         return TF.normalize(TF.to_tensor(image), self.mean, self.std)
 
 
-def make_views(source: RawSource, spec: dict, num_views: int, seed: int) -> np.ndarray:
-    """int32 (N, K, 5) views of every image (decodes each image once for its size when augmenting)."""
+def make_views(source: RawSource, spec: dict, num_views: int, seed: int, out: Optional[np.ndarray] = None,
+               images: Optional[range] = None) -> np.ndarray:
+    """int32 (N, K, 5) views of every image (decodes each image once for its size when augmenting); with
+    ``out`` and ``images``, only those images' rows of ``out`` are filled (a rank's share of a sharded build)."""
     n = len(source)
-    views = np.zeros((n, num_views, 5), dtype=np.int32)
-    for idx in range(n):
+    views = np.zeros((n, num_views, 5), dtype=np.int32) if out is None else out
+    for idx in (range(n) if images is None else images):
         try:
             image, _ = source.get(idx)
         except _READ_ERRORS as exc:
@@ -463,9 +469,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def create_cache(args: argparse.Namespace) -> dict:
-    """Build the cache ``args.output`` (see the module docstring); returns its metadata."""
-    from tqdm import tqdm
+    """Build the cache ``args.output`` (see the module docstring); returns its metadata. Under torchrun
+    (WORLD_SIZE > 1) every rank builds its share and the result equals a single-process build."""
+    from hcd_fast.distill.trainer import DistContext
 
+    ctx = DistContext()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available")
+    if device.type == "cuda" and ctx.enabled and device.index is None:
+        device = torch.device("cuda", ctx.local_rank)
+        torch.cuda.set_device(device)
+    ctx.init(device)
+    try:
+        prepared, error = None, None
+        try:
+            prepared = _prepare(args, device)
+        except UserError as exc:  # raised on every rank: none is left waiting at a barrier
+            error = exc
+        ctx.raise_any(error)
+        return _build(args, ctx, device, *prepared)
+    finally:
+        ctx.close()
+
+
+def _prepare(args: argparse.Namespace, device: torch.device):
+    """The checks before the first teacher forward, the teacher (probed) and the metadata."""
     from hcd_fast.distill.taps import TeacherTap, probe_teacher
     from hcd_fast.distill.teacher_speed import apply_teacher_speed, resolve_teacher_speed
     from hcd_fast.distill.checkpoint import load_weights
@@ -482,11 +513,6 @@ def create_cache(args: argparse.Namespace) -> dict:
     if os.path.exists(os.path.join(args.output, "meta.json")):
         raise UserError(f"--output {args.output!r} already holds a teacher cache; it is never overwritten "
                         f"(remove it or choose another folder)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available")
     # The teacher sees every view normalised with its own statistics, as hcd-distill's online teacher
     # does (TeacherTap converts the student's input): its timm data config, or its checkpoint's.
     teacher_cfg = DataConfig.of_model(args.teacher, args.interpolation)
@@ -527,31 +553,66 @@ def create_cache(args: argparse.Namespace) -> dict:
     speed = resolve_teacher_speed(model, device, amp, args.teacher_bf16, args.teacher_channels_last, "off")
     apply_teacher_speed(tap, speed)
     meta["teacher_speed"] = speed.describe()
+    return data, source, spec, num_views, tap, feat_dim, teacher_cfg, meta
 
-    os.makedirs(args.output, exist_ok=True)
-    views = make_views(source, spec, num_views, args.seed)
-    feats_tmp = os.path.join(args.output, "feats.npy.partial")
-    feats = np.lib.format.open_memmap(feats_tmp, mode="w+", dtype=np.float16 if args.cache_dtype == "fp16"
-                                      else np.float32, shape=(len(source), num_views, feat_dim))
-    workers = 0 if data.in_memory else args.workers
-    loader = DataLoader(_AllViews(source, spec, views, *teacher_cfg.stats()), batch_size=args.batch_size, shuffle=False,
-                        num_workers=workers, pin_memory=device.type == "cuda")
+
+def _build(args: argparse.Namespace, ctx, device: torch.device, data, source: RawSource, spec: dict,
+           num_views: int, tap, feat_dim: int, teacher_cfg: DataConfig, meta: dict) -> dict:
+    """Views and teacher features into ``args.output``, then meta.json."""
+    from tqdm import tqdm
+
+    # Sharded under torchrun: rank 0 makes the two memory-mapped files; each rank fills the views of its
+    # slice of images, then (after a barrier: every view is needed before any batch is built) the teacher
+    # features of its share of the batches, the very batches of a single-process build (batch b goes to
+    # rank b mod world), so the result is the same file; rank 0 writes meta.json once every rank is done.
+    # The ranks must share the output folder (one node, or a shared file system).
     t0 = time.perf_counter()
-    for x, n, k in tqdm(loader, disable=args.no_progress, desc="cache-teacher", dynamic_ncols=True):
+    views_tmp = os.path.join(args.output, "views.npy.partial")
+    feats_tmp = os.path.join(args.output, "feats.npy.partial")
+    n_img, n_items = len(source), len(source) * num_views
+    if ctx.is_main:
+        os.makedirs(args.output, exist_ok=True)
+        np.lib.format.open_memmap(views_tmp, mode="w+", dtype=np.int32, shape=(n_img, num_views, 5)).flush()
+        np.lib.format.open_memmap(feats_tmp, mode="w+", dtype=np.float16 if args.cache_dtype == "fp16"
+                                  else np.float32, shape=(n_img, num_views, feat_dim)).flush()
+    ctx.barrier()
+    views = np.load(views_tmp, mmap_mode="r+")
+    error = None
+    try:
+        make_views(source, spec, num_views, args.seed, out=views,
+                   images=range(ctx.rank * n_img // ctx.world, (ctx.rank + 1) * n_img // ctx.world))
+        views.flush()
+    except UserError as exc:
+        error = exc
+    ctx.raise_any(error)
+    del views
+    views = np.load(views_tmp, mmap_mode="r")  # reopened after the barrier: every rank's rows
+    feats = np.load(feats_tmp, mmap_mode="r+")
+    workers = 0 if data.in_memory else args.workers
+    batches = [list(range(b * args.batch_size, min((b + 1) * args.batch_size, n_items)))
+               for b in range(ctx.rank, math.ceil(n_items / args.batch_size), ctx.world)]
+    loader = DataLoader(_AllViews(source, spec, views, *teacher_cfg.stats()), batch_sampler=batches,
+                        num_workers=workers, pin_memory=device.type == "cuda")
+    for x, n, k in tqdm(loader, disable=args.no_progress or not ctx.is_main, desc="cache-teacher",
+                        dynamic_ncols=True):
         f, _ = tap(x.to(device, non_blocking=True))
         if not torch.isfinite(f).all():
-            raise UserError("cache-teacher: the teacher produced non-finite features (check the checkpoint)")
+            error = UserError("cache-teacher: the teacher produced non-finite features (check the checkpoint)")
+            break
         feats[n.numpy(), k.numpy()] = f.float().cpu().numpy().astype(feats.dtype)
     feats.flush()
-    del feats
+    del feats, views, loader
+    ctx.raise_any(error)  # every rank has flushed its share before rank 0 goes on
     meta["seconds"] = time.perf_counter() - t0
-    np.save(os.path.join(args.output, "views.npy.partial.npy"), views)
-    os.replace(os.path.join(args.output, "views.npy.partial.npy"), os.path.join(args.output, "views.npy"))
-    os.replace(feats_tmp, os.path.join(args.output, "feats.npy"))
-    tmp = os.path.join(args.output, "meta.json.partial")
-    with open(tmp, "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(tmp, os.path.join(args.output, "meta.json"))  # last: its presence marks a finished cache
+    meta["ranks"] = ctx.world
+    if ctx.is_main:
+        os.replace(views_tmp, os.path.join(args.output, "views.npy"))
+        os.replace(feats_tmp, os.path.join(args.output, "feats.npy"))
+        tmp = os.path.join(args.output, "meta.json.partial")
+        with open(tmp, "w") as f:
+            json.dump(meta, f, indent=1)
+        os.replace(tmp, os.path.join(args.output, "meta.json"))  # last: its presence marks a finished cache
+    ctx.barrier()  # no rank returns before the cache is finished
     return meta
 
 
@@ -562,6 +623,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UserError as exc:
         print(f"hcd-distill cache-teacher: error: {exc}", file=sys.stderr)
         return 2
-    print(f"hcd-distill cache-teacher: {meta['num_images']} images x {meta['num_views']} views, D_t "
-          f"{meta['feat_dim']} ({meta['dtype']}) in {args.output} ({meta['seconds']:.1f} s)")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"hcd-distill cache-teacher: {meta['num_images']} images x {meta['num_views']} views, D_t "
+              f"{meta['feat_dim']} ({meta['dtype']}) in {args.output} ({meta['seconds']:.1f} s"
+              f"{', ' + str(meta['ranks']) + ' ranks' if meta['ranks'] > 1 else ''})")
     return 0
