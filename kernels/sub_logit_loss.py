@@ -64,6 +64,19 @@ def _scalar(x, ACC: tl.constexpr):
 
 
 @triton.jit
+def _f64(x):
+    return x.to(tl.float64)
+
+
+@triton.jit
+def _split(lse, ACC: tl.constexpr):
+    """An fp64 statistic as hi + lo in ACC: (x - hi) - lo keeps fp32 accuracy where x is near hi (the entries
+    with large probability); for fp64, lo = 0."""
+    hi = lse.to(ACC)
+    return hi, (lse - hi.to(tl.float64)).to(ACC)
+
+
+@triton.jit
 def _extract_row(t, offs_n, j):
     """Row j of a (BLOCK_N, BLOCK_K) tile as a (BLOCK_K,) vector (a masked sum: no dynamic indexing)."""
     return tl.sum(tl.where(offs_n[:, None] == j, t, 0.0), axis=0)
@@ -170,16 +183,17 @@ def sub_logit_loss_fwd_kernel(
     log_sts = tl.log(sts)
     log_stt = tl.log(stt)
     lse1 = m1v + log_s1v
-    lset = mtv + log_stv
     kl = wv / stv - (mtv - mts) - log_stv + log_sts
+    # The statistics are stored in fp64: max + log(sum) rounded to fp32 would be off by up to 2^-24 |lse|
+    # (1.5e-5 at |lse| ~ 250), and exp(x - lse) in the backward would inherit that relative error.
     stat_rows = row_stats_ptr + ((s * B + b) * N + offs_n) * 3
-    tl.store(stat_rows + 0, lse1, mask=row_ok)
-    tl.store(stat_rows + 1, lset, mask=row_ok)
-    tl.store(stat_rows + 2, kl, mask=row_ok)
+    tl.store(stat_rows + 0, _f64(m1v) + _f64(log_s1v), mask=row_ok)
+    tl.store(stat_rows + 1, _f64(mtv) + _f64(log_stv), mask=row_ok)
+    tl.store(stat_rows + 2, _f64(kl), mask=row_ok)
     lse1_s = m1s + tl.log(s1s)
-    tl.store(sample_stats_ptr + b * 3 + 0, lse1_s, mask=first)
-    tl.store(sample_stats_ptr + b * 3 + 1, mts + log_sts, mask=first)
-    tl.store(sample_stats_ptr + b * 3 + 2, mtt + log_stt, mask=first)
+    tl.store(sample_stats_ptr + b * 3 + 0, _f64(m1s) + _f64(tl.log(s1s)), mask=first)
+    tl.store(sample_stats_ptr + b * 3 + 1, _f64(mts) + _f64(log_sts), mask=first)
+    tl.store(sample_stats_ptr + b * 3 + 2, _f64(mtt) + _f64(log_stt), mask=first)
 
     # CE of every row and of z_s; KD (s = 0 only); the row KLs.
     ls_k = ls / K
@@ -274,22 +288,23 @@ def sub_logit_loss_bwd_kernel(
         zt = tl.load(zt_ptr + b * stride_zt_b + offs_k * stride_zt_k, mask=ok, other=0.0).to(ACC)
     else:
         zt = tl.zeros([BLOCK_K], ACC)
-    log_ps = zs * inv_t - tl.load(sample_stats_ptr + b * 3 + 1).to(ACC)  # log P_s
+    hi, lo = _split(tl.load(sample_stats_ptr + b * 3 + 1), ACC)
+    log_ps = (zs * inv_t - hi) - lo  # log P_s
     sum_p = tl.zeros([BLOCK_K], ACC)
     for s in range(0, S):
         x = tl.load(zf_ptr + s * stride_zf_s + b * stride_zf_b + offs_n[:, None] * stride_zf_n
                     + offs_k[None, :] * stride_zf_k, mask=m2, other=0.0).to(ACC)
         stats = row_stats_ptr + ((s * B + b) * N + offs_n) * 3
-        lset = tl.load(stats + 1, mask=row_ok, other=0.0)
-        log_p = x * inv_t - lset[:, None]
+        hi, lo = _split(tl.load(stats + 1, mask=row_ok, other=0.0), ACC)
+        log_p = (x * inv_t - hi[:, None]) - lo[:, None]
         p = tl.where(m2, tl.exp(log_p), 0.0)
         if NEED_STUDENT:
             sum_p += tl.sum(p, 0)
         if NEED_SUB:
-            lse1 = tl.load(stats + 0, mask=row_ok, other=0.0)
-            gz = _scalar(coef_sub_ce, ACC) * (tl.exp(x - lse1[:, None]) - onehot[None, :])
+            hi, lo = _split(tl.load(stats + 0, mask=row_ok, other=0.0), ACC)
+            gz = _scalar(coef_sub_ce, ACC) * (tl.exp((x - hi[:, None]) - lo[:, None]) - onehot[None, :])
             if not DETACH:
-                kl = tl.load(stats + 2, mask=row_ok, other=0.0)
+                kl = tl.load(stats + 2, mask=row_ok, other=0.0).to(ACC)
                 gz += kl_t * p * (log_p - log_ps[None, :] - kl[:, None])
             if BLOCK_N > 1:
                 v = x
@@ -309,8 +324,10 @@ def sub_logit_loss_bwd_kernel(
             tl.store(out, (g * gz).to(grad_zf_ptr.dtype.element_ty), mask=m2)
     if NEED_STUDENT:
         p_s = tl.exp(log_ps)
-        p1 = tl.exp(zs - tl.load(sample_stats_ptr + b * 3 + 0).to(ACC))
-        p_t = tl.exp(zt * inv_t - tl.load(sample_stats_ptr + b * 3 + 2).to(ACC))
+        hi, lo = _split(tl.load(sample_stats_ptr + b * 3 + 0), ACC)
+        p1 = tl.exp((zs - hi) - lo)
+        hi, lo = _split(tl.load(sample_stats_ptr + b * 3 + 2), ACC)
+        p_t = tl.exp((zt * inv_t - hi) - lo)
         gs = _scalar(coef_ce, ACC) * (p1 - onehot) + _scalar(coef_kd, ACC) * T * (p_s - p_t)
         gs += kl_t * ((S * N) * p_s - sum_p)
         tl.store(grad_zs_ptr + b * K + offs_k, (g * gs).to(grad_zs_ptr.dtype.element_ty), mask=ok)
@@ -354,8 +371,8 @@ def sub_logit_loss_forward(
         block_k: override of the K block (tests use it to force the K loop).
 
     Returns:
-        loss (), parts (5,), row_stats (S, B, n, 3), ortho_coef (S, B, n, n), sample_stats (B, 3), in fp32
-        (fp64 if any logits are fp64).
+        loss (), parts (5,), ortho_coef (S, B, n, n) in fp32 (fp64 if any logits are fp64); row_stats
+        (S, B, n, 3) and sample_stats (B, 3) in fp64.
     """
     num_stages, batch, n, num_classes = sub_logits.shape
     device = sub_logits.device
@@ -365,9 +382,9 @@ def sub_logit_loss_forward(
     partial = torch.empty((batch * max(num_stages, 1), NUM_PARTS), device=device, dtype=acc_dtype)
     loss = torch.empty((), device=device, dtype=acc_dtype)
     parts = torch.empty((NUM_PARTS,), device=device, dtype=acc_dtype)
-    row_stats = torch.empty((num_stages, batch, n, NUM_ROW_STATS), device=device, dtype=acc_dtype)
+    row_stats = torch.empty((num_stages, batch, n, NUM_ROW_STATS), device=device, dtype=torch.float64)
     ortho_coef = torch.empty((num_stages, batch, n, n), device=device, dtype=acc_dtype)
-    sample_stats = torch.empty((batch, NUM_SAMPLE_STATS), device=device, dtype=acc_dtype)
+    sample_stats = torch.empty((batch, NUM_SAMPLE_STATS), device=device, dtype=torch.float64)
     if batch == 0:
         return loss.zero_(), parts.zero_(), row_stats, ortho_coef, sample_stats
     block_n, block_k, num_warps = _fwd_heuristic(n, num_classes, block_k)
@@ -411,7 +428,7 @@ def sub_logit_loss_backward(
     """
     num_stages, batch, n, num_classes = sub_logits.shape
     device = sub_logits.device
-    acc = tl.float64 if row_stats.dtype == torch.float64 else tl.float32
+    acc = tl.float64 if ortho_coef.dtype == torch.float64 else tl.float32
     grad_zf = torch.empty(sub_logits.shape if need_grad_sub else (0,), device=device, dtype=sub_logits.dtype)
     grad_zs = torch.empty(student_logits.shape if need_grad_student else (0,), device=device,
                           dtype=student_logits.dtype)
