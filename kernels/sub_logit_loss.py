@@ -288,21 +288,21 @@ def sub_logit_loss_bwd_kernel(
         zt = tl.load(zt_ptr + b * stride_zt_b + offs_k * stride_zt_k, mask=ok, other=0.0).to(ACC)
     else:
         zt = tl.zeros([BLOCK_K], ACC)
-    hi, lo = _split(tl.load(sample_stats_ptr + b * 3 + 1), ACC)
-    log_ps = (zs * inv_t - hi) - lo  # log P_s
+    hi_s, lo_s = _split(tl.load(sample_stats_ptr + b * 3 + 1), ACC)
+    log_ps = (zs * inv_t - hi_s) - lo_s  # log P_s
     sum_p = tl.zeros([BLOCK_K], ACC)
     for s in range(0, S):
         x = tl.load(zf_ptr + s * stride_zf_s + b * stride_zf_b + offs_n[:, None] * stride_zf_n
                     + offs_k[None, :] * stride_zf_k, mask=m2, other=0.0).to(ACC)
         stats = row_stats_ptr + ((s * B + b) * N + offs_n) * 3
-        hi, lo = _split(tl.load(stats + 1, mask=row_ok, other=0.0), ACC)
-        log_p = (x * inv_t - hi[:, None]) - lo[:, None]
+        hi_t, lo_t = _split(tl.load(stats + 1, mask=row_ok, other=0.0), ACC)
+        log_p = (x * inv_t - hi_t[:, None]) - lo_t[:, None]
         p = tl.where(m2, tl.exp(log_p), 0.0)
         if NEED_STUDENT:
             sum_p += tl.sum(p, 0)
         if NEED_SUB:
-            hi, lo = _split(tl.load(stats + 0, mask=row_ok, other=0.0), ACC)
-            gz = _scalar(coef_sub_ce, ACC) * (tl.exp((x - hi[:, None]) - lo[:, None]) - onehot[None, :])
+            hi_1, lo_1 = _split(tl.load(stats + 0, mask=row_ok, other=0.0), ACC)
+            gz = _scalar(coef_sub_ce, ACC) * (tl.exp((x - hi_1[:, None]) - lo_1[:, None]) - onehot[None, :])
             if not DETACH:
                 kl = tl.load(stats + 2, mask=row_ok, other=0.0).to(ACC)
                 gz += kl_t * p * (log_p - log_ps[None, :] - kl[:, None])
@@ -324,25 +324,30 @@ def sub_logit_loss_bwd_kernel(
             tl.store(out, (g * gz).to(grad_zf_ptr.dtype.element_ty), mask=m2)
     if NEED_STUDENT:
         p_s = tl.exp(log_ps)
-        hi, lo = _split(tl.load(sample_stats_ptr + b * 3 + 0), ACC)
-        p1 = tl.exp((zs - hi) - lo)
-        hi, lo = _split(tl.load(sample_stats_ptr + b * 3 + 2), ACC)
-        p_t = tl.exp((zt * inv_t - hi) - lo)
+        hi_1s, lo_1s = _split(tl.load(sample_stats_ptr + b * 3 + 0), ACC)
+        p1 = tl.exp((zs - hi_1s) - lo_1s)
+        hi_tt, lo_tt = _split(tl.load(sample_stats_ptr + b * 3 + 2), ACC)
+        p_t = tl.exp((zt * inv_t - hi_tt) - lo_tt)
         gs = _scalar(coef_ce, ACC) * (p1 - onehot) + _scalar(coef_kd, ACC) * T * (p_s - p_t)
         gs += kl_t * ((S * N) * p_s - sum_p)
         tl.store(grad_zs_ptr + b * K + offs_k, (g * gs).to(grad_zs_ptr.dtype.element_ty), mask=ok)
 
 
+def _warps(tile: int) -> int:
+    """About 8 tile elements per thread, 2 to 8 warps: the tile's temporaries then stay in registers."""
+    return max(2, min(8, tile // 256))
+
+
 def _fwd_heuristic(n: int, num_classes: int, block_k=None):
-    """BLOCK_N = n rounded up to a power of two; BLOCK_K bounds the (BLOCK_N, BLOCK_K) tile (<= 4096 elements,
-    1024 from n = 16 on, where the n x n Gram tiles take registers), so every K is looped over.
+    """BLOCK_N = n rounded up to a power of two; BLOCK_K bounds the (BLOCK_N, BLOCK_K) tile (<= 2048 elements,
+    1024 from n = 16 on, where the n x n Gram tiles take registers), so every K is looped over; about 8 tile
+    elements per thread (``_warps``).
     tests/test_triton_compile.py checks with ptxas -v for sm_90 that these sizes do not spill."""
     block_n = triton.next_power_of_2(n)
     if block_k is None:
-        budget = min(4096 // block_n, 1024) if block_n <= 8 else 1024 // block_n
+        budget = min(2048 // block_n, 1024) if block_n <= 8 else 1024 // block_n
         block_k = min(triton.next_power_of_2(num_classes), max(32, budget))
-    num_warps = 8 if block_n * block_k >= 2048 else (2 if block_n == 1 else 4)
-    return block_n, block_k, num_warps
+    return block_n, block_k, _warps(block_n * block_k)
 
 
 def _bwd_heuristic(n: int, num_classes: int, block_k=None):
@@ -352,9 +357,7 @@ def _bwd_heuristic(n: int, num_classes: int, block_k=None):
     if block_k is None:
         budget = min(2048 // block_n, 512) if block_n <= 8 else max(512 // block_n, 16)
         block_k = min(triton.next_power_of_2(num_classes), max(32, budget))
-    tile = block_n * block_k
-    num_warps = 8 if tile >= 4096 else (4 if tile >= 512 else 2)
-    return block_n, block_k, num_warps
+    return block_n, block_k, _warps(block_n * block_k)
 
 
 def sub_logit_loss_forward(
