@@ -76,6 +76,20 @@ def _split(lse, ACC: tl.constexpr):
 
 
 @triton.jit
+def _cast_out(x, dtype: tl.constexpr):
+    """x in the output dtype, rounded to nearest even. For bf16 the rounding is done on the bits: the GPU's
+    fptrunc rounds to nearest even, the Triton interpreter (3.8) truncates; this gives both the same bits."""
+    if dtype == tl.bfloat16:
+        x32 = x.to(tl.float32)
+        bits = x32.to(tl.uint32, bitcast=True)
+        bits = bits + (0x7FFF + ((bits >> 16) & 1))
+        out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return tl.where(x32 == x32, out, x32.to(tl.bfloat16))  # NaN stays NaN
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
 def _extract_row(t, offs_n, j):
     """Row j of a (BLOCK_N, BLOCK_K) tile as a (BLOCK_K,) vector (a masked sum: no dynamic indexing)."""
     return tl.sum(tl.where(offs_n[:, None] == j, t, 0.0), axis=0)
@@ -320,7 +334,7 @@ def sub_logit_loss_bwd_kernel(
                     g_ol = tl.where((offs_k == y)[None, :], 0.0, g_ol)
                 gz += g_ol
             out = grad_zf_ptr + ((s * B + b) * N + offs_n[:, None]) * K + offs_k[None, :]
-            tl.store(out, (g * gz).to(grad_zf_ptr.dtype.element_ty), mask=m2)
+            tl.store(out, _cast_out(g * gz, grad_zf_ptr.dtype.element_ty), mask=m2)
     if NEED_STUDENT:
         p_s = tl.exp(log_ps)
         hi_1s, lo_1s = _split(tl.load(sample_stats_ptr + b * 3 + 0), ACC)
@@ -329,7 +343,7 @@ def sub_logit_loss_bwd_kernel(
         p_t = tl.exp((zt * inv_t - hi_tt) - lo_tt)
         gs = _scalar(coef_ce, ACC) * (p1 - onehot) + _scalar(coef_kd, ACC) * T * (p_s - p_t)
         gs += kl_t * ((S * N) * p_s - sum_p)
-        tl.store(grad_zs_ptr + b * K + offs_k, (g * gs).to(grad_zs_ptr.dtype.element_ty), mask=ok)
+        tl.store(grad_zs_ptr + b * K + offs_k, _cast_out(g * gs, grad_zs_ptr.dtype.element_ty), mask=ok)
 
 
 def _warps(tile: int, least: int = 2) -> int:
