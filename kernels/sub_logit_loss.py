@@ -17,7 +17,8 @@ Forward, one program per (stage s, sample b), pid = b S + s (a sample's stages a
 read from L2 by the S - 1 later programs): ONE pass over K reads the n rows of zf[s, b] and z_s[b] (z_t[b] only
 in the s = 0 program, or every program with ortho_on="raw") and keeps online (max, sum) pairs for lse1 and lseT
 of every row and of z_s (and z_t), the KL numerators, the row sums and the n x n Gram. It writes row_stats
-(S, B, n, 3), ortho_coef (S, B, n, n), sample_stats (B, 3) (the s = 0 program) and 5 partial sums per program;
+(S, B, n, 3) and sample_stats (B, 3) (the s = 0 program) in fp64 (max + log-sum: an fp32 log-sum-exp of
+logits in the hundreds loses the probabilities' fp32 accuracy), ortho_coef (S, B, n, n) and 5 partial sums;
 a second one-program launch reduces the (B S, 5) partials in a fixed order (deterministic, no atomics).
 Backward, one program per (sample b, K block): loads z_s, z_t of the block and the sample's statistics, then for
 every stage s loads the (n, BLOCK_K) zf tile, writes d zf once in zf's dtype and adds the rows' P_zf to a
