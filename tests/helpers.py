@@ -49,7 +49,7 @@ BACKENDS = (Backend("cpu", "cpu"), Backend("triton", "cpu", jit=True), Backend("
             Backend("cuda", "cuda"))
 
 
-def _marks(b: Backend) -> list:
+def backend_marks(b: Backend) -> list:
     import hcd_fast
 
     marks = []
@@ -75,7 +75,7 @@ def backend_params(names=None, reference=False) -> list:
     """pytest params, one per backend (ids ``cpu``, ``triton``, ``triton-cuda``, ``cuda``, ``reference``), each
     marked ``cuda`` (and skipped without a GPU) when its tensors live on the GPU, ``triton`` for Triton, and
     skipped with the backend's own reason when it is not available here."""
-    return [pytest.param(b, id=b.id, marks=_marks(b)) for b in select(names, reference)]
+    return [pytest.param(b, id=b.id, marks=backend_marks(b)) for b in select(names, reference)]
 
 
 def over_backends(cases, gpu_cases=(), jit_gpu_cases=None, compiled_cases=(), names=None,
@@ -92,7 +92,7 @@ def over_backends(cases, gpu_cases=(), jit_gpu_cases=None, compiled_cases=(), na
         for case in todo:
             case = case if isinstance(case, tuple) else (case,)
             params.append(pytest.param(b, *case, id="-".join([b.id] + [_case_id(v) for v in case]),
-                                       marks=_marks(b)))
+                                       marks=backend_marks(b)))
     return params
 
 
