@@ -1,25 +1,50 @@
-"""Triton kernels of ``sub_logit_loss``: the whole HCD loss and its gradients in one pass per sample.
+"""Triton kernels of ``sub_logit_loss``: a statistics forward over (stage, sample) and a recomputing backward over
+(sample, K block). The op's contract (schemas, shapes, the gradient formulas) is in ``hcd_fast/ops/sub_logit_loss.py``.
 
-Math (per sample b; zf_{s,i} the fused sub-logits of stage s, row i; z_s, z_t the student/teacher logits;
-P = softmax(./T), p = softmax(.) at T = 1, lse = logsumexp):
+Math (zf_{s,b,i} the fused sub-logits, z_s / z_t the student / teacher logits; P = softmax(./T), p = softmax(.),
+lse1 = logsumexp(.), lseT = logsumexp(./T)):
 
-* CE_ls(z, y) = lse(z) - (1-ls) z_y - ls/K sum_k z_k,     dCE/dz = p - (1-ls) onehot(y) - ls/K.
-* KL_T(a || c) = T^2 sum_k P_a (log P_a - log P_c) (log-probabilities on both sides: stable for large
-  logits),  dKL/dc = T (P_c - P_a),  dKL/da = T P_a (log P_a - log P_c - KL/T^2)   (a = zf, c = z_s).
-* Orthogonality: v_i = zf_i - ortho_shift z_t (ortho_shift = 0 unless ortho_on="raw"), its target entry set
-  to mask_fill when mask_target, r_i = max(||v_i||, eps), G_ij = v_i.v_j / (r_i r_j),
-  OL = c sum_{i!=j} relu(G_ij - theta)^2 with c = 1 / (B n (n-1)). With A = 4 c relu(G - theta) (off
-  diagonal), dOL/dv_i = sum_j M_ij v_j, M_ij = A_ij / (r_i r_j) and
-  M_ii = -[||v_i|| > eps] sum_j A_ij G_ij / r_i^2 (the normalisation's projection), so the orthogonality
-  gradient is the small n x n matrix M applied to the rows: only norms and dot products are needed,
-  accumulated over K blocks.
+* CE_ls(z, y) = lse1(z) - (1-ls) z_y - ls/K sum_k z_k,    dCE/dz = p - (1-ls) onehot(y) - ls/K.
+* KL_T(a || c) = T^2 kl, kl = sum_k P_a,k (a_k/T - c_k/T) - lseT(a) + lseT(c) (sum P_a = 1), accumulated online
+  with the row's running max as sum exp(a/T - m) (a - c)/T; dKL/dc = T (P_c - P_a),
+  dKL/da = T P_a (log P_a - log P_c - kl)   (a = zf, c = z_s; log-probabilities on both sides).
+* Orthogonality: v_i = zf_i - ortho_shift z_t, target entry set to mask_fill when mask_target,
+  r_i = max(||v_i||, eps), G_ij = v_i.v_j / (r_i r_j), OL = c sum_{i!=j} relu(G_ij - theta)^2, c = 1/(B n (n-1));
+  d(w_ol OL)/dv_i = sum_j M_ij v_j with the n x n matrix M of the op's docstring: the forward needs only the
+  Gram of the rows (dot products accumulated over K blocks), the backward applies M to the rows it reloads.
 
-The loss is the last node of the graph, so the forward writes d loss / d zf and d loss / d z_s directly
-(fp32, or fp64 for fp64 inputs); the backward only scales them by grad_output. One program per sample
-loops over the stages, so every gradient element has exactly one writer (d/dz_s is accumulated over the
-stages in place by its own program, with a CTA barrier between write and read-back); per-sample partial
-sums go to a (B, 5) buffer that a second one-program launch reduces in a fixed order (deterministic, no
-atomics).
+Forward, one program per (stage s, sample b), pid = b S + s (a sample's stages adjacent: its z_s / z_t rows are
+read from L2 by the S - 1 later programs): ONE pass over K reads the n rows of zf[s, b] and z_s[b] (z_t[b] only
+in the s = 0 program, or every program with ortho_on="raw") and keeps online (max, sum) pairs for lse1 and lseT
+of every row and of z_s (and z_t), the KL numerators, the row sums and the n x n Gram. It writes row_stats
+(S, B, n, 3), ortho_coef (S, B, n, n), sample_stats (B, 3) (the s = 0 program) and 5 partial sums per program;
+a second one-program launch reduces the (B S, 5) partials in a fixed order (deterministic, no atomics).
+Backward, one program per (sample b, K block): loads z_s, z_t of the block and the sample's statistics, then for
+every stage s loads the (n, BLOCK_K) zf tile, writes d zf once in zf's dtype and adds the rows' P_zf to a
+register accumulator; at the end it writes d z_s once in z_s's dtype. grad_output is read from device memory
+(no host sync); every output element has exactly one writer.
+
+Scalars (temperature, weights, ...) are kernel arguments typed fp64 and converted once to the accumulation
+dtype: exact for fp64 inputs (Triton passes untyped Python floats as fp32).
+
+A target outside [0, K) (only possible with validate=False) is never used as an index: the sample's 5 partials
+and its gradient rows are NaN, so the loss and every part are NaN.
+
+Byte model (issue 11; benchmarks/cases.py ``sub_logit_loss_bytes`` computes the same numbers). E = bytes of one
+element of the logits' dtype, R = S B n K (zf elements), Z = B K (one of z_s, z_t):
+    essential = read zf + write dzf + read z_s, z_t + write dz_s   = 2 R E + 3 Z E (+ 8 B target bytes)
+    moved     = fwd: read zf, z_s, z_t                              R E + 2 Z E
+              + bwd: read zf, z_s, z_t, write dzf, dz_s             2 R E + 3 Z E
+              + target, statistics, partials (fp32: 4 bytes; S B n (3 + n) + 3 B + 5 S B values, each written
+                once and read once, plus 8 B B of targets twice)   small
+    i.e. zf crosses memory 3 times against the essential 2 (1.5x); z_s is re-read by the S - 1 later programs of
+    a sample from L2, not counted. At the benchmark shapes (S = 4, n = 4):
+      ImageNet B = 256, K = 1000: R = 4.10M, Z = 0.256M
+        fp32: essential 35.8 MB, moved 52.4 MB (1.46x);  bf16: essential 17.9 MB, moved 26.4 MB (1.47x)
+      CIFAR B = 128, K = 100: R = 0.205M, Z = 12.8K
+        fp32: essential 1.79 MB, moved 2.66 MB (1.49x);  bf16: essential 0.90 MB, moved 1.34 MB (1.50x)
+    (the statistics add ~0.2 MB at ImageNet, ~0.1 MB at CIFAR, in the "moved" numbers above.)
+The previous design wrote an fp32 gradient in the forward and read it back in the backward: at bf16 ~5x.
 """
 from __future__ import annotations
 
@@ -28,6 +53,27 @@ import triton
 import triton.language as tl
 
 NUM_PARTS = 5  # ce, sub_ce, kd, sub_kl, ortho
+NUM_ROW_STATS = 3  # lse1, lseT, kl
+NUM_SAMPLE_STATS = 3  # lse1(z_s), lseT(z_s), lseT(z_t)
+
+
+@triton.jit
+def _scalar(x, ACC: tl.constexpr):
+    """A float argument in the accumulation dtype (fp64-typed on the GPU, a Python float in the interpreter)."""
+    return tl.full([], x, ACC)
+
+
+@triton.jit
+def _f64(x):
+    return x.to(tl.float64)
+
+
+@triton.jit
+def _split(lse, ACC: tl.constexpr):
+    """An fp64 statistic as hi + lo in ACC: (x - hi) - lo keeps fp32 accuracy where x is near hi (the entries
+    with large probability); for fp64, lo = 0."""
+    hi = lse.to(ACC)
+    return hi, (lse - hi.to(tl.float64)).to(ACC)
 
 
 @triton.jit
@@ -37,260 +83,277 @@ def _extract_row(t, offs_n, j):
 
 
 @triton.jit
-def _ortho_rows(x, zt, k, y, row_ok, mask_fill, ortho_shift, MASK_TARGET: tl.constexpr, SHIFT: tl.constexpr):
-    """v = zf - ortho_shift * z_t (SHIFT: ortho_on="raw"), with the target entry replaced by mask_fill
-    (MASK_TARGET); padding rows stay 0."""
-    if SHIFT:
-        x = tl.where(row_ok[:, None], x - ortho_shift * zt[None, :], 0.0)
-    if MASK_TARGET:
-        x = tl.where((k == y)[None, :] & row_ok[:, None], mask_fill, x)
-    return x
+def _online(m, s, a):
+    """One online-logsumexp step over the last axis of ``a`` (-inf where masked): new (max, sum, rescale)."""
+    m_new = tl.maximum(m, tl.max(a, -1))
+    alpha = tl.exp(m - m_new)
+    e = tl.exp(a - tl.expand_dims(m_new, -1))
+    return m_new, s * alpha + tl.sum(e, -1), alpha, e
 
 
 @triton.jit
 def sub_logit_loss_fwd_kernel(
     zf_ptr, zs_ptr, zt_ptr, y_ptr,
-    partial_ptr, grad_zf_ptr, grad_zs_ptr,
-    S, N, K,
+    partial_ptr, row_stats_ptr, ortho_coef_ptr, sample_stats_ptr,
+    S, B, N, K,
     stride_zf_s, stride_zf_b, stride_zf_n, stride_zf_k,
     stride_zs_b, stride_zs_k, stride_zt_b, stride_zt_k, stride_y,
-    temperature, label_smoothing, ortho_threshold, ortho_eps, mask_fill, ortho_shift,
-    coef_ce, coef_kd, coef_sub_ce, coef_kl, coef_ol, ol_norm,
-    MASK_TARGET: tl.constexpr, SHIFT: tl.constexpr, DETACH: tl.constexpr, COMPUTE_GRAD: tl.constexpr, ACC: tl.constexpr,
+    temperature: tl.float64, label_smoothing: tl.float64, ortho_threshold: tl.float64, ortho_eps: tl.float64,
+    mask_fill: tl.float64, ortho_shift: tl.float64, coef_ol: tl.float64, ol_norm: tl.float64,
+    MASK_TARGET: tl.constexpr, SHIFT: tl.constexpr, ACC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One program per sample b. coef_* are the loss weights divided by the means' counts
-    (coef_ce = w_gt/B, coef_kd = w_kd/B, coef_sub_ce = w_gt/(B n), coef_kl = w_kl/(B n),
-    coef_ol = w_ol/(B n (n-1)), ol_norm = 1/(n (n-1)); both 0 when n = 1)."""
-    b = tl.program_id(0).to(tl.int64)
+    """Program pid = b max(S, 1) + s. coef_ol = w_ol / (B n (n-1)), ol_norm = 1 / (n (n-1)) (both 0 when n = 1)."""
+    pid = tl.program_id(0).to(tl.int64)
+    per_sample = tl.maximum(S, 1)  # S = 0: one program per sample still computes CE and KD
+    b = pid // per_sample
+    s = pid % per_sample
+    first = s == 0
+    T = _scalar(temperature, ACC)
+    inv_t = 1.0 / T
+    ls = _scalar(label_smoothing, ACC)
+    fill = _scalar(mask_fill, ACC)
+    shift = _scalar(ortho_shift, ACC)
     offs_k = tl.arange(0, BLOCK_K)
     offs_n = tl.arange(0, BLOCK_N)
-    row_ok = offs_n < N
-    inv_t = 1.0 / temperature
+    row_ok = (offs_n < N) & (s < S)
     y = tl.load(y_ptr + b * stride_y).to(tl.int64)
-    # Targets are range-checked at the public boundary; an unchecked bad one must still not read out of
-    # bounds, so it is clamped here (its loss is then wrong, never a crash or a stray read).
-    y = tl.minimum(tl.maximum(y, 0), K - 1)
+    bad = (y < 0) | (y >= K)  # never an index: the sample's partials become NaN below
+    y = tl.where(bad, 0, y)
+    zf_rows = zf_ptr + s * stride_zf_s + b * stride_zf_b + offs_n[:, None] * stride_zf_n
     zs_row = zs_ptr + b * stride_zs_b
     zt_row = zt_ptr + b * stride_zt_b
-    gzs_row = grad_zs_ptr + b * K
-    ls_k = label_smoothing / K
 
-    # ---- student / teacher: online logsumexp of z_s, z_s/T, z_t/T and sum(z_s) ----
-    m1 = tl.full([], float("-inf"), ACC)
-    s1 = tl.zeros([], ACC)
-    ms = tl.full([], float("-inf"), ACC)
-    ss = tl.zeros([], ACC)
-    mt = tl.full([], float("-inf"), ACC)
-    st = tl.zeros([], ACC)
+    # Online (max, sum) pairs: rows at T = 1 (m1v, s1v) and at T (mtv, stv, with the KL numerator wv), z_s at
+    # T = 1 and T, z_t at T (with the KD numerator wt); row sums for the label-smoothing term; the Gram.
+    m1v = tl.full([BLOCK_N], float("-inf"), ACC)
+    s1v = tl.zeros([BLOCK_N], ACC)
+    mtv = tl.full([BLOCK_N], float("-inf"), ACC)
+    stv = tl.zeros([BLOCK_N], ACC)
+    wv = tl.zeros([BLOCK_N], ACC)
+    sum_zf = tl.zeros([BLOCK_N], ACC)
+    gram = tl.zeros([BLOCK_N, BLOCK_N], ACC)
+    m1s = tl.full([], float("-inf"), ACC)
+    s1s = tl.zeros([], ACC)
+    mts = tl.full([], float("-inf"), ACC)
+    sts = tl.zeros([], ACC)
     sum_zs = tl.zeros([], ACC)
+    mtt = tl.full([], float("-inf"), ACC)
+    stt = tl.zeros([], ACC)
+    wt = tl.zeros([], ACC)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + offs_k
         ok = k < K
+        m2 = row_ok[:, None] & ok[None, :]
+        x = tl.load(zf_rows + k[None, :] * stride_zf_k, mask=m2, other=0.0).to(ACC)
         zs = tl.load(zs_row + k * stride_zs_k, mask=ok, other=0.0).to(ACC)
-        zt = tl.load(zt_row + k * stride_zt_k, mask=ok, other=0.0).to(ACC)
+        if SHIFT:
+            zt = tl.load(zt_row + k * stride_zt_k, mask=ok, other=0.0).to(ACC)
+        else:  # only the s = 0 program reads z_t (a false mask issues no memory access)
+            zt = tl.load(zt_row + k * stride_zt_k, mask=ok & first, other=0.0).to(ACC)
+        zs_t = zs * inv_t
+        # rows
+        m1v, s1v, _, _ = _online(m1v, s1v, tl.where(ok[None, :], x, float("-inf")))
+        x_t = x * inv_t
+        mtv, stv, alpha, e = _online(mtv, stv, tl.where(ok[None, :], x_t, float("-inf")))
+        wv = wv * alpha + tl.sum(e * (x_t - zs_t[None, :]), 1)
+        sum_zf += tl.sum(x, 1)
+        # student and teacher
+        m1s, s1s, _, _ = _online(m1s, s1s, tl.where(ok, zs, float("-inf")))
+        mts, sts, _, _ = _online(mts, sts, tl.where(ok, zs_t, float("-inf")))
         sum_zs += tl.sum(zs)
-        a = tl.where(ok, zs, float("-inf"))
-        m_new = tl.maximum(m1, tl.max(a, 0))
-        s1 = s1 * tl.exp(m1 - m_new) + tl.sum(tl.exp(a - m_new))
-        m1 = m_new
-        a = tl.where(ok, zs * inv_t, float("-inf"))
-        m_new = tl.maximum(ms, tl.max(a, 0))
-        ss = ss * tl.exp(ms - m_new) + tl.sum(tl.exp(a - m_new))
-        ms = m_new
-        a = tl.where(ok, zt * inv_t, float("-inf"))
-        m_new = tl.maximum(mt, tl.max(a, 0))
-        st = st * tl.exp(mt - m_new) + tl.sum(tl.exp(a - m_new))
-        mt = m_new
-    # logsumexp kept as (max, log-sum) pairs: x - max is exact-ish, so log-probabilities of logits in the
-    # hundreds keep fp32 accuracy ((x - m) - log s, not x - (m + log s)).
-    log_s1 = tl.log(s1)
-    log_ss = tl.log(ss)
-    log_st = tl.log(st)
-    lse1_s = m1 + log_s1
-    zs_y = tl.load(zs_row + y * stride_zs_k).to(ACC)
-    ce_b = lse1_s - (1.0 - label_smoothing) * zs_y - ls_k * sum_zs
-
-    # ---- KD value; the stage-independent part of d loss / d z_s ----
-    # Each of the S*n sub-logit KLs adds coef_kl * T * (Q - P_i) to d/dz_s: the Q part is written here,
-    # the -P_i parts are subtracted stage by stage below (same program, same addresses: no race).
-    kd_b = tl.zeros([], ACC)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + offs_k
-        ok = k < K
-        zs = tl.load(zs_row + k * stride_zs_k, mask=ok, other=0.0).to(ACC)
-        zt = tl.load(zt_row + k * stride_zt_k, mask=ok, other=0.0).to(ACC)
-        log_q = (zs * inv_t - ms) - log_ss
-        log_pt = (zt * inv_t - mt) - log_st
-        pt = tl.exp(log_pt)
-        kd_b += tl.sum(tl.where(ok, pt * (log_pt - log_q), 0.0))
-        if COMPUTE_GRAD:
-            q = tl.exp(log_q)
-            p1 = tl.exp((zs - m1) - log_s1)
-            g = coef_ce * (p1 - ls_k - tl.where(k == y, 1.0 - label_smoothing, 0.0))
-            g += coef_kd * temperature * (q - pt) + (S * N) * coef_kl * temperature * q
-            tl.store(gzs_row + k, g, mask=ok)
-    kd_b = kd_b * temperature * temperature
-    # grad_zs is read back below by threads that may not be the ones that wrote it: a CTA barrier orders
-    # those global writes before the reads (bar.sync has CTA-wide memory-ordering semantics).
-    if COMPUTE_GRAD:
-        tl.debug_barrier()
-
-    sub_ce_b = tl.zeros([], ACC)
-    sub_kl_b = tl.zeros([], ACC)
-    ol_b = tl.zeros([], ACC)
-    eye = offs_n[:, None] == offs_n[None, :]
-    pair_ok = row_ok[:, None] & row_ok[None, :] & (offs_n[:, None] != offs_n[None, :])
-    # Stage bases advance as 64-bit pointers: s * stride in int32 overflows once (S-1) B n K >= 2^31.
-    zf_stage = zf_ptr + b * stride_zf_b
-    gzf_stage = grad_zf_ptr + b * N * K
-    gzf_step = tl.num_programs(0).to(tl.int64) * N * K
-    for s in range(0, S):
-        zf_rows = zf_stage + offs_n[:, None] * stride_zf_n
-        gzf_rows = gzf_stage + offs_n[:, None] * K
-        zf_stage += stride_zf_s
-        gzf_stage += gzf_step
-
-        # pass 1: per-row logsumexp at T = 1 and at T, row sums, Gram of the masked rows
-        m1v = tl.full([BLOCK_N], float("-inf"), ACC)
-        s1v = tl.zeros([BLOCK_N], ACC)
-        mtv = tl.full([BLOCK_N], float("-inf"), ACC)
-        stv = tl.zeros([BLOCK_N], ACC)
-        sum_zf = tl.zeros([BLOCK_N], ACC)
-        gram = tl.zeros([BLOCK_N, BLOCK_N], ACC)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + offs_k
-            ok = k < K
-            m2 = row_ok[:, None] & ok[None, :]
-            x = tl.load(zf_rows + k[None, :] * stride_zf_k, mask=m2, other=0.0).to(ACC)
-            sum_zf += tl.sum(x, 1)
-            a = tl.where(ok[None, :], x, float("-inf"))
-            m_new = tl.maximum(m1v, tl.max(a, 1))
-            s1v = s1v * tl.exp(m1v - m_new) + tl.sum(tl.exp(a - m_new[:, None]), 1)
-            m1v = m_new
-            a = tl.where(ok[None, :], x * inv_t, float("-inf"))
-            m_new = tl.maximum(mtv, tl.max(a, 1))
-            stv = stv * tl.exp(mtv - m_new) + tl.sum(tl.exp(a - m_new[:, None]), 1)
-            mtv = m_new
+        zt_t = zt * inv_t
+        mtt, stt, alpha, e = _online(mtt, stt, tl.where(ok, zt_t, float("-inf")))
+        wt = wt * alpha + tl.sum(e * (zt_t - zs_t))
+        # Gram of the orthogonality rows v
+        if BLOCK_N > 1:
+            v = x
             if SHIFT:
-                zt = tl.load(zt_row + k * stride_zt_k, mask=ok, other=0.0).to(ACC)
-            else:
-                zt = tl.zeros([BLOCK_K], ACC)
-            v = _ortho_rows(x, zt, k, y, row_ok, mask_fill, ortho_shift, MASK_TARGET, SHIFT)
+                v = tl.where(m2, v - shift * zt[None, :], 0.0)
+            if MASK_TARGET:
+                v = tl.where((k == y)[None, :] & row_ok[:, None], fill, v)
             for j in tl.static_range(BLOCK_N):
                 vj = _extract_row(v, offs_n, j)
                 dots = tl.sum(v * vj[None, :], 1)  # G[:, j]
                 gram += tl.where(offs_n[None, :] == j, dots[:, None], 0.0)
-        log_s1v = tl.log(s1v)
-        log_stv = tl.log(stv)
-        lse1 = m1v + log_s1v
-        zf_y = tl.load(zf_rows + y * stride_zf_k, mask=row_ok[:, None], other=0.0).to(ACC)
-        zf_y = tl.sum(zf_y, 1)
-        ce_rows = lse1 - (1.0 - label_smoothing) * zf_y - ls_k * sum_zf
-        sub_ce_b += tl.sum(tl.where(row_ok, ce_rows, 0.0)) / N
 
-        # pass 2: KL(P_i || Q) per row (unscaled by T^2)
-        kl = tl.zeros([BLOCK_N], ACC)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + offs_k
-            ok = k < K
-            m2 = row_ok[:, None] & ok[None, :]
-            x = tl.load(zf_rows + k[None, :] * stride_zf_k, mask=m2, other=0.0).to(ACC)
-            zs = tl.load(zs_row + k * stride_zs_k, mask=ok, other=0.0).to(ACC)
-            log_p = (x * inv_t - mtv[:, None]) - log_stv[:, None]
-            log_q = (zs * inv_t - ms) - log_ss
-            kl += tl.sum(tl.where(m2, tl.exp(log_p) * (log_p - log_q[None, :]), 0.0), 1)
-        sub_kl_b += temperature * temperature * tl.sum(tl.where(row_ok, kl, 0.0)) / N
+    # Statistics; log-probabilities stay (x - max) - log(sum) inside this kernel.
+    log_s1v = tl.log(s1v)
+    log_stv = tl.log(stv)
+    log_sts = tl.log(sts)
+    log_stt = tl.log(stt)
+    lse1 = m1v + log_s1v
+    kl = wv / stv - (mtv - mts) - log_stv + log_sts
+    # The statistics are stored in fp64: max + log(sum) rounded to fp32 would be off by up to 2^-24 |lse|
+    # (1.5e-5 at |lse| ~ 250), and exp(x - lse) in the backward would inherit that relative error.
+    stat_rows = row_stats_ptr + ((s * B + b) * N + offs_n) * 3
+    tl.store(stat_rows + 0, _f64(m1v) + _f64(log_s1v), mask=row_ok)
+    tl.store(stat_rows + 1, _f64(mtv) + _f64(log_stv), mask=row_ok)
+    tl.store(stat_rows + 2, _f64(kl), mask=row_ok)
+    lse1_s = m1s + tl.log(s1s)
+    tl.store(sample_stats_ptr + b * 3 + 0, _f64(m1s) + _f64(tl.log(s1s)), mask=first)
+    tl.store(sample_stats_ptr + b * 3 + 1, _f64(mts) + _f64(log_sts), mask=first)
+    tl.store(sample_stats_ptr + b * 3 + 2, _f64(mtt) + _f64(log_stt), mask=first)
 
-        # orthogonality from the Gram: norms on the diagonal
-        sq_i = tl.sum(tl.where(eye, gram, 0.0), 1)
-        sq_j = tl.sum(tl.where(eye, gram, 0.0), 0)
-        norm_i = tl.sqrt(sq_i)
-        r_i = tl.maximum(norm_i, ortho_eps)
-        r_j = tl.maximum(tl.sqrt(sq_j), ortho_eps)
-        rr = r_i[:, None] * r_j[None, :]
-        gn = gram / rr
-        hinge = tl.where(pair_ok, tl.maximum(gn - ortho_threshold, 0.0), 0.0)
-        ol_b += tl.sum(tl.sum(hinge * hinge, 1), 0) * ol_norm
+    # CE of every row and of z_s; KD (s = 0 only); the row KLs.
+    ls_k = ls / K
+    zf_y = tl.sum(tl.load(zf_rows + y * stride_zf_k, mask=row_ok[:, None], other=0.0).to(ACC), 1)
+    ce_rows = lse1 - (1.0 - ls) * zf_y - ls_k * sum_zf
+    sub_ce_b = tl.sum(tl.where(row_ok, ce_rows, 0.0)) / tl.maximum(N, 1)
+    sub_kl_b = T * T * tl.sum(tl.where(row_ok, kl, 0.0)) / tl.maximum(N, 1)
+    zs_y = tl.load(zs_row + y * stride_zs_k).to(ACC)
+    ce_b = tl.where(first, lse1_s - (1.0 - ls) * zs_y - ls_k * sum_zs, 0.0)
+    kd_b = tl.where(first, T * T * (wt / stt - (mtt - mts) - log_stt + log_sts), 0.0)
 
-        if COMPUTE_GRAD:
-            amat = (4.0 * coef_ol) * hinge
-            proj = tl.where(norm_i > ortho_eps, tl.sum(amat * gn, 1) / (r_i * r_i), 0.0)
-            mmat = amat / rr - tl.where(eye, proj[:, None], 0.0)
-            # pass 3: d loss / d zf, and the -P_i parts of d loss / d z_s
-            for k0 in range(0, K, BLOCK_K):
-                k = k0 + offs_k
-                ok = k < K
-                m2 = row_ok[:, None] & ok[None, :]
-                x = tl.load(zf_rows + k[None, :] * stride_zf_k, mask=m2, other=0.0).to(ACC)
-                zs = tl.load(zs_row + k * stride_zs_k, mask=ok, other=0.0).to(ACC)
-                is_y = (k == y)[None, :]
-                p1 = tl.exp((x - m1v[:, None]) - log_s1v[:, None])
-                g = coef_sub_ce * (p1 - ls_k - tl.where(is_y, 1.0 - label_smoothing, 0.0))
-                log_p = (x * inv_t - mtv[:, None]) - log_stv[:, None]
-                p = tl.where(m2, tl.exp(log_p), 0.0)
-                if not DETACH:
-                    log_q = (zs * inv_t - ms) - log_ss
-                    g += (coef_kl * temperature) * p * (log_p - log_q[None, :] - kl[:, None])
-                if SHIFT:
-                    zt = tl.load(zt_row + k * stride_zt_k, mask=ok, other=0.0).to(ACC)
-                else:
-                    zt = tl.zeros([BLOCK_K], ACC)
-                v = _ortho_rows(x, zt, k, y, row_ok, mask_fill, ortho_shift, MASK_TARGET, SHIFT)
-                g_ol = tl.zeros([BLOCK_N, BLOCK_K], ACC)
-                for j in tl.static_range(BLOCK_N):
-                    vj = _extract_row(v, offs_n, j)
-                    mj = tl.sum(tl.where(offs_n[None, :] == j, mmat, 0.0), 1)  # M[:, j]
-                    g_ol += mj[:, None] * vj[None, :]
-                if MASK_TARGET:
-                    g_ol = tl.where(is_y, 0.0, g_ol)
-                tl.store(gzf_rows + k[None, :], g + g_ol, mask=m2)
-                gzs = tl.load(gzs_row + k, mask=ok, other=0.0)
-                gzs -= (coef_kl * temperature) * tl.sum(p, 0)
-                tl.store(gzs_row + k, gzs, mask=ok)
-            tl.debug_barrier()  # this stage's grad_zs writes before the next stage's reads
+    # Orthogonality from the Gram (norms on its diagonal) and the coefficient matrix M of its gradient.
+    eye = offs_n[:, None] == offs_n[None, :]
+    pair_ok = row_ok[:, None] & row_ok[None, :] & (offs_n[:, None] != offs_n[None, :])
+    eps = _scalar(ortho_eps, ACC)
+    norm_i = tl.sqrt(tl.sum(tl.where(eye, gram, 0.0), 1))
+    r_i = tl.maximum(norm_i, eps)
+    r_j = tl.maximum(tl.sqrt(tl.sum(tl.where(eye, gram, 0.0), 0)), eps)
+    rr = r_i[:, None] * r_j[None, :]
+    gn = gram / rr
+    hinge = tl.where(pair_ok, tl.maximum(gn - _scalar(ortho_threshold, ACC), 0.0), 0.0)
+    ol_b = tl.sum(tl.sum(hinge * hinge, 1), 0) * _scalar(ol_norm, ACC)
+    amat = (4.0 * _scalar(coef_ol, ACC)) * hinge
+    proj = tl.where(norm_i > eps, tl.sum(amat * gn, 1) / (r_i * r_i), 0.0)
+    mmat = amat / rr - tl.where(eye, proj[:, None], 0.0)
+    coef = ortho_coef_ptr + (s * B + b) * N * N + offs_n[:, None] * N + offs_n[None, :]
+    tl.store(coef, mmat, mask=row_ok[:, None] & row_ok[None, :])
 
-    part = partial_ptr + b * 5
-    tl.store(part + 0, ce_b)
-    tl.store(part + 1, sub_ce_b)
-    tl.store(part + 2, kd_b)
-    tl.store(part + 3, sub_kl_b)
-    tl.store(part + 4, ol_b)
+    part = partial_ptr + pid * 5
+    nan = float("nan")
+    tl.store(part + 0, tl.where(bad, nan, ce_b))
+    tl.store(part + 1, tl.where(bad, nan, sub_ce_b))
+    tl.store(part + 2, tl.where(bad, nan, kd_b))
+    tl.store(part + 3, tl.where(bad, nan, sub_kl_b))
+    tl.store(part + 4, tl.where(bad, nan, ol_b))
 
 
 @triton.jit
 def sub_logit_loss_reduce_kernel(
     partial_ptr, loss_ptr, parts_ptr,
-    B,
-    w_gt, w_kd, w_kl, w_ol,
-    ACC: tl.constexpr, BLOCK_B: tl.constexpr,
+    R, B,
+    w_gt: tl.float64, w_kd: tl.float64, w_kl: tl.float64, w_ol: tl.float64,
+    ACC: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """Single program: parts = column means of the (B, 5) partials (fixed order), loss = weighted sum."""
-    offs_b = tl.arange(0, BLOCK_B)
+    """Single program: parts = column sums of the (R, 5) partials (fixed order) / B, loss = weighted sum."""
+    offs_r = tl.arange(0, BLOCK_R)
     offs_p = tl.arange(0, 8)
-    acc = tl.zeros([BLOCK_B, 8], ACC)
-    for b0 in range(0, B, BLOCK_B):
-        rows = b0 + offs_b
-        m = (rows[:, None] < B) & (offs_p[None, :] < 5)
+    acc = tl.zeros([BLOCK_R, 8], ACC)
+    for r0 in range(0, R, BLOCK_R):
+        rows = r0 + offs_r
+        m = (rows[:, None] < R) & (offs_p[None, :] < 5)
         acc += tl.load(partial_ptr + rows[:, None] * 5 + offs_p[None, :], mask=m, other=0.0)
     parts = tl.sum(acc, 0) / B
     tl.store(parts_ptr + offs_p, parts, mask=offs_p < 5)
-    weights = tl.where(offs_p == 0, w_gt, tl.where(offs_p == 1, w_gt, tl.where(
-        offs_p == 2, w_kd, tl.where(offs_p == 3, w_kl, tl.where(offs_p == 4, w_ol, 0.0)))))
+    wg = _scalar(w_gt, ACC)
+    weights = tl.where(offs_p < 2, wg, tl.where(offs_p == 2, _scalar(w_kd, ACC), tl.where(
+        offs_p == 3, _scalar(w_kl, ACC), tl.where(offs_p == 4, _scalar(w_ol, ACC), 0.0))))
     tl.store(loss_ptr, tl.sum(parts * weights, 0))
 
 
-def _heuristic(n: int, num_classes: int, block_k=None):
-    """BLOCK_N = n rounded up to a power of two; BLOCK_K bounds the (BLOCK_N, BLOCK_K) tile (<= 4096
-    elements, 1024 from n = 16 on, where the n x n Gram/M tiles take registers) so every K, up to 32768
-    and beyond, is looped over. tests/test_triton_compile.py checks with ptxas -v for sm_90 that these
-    sizes do not spill registers for n <= 16 (a few bytes of local memory appear at some small tiles)."""
+@triton.jit
+def sub_logit_loss_bwd_kernel(
+    grad_loss_ptr, zf_ptr, zs_ptr, zt_ptr, y_ptr, row_stats_ptr, ortho_coef_ptr, sample_stats_ptr,
+    grad_zf_ptr, grad_zs_ptr,
+    S, B, N, K,
+    stride_zf_s, stride_zf_b, stride_zf_n, stride_zf_k,
+    stride_zs_b, stride_zs_k, stride_zt_b, stride_zt_k, stride_y,
+    temperature: tl.float64, label_smoothing: tl.float64, ortho_shift: tl.float64,
+    coef_ce: tl.float64, coef_kd: tl.float64, coef_sub_ce: tl.float64, coef_kl: tl.float64,
+    MASK_TARGET: tl.constexpr, SHIFT: tl.constexpr, DETACH: tl.constexpr, NEED_SUB: tl.constexpr,
+    NEED_STUDENT: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Program (b, K block). coef_ce = w_gt/B, coef_kd = w_kd/B, coef_sub_ce = w_gt/(B n), coef_kl = w_kl/(B n);
+    the gradient formulas are the op's (hcd_fast/ops/sub_logit_loss.py), times grad_loss."""
+    b = tl.program_id(0).to(tl.int64)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = tl.arange(0, BLOCK_N)
+    ok = offs_k < K
+    row_ok = offs_n < N
+    m2 = row_ok[:, None] & ok[None, :]
+    T = _scalar(temperature, ACC)
+    inv_t = 1.0 / T
+    ls = _scalar(label_smoothing, ACC)
+    shift = _scalar(ortho_shift, ACC)
+    kl_t = _scalar(coef_kl, ACC) * T
+    y = tl.load(y_ptr + b * stride_y).to(tl.int64)
+    bad = (y < 0) | (y >= K)
+    g = tl.where(bad, float("nan"), tl.load(grad_loss_ptr).to(ACC))  # grad_output, on the device
+    onehot = tl.where(offs_k == y, 1.0 - ls, 0.0) + ls / K  # (1-ls)[k == y] + ls/K; never true for a bad y
+    zs = tl.load(zs_ptr + b * stride_zs_b + offs_k * stride_zs_k, mask=ok, other=0.0).to(ACC)
+    if SHIFT or NEED_STUDENT:
+        zt = tl.load(zt_ptr + b * stride_zt_b + offs_k * stride_zt_k, mask=ok, other=0.0).to(ACC)
+    else:
+        zt = tl.zeros([BLOCK_K], ACC)
+    hi, lo = _split(tl.load(sample_stats_ptr + b * 3 + 1), ACC)
+    log_ps = (zs * inv_t - hi) - lo  # log P_s
+    sum_p = tl.zeros([BLOCK_K], ACC)
+    for s in range(0, S):
+        x = tl.load(zf_ptr + s * stride_zf_s + b * stride_zf_b + offs_n[:, None] * stride_zf_n
+                    + offs_k[None, :] * stride_zf_k, mask=m2, other=0.0).to(ACC)
+        stats = row_stats_ptr + ((s * B + b) * N + offs_n) * 3
+        hi, lo = _split(tl.load(stats + 1, mask=row_ok, other=0.0), ACC)
+        log_p = (x * inv_t - hi[:, None]) - lo[:, None]
+        p = tl.where(m2, tl.exp(log_p), 0.0)
+        if NEED_STUDENT:
+            sum_p += tl.sum(p, 0)
+        if NEED_SUB:
+            hi, lo = _split(tl.load(stats + 0, mask=row_ok, other=0.0), ACC)
+            gz = _scalar(coef_sub_ce, ACC) * (tl.exp((x - hi[:, None]) - lo[:, None]) - onehot[None, :])
+            if not DETACH:
+                kl = tl.load(stats + 2, mask=row_ok, other=0.0).to(ACC)
+                gz += kl_t * p * (log_p - log_ps[None, :] - kl[:, None])
+            if BLOCK_N > 1:
+                v = x
+                if SHIFT:
+                    v = x - shift * zt[None, :]
+                mmat = tl.load(ortho_coef_ptr + (s * B + b) * N * N + offs_n[:, None] * N + offs_n[None, :],
+                               mask=row_ok[:, None] & row_ok[None, :], other=0.0)
+                g_ol = tl.zeros([BLOCK_N, BLOCK_K], ACC)
+                for j in tl.static_range(BLOCK_N):
+                    vj = _extract_row(v, offs_n, j)
+                    mj = tl.sum(tl.where(offs_n[None, :] == j, mmat, 0.0), 1)  # M[:, j]
+                    g_ol += mj[:, None] * vj[None, :]
+                if MASK_TARGET:  # the masked entry is a constant: no gradient
+                    g_ol = tl.where((offs_k == y)[None, :], 0.0, g_ol)
+                gz += g_ol
+            out = grad_zf_ptr + ((s * B + b) * N + offs_n[:, None]) * K + offs_k[None, :]
+            tl.store(out, (g * gz).to(grad_zf_ptr.dtype.element_ty), mask=m2)
+    if NEED_STUDENT:
+        p_s = tl.exp(log_ps)
+        hi, lo = _split(tl.load(sample_stats_ptr + b * 3 + 0), ACC)
+        p1 = tl.exp((zs - hi) - lo)
+        hi, lo = _split(tl.load(sample_stats_ptr + b * 3 + 2), ACC)
+        p_t = tl.exp((zt * inv_t - hi) - lo)
+        gs = _scalar(coef_ce, ACC) * (p1 - onehot) + _scalar(coef_kd, ACC) * T * (p_s - p_t)
+        gs += kl_t * ((S * N) * p_s - sum_p)
+        tl.store(grad_zs_ptr + b * K + offs_k, (g * gs).to(grad_zs_ptr.dtype.element_ty), mask=ok)
+
+
+def _fwd_heuristic(n: int, num_classes: int, block_k=None):
+    """BLOCK_N = n rounded up to a power of two; BLOCK_K bounds the (BLOCK_N, BLOCK_K) tile (<= 4096 elements,
+    1024 from n = 16 on, where the n x n Gram tiles take registers), so every K is looped over.
+    tests/test_triton_compile.py checks with ptxas -v for sm_90 that these sizes do not spill."""
     block_n = triton.next_power_of_2(n)
     if block_k is None:
         budget = min(4096 // block_n, 1024) if block_n <= 8 else 1024 // block_n
         block_k = min(triton.next_power_of_2(num_classes), max(32, budget))
-    # n = 1 with a small K: 4 warps spill ~20 bytes under triton 3.6 (make test-compat), 2 do not.
-    num_warps = 8 if block_n * block_k >= 1024 else (2 if block_n == 1 else 4)
+    num_warps = 8 if block_n * block_k >= 2048 else (2 if block_n == 1 else 4)
+    return block_n, block_k, num_warps
+
+
+def _bwd_heuristic(n: int, num_classes: int, block_k=None):
+    """The backward's tile (BLOCK_N, BLOCK_K) <= 2048 elements (512 from n = 16 on): small K blocks give
+    B * ceil(K / BLOCK_K) programs, enough to fill the GPU at B = 128-256."""
+    block_n = triton.next_power_of_2(n)
+    if block_k is None:
+        budget = min(2048 // block_n, 512) if block_n <= 8 else max(512 // block_n, 16)
+        block_k = min(triton.next_power_of_2(num_classes), max(32, budget))
+    tile = block_n * block_k
+    num_warps = 8 if tile >= 4096 else (4 if tile >= 512 else 2)
     return block_n, block_k, num_warps
 
 
@@ -298,53 +361,91 @@ def sub_logit_loss_forward(
     sub_logits: torch.Tensor, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     target: torch.Tensor, temperature: float, label_smoothing: float, ortho_threshold: float,
     ortho_eps: float, mask_target: bool, mask_fill: float, ortho_shift: float, detach_sub_targets: bool,
-    w_gt: float, w_kd: float, w_kl: float, w_ol: float, compute_grad: bool, block_k=None,
+    w_gt: float, w_kd: float, w_kl: float, w_ol: float, block_k=None,
 ):
-    """Launch the fused forward (+ gradients) and the reduction (arguments: the schema of
-    ``hcd_fast.ops.sub_logit_loss``).
+    """Launch the statistics forward and the reduction (arguments: FWD_SCHEMA of ``hcd_fast.ops.sub_logit_loss``).
 
     Args:
         sub_logits: zf, (S, B, n, K), any strides, fp16/bf16/fp32/fp64.
         student_logits: z_s, (B, K).  teacher_logits: z_t, (B, K).  target: y, (B,) integer.
-        compute_grad: write d loss / d zf and d loss / d z_s (else they are returned empty).
         block_k: override of the K block (tests use it to force the K loop).
 
     Returns:
-        loss (0-d), parts (5,) [ce, sub_ce, kd, sub_kl, ortho] in fp32 (fp64 if any logits are fp64),
-        grad_sub_logits (S, B, n, K) and grad_student_logits (B, K) in that dtype (or empty).
+        loss (), parts (5,), ortho_coef (S, B, n, n) in fp32 (fp64 if any logits are fp64); row_stats
+        (S, B, n, 3) and sample_stats (B, 3) in fp64.
     """
     num_stages, batch, n, num_classes = sub_logits.shape
     device = sub_logits.device
     fp64 = torch.float64 in (sub_logits.dtype, student_logits.dtype, teacher_logits.dtype)
     acc_dtype = torch.float64 if fp64 else torch.float32
     acc = tl.float64 if fp64 else tl.float32
-    partial = torch.empty((batch, NUM_PARTS), device=device, dtype=acc_dtype)
+    partial = torch.empty((batch * max(num_stages, 1), NUM_PARTS), device=device, dtype=acc_dtype)
     loss = torch.empty((), device=device, dtype=acc_dtype)
     parts = torch.empty((NUM_PARTS,), device=device, dtype=acc_dtype)
-    if compute_grad:
-        grad_zf = torch.empty((num_stages, batch, n, num_classes), device=device, dtype=acc_dtype)
-        grad_zs = torch.empty((batch, num_classes), device=device, dtype=acc_dtype)
-    else:
-        grad_zf = torch.empty((0,), device=device, dtype=acc_dtype)
-        grad_zs = torch.empty((0,), device=device, dtype=acc_dtype)
+    row_stats = torch.empty((num_stages, batch, n, NUM_ROW_STATS), device=device, dtype=torch.float64)
+    ortho_coef = torch.empty((num_stages, batch, n, n), device=device, dtype=acc_dtype)
+    sample_stats = torch.empty((batch, NUM_SAMPLE_STATS), device=device, dtype=torch.float64)
     if batch == 0:
-        return loss.zero_(), parts.zero_(), grad_zf, grad_zs
-    block_n, block_k, num_warps = _heuristic(n, num_classes, block_k)
+        return loss.zero_(), parts.zero_(), row_stats, ortho_coef, sample_stats
+    block_n, block_k, num_warps = _fwd_heuristic(n, num_classes, block_k)
     pairs = n * (n - 1)
-    sub_logit_loss_fwd_kernel[(batch,)](
+    programs = batch * max(num_stages, 1)
+    sub_logit_loss_fwd_kernel[(programs,)](
         sub_logits, student_logits, teacher_logits, target,
-        partial, grad_zf, grad_zs,
-        num_stages, n, num_classes,
+        partial, row_stats, ortho_coef, sample_stats,
+        num_stages, batch, n, num_classes,
         *sub_logits.stride(), *student_logits.stride(), *teacher_logits.stride(), target.stride(0),
         float(temperature), float(label_smoothing), float(ortho_threshold), float(ortho_eps),
         float(mask_fill), float(ortho_shift),
-        w_gt / batch, w_kd / batch, w_gt / (batch * n), w_kl / (batch * n),
         w_ol / (batch * pairs) if pairs else 0.0, 1.0 / pairs if pairs else 0.0,
-        MASK_TARGET=bool(mask_target), SHIFT=ortho_shift != 0.0, DETACH=bool(detach_sub_targets),
-        COMPUTE_GRAD=bool(compute_grad), ACC=acc, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+        MASK_TARGET=bool(mask_target), SHIFT=ortho_shift != 0.0, ACC=acc,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
     )
     sub_logit_loss_reduce_kernel[(1,)](
-        partial, loss, parts, batch, float(w_gt), float(w_kd), float(w_kl), float(w_ol),
-        ACC=acc, BLOCK_B=min(triton.next_power_of_2(batch), 256), num_warps=4,
+        partial, loss, parts, programs, batch, float(w_gt), float(w_kd), float(w_kl), float(w_ol),
+        ACC=acc, BLOCK_R=min(triton.next_power_of_2(programs), 256), num_warps=4,
     )
-    return loss, parts, grad_zf, grad_zs
+    return loss, parts, row_stats, ortho_coef, sample_stats
+
+
+def sub_logit_loss_backward(
+    grad_loss: torch.Tensor, sub_logits: torch.Tensor, student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor, target: torch.Tensor, row_stats: torch.Tensor, ortho_coef: torch.Tensor,
+    sample_stats: torch.Tensor, temperature: float, label_smoothing: float, ortho_shift: float,
+    mask_target: bool, detach_sub_targets: bool, w_gt: float, w_kd: float, w_kl: float,
+    need_grad_sub: bool, need_grad_student: bool, block_k=None,
+):
+    """Launch the recomputing backward (arguments: BWD_SCHEMA of ``hcd_fast.ops.sub_logit_loss``).
+
+    Args:
+        grad_loss: 0-d, d output / d loss, read by the kernel (no host sync).
+        sub_logits, student_logits, teacher_logits, target: the forward's inputs (any strides).
+        row_stats (S, B, n, 3), ortho_coef (S, B, n, n), sample_stats (B, 3): the forward's statistics.
+
+    Returns:
+        grad_sub_logits (S, B, n, K) in sub_logits' dtype and grad_student_logits (B, K) in student_logits'
+        dtype, contiguous; a (0,) tensor for one that is not needed.
+    """
+    num_stages, batch, n, num_classes = sub_logits.shape
+    device = sub_logits.device
+    acc = tl.float64 if ortho_coef.dtype == torch.float64 else tl.float32
+    grad_zf = torch.empty(sub_logits.shape if need_grad_sub else (0,), device=device, dtype=sub_logits.dtype)
+    grad_zs = torch.empty(student_logits.shape if need_grad_student else (0,), device=device,
+                          dtype=student_logits.dtype)
+    if batch == 0 or num_classes == 0 or not (need_grad_sub or need_grad_student):
+        return grad_zf, grad_zs.zero_()
+    block_n, block_k, num_warps = _bwd_heuristic(n, num_classes, block_k)
+    # Stats and grad_loss are the forward's / autograd's fresh contiguous tensors; make sure of it.
+    row_stats, ortho_coef, sample_stats = row_stats.contiguous(), ortho_coef.contiguous(), sample_stats.contiguous()
+    sub_logit_loss_bwd_kernel[(batch, triton.cdiv(num_classes, block_k))](
+        grad_loss, sub_logits, student_logits, teacher_logits, target, row_stats, ortho_coef, sample_stats,
+        grad_zf, grad_zs,
+        num_stages, batch, n, num_classes,
+        *sub_logits.stride(), *student_logits.stride(), *teacher_logits.stride(), target.stride(0),
+        float(temperature), float(label_smoothing), float(ortho_shift),
+        w_gt / batch, w_kd / batch, w_gt / (batch * n), w_kl / (batch * n),
+        MASK_TARGET=bool(mask_target), SHIFT=ortho_shift != 0.0, DETACH=bool(detach_sub_targets),
+        NEED_SUB=bool(need_grad_sub), NEED_STUDENT=bool(need_grad_student), ACC=acc,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+    )
+    return grad_zf, grad_zs

@@ -74,8 +74,9 @@ def _registered(backend):
     return {"triton": torch.ops.hcd_triton, "cpu": torch.ops.hcd_fast, "cuda": torch.ops.hcd_fast}[backend]
 
 
-def _op_args():
-    """One set of raw schema arguments per registered torch op (fp32, with gradients where they flow)."""
+def _op_args(ns):
+    """One set of raw schema arguments per registered torch op of namespace ``ns`` (fp32, with gradients where
+    they flow; sub_logit_loss_backward's statistics come from ``ns``'s own forward)."""
     g = torch.Generator().manual_seed(0)
 
     def r(*s, grad=True):
@@ -86,10 +87,20 @@ def _op_args():
     rm, rv = torch.zeros(5, device=DEV), torch.ones(5, device=DEV)
     w, b = r(5), r(5)
     mean, invstd = torch.randn(5, generator=g).to(DEV), torch.rand(5, generator=g).to(DEV) + 0.5
+    y = torch.tensor([0, 6, 2], device=DEV)
+    sll = [(r(2, 3, 2, 7), r(3, 7), zt, y, 2.0, 0.1, 0.5, 1e-12, mask, fill, shift, detach, 1.0, 1.0, 6.0, 1.0)
+           for mask, fill, shift, detach in ((True, 0.0, 0.0, False), (True, -1e6, 1.5, True),
+                                             (False, 0.0, 0.7, False))]
+    sll_bwd = []
+    for args, need in zip(sll, ((True, True), (True, False), (False, True))):
+        zf, zs, zt_, y_, T, ls, _, _, mask, _, shift, detach, w_gt, w_kd, w_kl, _ = args
+        with torch.no_grad():
+            _, _, row_stats, ortho_coef, sample_stats = ns.sub_logit_loss(*args)
+        sll_bwd.append((torch.tensor(0.7, device=DEV), zf.detach(), zs.detach(), zt_, y_, row_stats, ortho_coef,
+                        sample_stats, T, ls, shift, mask, detach, w_gt, w_kd, w_kl, *need))
     return {
-        "sub_logit_loss": [(r(2, 3, 2, 7), r(3, 7), zt, torch.tensor([0, 6, 2], device=DEV), 2.0, 0.1, 0.5,
-                            1e-12, mask, fill, shift, False, 1.0, 1.0, 6.0, 1.0, True)
-                           for mask, fill, shift in ((True, 0.0, 0.0), (True, -1e6, 1.5), (False, 0.0, 0.7))],
+        "sub_logit_loss": sll,
+        "sub_logit_loss_backward": sll_bwd,
         "cfm": [(r(3, 4), r(3, 5, grad=False), r(6, 9), r(6), r(14, 6), r(14), zt, 2, 0.5, 2.0),
                 (r(3, 4), r(3, 5, grad=False), r(14, 9), r(14), None, None, zt, 2, 0.5, 2.0)],
         "pool_linear": [(x, r(6, 5), r(6)), (x.detach().contiguous(memory_format=torch.channels_last), r(6, 5),
@@ -109,7 +120,7 @@ def _storages(ts):
 @pytest.mark.parametrize("backend", FAST)
 def test_no_output_aliases_an_input_or_another_output(backend):
     ns = _registered(backend)
-    for name, arg_sets in _op_args().items():
+    for name, arg_sets in _op_args(ns).items():
         for args in arg_sets:
             args = tuple(a.clone() if isinstance(a, torch.Tensor) and name == "bn_relu_pool_fwd" else a
                          for a in args)
@@ -129,7 +140,7 @@ def test_no_output_aliases_an_input_or_another_output(backend):
 @pytest.mark.parametrize("backend", FAST)
 def test_opcheck(backend):
     ns = _registered(backend)
-    for name, arg_sets in _op_args().items():
+    for name, arg_sets in _op_args(ns).items():
         for args in arg_sets:
             if name == "bn_relu_pool_fwd":
                 args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)

@@ -2,11 +2,12 @@
 
 The extension registers only kernels (``TORCH_LIBRARY_IMPL(hcd_fast, CPU/CUDA)`` in csrc/hcd_fast.cpp); each
 op's schema, fake kernel and autograd are defined here from its op file (``hcd_fast/ops/<op>.py``) under the
-namespace ``hcd_fast``. The C++ entry points follow the kernel contract written in those files.
+namespace ``hcd_fast``. The C++ entry points follow the kernel contract written in those files
+(``sub_logit_loss`` registers two kernels: ``sub_logit_loss`` and ``sub_logit_loss_backward``).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -23,18 +24,36 @@ except Exception as exc:  # the extension is optional: report why it is missing
     _IMPORT_ERROR = f"compiled extension hcd_fast._C not importable ({type(exc).__name__}: {exc})"
 
 
+# Ops whose schema the loaded extension's kernels do not match (an extension built from older csrc/): they
+# raise a clear error when called; the other ops of the backend keep working.
+_STALE: Dict[str, str] = {}
+
+
+def _define(name: str, opdef, bind: Callable) -> Callable:
+    try:
+        return bind(opdef.define("hcd_fast"))
+    except RuntimeError as exc:
+        _STALE[name] = str(exc).splitlines()[0]
+
+        def stale(*args, **kwargs):
+            raise RuntimeError(f"{name}: the compiled extension hcd_fast._C does not match this op's schema; "
+                               f"rebuild it (setup.py build_ext): {_STALE[name]}")
+        return stale
+
+
 def status(name: str) -> Tuple[bool, str]:
     """(available, reason) of backend ``name`` ("cpu" or "cuda")."""
     if _C is None:
         return False, _IMPORT_ERROR
+    stale = f"; stale kernels, rebuild the extension: {', '.join(_STALE)}" if _STALE else ""
     if name == "cpu":
-        return True, f"compiled C++ kernels ({_C.cpu_capability()} vectorisation, at::parallel_for)"
+        return True, f"compiled C++ kernels ({_C.cpu_capability()} vectorisation, at::parallel_for){stale}"
     if name == "cuda":
         if not _C.with_cuda():
             return False, "extension built without CUDA"
         if not torch.cuda.is_available():
             return False, "built with CUDA kernels, but no CUDA device is visible"
-        return True, "compiled CUDA kernels"
+        return True, f"compiled CUDA kernels{stale}"
     return False, f"unknown backend {name!r}"
 
 
@@ -43,7 +62,7 @@ def devices(name: str) -> tuple:
 
 
 if _C is not None:
-    sub_logit_loss = _sub_logit_loss.bind(_sub_logit_loss.OP.define("hcd_fast"))
+    sub_logit_loss = _define("sub_logit_loss", _sub_logit_loss.OP, _sub_logit_loss.bind)
     bn_relu_pool = _bn_relu_pool.bind(_bn_relu_pool.FWD.define("hcd_fast"), _bn_relu_pool.BWD.define("hcd_fast"))
     pool_linear = _pool_linear.bind(_pool_linear.OP.define("hcd_fast"))
     cfm = _cfm.bind(_cfm.OP.define("hcd_fast"))

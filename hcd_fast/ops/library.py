@@ -6,9 +6,15 @@ An op file (``hcd_fast/ops/<op>.py``) builds one ``OpDef`` per torch op. A backe
 ``<namespace>::<name>`` and ``kernel`` (a Python function) becomes its CPU and CUDA implementation. The C++
 backend passes ``kernel=None``: its kernels are registered by ``hcd_fast._C`` (csrc/hcd_fast.cpp,
 ``TORCH_LIBRARY_IMPL`` only, no schema there).
+
+An op whose backward is a torch op of its own (``sub_logit_loss``: the backward recomputes the gradient from the
+inputs and small saved statistics) names that op's ``OpDef`` as ``backward_op``: ``define`` registers both in
+the namespace (``backward_kernel`` is the backward op's kernel) and ``backward`` receives the backward op's
+OpOverload as its first argument.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Dict, Optional
 
 import torch
@@ -58,15 +64,21 @@ def dense_like(x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Te
 
 class OpDef:
     """One torch op of the project: ``name`` + ``schema`` + ``fake``, and optionally autograd
-    (``setup_context``/``backward`` as for ``torch.library.register_autograd``)."""
+    (``setup_context``/``backward`` as for ``torch.library.register_autograd``; with ``backward_op``,
+    ``backward(backward_op_overload, ctx, *grads)``)."""
 
     def __init__(self, name: str, schema: str, fake: Callable, setup_context: Optional[Callable] = None,
-                 backward: Optional[Callable] = None):
+                 backward: Optional[Callable] = None, backward_op: Optional["OpDef"] = None):
         self.name, self.schema, self.fake = name, schema, fake
-        self.setup_context, self.backward = setup_context, backward
+        self.setup_context, self.backward, self.backward_op = setup_context, backward, backward_op
 
-    def define(self, namespace: str, kernel: Optional[Callable] = None):
-        """Register the op as ``namespace::name`` and return its OpOverload."""
+    def define(self, namespace: str, kernel: Optional[Callable] = None,
+               backward_kernel: Optional[Callable] = None):
+        """Register the op (and its ``backward_op``, with ``backward_kernel``) as ``namespace::name`` and
+        return the forward's OpOverload."""
+        backward = self.backward
+        if self.backward_op is not None:
+            backward = functools.partial(backward, self.backward_op.define(namespace, backward_kernel))
         lib = _library(namespace)
         qualname = f"{namespace}::{self.name}"
         lib.define(self.name + self.schema)
@@ -74,6 +86,6 @@ class OpDef:
         if kernel is not None:
             lib.impl(self.name, kernel, "CPU")
             lib.impl(self.name, kernel, "CUDA")
-        if self.backward is not None:
-            torch.library.register_autograd(qualname, self.backward, setup_context=self.setup_context, lib=lib)
+        if backward is not None:
+            torch.library.register_autograd(qualname, backward, setup_context=self.setup_context, lib=lib)
         return getattr(getattr(torch.ops, namespace), self.name).default

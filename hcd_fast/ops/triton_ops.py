@@ -60,6 +60,11 @@ def _sub_logit_loss_kernel(sub_logits, student_logits, teacher_logits, target, *
         return _k_sll.sub_logit_loss_forward(sub_logits, student_logits, teacher_logits, target, *args)
 
 
+def _sub_logit_loss_backward_kernel(grad_loss, sub_logits, *args):
+    with _guard(sub_logits):
+        return _k_sll.sub_logit_loss_backward(grad_loss, sub_logits, *args)
+
+
 def _bn_relu_pool_fwd_kernel(x, weight, bias, running_mean, running_var, training, momentum, eps):
     with _guard(x):
         return _k_pool.bn_relu_pool_forward(x, weight, bias, running_mean, running_var, training, momentum, eps)
@@ -96,7 +101,8 @@ def _cfm_kernel(student_feat, teacher_feat, weight1, bias1, weight2, bias2, teac
 
 
 if _IMPORT_ERROR is None:
-    sub_logit_loss = _sub_logit_loss.bind(_sub_logit_loss.OP.define("hcd_triton", _sub_logit_loss_kernel))
+    sub_logit_loss = _sub_logit_loss.bind(_sub_logit_loss.OP.define("hcd_triton", _sub_logit_loss_kernel,
+                                                                    _sub_logit_loss_backward_kernel))
     bn_relu_pool = _bn_relu_pool.bind(_bn_relu_pool.FWD.define("hcd_triton", _bn_relu_pool_fwd_kernel),
                                       _bn_relu_pool.BWD.define("hcd_triton", _bn_relu_pool_bwd_kernel))
     pool_linear = _pool_linear.bind(_pool_linear.OP.define("hcd_triton", _pool_linear_kernel))
