@@ -13,8 +13,8 @@ using at::Tensor;
 
 // sub_logit_loss (hcd_fast/ops/sub_logit_loss.py, the issue-11 design): returns (loss 0-d, parts (5,) [ce,
 // sub_ce, kd, sub_kl, ortho], row_stats (S, B, n, 3) [lse(zf_i), lse(zf_i / T), kl_i], ortho_coef (S, B, n, n),
-// sample_stats (B, 3) [lse(z_s), lse(z_s / T), lse(z_t / T)]), all contiguous in the compute dtype (fp32, or
-// fp64 if any logit input is fp64). The orthogonality rows are v_i = zf_i - ortho_shift * z_t with the
+// sample_stats (B, 3) [lse(z_s), lse(z_s / T), lse(z_t / T)]), all contiguous; row_stats and sample_stats in
+// fp64, the others in the compute dtype (fp32, or fp64 if any logit input is fp64). The orthogonality rows are v_i = zf_i - ortho_shift * z_t with the
 // target entry set to mask_fill when mask_target. A target outside [0, K) gives NaN (no read out of bounds).
 #define HCD_SUB_LOGIT_LOSS_ARGS                                                                             \
   const Tensor &sub_logits, const Tensor &student_logits, const Tensor &teacher_logits,                     \

@@ -22,9 +22,9 @@ struct SubLogitLossFwdArgs {
   const void* teacher_logits;
   Dtype sub_dtype, student_dtype, teacher_dtype;
   const int64_t* target;
-  T* row_stats;        // (S, B, n, 3): lse(zf_i), lse(zf_i / T), KL(P_zf_i || P_s) without the T^2
+  double* row_stats;   // (S, B, n, 3) in fp64: lse(zf_i), lse(zf_i / T), KL(P_zf_i || P_s) without the T^2
   T* ortho_coef;       // (S, B, n, n): M with d(w_ol * OL) / d v_i = sum_j M_ij v_j
-  T* sample_stats;     // (B, 3): lse(z_s), lse(z_s / T), lse(z_t / T)
+  double* sample_stats;  // (B, 3) in fp64: lse(z_s), lse(z_s / T), lse(z_t / T)
   T* sample_aux;       // (B, 2): max z_s and log sum exp((z_s - max) / T), for log P_s without cancellation
   T* sample_partials;  // (B, 2): ce, kd (the T^2 KL) of each sample
   T* row_partials;     // (S * B, 3): sums over the n rows of (s, b) of sub-CE, T^2 KL, and hinge^2 over i != j
@@ -47,7 +47,7 @@ struct SubLogitLossBwdArgs {
   const void* teacher_logits;
   Dtype sub_dtype, student_dtype, teacher_dtype;
   const int64_t* target;
-  const T* row_stats;   // (S, B, n, 3) from the forward (the kl column is used)
+  const double* row_stats;  // (S, B, n, 3) from the forward (the kl column is used)
   const T* ortho_coef;  // (S, B, n, n)
   void* grad_sub_logits;      // (S, B, n, K) in grad_sub_dtype, or null
   void* grad_student_logits;  // (B, K) in grad_student_dtype, or null

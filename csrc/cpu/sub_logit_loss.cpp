@@ -58,9 +58,11 @@ SubLogitLossOut sub_logit_loss(HCD_SUB_LOGIT_LOSS_ARGS) {
   const Tensor y = target.to(at::kLong).contiguous();
   const int64_t S = sub.size(0), B = sub.size(1), n = sub.size(2), K = sub.size(3);
   const auto opts = sub.options().dtype(dt);
-  Tensor row_stats = at::empty({S, B, n, 3}, opts);
+  // row_stats and sample_stats are fp64 whatever the inputs (the op's contract: an fp32 log-sum-exp is off by
+  // up to 2^-24 |lse|, which a backward reading it would turn into relative gradient error).
+  Tensor row_stats = at::empty({S, B, n, 3}, opts.dtype(at::kDouble));
   Tensor ortho_coef = at::empty({S, B, n, n}, opts);
-  Tensor sample_stats = at::empty({B, 3}, opts);
+  Tensor sample_stats = at::empty({B, 3}, opts.dtype(at::kDouble));
   Tensor sample_aux = at::empty({B, 2}, opts);
   Tensor sample_partials = at::empty({B, 2}, opts);
   Tensor row_partials = at::empty({S * B, 3}, opts);
@@ -75,9 +77,9 @@ SubLogitLossOut sub_logit_loss(HCD_SUB_LOGIT_LOSS_ARGS) {
     a.teacher_logits = zt.data_ptr();
     a.sub_dtype = dtype_of(sub), a.student_dtype = dtype_of(zs), a.teacher_dtype = dtype_of(zt);
     a.target = y.data_ptr<int64_t>();
-    a.row_stats = row_stats.data_ptr<T>();
+    a.row_stats = row_stats.data_ptr<double>();
     a.ortho_coef = ortho_coef.data_ptr<T>();
-    a.sample_stats = sample_stats.data_ptr<T>();
+    a.sample_stats = sample_stats.data_ptr<double>();
     a.sample_aux = sample_aux.data_ptr<T>();
     a.sample_partials = sample_partials.data_ptr<T>();
     a.row_partials = row_partials.data_ptr<T>();
@@ -129,7 +131,7 @@ SubLogitLossBwdOut sub_logit_loss_backward(HCD_SUB_LOGIT_LOSS_BWD_ARGS) {
               "sub_logit_loss_backward: row_stats ", row_stats.sizes(), " / ortho_coef ", ortho_coef.sizes(),
               " do not match sub_logits ", sub.sizes());
   const Tensor gl = grad_loss.to(dt).contiguous();
-  const Tensor rs = row_stats.to(dt).contiguous(), oc = ortho_coef.to(dt).contiguous();
+  const Tensor rs = row_stats.to(at::kDouble).contiguous(), oc = ortho_coef.to(dt).contiguous();
   // Gradients in the inputs' own dtypes, written once by the kernel.
   Tensor gsub = need_grad_sub ? at::empty(sub_logits.sizes(), sub_logits.options()) : at::empty({0}, sub_logits.options());
   Tensor gzs = need_grad_student ? at::empty(student_logits.sizes(), student_logits.options())
@@ -145,7 +147,7 @@ SubLogitLossBwdOut sub_logit_loss_backward(HCD_SUB_LOGIT_LOSS_BWD_ARGS) {
     a.teacher_logits = zt.data_ptr();
     a.sub_dtype = dtype_of(sub), a.student_dtype = dtype_of(zs), a.teacher_dtype = dtype_of(zt);
     a.target = y.data_ptr<int64_t>();
-    a.row_stats = rs.data_ptr<T>();
+    a.row_stats = rs.data_ptr<double>();
     a.ortho_coef = oc.data_ptr<T>();
     a.grad_sub_logits = need_grad_sub ? gsub.data_ptr() : nullptr;
     a.grad_student_logits = need_grad_student ? gzs.data_ptr() : nullptr;

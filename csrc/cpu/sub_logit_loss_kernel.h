@@ -103,14 +103,15 @@ void sub_logit_loss_samples_kernel(const SubLogitLossFwdArgs<T>& a, int64_t begi
     const T mt = row_max(zt, K);
     T zTt, kd_acc;
     sll::kl_sums(zt, zs, K, mt, ms, invT, zTt, kd_acc);
-    const T log_zTs = std::log(zTs), log_zTt = std::log(zTt), lse1s = ms + std::log(z1s);
+    const T log_zTs = std::log(zTs), log_zTt = std::log(zTt), lse1s = ms + std::log(z1s);  // lse1s: for ce
     const int64_t y = a.target[b];
     const bool valid = y >= 0 && y < K;
     // A sample with an out-of-range target has NaN statistics (as on the CUDA backend).
-    T* st = a.sample_stats + b * 3;
-    st[0] = valid ? lse1s : sll::nan<T>();
-    st[1] = valid ? ms * invT + log_zTs : sll::nan<T>();
-    st[2] = valid ? mt * invT + log_zTt : sll::nan<T>();
+    // The statistics are fp64 (the op's contract): max + log-sum, each computed in T, added in fp64.
+    double* st = a.sample_stats + b * 3;
+    st[0] = valid ? double(ms) + double(std::log(z1s)) : sll::nan<double>();
+    st[1] = valid ? double(ms) / a.temperature + double(log_zTs) : sll::nan<double>();
+    st[2] = valid ? double(mt) / a.temperature + double(log_zTt) : sll::nan<double>();
     a.sample_aux[b * 2] = ms;
     a.sample_aux[b * 2 + 1] = log_zTs;
     T* part = a.sample_partials + b * 2;
@@ -143,11 +144,11 @@ void sub_logit_loss_rows_kernel(const SubLogitLossFwdArgs<T>& a, int64_t begin, 
   for (int64_t r = begin; r < end; ++r) {
     const int64_t b = r % B;
     const int64_t y = a.target[b];
-    T* rs = a.row_stats + r * n * 3;
+    double* rs = a.row_stats + r * n * 3;
     T* M = a.ortho_coef + r * n * n;
     T* part = a.row_partials + r * 3;
     if (!(y >= 0 && y < K)) {
-      std::fill(rs, rs + n * 3, sll::nan<T>());
+      std::fill(rs, rs + n * 3, sll::nan<double>());
       std::fill(M, M + n * n, sll::nan<T>());
       std::fill(part, part + 3, sll::nan<T>());
       continue;
@@ -186,9 +187,9 @@ void sub_logit_loss_rows_kernel(const SubLogitLossFwdArgs<T>& a, int64_t begin, 
       }
       const T lse1 = m + std::log(z1), log_zT = std::log(zT);
       const T kl = kl_acc / zT - log_zT + log_zTs;
-      rs[i * 3] = lse1;
-      rs[i * 3 + 1] = m * invT + log_zT;
-      rs[i * 3 + 2] = kl;
+      rs[i * 3] = double(m) + double(std::log(z1));
+      rs[i * 3 + 1] = double(m) / a.temperature + double(log_zT);
+      rs[i * 3 + 2] = double(kl);
       sub_ce += lse1 - (T(1) - ls) * x[y] - lsK * sum_x;
       sub_kl += T2 * kl;
     }
@@ -315,7 +316,7 @@ void sub_logit_loss_bwd_kernel(const SubLogitLossBwdArgs<T>& a, int64_t begin, i
 
     for (int64_t s = 0; s < S; ++s) {
       const int64_t row0 = (s * B + b) * n;
-      const T* rs = a.row_stats + row0 * 3;
+      const double* rs = a.row_stats + row0 * 3;
       const T* M = a.ortho_coef + row0 * n;
       for (int64_t i = 0; i < n; ++i) xr[i] = load_row<T>(a.sub_logits, a.sub_dtype, (row0 + i) * K, K, x_buf + i * K);
       bool ortho = false;
@@ -378,7 +379,7 @@ void sub_logit_loss_bwd_kernel(const SubLogitLossBwdArgs<T>& a, int64_t begin, i
         }
         if (!need_sub) continue;
         // log P_i - log P_s - kl_i = (x - m)/T - ds + c0.
-        const T c0 = -std::log(zT) + log_zTs - rs[i * 3 + 2];
+        const T c0 = -std::log(zT) + log_zTs - T(rs[i * 3 + 2]);
         const T* Mi = M + i * n;
         bool row_ortho = false;
         for (int64_t j = 0; j < n && ortho; ++j) row_ortho = row_ortho || Mi[j] != T(0);

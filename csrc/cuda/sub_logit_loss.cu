@@ -5,8 +5,10 @@
 //
 // Math (x = zf[s, b, i, :], p = softmax(x), P = softmax(x / T), P_s = softmax(z_s / T), p_s = softmax(z_s),
 // P_t = softmax(z_t / T), g = grad_loss, y the target):
-//   row_stats[s, b, i] = (lse(x), lse(x / T), kl_i = sum_k P_k (log P_k - log P_s,k)),
-//   sample_stats[b]    = (lse(z_s), lse(z_s / T), lse(z_t / T)),
+//   row_stats[s, b, i] = (lse(x), lse(x / T), kl_i = sum_k P_k (log P_k - log P_s,k)),   fp64
+//   sample_stats[b]    = (lse(z_s), lse(z_s / T), lse(z_t / T)),                         fp64
+//     (max and log-sum computed in acc, added in fp64; the backward splits a statistic into hi = acc(lse),
+//     lo = acc(lse - hi) and forms (x - hi) - lo, so an fp32 lse's rounding (2^-24 |lse|) never reaches P),
 //   ortho_coef M (n x n per (s, b)): d(w_ol OL)/d v_i = sum_j M_ij v_j, v_i = x_i - shift z_t (target entry =
 //     fill when masked), r_i = max(|v_i|, eps), G = v v^T / (r r^T), h = relu(G - theta), c4 = 4 w_ol / (B n (n-1)),
 //     M_ij = c4 h_ij / (r_i r_j) (i != j), M_ii = -[|v_i| >= eps] c4 sum_{j != i} h_ij G_ij / r_i^2.
@@ -27,16 +29,20 @@
 // A target outside [0, K) (validate=False) gives NaN partials, statistics and gradient rows for that sample;
 // nothing is read at that index (no device assert, no clamping).
 //
-// Byte model (DRAM traffic; e = bytes per element of zf / z_s / z_t / gradients, stats in fp32; N = S B n K, BK = B K):
-//   essential  = read zf + write dzf + read z_s, z_t + write dz_s            = (2 N + 3 BK) e
-//   moved      = fwd: read zf, z_s, z_t (N + 2 BK) e + stats written S B n (3 + n) 4 + 3 B 4 + partials S B 5 4
-//              + bwd: read zf, z_s, z_t, y, stats; write dzf, dz_s (2 N + 3 BK) e + stats read
-//              = (3 N + 5 BK) e + 2 (S B n (3 + n) + 3 B) 4 + S B 20 + 16 B
-//   ImageNet-like S=4, B=256, n=4, K=1000 (N = 4.096e6, BK = 2.56e5):
-//     fp32: essential 35.84 MB, moved 54.59 MB (1.52x);  bf16: essential 17.92 MB, moved 27.45 MB (1.53x)
-//   CIFAR-like S=4, B=128, n=4, K=100 (N = 2.048e5, BK = 1.28e4):
-//     fp32: essential 1.79 MB, moved 2.86 MB (1.60x);    bf16: essential 0.90 MB, moved 1.50 MB (1.67x)
-//   (at small K the fixed-size statistics weigh more; the zf part alone moves 1.5x: read twice, written once).
+// Byte model (DRAM traffic; e = bytes per element of zf / z_s / z_t and of their gradients; R = S B n K, Z = B K):
+//   essential = read zf + write dzf + read z_s, z_t + write dz_s              = (2 R + 3 Z) e
+//   moved     = fwd: read zf, z_s, z_t once                                   (R + 2 Z) e
+//             + bwd: read zf, z_s, z_t, write dzf, dz_s once                   (2 R + 3 Z) e
+//             + small: row_stats S B n 3 fp64, sample_stats 3 B fp64, ortho_coef S B n n acc (written once, read
+//               once), partials S B 5 acc (written, read), targets 8 B twice
+//             = (3 R + 5 Z) e + 2 (24 S B n + 4 S B n^2 + 24 B) + 40 S B + 16 B        (acc = fp32)
+//   i.e. zf crosses DRAM 3 times against the essential 2 (1.5x); the S - 1 re-reads of z_s per sample (and of
+//   z_t with ortho_shift != 0) and the per-row repeated passes of the forward hit L2/L1 and are not counted.
+//   S = 4, n = 4 (decimal MB):
+//     ImageNet-like B = 256,  K = 1000: fp32 essential  35.84, moved  54.66 (1.53x); bf16  17.92 /  27.52 (1.54x)
+//     CIFAR-like    B = 128,  K = 100:  fp32 essential   1.79, moved   2.91 (1.62x); bf16   0.90 /   1.55 (1.73x)
+//     large batch   B = 4096, K = 1000: fp32 essential 573.44, moved 874.51 (1.53x); bf16 286.72 / 440.34 (1.54x)
+//   (the small terms are 0.39 MB at ImageNet-like, 0.19 MB at CIFAR-like, where they dominate the excess).
 // Mixed dtypes: z_s / z_t of another dtype than zf are read as fp32 (converted once on the host side, B K
 // elements); with fp64 anywhere everything runs in fp64; a gradient whose dtype the kernel cannot write directly
 // (those two cases) is converted once after the kernel.
@@ -63,13 +69,20 @@ __device__ __forceinline__ acc_t dev_nan() {
   return acc_t(NAN);
 }
 
+// An fp64 statistic as hi + lo in acc_t: (x - hi) - lo keeps acc_t accuracy where x is near the statistic.
+template <typename acc_t>
+__device__ __forceinline__ void split_stat(double v, acc_t& hi, acc_t& lo) {
+  hi = acc_t(v);
+  lo = acc_t(v - double(hi));
+}
+
 // One block per (stage, sample). Dynamic shared memory: 3 * 32 reduction values, then D (n x n) and the norms
 // (n) unless `scratch` (a global slice per block) is given for large n.
 template <typename scalar_t, typename side_t, typename acc_t>
 __global__ void __launch_bounds__(kMaxRowThreads)
     sll_fwd_kernel(const scalar_t* __restrict__ sub, const side_t* __restrict__ zs, const side_t* __restrict__ zt,
-                   const int64_t* __restrict__ target, acc_t* __restrict__ row_stats, acc_t* __restrict__ ortho_coef,
-                   acc_t* __restrict__ sample_stats, acc_t* __restrict__ partials, acc_t* __restrict__ scratch,
+                   const int64_t* __restrict__ target, double* __restrict__ row_stats, acc_t* __restrict__ ortho_coef,
+                   double* __restrict__ sample_stats, acc_t* __restrict__ partials, acc_t* __restrict__ scratch,
                    int64_t S, int64_t B, int64_t n, int64_t K, FwdParams p) {
   extern __shared__ unsigned char smem_raw[];
   acc_t* ws = reinterpret_cast<acc_t*>(smem_raw);
@@ -78,16 +91,16 @@ __global__ void __launch_bounds__(kMaxRowThreads)
   acc_t* nrm = D + n * n;
   const int tid = threadIdx.x, nt = blockDim.x;
   const int64_t row0 = (s * B + b) * n;  // first row of (s, b) in the (S, B, n) row order of the outputs
-  acc_t* rs = row_stats + row0 * 3;
+  double* rs = row_stats + row0 * 3;
   acc_t* M = ortho_coef + row0 * n;
   acc_t* part = partials + r * 5;
   const int64_t y = target[b];
   if (!(y >= 0 && y < K)) {  // uniform over the block: no barrier below is reached by anyone
-    for (int64_t q = tid; q < n * 3; q += nt) rs[q] = dev_nan<acc_t>();
+    for (int64_t q = tid; q < n * 3; q += nt) rs[q] = dev_nan<double>();
     for (int64_t q = tid; q < n * n; q += nt) M[q] = dev_nan<acc_t>();
     if (tid < 5) part[tid] = dev_nan<acc_t>();
     if (s == 0 && tid == 0) {  // sample_stats do not depend on y, but nobody may read them for a NaN sample
-      for (int q = 0; q < 3; ++q) sample_stats[b * 3 + q] = dev_nan<acc_t>();
+      for (int q = 0; q < 3; ++q) sample_stats[b * 3 + q] = dev_nan<double>();
     }
     return;
   }
@@ -128,13 +141,13 @@ __global__ void __launch_bounds__(kMaxRowThreads)
     }
     block_sum<2>(tk, ws);
     const acc_t log_zTt = dev_log(tk[0]);
-    const acc_t lse1s = ms + dev_log(st[1]);
+    const acc_t log_z1s = dev_log(st[1]);
     kd_b = T2 * (tk[1] / tk[0] - log_zTt + log_zTs);
     if (tid == 0) {
-      ce_b = lse1s - (acc_t(1) - ls) * acc_t(xs[y]) - lsK * st[2];
-      sample_stats[b * 3] = lse1s;
-      sample_stats[b * 3 + 1] = ms * invT + log_zTs;
-      sample_stats[b * 3 + 2] = mt * invT + log_zTt;
+      ce_b = (ms + log_z1s) - (acc_t(1) - ls) * acc_t(xs[y]) - lsK * st[2];
+      sample_stats[b * 3] = double(ms) + double(log_z1s);
+      sample_stats[b * 3 + 1] = double(ms) / p.temperature + double(log_zTs);
+      sample_stats[b * 3 + 2] = double(mt) / p.temperature + double(log_zTt);
     }
   }
 
@@ -163,11 +176,12 @@ __global__ void __launch_bounds__(kMaxRowThreads)
     }
     block_sum<3>(rr, ws);
     if (tid == 0) {
-      const acc_t lse1 = mi + dev_log(rr[0]), log_zT = dev_log(rr[1]);
+      const acc_t log_z1 = dev_log(rr[0]), log_zT = dev_log(rr[1]);
+      const acc_t lse1 = mi + log_z1;
       const acc_t kl = rr[2] / rr[1] - log_zT + log_zTs;
-      rs[i * 3] = lse1;
-      rs[i * 3 + 1] = mi * invT + log_zT;
-      rs[i * 3 + 2] = kl;
+      rs[i * 3] = double(mi) + double(log_z1);
+      rs[i * 3 + 1] = double(mi) / p.temperature + double(log_zT);
+      rs[i * 3 + 2] = double(kl);
       sub_ce += lse1 - (acc_t(1) - ls) * acc_t(x[y]) - lsK * si;
       sub_kl += T2 * kl;
     }
@@ -270,8 +284,8 @@ template <typename scalar_t, typename side_t, typename acc_t>
 __global__ void __launch_bounds__(kBwdMaxThreads)
     sll_bwd_kernel(const acc_t* __restrict__ grad_loss, const scalar_t* __restrict__ sub,
                    const side_t* __restrict__ zs, const side_t* __restrict__ zt, const int64_t* __restrict__ target,
-                   const acc_t* __restrict__ row_stats, const acc_t* __restrict__ ortho_coef,
-                   const acc_t* __restrict__ sample_stats, scalar_t* __restrict__ gsub, side_t* __restrict__ gzs,
+                   const double* __restrict__ row_stats, const acc_t* __restrict__ ortho_coef,
+                   const double* __restrict__ sample_stats, scalar_t* __restrict__ gsub, side_t* __restrict__ gzs,
                    int64_t S, int64_t B, int64_t n, int64_t K, BwdParams p) {
   const int64_t b = blockIdx.x;
   const int64_t k0 = int64_t(blockIdx.y) * kPerThread * blockDim.x + threadIdx.x;
@@ -307,7 +321,10 @@ __global__ void __launch_bounds__(kBwdMaxThreads)
   const acc_t a_x = p.detach ? acc_t(0) : a_skl;
   const acc_t cq = a_kd + acc_t(double(S) * double(n)) * a_skl;
   const acc_t shift = acc_t(p.shift);
-  const acc_t lse1s = sample_stats[b * 3], lseTs = sample_stats[b * 3 + 1], lseTt = sample_stats[b * 3 + 2];
+  acc_t h1s, l1s, hTs, lTs, hTt, lTt;  // hi/lo of the sample statistics
+  split_stat(sample_stats[b * 3], h1s, l1s);
+  split_stat(sample_stats[b * 3 + 1], hTs, lTs);
+  split_stat(sample_stats[b * 3 + 2], hTt, lTt);
 
   acc_t vt[kPerThread], lPs[kPerThread], dzs[kPerThread];
 #pragma unroll
@@ -315,19 +332,20 @@ __global__ void __launch_bounds__(kBwdMaxThreads)
     const int64_t k = in[c] ? kc[c] : 0;  // out-of-range columns compute on column 0 and store nothing
     const acc_t vs = acc_t(zs[b * K + k]);
     vt[c] = acc_t(zt[b * K + k]);
-    lPs[c] = vs * invT - lseTs;  // log P_s
-    const acc_t ps = dev_exp(vs - lse1s), Ps = dev_exp(lPs[c]), Pt = dev_exp(vt[c] * invT - lseTt);
+    lPs[c] = (vs * invT - hTs) - lTs;  // log P_s
+    const acc_t ps = dev_exp((vs - h1s) - l1s), Ps = dev_exp(lPs[c]), Pt = dev_exp((vt[c] * invT - hTt) - lTt);
     dzs[c] = a_ce * (ps - lsK - (k == y ? one_ls : acc_t(0))) + cq * Ps - a_kd * Pt;
   }
 
   // One dzf element: x its value, orth its orthogonality term; updates the dz_s accumulator.
-  auto element = [&](int64_t row, acc_t x, acc_t orth, int c, acc_t lse1, acc_t lseT, acc_t kl) {
+  // (h1, l1), (hT, lT): hi/lo of the row's lse(x) and lse(x / T).
+  auto element = [&](int64_t row, acc_t x, acc_t orth, int c, acc_t h1, acc_t l1, acc_t hT, acc_t lT, acc_t kl) {
     const int64_t k = kc[c];
-    const acc_t lP = x * invT - lseT;
+    const acc_t lP = (x * invT - hT) - lT;
     const acc_t P = dev_exp(lP);
     dzs[c] -= a_skl * P;
     if (need_sub && in[c]) {
-      const acc_t pk = dev_exp(x - lse1);
+      const acc_t pk = dev_exp((x - h1) - l1);
       const acc_t d = a_sce * (pk - lsK - (k == y ? one_ls : acc_t(0))) + a_x * P * (lP - lPs[c] - kl) + orth;
       gsub[row * K + k] = scalar_t(g * d);
     }
@@ -336,7 +354,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads)
   const bool ortho = need_sub && n > 1;
   for (int64_t s = 0; s < S; ++s) {
     const int64_t row0 = (s * B + b) * n;
-    const acc_t* rs = row_stats + row0 * 3;
+    const double* rs = row_stats + row0 * 3;
     const acc_t* M = ortho_coef + row0 * n;
     if (n <= kRegRows) {
       acc_t xr[kRegRows][kPerThread];
@@ -348,7 +366,10 @@ __global__ void __launch_bounds__(kBwdMaxThreads)
 #pragma unroll
       for (int i = 0; i < kRegRows; ++i) {
         if (i >= n) break;
-        const acc_t lse1 = rs[i * 3], lseT = rs[i * 3 + 1], kl = rs[i * 3 + 2];
+        acc_t h1, l1, hT, lT;
+        split_stat(rs[i * 3], h1, l1);
+        split_stat(rs[i * 3 + 1], hT, lT);
+        const acc_t kl = acc_t(rs[i * 3 + 2]);
 #pragma unroll
         for (int c = 0; c < kPerThread; ++c) {
           acc_t orth = 0;
@@ -357,19 +378,22 @@ __global__ void __launch_bounds__(kBwdMaxThreads)
             for (int j = 0; j < kRegRows; ++j)
               if (j < n) orth += M[i * n + j] * (xr[j][c] - shift * vt[c]);
           }
-          element(row0 + i, xr[i][c], orth, c, lse1, lseT, kl);
+          element(row0 + i, xr[i][c], orth, c, h1, l1, hT, lT, kl);
         }
       }
     } else {  // large n: the other rows' values are re-read (L1/L2 hits: this thread just read them)
       for (int64_t i = 0; i < n; ++i) {
-        const acc_t lse1 = rs[i * 3], lseT = rs[i * 3 + 1], kl = rs[i * 3 + 2];
+        acc_t h1, l1, hT, lT;
+        split_stat(rs[i * 3], h1, l1);
+        split_stat(rs[i * 3 + 1], hT, lT);
+        const acc_t kl = acc_t(rs[i * 3 + 2]);
 #pragma unroll
         for (int c = 0; c < kPerThread; ++c) {
           const int64_t k = in[c] ? kc[c] : 0;
           acc_t orth = 0;
           if (ortho && !(p.masked && kc[c] == y))
             for (int64_t j = 0; j < n; ++j) orth += M[i * n + j] * (acc_t(sub[(row0 + j) * K + k]) - shift * vt[c]);
-          element(row0 + i, acc_t(sub[(row0 + i) * K + k]), orth, c, lse1, lseT, kl);
+          element(row0 + i, acc_t(sub[(row0 + i) * K + k]), orth, c, h1, l1, hT, lT, kl);
         }
       }
     }
@@ -435,9 +459,9 @@ SubLogitLossOut sub_logit_loss(HCD_SUB_LOGIT_LOSS_ARGS) {
   const Tensor y = target.to(at::kLong).contiguous();
   const int64_t S = sub.size(0), B = sub.size(1), n = sub.size(2), K = sub.size(3);
   const auto opts = sub.options().dtype(acc);
-  Tensor row_stats = at::empty({S, B, n, 3}, opts);
+  Tensor row_stats = at::empty({S, B, n, 3}, opts.dtype(at::kDouble));  // fp64 statistics (the op's contract)
   Tensor ortho_coef = at::empty({S, B, n, n}, opts);
-  Tensor sample_stats = at::empty({B, 3}, opts);
+  Tensor sample_stats = at::empty({B, 3}, opts.dtype(at::kDouble));
   Tensor parts = at::empty({5}, opts);
   Tensor loss = at::empty({}, opts);
   if (S * B * n * K == 0) {  // nothing to launch; the means over an empty batch are NaN, as in the reference
@@ -464,7 +488,7 @@ SubLogitLossOut sub_logit_loss(HCD_SUB_LOGIT_LOSS_ARGS) {
     }
     sll_fwd_kernel<scalar_t, side_t, acc_t><<<unsigned(S * B), threads, smem, stream>>>(
         sub.data_ptr<scalar_t>(), zs.data_ptr<side_t>(), zt.data_ptr<side_t>(), y.data_ptr<int64_t>(),
-        row_stats.data_ptr<acc_t>(), ortho_coef.data_ptr<acc_t>(), sample_stats.data_ptr<acc_t>(),
+        row_stats.data_ptr<double>(), ortho_coef.data_ptr<acc_t>(), sample_stats.data_ptr<double>(),
         partials.data_ptr<acc_t>(), scratch.defined() ? scratch.data_ptr<acc_t>() : nullptr, S, B, n, K, p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     sll_reduce_kernel<acc_t><<<1, 256, 0, stream>>>(partials.data_ptr<acc_t>(), loss.data_ptr<acc_t>(),
@@ -492,8 +516,8 @@ SubLogitLossBwdOut sub_logit_loss_backward(HCD_SUB_LOGIT_LOSS_BWD_ARGS) {
                   sample_stats.numel() == B * 3,
               "sub_logit_loss_backward: statistics do not match sub_logits ", sub.sizes());
   const Tensor gl = grad_loss.to(acc).contiguous();  // stays on the device: read by the kernel
-  const Tensor rs = row_stats.to(acc).contiguous(), oc = ortho_coef.to(acc).contiguous();
-  const Tensor ss = sample_stats.to(acc).contiguous();
+  const Tensor rs = row_stats.to(at::kDouble).contiguous(), oc = ortho_coef.to(acc).contiguous();
+  const Tensor ss = sample_stats.to(at::kDouble).contiguous();
   // The kernel writes dzf as zf_st and dz_s as side_st: the inputs' own dtypes except in the mixed cases.
   Tensor gsub = need_grad_sub ? at::empty(sub.sizes(), sub.options()) : at::empty({0}, sub_logits.options());
   Tensor gzs = need_grad_student ? at::empty(zs.sizes(), zs.options()) : at::empty({0}, student_logits.options());
@@ -509,7 +533,7 @@ SubLogitLossBwdOut sub_logit_loss_backward(HCD_SUB_LOGIT_LOSS_BWD_ARGS) {
       using acc_t = at::opmath_type<scalar_t>;
       sll_bwd_kernel<scalar_t, side_t, acc_t><<<dim3(unsigned(B), unsigned(kblocks)), threads, 0, stream>>>(
           gl.data_ptr<acc_t>(), sub.data_ptr<scalar_t>(), zs.data_ptr<side_t>(), zt.data_ptr<side_t>(),
-          y.data_ptr<int64_t>(), rs.data_ptr<acc_t>(), oc.data_ptr<acc_t>(), ss.data_ptr<acc_t>(),
+          y.data_ptr<int64_t>(), rs.data_ptr<double>(), oc.data_ptr<acc_t>(), ss.data_ptr<double>(),
           need_grad_sub ? gsub.data_ptr<scalar_t>() : nullptr, need_grad_student ? gzs.data_ptr<side_t>() : nullptr,
           S, B, n, K, p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
