@@ -45,6 +45,7 @@ def test_op(benchmark, case, provider):
 
     benchmark.group = case.id
     benchmark.extra_info.update({"device": DEVICE.type, "dtype": case.dtype, "shape": case.shape_str(),
-                                 "bytes": C.essential_bytes(case), "flops": C.flops(case)})
+                                 "bytes": C.design_bytes(case), "essential_bytes": C.essential_bytes(case),
+                                 "flops": C.flops(case)})
     rounds = 2 if PROFILE == "quick" else 10
     benchmark.pedantic(call, rounds=rounds, warmup_rounds=2 if provider == "compile" else 1, iterations=1)

@@ -150,14 +150,28 @@ def profile_cases(profile: str) -> List[Case]:
 # Inputs and the per-provider callables.
 
 
+def sub_logit_loss_bytes(S: int, B: int, n: int, K: int, elem: int) -> Tuple[int, int]:
+    """(essential, design) bytes of one sub_logit_loss fwd+bwd (the byte model in kernels/sub_logit_loss.py's
+    header). R = S B n K sub-logit elements, Z = B K, E = ``elem`` bytes per logit, 8 B target bytes per read.
+    essential: read zf, z_s, z_t and the targets once, write dzf and dz_s once = 2RE + 3ZE + 8B.
+    design: fwd reads zf, z_s, z_t, y (RE + 2ZE + 8B); bwd reads them again and writes dzf, dz_s
+    (2RE + 3ZE + 8B); the statistics are written once and read once: row_stats S B n 3 and sample_stats B 3
+    float64, ortho_coef S B n n and the partial sums 5 S B in the accumulation dtype (4 bytes; 8 for fp64)."""
+    rows, z = S * B * n * K, B * K
+    acc = 8 if elem == 8 else 4
+    essential = 2 * rows * elem + 3 * z * elem + 8 * B
+    stats = 2 * (8 * (S * B * n * 3 + B * 3) + acc * (S * B * n * n + 5 * max(S, 1) * B))
+    design = (rows * elem + 2 * z * elem + 8 * B) + (2 * rows * elem + 3 * z * elem + 8 * B) + stats
+    return essential, design
+
+
 def essential_bytes(case: Case) -> Optional[int]:
     """Bytes a fwd+bwd must move at the least (each input read once, each gradient written once), for the
-    memory-bound ops; None for the GEMM-bound cfm and the head. Achieved bandwidth = this / time."""
+    memory-bound ops; None for the GEMM-bound cfm and the head. The roofline floor uses these."""
     es = torch.tensor([], dtype=DTYPES[case.dtype]).element_size()
     s = case.shape
     if case.op == "sub_logit_loss":
-        rows = s["S"] * s["B"] * s["n"] * s["K"]
-        return 2 * rows * es + 3 * s["B"] * s["K"] * es + 8 * s["B"]
+        return sub_logit_loss_bytes(s["S"], s["B"], s["n"], s["K"], es)[0]
     if case.op == "bn_relu_pool":
         # fwd reads x; bwd reads x again and writes dx.
         return 3 * s["B"] * s["C"] * s["H"] * s["W"] * es
@@ -165,6 +179,16 @@ def essential_bytes(case: Case) -> Optional[int]:
         # fwd reads x; bwd writes dx; W and dW.
         return 2 * s["B"] * s["C"] * s["H"] * s["W"] * es + 2 * s["D"] * s["C"] * es
     return None
+
+
+def design_bytes(case: Case) -> Optional[int]:
+    """Bytes the fused kernels' design moves in a fwd+bwd (sub_logit_loss: ``sub_logit_loss_bytes``; the other
+    memory-bound ops: their essential bytes, no separate model). Achieved bandwidth = this / time."""
+    if case.op == "sub_logit_loss":
+        s = case.shape
+        es = torch.tensor([], dtype=DTYPES[case.dtype]).element_size()
+        return sub_logit_loss_bytes(s["S"], s["B"], s["n"], s["K"], es)[1]
+    return essential_bytes(case)
 
 
 def flops(case: Case) -> Optional[int]:

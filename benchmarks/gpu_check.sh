@@ -135,13 +135,14 @@ cp "$OUTDIR/logs/backends.log" "$OUTDIR/backends.txt" 2>/dev/null || true
 
 # --- 4. tests ------------------------------------------------------------------------------------------
 # The C++ CUDA tests (tests/test_cpp_cuda.py) and the Triton GPU tests (the `cuda`-marked tests of
-# tests/test_triton*.py) run once each. The Triton ones are dominated by JIT compiles (~80 distinct
-# kernels, 1-4 s each), so they run on 8 pytest-xdist workers (on the GPU image) when it is there.
+# tests/test_triton*.py, and tests/test_sub_logit_loss.py's "cuda" and "triton-cuda" parameters) run once
+# each. The Triton ones are dominated by JIT compiles (~80 distinct kernels, 1-4 s each), so they run on 8
+# pytest-xdist workers (on the GPU image) when it is there.
 XDIST=""
 if [ "$DRY" != "1" ] && "$PY" -c "import xdist" >/dev/null 2>&1; then XDIST="-n 8"; fi
 run_stage test_cuda 60 "$PY" -m pytest -m cuda -q -p no:cacheprovider --junitxml="$OUTDIR/junit_cuda.xml" \
   tests/test_cpp_cuda.py
-TRITON_TESTS=$(ls tests/test_triton*.py 2>/dev/null | tr '\n' ' ')
+TRITON_TESTS=$(ls tests/test_triton*.py tests/test_sub_logit_loss.py 2>/dev/null | tr '\n' ' ')
 if [ -z "$TRITON_TESTS" ]; then
   printf '%-14s %-24s\n' test_triton "skipped (no tests/test_triton*.py)" | tee -a "$SUMMARY"
 elif [ "$DRY" = "1" ]; then

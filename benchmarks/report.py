@@ -102,7 +102,9 @@ def markdown(result: dict) -> str:
               f"(on a shared CPU other work competing for the cores inflates the times)",
               "- times are medians of fwd+bwd (ops) or of one optimizer step (steps), warm-up excluded; "
               "'vs eager' / 'vs compile' = that provider's median / this one's (higher is faster); "
-              "bandwidth = minimum bytes moved / median time (% of copy bandwidth); peak memory on CUDA only",
+              "bandwidth = bytes the kernel design moves / median time (% of copy bandwidth; sub_logit_loss: the "
+              "byte model of kernels/sub_logit_loss.py, ~1.5x its essential bytes; the other ops: their minimum "
+              "bytes); peak memory on CUDA only",
               "- H100 floor = the least fwd+bwd time on an H100 SXM: max(minimum bytes / 3.35 TB/s, FLOPs / dense peak "
               "(990 TFLOP/s bf16/fp16, 67 fp32/fp64)); '% of it' = floor / median, the share of the roofline reached "
               "(shown on H100 runs only; elsewhere the column is the H100's floor, for reference)",
@@ -215,7 +217,7 @@ def plots(result: dict, out_dir: str) -> List[str]:
             ax.grid(True, which="both", alpha=0.3)
         ax1.set_ylabel("fwd+bwd median time (ms)")
         ax1.set_title("time: flat = launch-bound, slope 1 = bandwidth-bound")
-        ax2.set_ylabel("achieved bandwidth (GB/s, minimum bytes)")
+        ax2.set_ylabel("achieved bandwidth (GB/s, design bytes)")
         ax2.set_title("achieved bandwidth vs device copy")
         ax2.legend(fontsize=7)
         fig.suptitle(f"sub_logit_loss fwd+bwd batch sweep: {title_dev}", fontsize=10)

@@ -30,20 +30,19 @@ dtype: exact for fp64 inputs (Triton passes untyped Python floats as fp32).
 A target outside [0, K) (only possible with validate=False) is never used as an index: the sample's 5 partials
 and its gradient rows are NaN, so the loss and every part are NaN.
 
-Byte model (issue 11; benchmarks/cases.py ``sub_logit_loss_bytes`` computes the same numbers). E = bytes of one
-element of the logits' dtype, R = S B n K (zf elements), Z = B K (one of z_s, z_t):
-    essential = read zf + write dzf + read z_s, z_t + write dz_s   = 2 R E + 3 Z E (+ 8 B target bytes)
-    moved     = fwd: read zf, z_s, z_t                              R E + 2 Z E
-              + bwd: read zf, z_s, z_t, write dzf, dz_s             2 R E + 3 Z E
-              + target, statistics, partials (fp32: 4 bytes; S B n (3 + n) + 3 B + 5 S B values, each written
-                once and read once, plus 8 B B of targets twice)   small
-    i.e. zf crosses memory 3 times against the essential 2 (1.5x); z_s is re-read by the S - 1 later programs of
-    a sample from L2, not counted. At the benchmark shapes (S = 4, n = 4):
-      ImageNet B = 256, K = 1000: R = 4.10M, Z = 0.256M
-        fp32: essential 35.8 MB, moved 52.4 MB (1.46x);  bf16: essential 17.9 MB, moved 26.4 MB (1.47x)
-      CIFAR B = 128, K = 100: R = 0.205M, Z = 12.8K
-        fp32: essential 1.79 MB, moved 2.66 MB (1.49x);  bf16: essential 0.90 MB, moved 1.34 MB (1.50x)
-    (the statistics add ~0.2 MB at ImageNet, ~0.1 MB at CIFAR, in the "moved" numbers above.)
+Byte model (issue 11; ``benchmarks.cases.sub_logit_loss_bytes`` computes the same numbers for the benchmark rows).
+E = bytes per logit element, R = S B n K (zf elements), Z = B K (one of z_s, z_t), 8 B target bytes per read:
+    essential = read zf, z_s, z_t, y once + write dzf, dz_s once          = 2 R E + 3 Z E + 8 B
+    design    = fwd: read zf, z_s, z_t, y                                   R E + 2 Z E + 8 B
+              + bwd: read zf, z_s, z_t, y; write dzf, dz_s                2 R E + 3 Z E + 8 B
+              + statistics, written once and read once: row_stats (S B n 3) and sample_stats (B 3) in fp64,
+                ortho_coef (S B n n) and the partial sums (5 S B) in the accumulation dtype
+    zf crosses memory 3 times against the essential 2 (1.5x), z_s / z_t 5 times against 3; the S - 1 re-reads
+    of a sample's z_s row by its later stage programs hit L2 and are not counted. Benchmark shapes (S 4, n 4):
+      ImageNet B 256, K 1000: fp32 essential 35.84 MB, design 54.66 MB (1.53x; statistics 0.38 MB)
+                              bf16 essential 17.92 MB, design 27.52 MB (1.54x)
+      CIFAR    B 128, K 100:  fp32 essential  1.79 MB, design  2.91 MB (1.62x; statistics 0.19 MB)
+                              bf16 essential  0.90 MB, design  1.55 MB (1.73x)
 The previous design wrote an fp32 gradient in the forward and read it back in the backward: at bf16 ~5x.
 """
 from __future__ import annotations
@@ -74,6 +73,20 @@ def _split(lse, ACC: tl.constexpr):
     with large probability); for fp64, lo = 0."""
     hi = lse.to(ACC)
     return hi, (lse - hi.to(tl.float64)).to(ACC)
+
+
+@triton.jit
+def _cast_out(x, dtype: tl.constexpr):
+    """x in the output dtype, rounded to nearest even. For bf16 the rounding is done on the bits: the GPU's
+    fptrunc rounds to nearest even, the Triton interpreter (3.8) truncates; this gives both the same bits."""
+    if dtype == tl.bfloat16:
+        x32 = x.to(tl.float32)
+        bits = x32.to(tl.uint32, bitcast=True)
+        bits = bits + (0x7FFF + ((bits >> 16) & 1))
+        out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return tl.where(x32 == x32, out, x32.to(tl.bfloat16))  # NaN stays NaN
+    else:
+        return x.to(dtype)
 
 
 @triton.jit
@@ -288,21 +301,21 @@ def sub_logit_loss_bwd_kernel(
         zt = tl.load(zt_ptr + b * stride_zt_b + offs_k * stride_zt_k, mask=ok, other=0.0).to(ACC)
     else:
         zt = tl.zeros([BLOCK_K], ACC)
-    hi, lo = _split(tl.load(sample_stats_ptr + b * 3 + 1), ACC)
-    log_ps = (zs * inv_t - hi) - lo  # log P_s
+    hi_s, lo_s = _split(tl.load(sample_stats_ptr + b * 3 + 1), ACC)
+    log_ps = (zs * inv_t - hi_s) - lo_s  # log P_s
     sum_p = tl.zeros([BLOCK_K], ACC)
     for s in range(0, S):
         x = tl.load(zf_ptr + s * stride_zf_s + b * stride_zf_b + offs_n[:, None] * stride_zf_n
                     + offs_k[None, :] * stride_zf_k, mask=m2, other=0.0).to(ACC)
         stats = row_stats_ptr + ((s * B + b) * N + offs_n) * 3
-        hi, lo = _split(tl.load(stats + 1, mask=row_ok, other=0.0), ACC)
-        log_p = (x * inv_t - hi[:, None]) - lo[:, None]
+        hi_t, lo_t = _split(tl.load(stats + 1, mask=row_ok, other=0.0), ACC)
+        log_p = (x * inv_t - hi_t[:, None]) - lo_t[:, None]
         p = tl.where(m2, tl.exp(log_p), 0.0)
         if NEED_STUDENT:
             sum_p += tl.sum(p, 0)
         if NEED_SUB:
-            hi, lo = _split(tl.load(stats + 0, mask=row_ok, other=0.0), ACC)
-            gz = _scalar(coef_sub_ce, ACC) * (tl.exp((x - hi[:, None]) - lo[:, None]) - onehot[None, :])
+            hi_1, lo_1 = _split(tl.load(stats + 0, mask=row_ok, other=0.0), ACC)
+            gz = _scalar(coef_sub_ce, ACC) * (tl.exp((x - hi_1[:, None]) - lo_1[:, None]) - onehot[None, :])
             if not DETACH:
                 kl = tl.load(stats + 2, mask=row_ok, other=0.0).to(ACC)
                 gz += kl_t * p * (log_p - log_ps[None, :] - kl[:, None])
@@ -321,28 +334,34 @@ def sub_logit_loss_bwd_kernel(
                     g_ol = tl.where((offs_k == y)[None, :], 0.0, g_ol)
                 gz += g_ol
             out = grad_zf_ptr + ((s * B + b) * N + offs_n[:, None]) * K + offs_k[None, :]
-            tl.store(out, (g * gz).to(grad_zf_ptr.dtype.element_ty), mask=m2)
+            tl.store(out, _cast_out(g * gz, grad_zf_ptr.dtype.element_ty), mask=m2)
     if NEED_STUDENT:
         p_s = tl.exp(log_ps)
-        hi, lo = _split(tl.load(sample_stats_ptr + b * 3 + 0), ACC)
-        p1 = tl.exp((zs - hi) - lo)
-        hi, lo = _split(tl.load(sample_stats_ptr + b * 3 + 2), ACC)
-        p_t = tl.exp((zt * inv_t - hi) - lo)
+        hi_1s, lo_1s = _split(tl.load(sample_stats_ptr + b * 3 + 0), ACC)
+        p1 = tl.exp((zs - hi_1s) - lo_1s)
+        hi_tt, lo_tt = _split(tl.load(sample_stats_ptr + b * 3 + 2), ACC)
+        p_t = tl.exp((zt * inv_t - hi_tt) - lo_tt)
         gs = _scalar(coef_ce, ACC) * (p1 - onehot) + _scalar(coef_kd, ACC) * T * (p_s - p_t)
         gs += kl_t * ((S * N) * p_s - sum_p)
-        tl.store(grad_zs_ptr + b * K + offs_k, (g * gs).to(grad_zs_ptr.dtype.element_ty), mask=ok)
+        tl.store(grad_zs_ptr + b * K + offs_k, _cast_out(g * gs, grad_zs_ptr.dtype.element_ty), mask=ok)
+
+
+def _warps(tile: int, least: int = 2) -> int:
+    """About 8 tile elements per thread, ``least`` to 8 warps: the tile's temporaries then stay in registers."""
+    return max(least, min(8, tile // 256))
 
 
 def _fwd_heuristic(n: int, num_classes: int, block_k=None):
-    """BLOCK_N = n rounded up to a power of two; BLOCK_K bounds the (BLOCK_N, BLOCK_K) tile (<= 4096 elements,
-    1024 from n = 16 on, where the n x n Gram tiles take registers), so every K is looped over.
+    """BLOCK_N = n rounded up to a power of two; BLOCK_K bounds the (BLOCK_N, BLOCK_K) tile (<= 2048 elements,
+    1024 from n = 16 on, where the n x n Gram tiles take registers), so every K is looped over; about 8 tile
+    elements per thread (``_warps``).
+    At least 4 warps for n > 1: at (4, 128) 2 warps spilled 24 bytes under triton 3.6 (3.8 did not).
     tests/test_triton_compile.py checks with ptxas -v for sm_90 that these sizes do not spill."""
     block_n = triton.next_power_of_2(n)
     if block_k is None:
-        budget = min(4096 // block_n, 1024) if block_n <= 8 else 1024 // block_n
+        budget = min(2048 // block_n, 1024) if block_n <= 8 else 1024 // block_n
         block_k = min(triton.next_power_of_2(num_classes), max(32, budget))
-    num_warps = 8 if block_n * block_k >= 2048 else (2 if block_n == 1 else 4)
-    return block_n, block_k, num_warps
+    return block_n, block_k, _warps(block_n * block_k, 2 if block_n == 1 else 4)
 
 
 def _bwd_heuristic(n: int, num_classes: int, block_k=None):
@@ -352,9 +371,7 @@ def _bwd_heuristic(n: int, num_classes: int, block_k=None):
     if block_k is None:
         budget = min(2048 // block_n, 512) if block_n <= 8 else max(512 // block_n, 16)
         block_k = min(triton.next_power_of_2(num_classes), max(32, budget))
-    tile = block_n * block_k
-    num_warps = 8 if tile >= 4096 else (4 if tile >= 512 else 2)
-    return block_n, block_k, num_warps
+    return block_n, block_k, _warps(block_n * block_k)
 
 
 def sub_logit_loss_forward(

@@ -40,17 +40,27 @@ def _capture_launches():
         return (torch.zeros(S, B, n, K, dtype=dtype), torch.zeros(B, K, dtype=dtype),
                 torch.zeros(B, K, dtype=dtype), torch.zeros(B, dtype=torch.int64))
 
-    # (mask_target, mask_fill, ortho_shift): gt_mask "zero" / "large_negative" / "none"; shift != 0: "raw".
-    for (S, B, n, K, dtype, mask, shift, detach, grad) in [
-            (4, 2, 4, 32768, torch.float32, (True, 0.0), 0.0, False, True),
-            (1, 2, 16, 1000, torch.bfloat16, (True, -1e6), 0.0, True, True),
-            (2, 2, 1, 100, torch.float16, (False, 0.0), 0.0, False, True),
-            (2, 2, 8, 1001, torch.float32, (True, 0.0), 0.0, False, False),
-            (2, 2, 2, 5000, torch.bfloat16, (True, 0.0), 0.0, False, True),
-            (2, 2, 4, 1000, torch.bfloat16, (True, 0.0), 1.0, False, True),
-            (2, 2, 4, 37, torch.float64, (True, 0.0), 0.0, False, True)]:
-        sub_logit_loss.sub_logit_loss_forward(*logits(S, B, n, K, dtype), 2.0, 0.1, 0.5, 1e-12, *mask, shift,
-                                              detach, 1.0, 1.0, 6.0, 1.0, grad)
+    # (mask_target, mask_fill, ortho_shift): gt_mask "zero" / "large_negative" / "none"; shift != 0: "raw";
+    # need: which gradients the backward writes (sub_logits, student_logits). K = 100 and 1000 (the benchmark
+    # shapes) at n in {1, 2, 4, 8}, the longest rows, n = 16, fp64.
+    for (S, B, n, K, dtype, mask, shift, detach, need) in [
+            (4, 2, 4, 32768, torch.float32, (True, 0.0), 0.0, False, (True, True)),
+            (1, 2, 16, 1000, torch.bfloat16, (True, -1e6), 0.0, True, (True, True)),
+            (2, 2, 1, 100, torch.float16, (False, 0.0), 0.0, False, (True, True)),
+            (2, 2, 1, 1000, torch.float32, (True, 0.0), 0.0, False, (True, True)),
+            (2, 2, 2, 100, torch.float32, (True, 0.0), 0.0, False, (True, True)),
+            (2, 2, 8, 1001, torch.float32, (True, 0.0), 0.0, False, (False, True)),
+            (2, 2, 8, 100, torch.bfloat16, (True, 0.0), 0.0, False, (True, False)),
+            (2, 2, 2, 5000, torch.bfloat16, (True, 0.0), 0.0, False, (True, True)),
+            (2, 2, 4, 1000, torch.bfloat16, (True, 0.0), 1.0, False, (True, True)),
+            (2, 2, 4, 100, torch.float32, (True, 0.0), 0.0, False, (True, True)),
+            (2, 2, 4, 37, torch.float64, (True, 0.0), 0.0, False, (True, True))]:
+        zf, zs, zt, y = logits(S, B, n, K, dtype)
+        _, _, row_stats, ortho_coef, sample_stats = sub_logit_loss.sub_logit_loss_forward(
+            zf, zs, zt, y, 2.0, 0.1, 0.5, 1e-12, *mask, shift, detach, 1.0, 1.0, 6.0, 1.0)
+        grad_loss = torch.ones((), dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+        sub_logit_loss.sub_logit_loss_backward(grad_loss, zf, zs, zt, y, row_stats, ortho_coef, sample_stats, 2.0,
+                                               0.1, shift, mask[0], detach, 1.0, 1.0, 6.0, *need)
     for (B, C, H, W, dtype, training, channels_last) in [
             (2, 512, 7, 7, torch.float32, True, False), (2, 64, 56, 56, torch.bfloat16, False, True),
             (2, 96, 14, 14, torch.float16, True, True), (2, 8, 3, 3, torch.float64, True, False)]:
@@ -79,10 +89,13 @@ def _capture_launches():
 
 def _signature(fn, args, kwargs):
     params = [p.name for p in fn.params]
+    annotated = {p.name: p.annotation_type for p in fn.params if p.annotation_type}  # e.g. "fp64" scalars
     constexprs = {name: kwargs[name] for name in params if name in kwargs}
     signature = {}
     for name, value in zip([p for p in params if p not in constexprs], args):
-        if isinstance(value, torch.Tensor):
+        if name in annotated:
+            signature[name] = annotated[name]
+        elif isinstance(value, torch.Tensor):
             signature[name] = "*" + _DTYPES[value.dtype]
         elif isinstance(value, bool):
             signature[name] = "i1"
@@ -140,7 +153,8 @@ def test_kernels_compile_for_sm90_without_spills():
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     kernels = {r["kernel"] for r in results}
-    assert kernels == {"sub_logit_loss_fwd_kernel", "sub_logit_loss_reduce_kernel", "row_stats_kernel",
+    assert kernels == {"sub_logit_loss_fwd_kernel", "sub_logit_loss_reduce_kernel", "sub_logit_loss_bwd_kernel",
+                       "row_stats_kernel",
                        "bn_stats_kernel", "bn_relu_pool_fwd_kernel", "bn_relu_pool_bwd_partial_kernel",
                        "bn_relu_pool_bwd_reduce_kernel", "bn_relu_pool_bwd_dx_kernel",
                        "cfm_gemm_kernel"}
