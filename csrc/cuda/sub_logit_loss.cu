@@ -54,14 +54,16 @@
 namespace hcd_fast::cuda {
 namespace {
 
+// Scalars with every quotient formed on the host in fp64 (no division in the kernels' hot loops, and no
+// divide subroutine calls: those cost a stack frame and register spills around the call).
 struct FwdParams {
-  double temperature, label_smoothing, ortho_threshold, ortho_eps, fill, shift, w_ol;
-  bool masked;
+  double inv_t, t2, label_smoothing, ls_k, ortho_threshold, ortho_eps, fill, shift, c4;
+  bool unit_t, masked;
 };
 
 struct BwdParams {
-  double temperature, label_smoothing, shift, w_gt, w_kd, w_kl;
-  bool masked, detach;
+  double inv_t, ls_k, one_ls, a_ce, a_kd, a_sce, a_skl, a_x, cq, shift;
+  bool masked;
 };
 
 template <typename acc_t>
@@ -86,7 +88,7 @@ __global__ void __launch_bounds__(kMaxRowThreads)
                    int64_t S, int64_t B, int64_t n, int64_t K, FwdParams p) {
   extern __shared__ unsigned char smem_raw[];
   acc_t* ws = reinterpret_cast<acc_t*>(smem_raw);
-  const int64_t r = blockIdx.x, b = r / S, s = r % S;
+  const int64_t r = blockIdx.x, b = int64_t(blockIdx.x / unsigned(S)), s = int64_t(blockIdx.x % unsigned(S));
   acc_t* D = scratch != nullptr ? scratch + r * (n * n + n) : ws + 3 * kWarp;
   acc_t* nrm = D + n * n;
   const int tid = threadIdx.x, nt = blockDim.x;
@@ -104,9 +106,9 @@ __global__ void __launch_bounds__(kMaxRowThreads)
     }
     return;
   }
-  const acc_t invT = acc_t(1.0 / p.temperature), T2 = acc_t(p.temperature * p.temperature);
-  const bool unit_T = p.temperature == 1.0;
-  const acc_t ls = acc_t(p.label_smoothing), lsK = acc_t(p.label_smoothing / double(K));
+  const acc_t invT = acc_t(p.inv_t), T2 = acc_t(p.t2);
+  const bool unit_T = p.unit_t;
+  const acc_t ls = acc_t(p.label_smoothing), lsK = acc_t(p.ls_k);
   const side_t* xs = zs + b * K;
   const side_t* xt = zt + b * K;
 
@@ -146,8 +148,8 @@ __global__ void __launch_bounds__(kMaxRowThreads)
     if (tid == 0) {
       ce_b = (ms + log_z1s) - (acc_t(1) - ls) * acc_t(xs[y]) - lsK * st[2];
       sample_stats[b * 3] = double(ms) + double(log_z1s);
-      sample_stats[b * 3 + 1] = double(ms) / p.temperature + double(log_zTs);
-      sample_stats[b * 3 + 2] = double(mt) / p.temperature + double(log_zTt);
+      sample_stats[b * 3 + 1] = double(ms) * p.inv_t + double(log_zTs);
+      sample_stats[b * 3 + 2] = double(mt) * p.inv_t + double(log_zTt);
     }
   }
 
@@ -180,7 +182,7 @@ __global__ void __launch_bounds__(kMaxRowThreads)
       const acc_t lse1 = mi + log_z1;
       const acc_t kl = rr[2] / rr[1] - log_zT + log_zTs;
       rs[i * 3] = double(mi) + double(log_z1);
-      rs[i * 3 + 1] = double(mi) / p.temperature + double(log_zT);
+      rs[i * 3 + 1] = double(mi) * p.inv_t + double(log_zT);
       rs[i * 3 + 2] = double(kl);
       sub_ce += lse1 - (acc_t(1) - ls) * acc_t(x[y]) - lsK * si;
       sub_kl += T2 * kl;
@@ -217,7 +219,7 @@ __global__ void __launch_bounds__(kMaxRowThreads)
       }
     if (tid == 0) {  // n x n work: thread 0 alone (D was written by thread 0: no barrier needed)
       const acc_t eps = acc_t(p.ortho_eps), theta = acc_t(p.ortho_threshold);
-      const acc_t c4 = acc_t(4.0 * p.w_ol / (double(B) * double(n) * double(n - 1)));
+      const acc_t c4 = acc_t(p.c4);
       for (int64_t i = 0; i < n; ++i) nrm[i] = sqrt(D[i * n + i]);
       for (int64_t i = 0; i < n; ++i) {
         const acc_t ri = max(nrm[i], eps);
@@ -268,14 +270,16 @@ __global__ void sll_reduce_kernel(const acc_t* __restrict__ partials, acc_t* __r
   }
 }
 
-constexpr int kPerThread = 4;  // columns per thread in the backward
-constexpr int kRegRows = 8;    // n up to this: the n values of a column of (s, b) are kept in registers
+// Columns per thread in the backward, and n up to which the n values of a column of (s, b) are kept in
+// registers: 2 x 8 fits the float kernels in 128 registers without spills (4 x 8 spilled under ptxas 13.0).
+constexpr int kPerThread = 2;
+constexpr int kRegRows = 8;
 constexpr int kBwdMaxThreads = 256;
 
+// Threads per backward block: a block covers kPerThread * threads columns (K = 1000: 4 blocks per sample).
 inline int bwd_threads(int64_t K) {
-  if (K <= 128) return 32;
-  if (K <= 1024) return 64;
-  if (K <= 4096) return 128;
+  if (K <= 128) return 64;
+  if (K <= 1024) return 128;
   return kBwdMaxThreads;
 }
 
@@ -305,22 +309,15 @@ __global__ void __launch_bounds__(kBwdMaxThreads)
       if (!in[c]) continue;
       if (need_zs) gzs[b * K + kc[c]] = side_t(nanv);
       if (need_sub)
-        for (int64_t q = 0; q < S * n; ++q) {
-          const int64_t s = q / n, i = q % n;
-          gsub[((s * B + b) * n + i) * K + kc[c]] = scalar_t(nanv);
-        }
+        for (int64_t s = 0; s < S; ++s)
+          for (int64_t i = 0; i < n; ++i) gsub[((s * B + b) * n + i) * K + kc[c]] = scalar_t(nanv);
     }
     return;
   }
   const acc_t g = *grad_loss;
-  const acc_t invT = acc_t(1.0 / p.temperature);
-  const acc_t ls = acc_t(p.label_smoothing), lsK = acc_t(p.label_smoothing / double(K)), one_ls = acc_t(1) - ls;
-  const acc_t a_ce = acc_t(p.w_gt / double(B)), a_kd = acc_t(p.w_kd * p.temperature / double(B));
-  const acc_t a_sce = acc_t(p.w_gt / (double(B) * double(n)));
-  const acc_t a_skl = acc_t(p.w_kl * p.temperature / (double(B) * double(n)));
-  const acc_t a_x = p.detach ? acc_t(0) : a_skl;
-  const acc_t cq = a_kd + acc_t(double(S) * double(n)) * a_skl;
-  const acc_t shift = acc_t(p.shift);
+  const acc_t invT = acc_t(p.inv_t), lsK = acc_t(p.ls_k), one_ls = acc_t(p.one_ls);
+  const acc_t a_ce = acc_t(p.a_ce), a_kd = acc_t(p.a_kd), a_sce = acc_t(p.a_sce), a_skl = acc_t(p.a_skl);
+  const acc_t a_x = acc_t(p.a_x), cq = acc_t(p.cq), shift = acc_t(p.shift);
   acc_t h1s, l1s, hTs, lTs, hTt, lTt;  // hi/lo of the sample statistics
   split_stat(sample_stats[b * 3], h1s, l1s);
   split_stat(sample_stats[b * 3 + 1], hTs, lTs);
@@ -470,8 +467,13 @@ SubLogitLossOut sub_logit_loss(HCD_SUB_LOGIT_LOSS_ARGS) {
     return {loss, parts, row_stats, ortho_coef, sample_stats};
   }
   Tensor partials = at::empty({S * B, 5}, opts);
-  const FwdParams p{temperature, label_smoothing, ortho_threshold, ortho_eps, mask_fill, ortho_shift, w_ol,
-                    mask_target};
+  FwdParams p{};
+  p.inv_t = 1.0 / temperature, p.t2 = temperature * temperature, p.unit_t = temperature == 1.0;
+  p.label_smoothing = label_smoothing, p.ls_k = label_smoothing / double(K);
+  p.ortho_threshold = ortho_threshold, p.ortho_eps = ortho_eps, p.fill = mask_fill, p.shift = ortho_shift;
+  p.c4 = n > 1 ? 4.0 * w_ol / (double(B) * double(n) * double(n - 1)) : 0.0;  // 4 w_ol / (B n (n-1))
+  p.masked = mask_target;
+  TORCH_CHECK(S * B <= int64_t(INT32_MAX), "sub_logit_loss (cuda): S * B too large for one launch");
   const int threads = row_threads(K);
   auto stream = at::cuda::getCurrentCUDAStream();
   dispatch_sll(zf_st, side_st, [&](auto zf_tag, auto side_tag) {
@@ -525,7 +527,15 @@ SubLogitLossBwdOut sub_logit_loss_backward(HCD_SUB_LOGIT_LOSS_BWD_ARGS) {
     const int threads = bwd_threads(K);
     const int64_t kblocks = (K + int64_t(kPerThread) * threads - 1) / (int64_t(kPerThread) * threads);
     TORCH_CHECK(kblocks <= 65535 && B <= int64_t(INT32_MAX), "sub_logit_loss_backward: K or B too large");
-    const BwdParams p{temperature, label_smoothing, ortho_shift, w_gt, w_kd, w_kl, mask_target, detach_sub_targets};
+    // The coefficients of the gradient formulas (header), formed once in fp64.
+    BwdParams p{};
+    const double Bn = double(B) * double(n);
+    p.inv_t = 1.0 / temperature, p.ls_k = label_smoothing / double(K), p.one_ls = 1.0 - label_smoothing;
+    p.a_ce = w_gt / double(B), p.a_kd = w_kd * temperature / double(B);
+    p.a_sce = w_gt / Bn, p.a_skl = w_kl * temperature / Bn;
+    p.a_x = detach_sub_targets ? 0.0 : p.a_skl;
+    p.cq = p.a_kd + double(S) * double(n) * p.a_skl;
+    p.shift = ortho_shift, p.masked = mask_target;
     auto stream = at::cuda::getCurrentCUDAStream();
     dispatch_sll(zf_st, side_st, [&](auto zf_tag, auto side_tag) {
       using scalar_t = decltype(zf_tag);
