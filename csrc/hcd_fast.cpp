@@ -16,6 +16,7 @@ std::string set_capability(const std::string& name);
 
 TORCH_LIBRARY_IMPL(hcd_fast, CPU, m) {
   m.impl("sub_logit_loss", &hcd_fast::cpu::sub_logit_loss);
+  m.impl("sub_logit_loss_backward", &hcd_fast::cpu::sub_logit_loss_backward);
   m.impl("bn_relu_pool_fwd", &hcd_fast::cpu::bn_relu_pool_fwd);
   m.impl("bn_relu_pool_bwd", &hcd_fast::cpu::bn_relu_pool_bwd);
   m.impl("pool_linear", &hcd_fast::cpu::pool_linear);
@@ -25,6 +26,7 @@ TORCH_LIBRARY_IMPL(hcd_fast, CPU, m) {
 #ifdef HCD_FAST_WITH_CUDA
 TORCH_LIBRARY_IMPL(hcd_fast, CUDA, m) {
   m.impl("sub_logit_loss", &hcd_fast::cuda::sub_logit_loss);
+  m.impl("sub_logit_loss_backward", &hcd_fast::cuda::sub_logit_loss_backward);
   m.impl("bn_relu_pool_fwd", &hcd_fast::cuda::bn_relu_pool_fwd);
   m.impl("bn_relu_pool_bwd", &hcd_fast::cuda::bn_relu_pool_bwd);
   m.impl("pool_linear", &hcd_fast::cuda::pool_linear);

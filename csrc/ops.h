@@ -11,16 +11,26 @@ namespace hcd_fast {
 
 using at::Tensor;
 
-// Returns (loss 0-d, parts (5,) [ce, sub_ce, kd, sub_kl, ortho], d loss/d sub_logits, d loss/d student_logits);
-// loss, parts and gradients in the compute dtype (fp32, or fp64 for fp64 input); gradients are empty (0,)
-// unless compute_grad. Options as encoded by hcd_fast/ops/sub_logit_loss.py: the orthogonality rows are
-// v_i = zf_i - ortho_shift * z_t with the target entry set to mask_fill when mask_target.
+// sub_logit_loss (hcd_fast/ops/sub_logit_loss.py, the issue-11 design): returns (loss 0-d, parts (5,) [ce,
+// sub_ce, kd, sub_kl, ortho], row_stats (S, B, n, 3) [lse(zf_i), lse(zf_i / T), kl_i], ortho_coef (S, B, n, n),
+// sample_stats (B, 3) [lse(z_s), lse(z_s / T), lse(z_t / T)]), all contiguous; row_stats and sample_stats in
+// fp64, the others in the compute dtype (fp32, or fp64 if any logit input is fp64). The orthogonality rows are v_i = zf_i - ortho_shift * z_t with the
+// target entry set to mask_fill when mask_target. A target outside [0, K) gives NaN (no read out of bounds).
 #define HCD_SUB_LOGIT_LOSS_ARGS                                                                             \
   const Tensor &sub_logits, const Tensor &student_logits, const Tensor &teacher_logits,                     \
       const Tensor &target, double temperature, double label_smoothing, double ortho_threshold,             \
       double ortho_eps, bool mask_target, double mask_fill, double ortho_shift, bool detach_sub_targets,    \
-      double w_gt, double w_kd, double w_kl, double w_ol, bool compute_grad
-using SubLogitLossOut = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+      double w_gt, double w_kd, double w_kl, double w_ol
+using SubLogitLossOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+// sub_logit_loss_backward: (grad_sub_logits (S, B, n, K) in sub_logits' dtype, grad_student_logits (B, K) in
+// student_logits' dtype), each a (0,) tensor when not needed; grad_loss is a 0-d tensor read on the device.
+#define HCD_SUB_LOGIT_LOSS_BWD_ARGS                                                                           \
+  const Tensor &grad_loss, const Tensor &sub_logits, const Tensor &student_logits, const Tensor &teacher_logits, \
+      const Tensor &target, const Tensor &row_stats, const Tensor &ortho_coef, const Tensor &sample_stats,     \
+      double temperature, double label_smoothing, double ortho_shift, bool mask_target, bool detach_sub_targets, \
+      double w_gt, double w_kd, double w_kl, bool need_grad_sub, bool need_grad_student
+using SubLogitLossBwdOut = std::tuple<Tensor, Tensor>;
 
 // bn_relu_pool_fwd: (out (B, C) in x's dtype, save_mean (C,), save_invstd (C,) in the compute dtype);
 // updates running_mean/running_var in place when training.
@@ -45,6 +55,7 @@ using Tensor2 = std::tuple<Tensor, Tensor>;
 
 namespace cpu {
 SubLogitLossOut sub_logit_loss(HCD_SUB_LOGIT_LOSS_ARGS);
+SubLogitLossBwdOut sub_logit_loss_backward(HCD_SUB_LOGIT_LOSS_BWD_ARGS);
 Tensor3 bn_relu_pool_fwd(HCD_BN_FWD_ARGS);
 Tensor3 bn_relu_pool_bwd(HCD_BN_BWD_ARGS);
 Tensor2 pool_linear(HCD_POOL_LINEAR_ARGS);
@@ -55,6 +66,7 @@ const char* capability();
 #ifdef HCD_FAST_WITH_CUDA
 namespace cuda {
 SubLogitLossOut sub_logit_loss(HCD_SUB_LOGIT_LOSS_ARGS);
+SubLogitLossBwdOut sub_logit_loss_backward(HCD_SUB_LOGIT_LOSS_BWD_ARGS);
 Tensor3 bn_relu_pool_fwd(HCD_BN_FWD_ARGS);
 Tensor3 bn_relu_pool_bwd(HCD_BN_BWD_ARGS);
 Tensor2 pool_linear(HCD_POOL_LINEAR_ARGS);

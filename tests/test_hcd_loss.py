@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import hcd_fast
 from hcd_fast import HCDConfig, HCDLoss, functional as HF
 from hcd_fast.modules import ConvProjector, LinearProjector, SepConv
 from hcd_fast.reference import PART_NAMES
@@ -220,11 +221,19 @@ def test_bad_inputs_give_clear_errors(mutate, exc, words):
 
 def test_validate_false_skips_range_check():
     feats, zs, ft, zt, y = make_inputs()
-    crit = HCDLoss(CHANNELS, TEACHER_DIM, K, validate=False)
-    # Without the range check, the out-of-range target reaches cross_entropy, which raises its own error.
+    bad = torch.tensor([0, 1, K])
+    # Without the range check, the out-of-range target reaches the eager reference's cross_entropy, which raises
+    # its own error ...
+    crit = HCDLoss(CHANNELS, TEACHER_DIM, K, validate=False, backend="reference")
     with pytest.raises(Exception) as info:
-        crit(feats, zs, ft, zt, torch.tensor([0, 1, K]))
+        crit(feats, zs, ft, zt, bad)
     assert "[0, 7)" not in str(info.value)
+    # ... and makes a fused kernel's loss and every part NaN (issue 11: never an out-of-bounds read, never a
+    # finite wrong loss; the trainer's non-finite check then stops).
+    if hcd_fast.backends()["cpu"].available:
+        crit = HCDLoss(CHANNELS, TEACHER_DIM, K, validate=False, backend="cpu")
+        loss, parts = crit(feats, zs, ft, zt, bad, return_parts=True)
+        assert torch.isnan(loss) and all(torch.isnan(v) for v in parts.values())
 
 
 def test_bad_constructor_arguments():

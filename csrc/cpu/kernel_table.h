@@ -7,8 +7,12 @@
 namespace hcd_fast::cpu::CPU_CAPABILITY {
 inline KernelTable make_table(const char* name) {
   KernelTable t;
-  t.sub_logit_loss_f = &sub_logit_loss_kernel<float>;
-  t.sub_logit_loss_d = &sub_logit_loss_kernel<double>;
+  t.sub_logit_loss_samples_f = &sub_logit_loss_samples_kernel<float>;
+  t.sub_logit_loss_samples_d = &sub_logit_loss_samples_kernel<double>;
+  t.sub_logit_loss_rows_f = &sub_logit_loss_rows_kernel<float>;
+  t.sub_logit_loss_rows_d = &sub_logit_loss_rows_kernel<double>;
+  t.sub_logit_loss_bwd_f = &sub_logit_loss_bwd_kernel<float>;
+  t.sub_logit_loss_bwd_d = &sub_logit_loss_bwd_kernel<double>;
   t.channel_moments_f = &channel_moments_kernel<float>;
   t.channel_moments_d = &channel_moments_kernel<double>;
   t.bn_relu_pool_fwd_f = &bn_relu_pool_fwd_kernel<float>;

@@ -1,19 +1,25 @@
-// Vectorised body of the fused HCD sub-logit loss on CPU (SPEC section 2, items 4-6 and the total).
-// One task per sample b: the student row's log-softmax is computed once and reused by the S*n sub-logit
-// KL rows of that sample, and the student gradient row is owned by that task (no atomics, deterministic).
-// Gradients are computed in the same row passes as the loss: the loss is the last node of the graph, so
-// backward only scales them by grad_output.
+// Vectorised bodies of the fused HCD sub-logit loss on CPU (SPEC section 2, items 4-6; the issue-11 design,
+// hcd_fast/ops/sub_logit_loss.py). The forward writes the loss terms and small statistics only; the backward
+// recomputes every softmax from the inputs and writes each gradient element once, in its input's dtype.
 //
-// Per row x (one sub-logit, K classes), with q = softmax(z_s/T), p = softmax(x/T), s1 = softmax(x):
-//   CE_ls(x, y)          = lse(x) - (1-ls) x_y - ls/K sum_k x_k,    d/dx = s1 - (1-ls) e_y - ls/K
-//   T^2 KL(p || q)       = T^2 sum_k p_k (log p_k - log q_k),      d/dx = T p (log p - log q - KL)
-//                                                                    d/dz_s = T (q - p)
-// Log-probabilities are formed as (x - max) / T - log Z, never x / T - (max / T + log Z): at logit scales
-// in the hundreds the latter loses the low bits of log p, and the gradients with them.
-// Orthogonality per (stage, sample): v_i = x_i - shift z_t (shift = 0 unless ortho_on="raw") masked at y, den_i = max(|v_i|, eps), G = D / (den den^T)
-// with D_ij = v_i . v_j, hinge h_ij = relu(G_ij - theta), d/dv_i = sum_j c_ij v_j where
-//   c_ij = 2 g_ij / (den_i den_j) (i != j),  c_ii = -2 sum_j g_ij G_ij / den_i^2 (0 if |v_i| < eps),
-//   g_ij = w_ol * 2 h_ij / (B n (n-1)).
+// Notation: x a sub-logit row zf_i (K classes), z_s / z_t the student / teacher rows, p = softmax(x),
+// P = softmax(x / T), P_s = softmax(z_s / T), p_s = softmax(z_s), P_t = softmax(z_t / T), y the target.
+//   CE_ls(x, y)       = lse(x) - (1-ls) x_y - ls/K sum_k x_k,      d/dx = p - (1-ls) e_y - ls/K
+//   T^2 KL(P || P_s)  = T^2 sum_k P_k (log P_k - log P_s,k),     d/dx = T P (log P - log P_s - KL)
+//                                                                  d/dz_s = T (P_s - P)
+//   orthogonality per (stage, sample): d(w_ol OL)/d v_i = sum_j M_ij v_j (M = ortho_coef, below).
+// Log-probabilities are formed as (x - max) / T - log Z, never x / T - lse: at logit magnitudes in the
+// hundreds the latter loses the low bits of log P, and the gradients with them. For that reason the CPU
+// backward recomputes each row's max and normaliser (the same exps it needs for P anyway) instead of
+// reading the lse columns of row_stats / sample_stats; it reads the kl column and ortho_coef.
+//
+// Work split (every output slot has one writer: deterministic for any thread count):
+//   forward phase 1, per sample b:        sample_stats, sample_aux, ce and kd of b;
+//   forward phase 2, per (stage s, b):    the n rows' row_stats, ortho_coef, and their sub-CE, KL, hinge sums;
+//   backward, per sample b:               dz_s[b] and dzf[s, b, i] for every s, i (dz_s sums the S*n rows).
+// Bytes (the memory traffic; rows of a task live in L1/L2): forward reads zf, z_s, z_t once; backward reads
+// zf, z_s, z_t once and writes dzf, dz_s once in the inputs' dtypes; the statistics are O(S B n^2).
+// A sample whose target is outside [0, K) gets NaN statistics, partials and gradient rows (never a read at y).
 #pragma once
 #include <memory>
 
@@ -22,251 +28,403 @@
 
 namespace hcd_fast::cpu::CPU_CAPABILITY {
 
+namespace sll {
+
 template <typename T>
-void sub_logit_loss_kernel(const SubLogitLossArgs<T>& a, int64_t begin, int64_t end) {
+inline T nan() {
+  return std::numeric_limits<T>::quiet_NaN();
+}
+
+// sum_k exp((x_k - m) * c) for c = 1 (c1) and c = invT (cT); cT's sum equals c1's when unit_T.
+template <typename T>
+inline void exp_sums(const T* x, int64_t K, T m, T invT, bool unit_T, T& z1, T& zT) {
+  using V = Vec<T>;
+  constexpr int64_t L = V::size();
+  V v1(T(0)), vT(T(0));
+  const V vm(m), vinvT(invT);
+  int64_t k = 0;
+  for (; k + L <= K; k += L) {
+    V d = V::loadu(x + k) - vm;
+    v1 = v1 + vexp(d);
+    if (!unit_T) vT = vT + vexp(d * vinvT);
+  }
+  T s1 = hsum(v1), sT = hsum(vT);
+  for (; k < K; ++k) {
+    s1 += std::exp(x[k] - m);
+    if (!unit_T) sT += std::exp((x[k] - m) * invT);
+  }
+  z1 = s1;
+  zT = unit_T ? s1 : sT;
+}
+
+// sum_k exp(dx_k) and sum_k exp(dx_k) (dx_k - ds_k) with dx_k = (x_k - mx) / T, ds_k = (zs_k - ms) / T:
+// the normaliser of P = softmax(x / T) and the unnormalised sum of KL(P || P_s) (up to the log Z terms).
+template <typename T>
+inline void kl_sums(const T* x, const T* zs, int64_t K, T mx, T ms, T invT, T& zT, T& acc) {
+  using V = Vec<T>;
+  constexpr int64_t L = V::size();
+  V vz(T(0)), va(T(0));
+  const V vmx(mx), vms(ms), vinvT(invT);
+  int64_t k = 0;
+  for (; k + L <= K; k += L) {
+    V dx = (V::loadu(x + k) - vmx) * vinvT;
+    V e = vexp(dx);
+    vz = vz + e;
+    va = at::vec::fmadd(e, dx - (V::loadu(zs + k) - vms) * vinvT, va);
+  }
+  T z = hsum(vz), s = hsum(va);
+  for (; k < K; ++k) {
+    T dx = (x[k] - mx) * invT;
+    T e = std::exp(dx);
+    z += e;
+    s += e * (dx - (zs[k] - ms) * invT);
+  }
+  zT = z;
+  acc = s;
+}
+
+}  // namespace sll
+
+// Forward phase 1: per sample, the student and teacher rows. sample_aux keeps (max z_s, log Z_T(z_s)) so the
+// phase-2 rows form log P_s without cancellation.
+template <typename T>
+void sub_logit_loss_samples_kernel(const SubLogitLossFwdArgs<T>& a, int64_t begin, int64_t end) {
+  const int64_t K = a.K;
+  const T invT = T(1.0 / a.temperature), T2 = T(a.temperature * a.temperature);
+  const bool unit_T = a.temperature == 1.0;
+  const T ls = T(a.label_smoothing), lsK = T(a.label_smoothing / double(K));
+  std::unique_ptr<T[]> buf(new T[2 * K]);
+  for (int64_t b = begin; b < end; ++b) {
+    const T* zs = load_row<T>(a.student_logits, a.student_dtype, b * K, K, buf.get());
+    const T* zt = load_row<T>(a.teacher_logits, a.teacher_dtype, b * K, K, buf.get() + K);
+    T ms, sum_s, z1s, zTs;
+    row_max_sum(zs, K, ms, sum_s);
+    sll::exp_sums(zs, K, ms, invT, unit_T, z1s, zTs);
+    const T mt = row_max(zt, K);
+    T zTt, kd_acc;
+    sll::kl_sums(zt, zs, K, mt, ms, invT, zTt, kd_acc);
+    const T log_zTs = std::log(zTs), log_zTt = std::log(zTt), lse1s = ms + std::log(z1s);  // lse1s: for ce
+    const int64_t y = a.target[b];
+    const bool valid = y >= 0 && y < K;
+    // A sample with an out-of-range target has NaN statistics (as on the CUDA backend).
+    // The statistics are fp64 (the op's contract): max + log-sum, each computed in T, added in fp64.
+    double* st = a.sample_stats + b * 3;
+    st[0] = valid ? double(ms) + double(std::log(z1s)) : sll::nan<double>();
+    st[1] = valid ? double(ms) / a.temperature + double(log_zTs) : sll::nan<double>();
+    st[2] = valid ? double(mt) / a.temperature + double(log_zTt) : sll::nan<double>();
+    a.sample_aux[b * 2] = ms;
+    a.sample_aux[b * 2 + 1] = log_zTs;
+    T* part = a.sample_partials + b * 2;
+    part[0] = valid ? lse1s - (T(1) - ls) * zs[valid ? y : 0] - lsK * sum_s : sll::nan<T>();
+    part[1] = valid ? T2 * (kd_acc / zTt - log_zTt + log_zTs) : sll::nan<T>();
+  }
+}
+
+// Forward phase 2: per (stage, sample) r = s * B + b, the n sub-logit rows: CE and KL terms, row_stats, and
+// the orthogonality hinge with its gradient coefficients M (n x n):
+//   v_i = x_i - shift z_t (target entry = fill when masked), r_i = max(|v_i|, eps), G_ij = v_i.v_j / (r_i r_j),
+//   c4 = 4 w_ol / (B n (n-1)), h_ij = relu(G_ij - theta),
+//   M_ij = c4 h_ij / (r_i r_j) (i != j),  M_ii = -[|v_i| >= eps] c4 sum_{j != i} h_ij G_ij / r_i^2.
+template <typename T>
+void sub_logit_loss_rows_kernel(const SubLogitLossFwdArgs<T>& a, int64_t begin, int64_t end) {
+  const int64_t B = a.B, n = a.n, K = a.K;
+  const T invT = T(1.0 / a.temperature), T2 = T(a.temperature * a.temperature);
+  const bool unit_T = a.temperature == 1.0;
+  const T ls = T(a.label_smoothing), lsK = T(a.label_smoothing / double(K));
+  const bool shifted = a.ortho_shift != 0.0 && n > 1;
+  const T shift = T(a.ortho_shift), fill = T(a.mask_fill), eps = T(a.ortho_eps), theta = T(a.ortho_threshold);
+  const T c4 = n > 1 ? T(4.0 * a.w_ol / (double(B) * double(n) * double(n - 1))) : T(0);
+  std::unique_ptr<T[]> buf(new T[(2 + n + (shifted ? n : 0)) * K]);
+  T *zs_buf = buf.get(), *zt_buf = zs_buf + K, *x_buf = zt_buf + K, *v_buf = x_buf + n * K;
+  std::unique_ptr<const T*[]> xr(new const T*[2 * n]);
+  const T** vr = xr.get() + n;
+  std::unique_ptr<T[]> small(new T[n * n + 2 * n]);
+  T *D = small.get(), *rn = D + n * n, *nrm = rn + n;
+
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t b = r % B;
+    const int64_t y = a.target[b];
+    double* rs = a.row_stats + r * n * 3;
+    T* M = a.ortho_coef + r * n * n;
+    T* part = a.row_partials + r * 3;
+    if (!(y >= 0 && y < K)) {
+      std::fill(rs, rs + n * 3, sll::nan<double>());
+      std::fill(M, M + n * n, sll::nan<T>());
+      std::fill(part, part + 3, sll::nan<T>());
+      continue;
+    }
+    const T* zs = load_row<T>(a.student_logits, a.student_dtype, b * K, K, zs_buf);
+    const T ms = a.sample_aux[b * 2], log_zTs = a.sample_aux[b * 2 + 1];
+    for (int64_t i = 0; i < n; ++i) xr[i] = load_row<T>(a.sub_logits, a.sub_dtype, (r * n + i) * K, K, x_buf + i * K);
+    if (shifted) {
+      const T* zt = load_row<T>(a.teacher_logits, a.teacher_dtype, b * K, K, zt_buf);
+      using V = Vec<T>;
+      constexpr int64_t L = V::size();
+      const V vshift(shift);
+      for (int64_t i = 0; i < n; ++i) {
+        T* v = v_buf + i * K;
+        const T* x = xr[i];
+        int64_t k = 0;
+        for (; k + L <= K; k += L) (V::loadu(x + k) - vshift * V::loadu(zt + k)).store(v + k);
+        for (; k < K; ++k) v[k] = x[k] - shift * zt[k];
+        vr[i] = v;
+      }
+    } else {
+      for (int64_t i = 0; i < n; ++i) vr[i] = xr[i];
+    }
+
+    T sub_ce = 0, sub_kl = 0, hinge2 = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const T* x = xr[i];
+      T m, sum_x, z1, zT, kl_acc;
+      row_max_sum(x, K, m, sum_x);
+      sll::kl_sums(x, zs, K, m, ms, invT, zT, kl_acc);
+      if (unit_T) {
+        z1 = zT;  // P == p
+      } else {
+        T unused;
+        sll::exp_sums(x, K, m, invT, /*unit_T=*/true, z1, unused);
+      }
+      const T lse1 = m + std::log(z1), log_zT = std::log(zT);
+      const T kl = kl_acc / zT - log_zT + log_zTs;
+      rs[i * 3] = double(m) + double(std::log(z1));
+      rs[i * 3 + 1] = double(m) / a.temperature + double(log_zT);
+      rs[i * 3 + 2] = double(kl);
+      sub_ce += lse1 - (T(1) - ls) * x[y] - lsK * sum_x;
+      sub_kl += T2 * kl;
+    }
+
+    if (n > 1) {
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t j = i; j < n; ++j) {
+          T d = row_dot(vr[i], vr[j], K);
+          // Masking replaces v_y by the fill value in both rows.
+          if (a.mask_target) d = (d - vr[i][y] * vr[j][y]) + fill * fill;
+          D[i * n + j] = D[j * n + i] = d;
+        }
+      for (int64_t i = 0; i < n; ++i) {
+        nrm[i] = std::sqrt(D[i * n + i]);
+        rn[i] = std::max(nrm[i], eps);
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        T diag = 0;
+        for (int64_t j = 0; j < n; ++j) {
+          if (j == i) continue;
+          const T G = D[i * n + j] / (rn[i] * rn[j]);
+          const T h = std::max(G - theta, T(0));
+          hinge2 += h * h;
+          M[i * n + j] = c4 * h / (rn[i] * rn[j]);
+          diag += h * G;
+        }
+        // d max(|v|, eps) / dv = v / |v| where |v| >= eps (torch's clamp_min passes the gradient at equality).
+        M[i * n + i] = nrm[i] < eps ? T(0) : -c4 * diag / (rn[i] * rn[i]);
+      }
+    } else {
+      M[0] = T(0);
+    }
+    part[0] = sub_ce;
+    part[1] = sub_kl;
+    part[2] = hinge2;
+  }
+}
+
+// Backward over samples [begin, end): with g = grad_loss,
+//   dz_s[b, k]    = g (w_gt/B (p_s - (1-ls)[k==y] - ls/K) + w_kd T/B (P_s - P_t) + w_kl T/(B n) sum_{s,i} (P_s - P_i))
+//   dzf[s,b,i,k]  = g (w_gt/(B n) (p_i - (1-ls)[k==y] - ls/K) + [!detach] w_kl T/(B n) P_i (log P_i - log P_s - kl_i)
+//                      + [!(masked and k==y)] sum_j M_ij v_j,k)
+template <typename T>
+void sub_logit_loss_bwd_kernel(const SubLogitLossBwdArgs<T>& a, int64_t begin, int64_t end) {
   using V = Vec<T>;
   constexpr int64_t L = V::size();
   const int64_t S = a.S, B = a.B, n = a.n, K = a.K;
-  const bool grad = a.grad_sub_logits != nullptr;
-  const T Tt = T(a.temperature), invT = T(1) / Tt, T2 = Tt * Tt;
+  const bool need_sub = a.grad_sub_logits != nullptr, need_zs = a.grad_student_logits != nullptr;
+  const T invT = T(1.0 / a.temperature);
   const bool unit_T = a.temperature == 1.0;
-  const T ls = T(a.label_smoothing), ls_K = ls / T(K);
-  // Gradient scales: every row term is a mean over B (student) or B*n (sub-logit rows).
-  const T a_ce = T(a.w_gt / B), a_kd = T(a.w_kd * a.temperature / B);
-  const T a_sce = T(a.w_gt / (B * n)), a_skl = T(a.w_kl * a.temperature / (B * n));
-  const T ol_norm = n > 1 ? T(1.0 / (B * n * (n - 1))) : T(0);
-  const T fill = T(a.mask_fill);
-  const bool masked = a.mask_target;
-  const T shift = T(a.ortho_shift);
+  const T ls = T(a.label_smoothing), lsK = T(a.label_smoothing / double(K)), one_ls = T(1) - ls;
+  const T a_ce = T(a.w_gt / double(B)), a_kd = T(a.w_kd * a.temperature / double(B));
+  const T a_sce = T(a.w_gt / (double(B) * double(n))), a_skl = T(a.w_kl * a.temperature / (double(B) * double(n)));
+  const T a_x = a.detach_sub_targets ? T(0) : a_skl;
+  const T cq = a_kd + T(double(S) * double(n)) * a_skl;
   const bool shifted = a.ortho_shift != 0.0 && n > 1;
+  const T shift = T(a.ortho_shift);
+  const T g = *a.grad_loss;
+  const V vg(g);
 
-  std::unique_ptr<T[]> logq_buf(new T[K]);  // log softmax(z_s/T) of the current sample
-  T* lq = logq_buf.get();
-  std::unique_ptr<T[]> small(new T[6 * n + 3 * n * n]);
-  T *m = small.get(), *sumx = m + n, *Z1 = sumx + n, *ZT = Z1 + n, *klraw = ZT + n, *den = klraw + n;
-  T *D = den + n, *G = D + n * n, *C = G + n * n;
-  // ortho_on="raw": the orthogonality rows u_i = x_i - shift z_t of the current (stage, sample).
-  std::unique_ptr<T[]> ubuf(shifted ? new T[n * K] : nullptr);
+  // zs, zt, ds = (z_s - max) / T, the dz_s accumulator, the output rows, e1 = exp(x - m), eT = exp((x - m)/T),
+  // then the n rows of the current (s, b) and their orthogonality rows v.
+  std::unique_ptr<T[]> buf(new T[(7 + n + (shifted ? n : 0)) * K]);
+  T *zs_buf = buf.get(), *zt_buf = zs_buf + K, *ds = zt_buf + K, *acc = ds + K, *osub = acc + K, *ozs = osub + K,
+    *e1 = ozs + K, *x_buf = e1 + K, *v_buf = x_buf + n * K;
+  std::unique_ptr<T[]> eT_buf(unit_T ? nullptr : new T[K]);
+  T* eT = unit_T ? e1 : eT_buf.get();
+  std::unique_ptr<const T*[]> xr(new const T*[2 * n]);
+  const T** vr = xr.get() + n;
 
   for (int64_t b = begin; b < end; ++b) {
-    const T* xs = a.student_logits + b * K;
-    const T* xt = a.teacher_logits + b * K;
     const int64_t y = a.target[b];
-    T* gzs = grad ? a.grad_student_logits + b * K : nullptr;
-
-    // Student row: max, sum, lse at T=1 and at T, log q.
-    T ms, sum_s;
-    row_max_sum(xs, K, ms, sum_s);
-    T z1s = 0, zts = 0;
+    if (!(y >= 0 && y < K)) {
+      if (need_zs) {
+        T* o = out_row<T>(a.grad_student_logits, a.grad_student_dtype, b * K, ozs);
+        std::fill(o, o + K, sll::nan<T>());
+        store_row<T>(a.grad_student_logits, a.grad_student_dtype, b * K, o, K);
+      }
+      if (need_sub)
+        for (int64_t s = 0; s < S; ++s)
+          for (int64_t i = 0; i < n; ++i) {
+            const int64_t off = ((s * B + b) * n + i) * K;
+            T* o = out_row<T>(a.grad_sub_logits, a.grad_sub_dtype, off, osub);
+            std::fill(o, o + K, sll::nan<T>());
+            store_row<T>(a.grad_sub_logits, a.grad_sub_dtype, off, o, K);
+          }
+      continue;
+    }
+    const T* zs = load_row<T>(a.student_logits, a.student_dtype, b * K, K, zs_buf);
+    const T ms = row_max(zs, K);
+    T z1s, zTs;
+    sll::exp_sums(zs, K, ms, invT, unit_T, z1s, zTs);
+    const T log_zTs = std::log(zTs);
     {
-      V v1(T(0)), vT(T(0));
-      const V vm(ms), vinvT(invT);
+      const V vms(ms), vinvT(invT);
+      int64_t k = 0;
+      for (; k + L <= K; k += L) ((V::loadu(zs + k) - vms) * vinvT).store(ds + k);
+      for (; k < K; ++k) ds[k] = (zs[k] - ms) * invT;
+    }
+    // dz_s before the rows: a_ce (p_s - ls/K) + (a_kd + S n a_skl) P_s - a_kd P_t; each row subtracts a_skl P_i.
+    if (need_zs) {
+      const T* zt = load_row<T>(a.teacher_logits, a.teacher_dtype, b * K, K, zt_buf);
+      const T mt = row_max(zt, K);
+      T z1t_unused, zTt;
+      sll::exp_sums(zt, K, mt, invT, unit_T, z1t_unused, zTt);
+      const T inv_z1s = T(1) / z1s, inv_zTs = T(1) / zTs, inv_zTt = T(1) / zTt;
+      const V vms(ms), vmt(mt), vinvT(invT), vinv_z1s(inv_z1s), vinv_zTs(inv_zTs), vinv_zTt(inv_zTt), vace(a_ce),
+          vlsK(a_ce * lsK), vcq(cq), vakd(a_kd);
       int64_t k = 0;
       for (; k + L <= K; k += L) {
-        V d = V::loadu(xs + k) - vm;
-        v1 = v1 + vexp(d);
-        if (!unit_T) vT = vT + vexp(d * vinvT);
-      }
-      z1s = hsum(v1);
-      zts = hsum(vT);
-      for (; k < K; ++k) {
-        z1s += std::exp(xs[k] - ms);
-        if (!unit_T) zts += std::exp((xs[k] - ms) * invT);
-      }
-      if (unit_T) zts = z1s;
-    }
-    const T lse1s = ms + std::log(z1s), logzts = std::log(zts);
-    {
-      const V vinvT(invT), vm(ms), vlogz(logzts);
-      int64_t k = 0;
-      for (; k + L <= K; k += L) ((V::loadu(xs + k) - vm) * vinvT - vlogz).store(lq + k);
-      for (; k < K; ++k) lq[k] = (xs[k] - ms) * invT - logzts;
-    }
-    // Teacher row: KD = T^2 (sum_k pt_k ((xt_k - mt)/T - log q_k) / Zt - log Zt).
-    const T mt = row_max(xt, K);
-    T ztt = 0, kd_acc = 0;
-    {
-      V vz(T(0)), vacc(T(0));
-      const V vm(mt), vinvT(invT);
-      int64_t k = 0;
-      for (; k + L <= K; k += L) {
-        V xk = V::loadu(xt + k);
-        V d = (xk - vm) * vinvT;
-        V e = vexp(d);
-        vz = vz + e;
-        vacc = at::vec::fmadd(e, d - V::loadu(lq + k), vacc);
-      }
-      ztt = hsum(vz);
-      kd_acc = hsum(vacc);
-      for (; k < K; ++k) {
-        T d = (xt[k] - mt) * invT;
-        T e = std::exp(d);
-        ztt += e;
-        kd_acc += e * (d - lq[k]);
-      }
-    }
-    const T logztt = std::log(ztt);
-    const T kd_b = T2 * (kd_acc / ztt - logztt);
-    const T ce_b = lse1s - (T(1) - ls) * xs[y] - ls_K * sum_s;
-
-    // Student gradient, CE + KD + the q part of every sub-logit KL row (sum over S*n rows of T(q - p)):
-    //   a_ce (s1 - ls/K) + a_kd (q - pt) + S n a_skl q ; the -(1-ls) at y and the -a_skl p of each row
-    //   are added below.
-    if (grad) {
-      const T cq = a_kd + T(S * n) * a_skl;
-      const V vms(ms), vinvz1(T(1) / z1s), vace(a_ce), vlsK(a_ce * ls_K), vcq(cq), vakd(a_kd), vinvT(invT),
-          vmt(mt), vlogztt(logztt);
-      int64_t k = 0;
-      for (; k + L <= K; k += L) {
-        V s1 = vexp(V::loadu(xs + k) - vms) * vinvz1;
-        V q = vexp(V::loadu(lq + k));
-        V pt = vexp((V::loadu(xt + k) - vmt) * vinvT - vlogztt);
-        V g = at::vec::fmadd(vace, s1, at::vec::fmadd(vcq, q, -(vlsK + vakd * pt)));
-        g.store(gzs + k);
+        V ps = vexp(V::loadu(zs + k) - vms) * vinv_z1s;
+        V Ps = unit_T ? ps : vexp(V::loadu(ds + k)) * vinv_zTs;
+        V Pt = vexp((V::loadu(zt + k) - vmt) * vinvT) * vinv_zTt;
+        at::vec::fmadd(vace, ps, at::vec::fmadd(vcq, Ps, -(vlsK + vakd * Pt))).store(acc + k);
       }
       for (; k < K; ++k) {
-        T s1 = std::exp(xs[k] - ms) / z1s;
-        T q = std::exp(lq[k]);
-        T pt = std::exp((xt[k] - mt) * invT - logztt);
-        gzs[k] = a_ce * s1 + cq * q - a_ce * ls_K - a_kd * pt;
+        T ps = std::exp(zs[k] - ms) * inv_z1s;
+        T Ps = unit_T ? ps : std::exp(ds[k]) * inv_zTs;
+        T Pt = std::exp((zt[k] - mt) * invT) * inv_zTt;
+        acc[k] = a_ce * ps + cq * Ps - (a_ce * lsK + a_kd * Pt);
       }
-      gzs[y] -= a_ce * (T(1) - ls);
+      acc[y] -= a_ce * one_ls;
     }
 
-    T sub_ce_b = 0, sub_kl_b = 0, ol_b = 0;
     for (int64_t s = 0; s < S; ++s) {
       const int64_t row0 = (s * B + b) * n;
-      const T* x0 = a.sub_logits + row0 * K;
-      T* g0 = grad ? a.grad_sub_logits + row0 * K : nullptr;
-
-      // Pass A: max and sum of each row; Gram matrix of the (masked) orthogonality rows u.
-      for (int64_t i = 0; i < n; ++i) row_max_sum(x0 + i * K, K, m[i], sumx[i]);
-      const T* u0 = x0;
-      if (shifted) {
-        for (int64_t r = 0; r < n; ++r)
-          for (int64_t k = 0; k < K; ++k) ubuf[r * K + k] = x0[r * K + k] - shift * xt[k];
-        u0 = ubuf.get();
+      const double* rs = a.row_stats + row0 * 3;
+      const T* M = a.ortho_coef + row0 * n;
+      for (int64_t i = 0; i < n; ++i) xr[i] = load_row<T>(a.sub_logits, a.sub_dtype, (row0 + i) * K, K, x_buf + i * K);
+      bool ortho = false;
+      if (need_sub && n > 1)
+        for (int64_t q = 0; q < n * n; ++q) ortho = ortho || M[q] != T(0);
+      if (ortho && shifted) {
+        const T* zt = load_row<T>(a.teacher_logits, a.teacher_dtype, b * K, K, zt_buf);
+        const V vshift(shift);
+        for (int64_t j = 0; j < n; ++j) {
+          T* v = v_buf + j * K;
+          const T* x = xr[j];
+          int64_t k = 0;
+          for (; k + L <= K; k += L) (V::loadu(x + k) - vshift * V::loadu(zt + k)).store(v + k);
+          for (; k < K; ++k) v[k] = x[k] - shift * zt[k];
+          vr[j] = v;
+        }
+      } else {
+        for (int64_t j = 0; j < n; ++j) vr[j] = xr[j];
       }
-      if (n > 1) {
-        for (int64_t i = 0; i < n; ++i)
-          for (int64_t j = i; j < n; ++j) {
-            T d = row_dot(u0 + i * K, u0 + j * K, K);
-            // Masking replaces u_y by the fill value in both rows.
-            if (masked) d += fill * fill - u0[i * K + y] * u0[j * K + y];
-            D[i * n + j] = D[j * n + i] = d;
-          }
-      }
 
-      // Pass B: softmax normalisers and the KL against the student, per row. exp(x - max) is parked in the
-      // gradient row for pass C.
       for (int64_t i = 0; i < n; ++i) {
-        const T* x = x0 + i * K;
-        T* g = grad ? g0 + i * K : nullptr;
-        const V vm(m[i]), vinvT(invT);
-        V vz1(T(0)), vzT(T(0)), vkl(T(0));
-        int64_t k = 0;
-        for (; k + L <= K; k += L) {
-          V xk = V::loadu(x + k);
-          V e1 = vexp(xk - vm);
-          vz1 = vz1 + e1;
-          if (g) e1.store(g + k);
-          if (unit_T) {
-            vkl = at::vec::fmadd(e1, xk - vm - V::loadu(lq + k), vkl);
-          } else {
-            V dT = (xk - vm) * vinvT;
-            V eT = vexp(dT);
-            vzT = vzT + eT;
-            vkl = at::vec::fmadd(eT, dT - V::loadu(lq + k), vkl);
+        const T* x = xr[i];
+        const T m = row_max(x, K);
+        // e1 = exp(x - m) and eT = exp((x - m) / T), kept for the gradient pass.
+        T z1 = 0, zT = 0;
+        {
+          const V vm(m), vinvT(invT);
+          V v1(T(0)), vT(T(0));
+          int64_t k = 0;
+          for (; k + L <= K; k += L) {
+            V d = V::loadu(x + k) - vm;
+            V e = vexp(d);
+            e.store(e1 + k);
+            v1 = v1 + e;
+            if (!unit_T) {
+              V f = vexp(d * vinvT);
+              f.store(eT + k);
+              vT = vT + f;
+            }
+          }
+          z1 = hsum(v1);
+          zT = hsum(vT);
+          for (; k < K; ++k) {
+            const T d = x[k] - m;
+            e1[k] = std::exp(d);
+            z1 += e1[k];
+            if (!unit_T) {
+              eT[k] = std::exp(d * invT);
+              zT += eT[k];
+            }
+          }
+          if (unit_T) zT = z1;
+        }
+        const T inv_z1 = T(1) / z1, inv_zT = T(1) / zT;
+        if (need_zs) {
+          const V vneg(-a_skl * inv_zT);
+          int64_t k = 0;
+          for (; k + L <= K; k += L) at::vec::fmadd(vneg, V::loadu(eT + k), V::loadu(acc + k)).store(acc + k);
+          for (; k < K; ++k) acc[k] += -a_skl * inv_zT * eT[k];
+        }
+        if (!need_sub) continue;
+        // log P_i - log P_s - kl_i = (x - m)/T - ds + c0.
+        const T c0 = -std::log(zT) + log_zTs - T(rs[i * 3 + 2]);
+        const T* Mi = M + i * n;
+        bool row_ortho = false;
+        for (int64_t j = 0; j < n && ortho; ++j) row_ortho = row_ortho || Mi[j] != T(0);
+        const int64_t off = (row0 + i) * K;
+        T* o = out_row<T>(a.grad_sub_logits, a.grad_sub_dtype, off, osub);
+        auto elem = [&](int64_t k) {
+          const T p = e1[k] * inv_z1, P = eT[k] * inv_zT;
+          return a_sce * (p - lsK) + a_x * P * ((x[k] - m) * invT - ds[k] + c0);
+        };
+        {
+          const V vm(m), vinvT(invT), vinv_z1(inv_z1), vinv_zT(inv_zT), vsce(a_sce), vnlsK(-a_sce * lsK), vax(a_x),
+              vc0(c0);
+          int64_t k = 0;
+          for (; k + L <= K; k += L) {
+            V P = V::loadu(eT + k) * vinv_zT;
+            V t = (V::loadu(x + k) - vm) * vinvT - V::loadu(ds + k) + vc0;
+            V d = at::vec::fmadd(vsce, V::loadu(e1 + k) * vinv_z1, at::vec::fmadd(vax * P, t, vnlsK));
+            if (row_ortho)
+              for (int64_t j = 0; j < n; ++j) d = at::vec::fmadd(V(Mi[j]), V::loadu(vr[j] + k), d);
+            (vg * d).store(o + k);
+          }
+          for (; k < K; ++k) {
+            T d = elem(k);
+            if (row_ortho)
+              for (int64_t j = 0; j < n; ++j) d += Mi[j] * vr[j][k];
+            o[k] = g * d;
           }
         }
-        T z1 = hsum(vz1), zT = hsum(vzT), kl = hsum(vkl);
-        for (; k < K; ++k) {
-          T e1 = std::exp(x[k] - m[i]);
-          z1 += e1;
-          if (g) g[k] = e1;
-          if (unit_T) {
-            kl += e1 * (x[k] - m[i] - lq[k]);
-          } else {
-            T dT = (x[k] - m[i]) * invT;
-            T eT = std::exp(dT);
-            zT += eT;
-            kl += eT * (dT - lq[k]);
-          }
+        // The target entry: the one-hot part of CE, and no orthogonality term when it is masked.
+        {
+          T d = elem(y) - a_sce * one_ls;
+          if (row_ortho && !a.mask_target)
+            for (int64_t j = 0; j < n; ++j) d += Mi[j] * vr[j][y];
+          o[y] = g * d;
         }
-        if (unit_T) zT = z1;
-        Z1[i] = z1;
-        ZT[i] = zT;
-        const T lse1 = m[i] + std::log(z1);
-        klraw[i] = kl / zT - std::log(zT);  // KL(p || q) at temperature T, without the T^2
-        sub_ce_b += lse1 - (T(1) - ls) * x[y] - ls_K * sumx[i];
-        sub_kl_b += T2 * klraw[i];
-      }
-
-      // Orthogonality: hinge on the normalised Gram matrix, and its gradient coefficients C (n x n).
-      if (n > 1) {
-        for (int64_t i = 0; i < n; ++i) den[i] = std::max(std::sqrt(D[i * n + i]), T(a.ortho_eps));
-        for (int64_t i = 0; i < n; ++i) {
-          T diag = 0;
-          for (int64_t j = 0; j < n; ++j) {
-            G[i * n + j] = D[i * n + j] / (den[i] * den[j]);
-            if (j == i) continue;
-            const T h = std::max(G[i * n + j] - T(a.ortho_threshold), T(0));
-            ol_b += h * h;
-            const T gij = T(a.w_ol) * T(2) * h * ol_norm;
-            C[i * n + j] = T(2) * gij / (den[i] * den[j]);
-            diag += gij * G[i * n + j];
-          }
-          const bool clamped = std::sqrt(D[i * n + i]) < T(a.ortho_eps);
-          C[i * n + i] = clamped ? T(0) : T(-2) * diag / (den[i] * den[i]);
-        }
-      }
-
-      // Pass C: gradient of each row, and the -a_skl p part of the student gradient.
-      if (!grad) continue;
-      const bool ortho = n > 1 && a.w_ol != 0.0;
-      for (int64_t i = 0; i < n; ++i) {
-        const T* x = x0 + i * K;
-        T* g = g0 + i * K;
-        const T logzT = std::log(ZT[i]);
-        const T inv_z1 = T(1) / Z1[i], inv_zT = T(1) / ZT[i];
-        const T a_x = a.detach_sub_targets ? T(0) : a_skl;
-        const V vinvz1(inv_z1), vinvzT(inv_zT), vm(m[i]), vinvT(invT), vlogzT(logzT), vasce(a_sce),
-            vneg_ls(-a_sce * ls_K), vkl(klraw[i]), vax(a_x), vaskl(a_skl);
-        int64_t k = 0;
-        for (; k + L <= K; k += L) {
-          V xk = V::loadu(x + k);
-          V s1 = V::loadu(g + k) * vinvz1;  // exp(x - m) parked by pass B
-          V p = unit_T ? s1 : vexp((xk - vm) * vinvT) * vinvzT;
-          V t = (xk - vm) * vinvT - vlogzT - V::loadu(lq + k) - vkl;  // log p - log q - KL
-          // a_sce (s1 - ls/K) + a_x p (log p - log q - KL)
-          V gk = at::vec::fmadd(vasce, s1, at::vec::fmadd(vax * p, t, vneg_ls));
-          if (ortho)
-            for (int64_t j = 0; j < n; ++j) gk = at::vec::fmadd(V(C[i * n + j]), V::loadu(u0 + j * K + k), gk);
-          gk.store(g + k);
-          V gz = V::loadu(gzs + k) - vaskl * p;
-          gz.store(gzs + k);
-        }
-        for (; k < K; ++k) {
-          T s1 = g[k] * inv_z1;
-          T p = unit_T ? s1 : std::exp((x[k] - m[i]) * invT) * inv_zT;
-          T gk = a_sce * (s1 - ls_K) + a_x * p * ((x[k] - m[i]) * invT - logzT - lq[k] - klraw[i]);
-          if (ortho)
-            for (int64_t j = 0; j < n; ++j) gk += C[i * n + j] * u0[j * K + k];
-          g[k] = gk;
-          gzs[k] -= a_skl * p;
-        }
-        g[y] -= a_sce * (T(1) - ls);
-        // The masked entry does not reach the orthogonality term.
-        if (ortho && masked)
-          for (int64_t j = 0; j < n; ++j) g[y] -= C[i * n + j] * u0[j * K + y];
+        store_row<T>(a.grad_sub_logits, a.grad_sub_dtype, off, o, K);
       }
     }
-    T* part = a.partials + b * 5;
-    part[0] = ce_b;
-    part[1] = sub_ce_b;
-    part[2] = kd_b;
-    part[3] = sub_kl_b;
-    part[4] = ol_b;
+    if (need_zs) {
+      T* o = out_row<T>(a.grad_student_logits, a.grad_student_dtype, b * K, ozs);
+      int64_t k = 0;
+      for (; k + L <= K; k += L) (vg * V::loadu(acc + k)).store(o + k);
+      for (; k < K; ++k) o[k] = g * acc[k];
+      store_row<T>(a.grad_student_logits, a.grad_student_dtype, b * K, o, K);
+    }
   }
 }
 

@@ -1,286 +1,442 @@
-// CUDA fused HCD sub-logit loss (SPEC section 2, items 4-6): one block per sample b handles the student
-// and teacher rows and all S*n sub-logit rows of that sample, so the student's log-softmax is computed once
-// and its gradient row has one owner (no atomics). Gradients are written in the forward (the loss is the
-// last node: backward only scales by grad_output). Per-sample partial sums go to a (B, 5) buffer that a
-// second single-block kernel reduces in a fixed order (deterministic).
+// CUDA fused HCD sub-logit loss (SPEC section 2, items 4-6; the issue-11 design, hcd_fast/ops/sub_logit_loss.py).
+// The forward writes the loss, its parts and small statistics; the backward recomputes the gradient from the
+// inputs and those statistics, reads grad_loss from device memory, and writes dzf and dz_s once each, in the
+// inputs' dtypes. No host synchronisation, no atomics: every output element has one writer.
 //
-// Row math (x one sub-logit row, q = softmax(z_s/T), p = softmax(x/T), s1 = softmax(x)):
-//   CE_ls  = lse(x) - (1-ls) x_y - ls/K sum x,          dx = s1 - (1-ls) e_y - ls/K
-//   T^2 KL(p||q),                                       dx = T p (log p - log q - KL),  dz_s = T (q - p)
-//   orthogonality (per stage and sample, n rows): d v_i = sum_j C_ij v_j with C from the hinge on the
-//   normalised Gram matrix (see csrc/cpu/sub_logit_loss_kernel.h for the derivation).
-// Each thread owns the columns k = tid + j*blockDim.x in every pass that parks values in global scratch
-// (log q, exp(x - max)), so it reads them back without a barrier. The reduction-only passes (row max/sum,
-// Gram) read the sub-logit rows with 16-byte loads when the rows are aligned.
+// Math (x = zf[s, b, i, :], p = softmax(x), P = softmax(x / T), P_s = softmax(z_s / T), p_s = softmax(z_s),
+// P_t = softmax(z_t / T), g = grad_loss, y the target):
+//   row_stats[s, b, i] = (lse(x), lse(x / T), kl_i = sum_k P_k (log P_k - log P_s,k)),   fp64
+//   sample_stats[b]    = (lse(z_s), lse(z_s / T), lse(z_t / T)),                         fp64
+//     (max and log-sum computed in acc, added in fp64; the backward splits a statistic into hi = acc(lse),
+//     lo = acc(lse - hi) and forms (x - hi) - lo, so an fp32 lse's rounding (2^-24 |lse|) never reaches P),
+//   ortho_coef M (n x n per (s, b)): d(w_ol OL)/d v_i = sum_j M_ij v_j, v_i = x_i - shift z_t (target entry =
+//     fill when masked), r_i = max(|v_i|, eps), G = v v^T / (r r^T), h = relu(G - theta), c4 = 4 w_ol / (B n (n-1)),
+//     M_ij = c4 h_ij / (r_i r_j) (i != j), M_ii = -[|v_i| >= eps] c4 sum_{j != i} h_ij G_ij / r_i^2.
+//   dz_s[b, k]   = g (w_gt/B (p_s - (1-ls)[k==y] - ls/K) + w_kd T/B (P_s - P_t) + w_kl T/(B n) sum_{s,i} (P_s - P_i))
+//   dzf[s,b,i,k] = g (w_gt/(B n) (p_i - (1-ls)[k==y] - ls/K) + [!detach] w_kl T/(B n) P_i (log P_i - log P_s - kl_i)
+//                     + [!(masked and k == y)] sum_j M_ij v_j,k)
+//
+// Kernels:
+//   sll_fwd_kernel     grid S*B blocks, block r = b * S + s (the S blocks of one sample are adjacent, so z_s is
+//                      read from DRAM once and from L2 by the others): the n rows of (s, b) (max/sum pass, then
+//                      exp/KL pass, then the Gram dot products; the repeated passes over the block's own rows hit
+//                      L1/L2), the student's lse(z_s / T); the s == 0 block also does CE/KD and sample_stats.
+//                      Writes row_stats, ortho_coef and 5 partial sums per block.
+//   sll_reduce_kernel  one block: the (S*B, 5) partials summed in a fixed order -> parts and the loss.
+//   sll_bwd_kernel     grid (B, K-blocks), kPerThread columns per thread: loads z_s, z_t of its columns, then for
+//                      every (s, i) the zf column (the n values of a (s, b) in registers when n <= kRegRows), writes
+//                      dzf, and accumulates dz_s in registers; writes dz_s last.
+// A target outside [0, K) (validate=False) gives NaN partials, statistics and gradient rows for that sample;
+// nothing is read at that index (no device assert, no clamping).
+//
+// Byte model (DRAM traffic; e = bytes per element of zf / z_s / z_t and of their gradients; R = S B n K, Z = B K):
+//   essential = read zf + write dzf + read z_s, z_t + write dz_s              = (2 R + 3 Z) e
+//   moved     = fwd: read zf, z_s, z_t once                                   (R + 2 Z) e
+//             + bwd: read zf, z_s, z_t, write dzf, dz_s once                   (2 R + 3 Z) e
+//             + small: row_stats S B n 3 fp64, sample_stats 3 B fp64, ortho_coef S B n n acc (written once, read
+//               once), partials S B 5 acc (written, read), targets 8 B twice
+//             = (3 R + 5 Z) e + 2 (24 S B n + 4 S B n^2 + 24 B) + 40 S B + 16 B        (acc = fp32)
+//   i.e. zf crosses DRAM 3 times against the essential 2 (1.5x); the S - 1 re-reads of z_s per sample (and of
+//   z_t with ortho_shift != 0) and the per-row repeated passes of the forward hit L2/L1 and are not counted.
+//   S = 4, n = 4 (decimal MB):
+//     ImageNet-like B = 256,  K = 1000: fp32 essential  35.84, moved  54.66 (1.53x); bf16  17.92 /  27.52 (1.54x)
+//     CIFAR-like    B = 128,  K = 100:  fp32 essential   1.79, moved   2.91 (1.62x); bf16   0.90 /   1.55 (1.73x)
+//     large batch   B = 4096, K = 1000: fp32 essential 573.44, moved 874.51 (1.53x); bf16 286.72 / 440.34 (1.54x)
+//   (the small terms are 0.39 MB at ImageNet-like, 0.19 MB at CIFAR-like, where they dominate the excess).
+// Mixed dtypes: z_s / z_t of another dtype than zf are read as fp32 (converted once on the host side, B K
+// elements); with fp64 anywhere everything runs in fp64; a gradient whose dtype the kernel cannot write directly
+// (those two cases) is converted once after the kernel.
+#include <limits>
+
 #include "cuda/common.cuh"
 #include "ops.h"
 
 namespace hcd_fast::cuda {
 namespace {
 
-struct LossParams {
-  double temperature, label_smoothing, ortho_threshold, ortho_eps, fill, shift;
-  double w_gt, w_kd, w_kl, w_ol;
-  bool masked, detach;
-  bool vec16;  // sub-logit rows are 16-byte aligned: the reduction-only passes (A, Gram) use 16-byte loads
+// Scalars with every quotient formed on the host in fp64 (no division in the kernels' hot loops, and no
+// divide subroutine calls: those cost a stack frame and register spills around the call).
+struct FwdParams {
+  double inv_t, t2, label_smoothing, ls_k, ortho_threshold, ortho_eps, fill, shift, c4;
+  bool unit_t, masked;
 };
 
-// 16 bytes of scalar_t, loaded as one vector instruction.
-template <typename scalar_t>
-struct alignas(16) Pack16 {
-  static constexpr int N = 16 / sizeof(scalar_t);
-  scalar_t v[N];
+struct BwdParams {
+  double inv_t, ls_k, one_ls, a_ce, a_kd, a_sce, a_skl, a_x, cq, shift;
+  bool masked;
 };
 
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kMaxRowThreads) sub_logit_loss_rows_kernel(const scalar_t* __restrict__ sub, const scalar_t* __restrict__ zs,
-                                           const scalar_t* __restrict__ zt, const int64_t* __restrict__ target,
-                                           acc_t* __restrict__ grad_sub, acc_t* __restrict__ grad_zs,
-                                           acc_t* __restrict__ logq, acc_t* __restrict__ partials,
-                                           acc_t* __restrict__ gscratch, int64_t S, int64_t B, int64_t n, int64_t K,
-                                           LossParams p) {
+template <typename acc_t>
+__device__ __forceinline__ acc_t dev_nan() {
+  return acc_t(NAN);
+}
+
+// An fp64 statistic as hi + lo in acc_t: (x - hi) - lo keeps acc_t accuracy where x is near the statistic.
+template <typename acc_t>
+__device__ __forceinline__ void split_stat(double v, acc_t& hi, acc_t& lo) {
+  hi = acc_t(v);
+  lo = acc_t(v - double(hi));
+}
+
+// One block per (stage, sample). Dynamic shared memory: 3 * 32 reduction values, then D (n x n) and the norms
+// (n) unless `scratch` (a global slice per block) is given for large n.
+template <typename scalar_t, typename side_t, typename acc_t>
+__global__ void __launch_bounds__(kMaxRowThreads)
+    sll_fwd_kernel(const scalar_t* __restrict__ sub, const side_t* __restrict__ zs, const side_t* __restrict__ zt,
+                   const int64_t* __restrict__ target, double* __restrict__ row_stats, acc_t* __restrict__ ortho_coef,
+                   double* __restrict__ sample_stats, acc_t* __restrict__ partials, acc_t* __restrict__ scratch,
+                   int64_t S, int64_t B, int64_t n, int64_t K, FwdParams p) {
   extern __shared__ unsigned char smem_raw[];
-  acc_t* ws = reinterpret_cast<acc_t*>(smem_raw);  // 3 * 32 reduction scratch
-  // Per-sample n-vectors and n x n matrices: in shared memory, or (large n) in this block's global slice.
-  acc_t* m = gscratch != nullptr ? gscratch + blockIdx.x * (4 * n + 2 * n * n) : ws + 3 * kWarp;
-  acc_t *Z1 = m + n, *ZT = Z1 + n, *klraw = ZT + n, *D = klraw + n, *C = D + n * n;
-
-  const int64_t b = blockIdx.x;
+  acc_t* ws = reinterpret_cast<acc_t*>(smem_raw);
+  const int64_t r = blockIdx.x, b = int64_t(blockIdx.x / unsigned(S)), s = int64_t(blockIdx.x % unsigned(S));
+  acc_t* D = scratch != nullptr ? scratch + r * (n * n + n) : ws + 3 * kWarp;
+  acc_t* nrm = D + n * n;
   const int tid = threadIdx.x, nt = blockDim.x;
-  const bool grad = grad_sub != nullptr;
-  const acc_t Tt = acc_t(p.temperature), invT = acc_t(1) / Tt, T2 = Tt * Tt;
-  const acc_t ls = acc_t(p.label_smoothing), lsK = ls / acc_t(K);
-  const acc_t a_ce = acc_t(p.w_gt / B), a_kd = acc_t(p.w_kd * p.temperature / B);
-  const acc_t a_sce = acc_t(p.w_gt / (B * n)), a_skl = acc_t(p.w_kl * p.temperature / (B * n));
-  const acc_t ol_norm = n > 1 ? acc_t(1.0 / (double(B) * n * (n - 1))) : acc_t(0);
-  const acc_t NEG_INF = -INFINITY;
+  const int64_t row0 = (s * B + b) * n;  // first row of (s, b) in the (S, B, n) row order of the outputs
+  double* rs = row_stats + row0 * 3;
+  acc_t* M = ortho_coef + row0 * n;
+  acc_t* part = partials + r * 5;
   const int64_t y = target[b];
-  CUDA_KERNEL_ASSERT(y >= 0 && y < K);  // targets are range-checked on the host only with validate=True
-
-  const scalar_t* xs = zs + b * K;
-  const scalar_t* xt = zt + b * K;
-  acc_t* lq = logq + b * K;
-  acc_t* gzs = grad ? grad_zs + b * K : nullptr;
-
-  // Student row: max and sum, then the normalisers at T = 1 and at T, then log q.
-  acc_t mloc = NEG_INF, sloc = 0;
-  for (int64_t k = tid; k < K; k += nt) {
-    acc_t x = acc_t(xs[k]);
-    mloc = max(mloc, x);
-    sloc += x;
+  if (!(y >= 0 && y < K)) {  // uniform over the block: no barrier below is reached by anyone
+    for (int64_t q = tid; q < n * 3; q += nt) rs[q] = dev_nan<double>();
+    for (int64_t q = tid; q < n * n; q += nt) M[q] = dev_nan<acc_t>();
+    if (tid < 5) part[tid] = dev_nan<acc_t>();
+    if (s == 0 && tid == 0) {  // sample_stats do not depend on y, but nobody may read them for a NaN sample
+      for (int q = 0; q < 3; ++q) sample_stats[b * 3 + q] = dev_nan<double>();
+    }
+    return;
   }
+  const acc_t invT = acc_t(p.inv_t), T2 = acc_t(p.t2);
+  const bool unit_T = p.unit_t;
+  const acc_t ls = acc_t(p.label_smoothing), lsK = acc_t(p.ls_k);
+  const side_t* xs = zs + b * K;
+  const side_t* xt = zt + b * K;
+
+  // Student row: max, then sum exp((z_s - max) / T) (and, for s == 0, at T = 1 and the plain sum).
+  acc_t mloc = -INFINITY;
+  for (int64_t k = tid; k < K; k += nt) mloc = max(mloc, acc_t(xs[k]));
   const acc_t ms = block_max(mloc, ws);
-  const acc_t sum_s = block_sum1(sloc, ws);
-  acc_t zz[2] = {0, 0};
+  acc_t st[3] = {0, 0, 0};
   for (int64_t k = tid; k < K; k += nt) {
-    acc_t d = acc_t(xs[k]) - ms;
-    zz[0] += dev_exp(d);
-    zz[1] += dev_exp(d * invT);
+    const acc_t d = acc_t(xs[k]) - ms;
+    st[0] += dev_exp(d * invT);
+    if (s == 0) {
+      st[1] += dev_exp(d);
+      st[2] += acc_t(xs[k]);
+    }
   }
-  block_sum<2>(zz, ws);
-  const acc_t lse1s = ms + dev_log(zz[0]);
-  // log q = (x - max) / T - log Z: never x / T - (max / T + log Z), which loses log q's low bits at large logits.
-  const acc_t logzs = dev_log(zz[1]);
-  for (int64_t k = tid; k < K; k += nt) lq[k] = (acc_t(xs[k]) - ms) * invT - logzs;
+  block_sum<3>(st, ws);
+  const acc_t log_zTs = dev_log(st[0]);
 
-  // Teacher row: KD = T^2 (sum_k pt_k ((xt_k - mt)/T - log q_k) / Zt - log Zt).
-  mloc = NEG_INF;
-  for (int64_t k = tid; k < K; k += nt) mloc = max(mloc, acc_t(xt[k]));
-  const acc_t mt = block_max(mloc, ws);
-  acc_t tk[2] = {0, 0};
-  for (int64_t k = tid; k < K; k += nt) {
-    acc_t d = (acc_t(xt[k]) - mt) * invT;
-    acc_t e = dev_exp(d);
-    tk[0] += e;
-    tk[1] += e * (d - lq[k]);
-  }
-  block_sum<2>(tk, ws);
-  const acc_t logzt = dev_log(tk[0]);
-  const acc_t kd_b = T2 * (tk[1] / tk[0] - logzt);
-  const acc_t ce_b = lse1s - (acc_t(1) - ls) * acc_t(xs[y]) - lsK * sum_s;
-
-  // Student gradient: CE + KD + the q half of every sub-logit KL row; the -p halves are subtracted below.
-  if (grad) {
-    const acc_t cq = a_kd + acc_t(S * n) * a_skl, inv_z1 = acc_t(1) / zz[0];
+  acc_t ce_b = 0, kd_b = 0;
+  if (s == 0) {  // uniform per block
+    // Teacher row: KD = T^2 (sum_k P_t,k ((z_t,k - mt) - (z_s,k - ms)) / T - log Zt + log Zs).
+    mloc = -INFINITY;
+    for (int64_t k = tid; k < K; k += nt) mloc = max(mloc, acc_t(xt[k]));
+    const acc_t mt = block_max(mloc, ws);
+    acc_t tk[2] = {0, 0};
     for (int64_t k = tid; k < K; k += nt) {
-      acc_t x = acc_t(xs[k]);
-      acc_t s1 = dev_exp(x - ms) * inv_z1;
-      acc_t pt = dev_exp((acc_t(xt[k]) - mt) * invT - logzt);
-      acc_t g = a_ce * (s1 - lsK) + cq * dev_exp(lq[k]) - a_kd * pt;
-      if (k == y) g -= a_ce * (acc_t(1) - ls);
-      gzs[k] = g;
+      const acc_t dt = (acc_t(xt[k]) - mt) * invT;
+      const acc_t e = dev_exp(dt);
+      tk[0] += e;
+      tk[1] += e * (dt - (acc_t(xs[k]) - ms) * invT);
+    }
+    block_sum<2>(tk, ws);
+    const acc_t log_zTt = dev_log(tk[0]);
+    const acc_t log_z1s = dev_log(st[1]);
+    kd_b = T2 * (tk[1] / tk[0] - log_zTt + log_zTs);
+    if (tid == 0) {
+      ce_b = (ms + log_z1s) - (acc_t(1) - ls) * acc_t(xs[y]) - lsK * st[2];
+      sample_stats[b * 3] = double(ms) + double(log_z1s);
+      sample_stats[b * 3 + 1] = double(ms) * p.inv_t + double(log_zTs);
+      sample_stats[b * 3 + 2] = double(mt) * p.inv_t + double(log_zTt);
     }
   }
 
-  acc_t sub_ce_b = 0, sub_kl_b = 0, ol_b = 0;
-  const acc_t fill = acc_t(p.fill), shift = acc_t(p.shift);
-  const bool shifted = p.shift != 0.0;  // ortho_on="raw": orthogonality rows u_i = x_i - shift z_t
-  for (int64_t s = 0; s < S; ++s) {
-    const int64_t row0 = (s * B + b) * n;
-    const scalar_t* x0 = sub + row0 * K;
-    acc_t* g0 = grad ? grad_sub + row0 * K : nullptr;
-
-    // Pass A: row maxima and sums (the sums feed the label-smoothing term).
-    acc_t sumx_i[1];
-    for (int64_t i = 0; i < n; ++i) {
-      const scalar_t* x = x0 + i * K;
-      acc_t mi = NEG_INF, si = 0;
-      if (p.vec16) {  // 16-byte loads: every row starts 16-byte aligned (checked on the host)
-        const Pack16<scalar_t>* xv = reinterpret_cast<const Pack16<scalar_t>*>(x);
-        for (int64_t c = tid; c < K / Pack16<scalar_t>::N; c += nt) {
-          const Pack16<scalar_t> pk = xv[c];
-#pragma unroll
-          for (int j = 0; j < Pack16<scalar_t>::N; ++j) {
-            const acc_t v = acc_t(pk.v[j]);
-            mi = max(mi, v);
-            si += v;
-          }
-        }
-      } else {
-        for (int64_t k = tid; k < K; k += nt) {
-          acc_t v = acc_t(x[k]);
-          mi = max(mi, v);
-          si += v;
-        }
-      }
-      mi = block_max(mi, ws);
-      sumx_i[0] = block_sum1(si, ws);
-      if (tid == 0) m[i] = mi;
-      sub_ce_b -= lsK * sumx_i[0];
-      sub_ce_b -= (acc_t(1) - ls) * acc_t(x[y]);
+  // Sub-logit rows: CE and KL terms, row_stats.
+  const scalar_t* x0 = sub + row0 * K;
+  acc_t sub_ce = 0, sub_kl = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const scalar_t* x = x0 + i * K;
+    acc_t mi = -INFINITY, si = 0;
+    for (int64_t k = tid; k < K; k += nt) {
+      const acc_t v = acc_t(x[k]);
+      mi = max(mi, v);
+      si += v;
     }
-    // Gram matrix of the masked rows: x_i . x_j with the target entry replaced by the fill value.
-    if (n > 1) {
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t j = i; j < n; ++j) {
-          acc_t d = 0;
-          if (shifted) {
-            for (int64_t k = tid; k < K; k += nt) {
-              const acc_t zk = shift * acc_t(xt[k]);
-              d += (acc_t(x0[i * K + k]) - zk) * (acc_t(x0[j * K + k]) - zk);
-            }
-          } else if (p.vec16) {
-            const Pack16<scalar_t>* xi = reinterpret_cast<const Pack16<scalar_t>*>(x0 + i * K);
-            const Pack16<scalar_t>* xj = reinterpret_cast<const Pack16<scalar_t>*>(x0 + j * K);
-            for (int64_t c = tid; c < K / Pack16<scalar_t>::N; c += nt) {
-              const Pack16<scalar_t> a = xi[c], bb = xj[c];
-#pragma unroll
-              for (int q = 0; q < Pack16<scalar_t>::N; ++q) d += acc_t(a.v[q]) * acc_t(bb.v[q]);
-            }
-          } else {
-            for (int64_t k = tid; k < K; k += nt) d += acc_t(x0[i * K + k]) * acc_t(x0[j * K + k]);
+    mi = block_max(mi, ws);
+    si = block_sum1(si, ws);
+    acc_t rr[3] = {0, 0, 0};  // sum exp(x - m), sum exp((x - m) / T), sum of the latter times (log P - log P_s + ...)
+    for (int64_t k = tid; k < K; k += nt) {
+      const acc_t d = acc_t(x[k]) - mi;
+      const acc_t e1 = dev_exp(d);
+      const acc_t dT = d * invT;
+      const acc_t eT = unit_T ? e1 : dev_exp(dT);
+      rr[0] += e1;
+      rr[1] += eT;
+      rr[2] += eT * (dT - (acc_t(xs[k]) - ms) * invT);
+    }
+    block_sum<3>(rr, ws);
+    if (tid == 0) {
+      const acc_t log_z1 = dev_log(rr[0]), log_zT = dev_log(rr[1]);
+      const acc_t lse1 = mi + log_z1;
+      const acc_t kl = rr[2] / rr[1] - log_zT + log_zTs;
+      rs[i * 3] = double(mi) + double(log_z1);
+      rs[i * 3 + 1] = double(mi) * p.inv_t + double(log_zT);
+      rs[i * 3 + 2] = double(kl);
+      sub_ce += lse1 - (acc_t(1) - ls) * acc_t(x[y]) - lsK * si;
+      sub_kl += T2 * kl;
+    }
+  }
+
+  // Orthogonality: Gram matrix of the (shifted, masked) rows, then the hinge and M on thread 0.
+  acc_t hinge2 = 0;
+  if (n > 1) {
+    const bool shifted = p.shift != 0.0;
+    const acc_t shift = acc_t(p.shift), fill = acc_t(p.fill);
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = i; j < n; ++j) {
+        const scalar_t* xi = x0 + i * K;
+        const scalar_t* xj = x0 + j * K;
+        acc_t d = 0;
+        if (shifted) {
+          for (int64_t k = tid; k < K; k += nt) {
+            const acc_t zk = shift * acc_t(xt[k]);
+            d += (acc_t(xi[k]) - zk) * (acc_t(xj[k]) - zk);
           }
-          d = block_sum1(d, ws);
-          if (p.masked) {
+        } else {
+          for (int64_t k = tid; k < K; k += nt) d += acc_t(xi[k]) * acc_t(xj[k]);
+        }
+        d = block_sum1(d, ws);
+        if (tid == 0) {
+          if (p.masked) {  // the target entry of both rows replaced by the fill value
             const acc_t zy = shifted ? shift * acc_t(xt[y]) : acc_t(0);
-            d += fill * fill - (acc_t(x0[i * K + y]) - zy) * (acc_t(x0[j * K + y]) - zy);
+            d = (d - (acc_t(xi[y]) - zy) * (acc_t(xj[y]) - zy)) + fill * fill;
           }
-          if (tid == 0) D[i * n + j] = D[j * n + i] = d;
+          D[i * n + j] = d;
+          D[j * n + i] = d;
         }
-    }
-    __syncthreads();
-
-    // Pass B: softmax normalisers and KL(p || q) per row; exp(x - max) parked in the gradient row.
-    for (int64_t i = 0; i < n; ++i) {
-      const scalar_t* x = x0 + i * K;
-      acc_t* g = grad ? g0 + i * K : nullptr;
-      const acc_t mi = m[i];
-      acc_t r[3] = {0, 0, 0};
-      for (int64_t k = tid; k < K; k += nt) {
-        acc_t v = acc_t(x[k]);
-        acc_t e1 = dev_exp(v - mi);
-        acc_t eT = dev_exp((v - mi) * invT);
-        r[0] += e1;
-        r[1] += eT;
-        r[2] += eT * ((v - mi) * invT - lq[k]);
-        if (g) g[k] = e1;
       }
-      block_sum<3>(r, ws);
-      const acc_t lse1 = mi + dev_log(r[0]);
-      const acc_t kl = r[2] / r[1] - dev_log(r[1]);
-      if (tid == 0) {
-        Z1[i] = r[0];
-        ZT[i] = r[1];
-        klraw[i] = kl;
-      }
-      sub_ce_b += lse1;
-      sub_kl_b += T2 * kl;
-    }
-
-    // Orthogonality hinge and its gradient coefficients (thread 0; n x n is tiny).
-    if (tid == 0 && n > 1) {
+    if (tid == 0) {  // n x n work: thread 0 alone (D was written by thread 0: no barrier needed)
+      const acc_t eps = acc_t(p.ortho_eps), theta = acc_t(p.ortho_threshold);
+      const acc_t c4 = acc_t(p.c4);
+      for (int64_t i = 0; i < n; ++i) nrm[i] = sqrt(D[i * n + i]);
       for (int64_t i = 0; i < n; ++i) {
-        const acc_t di = max(sqrt(D[i * n + i]), acc_t(p.ortho_eps));
+        const acc_t ri = max(nrm[i], eps);
         acc_t diag = 0;
         for (int64_t j = 0; j < n; ++j) {
           if (j == i) continue;
-          const acc_t dj = max(sqrt(D[j * n + j]), acc_t(p.ortho_eps));
-          const acc_t G = D[i * n + j] / (di * dj);
-          const acc_t h = max(G - acc_t(p.ortho_threshold), acc_t(0));
-          ol_b += h * h;
-          const acc_t gij = acc_t(p.w_ol) * acc_t(2) * h * ol_norm;
-          C[i * n + j] = acc_t(2) * gij / (di * dj);
-          diag += gij * G;
+          const acc_t rj = max(nrm[j], eps);
+          const acc_t G = D[i * n + j] / (ri * rj);
+          const acc_t h = max(G - theta, acc_t(0));
+          hinge2 += h * h;
+          M[i * n + j] = c4 * h / (ri * rj);
+          diag += h * G;
         }
-        const bool clamped = sqrt(D[i * n + i]) < acc_t(p.ortho_eps);
-        C[i * n + i] = clamped ? acc_t(0) : acc_t(-2) * diag / (di * di);
+        // d max(|v|, eps) / dv = v / |v| where |v| >= eps (torch's clamp_min passes the gradient at equality).
+        M[i * n + i] = nrm[i] < eps ? acc_t(0) : -c4 * diag / (ri * ri);
       }
     }
-    __syncthreads();
-
-    // Pass C: gradient of every row; the -a_skl p part of the student gradient.
-    if (grad) {
-      const bool ortho = n > 1 && p.w_ol != 0.0;
-      const acc_t a_x = p.detach ? acc_t(0) : a_skl;
-      for (int64_t i = 0; i < n; ++i) {
-        const scalar_t* x = x0 + i * K;
-        acc_t* g = g0 + i * K;
-        const acc_t mi = m[i], inv_z1 = acc_t(1) / Z1[i], inv_zT = acc_t(1) / ZT[i], kl = klraw[i];
-        const acc_t logzT = dev_log(ZT[i]);
-        for (int64_t k = tid; k < K; k += nt) {
-          const acc_t v = acc_t(x[k]);
-          const acc_t s1 = g[k] * inv_z1;
-          const acc_t pk = dev_exp((v - mi) * invT) * inv_zT;
-          acc_t gk = a_sce * (s1 - lsK) + a_x * pk * ((v - mi) * invT - logzT - lq[k] - kl);
-          if (k == y) gk -= a_sce * (acc_t(1) - ls);
-          if (ortho && !(p.masked && k == y)) {
-            const acc_t zk = shifted ? shift * acc_t(xt[k]) : acc_t(0);
-            for (int64_t j = 0; j < n; ++j) gk += C[i * n + j] * (acc_t(x0[j * K + k]) - zk);
-          }
-          g[k] = gk;
-          gzs[k] -= a_skl * pk;
-        }
-      }
-    }
-    __syncthreads();  // m, Z1, ... and C are rewritten by the next stage
+  } else if (tid == 0) {
+    M[0] = 0;
   }
   if (tid == 0) {
-    acc_t* out = partials + b * 5;
-    out[0] = ce_b;
-    out[1] = sub_ce_b;
-    out[2] = kd_b;
-    out[3] = sub_kl_b;
-    out[4] = ol_b;
+    part[0] = ce_b;
+    part[1] = sub_ce;
+    part[2] = kd_b;
+    part[3] = sub_kl;
+    part[4] = hinge2;
   }
 }
 
-// Second launch: the batch reduction of the (B, 5) partials in a fixed order, then the weighted total.
+// The (R, 5) partials summed in a fixed order (strided per thread, then the deterministic block_sum).
 template <typename acc_t>
-__global__ void sub_logit_loss_reduce_kernel(const acc_t* __restrict__ partials, acc_t* __restrict__ loss,
-                                             acc_t* __restrict__ parts, int64_t B, int64_t n, LossParams p) {
+__global__ void sll_reduce_kernel(const acc_t* __restrict__ partials, acc_t* __restrict__ loss,
+                                  acc_t* __restrict__ parts, int64_t R, int64_t B, int64_t n, double w_gt,
+                                  double w_kd, double w_kl, double w_ol) {
   __shared__ acc_t ws[5 * kWarp];
   acc_t v[5] = {0, 0, 0, 0, 0};
-  for (int64_t b = threadIdx.x; b < B; b += blockDim.x)
+  for (int64_t q = threadIdx.x; q < R; q += blockDim.x)
 #pragma unroll
-    for (int j = 0; j < 5; ++j) v[j] += partials[b * 5 + j];
+    for (int j = 0; j < 5; ++j) v[j] += partials[q * 5 + j];
   block_sum<5>(v, ws);
   if (threadIdx.x == 0) {
     const acc_t rows = acc_t(B) * acc_t(n);
+    // n == 1: the hinge sums are 0, or NaN for an out-of-range target (which must reach the part).
     const acc_t pv[5] = {v[0] / acc_t(B), v[1] / rows, v[2] / acc_t(B), v[3] / rows,
-                         n > 1 ? v[4] / (rows * acc_t(n - 1)) : acc_t(0)};
+                         n > 1 ? v[4] / (rows * acc_t(n - 1)) : v[4]};
     for (int j = 0; j < 5; ++j) parts[j] = pv[j];
-    *loss = acc_t(p.w_gt) * (pv[0] + pv[1]) + acc_t(p.w_kd) * pv[2] + acc_t(p.w_kl) * pv[3] + acc_t(p.w_ol) * pv[4];
+    *loss = acc_t(w_gt) * (pv[0] + pv[1]) + acc_t(w_kd) * pv[2] + acc_t(w_kl) * pv[3] + acc_t(w_ol) * pv[4];
   }
+}
+
+// Columns per thread in the backward, and n up to which the n values of a column of (s, b) are kept in
+// registers: 2 x 8 fits the float kernels in 128 registers without spills (4 x 8 spilled under ptxas 13.0).
+constexpr int kPerThread = 2;
+constexpr int kRegRows = 8;
+constexpr int kBwdMaxThreads = 256;
+
+// Threads per backward block: a block covers kPerThread * threads columns (K = 1000: 4 blocks per sample).
+inline int bwd_threads(int64_t K) {
+  if (K <= 128) return 64;
+  if (K <= 1024) return 128;
+  return kBwdMaxThreads;
+}
+
+// Grid (B, ceil(K / (kPerThread * blockDim.x))). Thread columns k_c = k0 + c * blockDim.x (coalesced per c).
+template <typename scalar_t, typename side_t, typename acc_t>
+__global__ void __launch_bounds__(kBwdMaxThreads)
+    sll_bwd_kernel(const acc_t* __restrict__ grad_loss, const scalar_t* __restrict__ sub,
+                   const side_t* __restrict__ zs, const side_t* __restrict__ zt, const int64_t* __restrict__ target,
+                   const double* __restrict__ row_stats, const acc_t* __restrict__ ortho_coef,
+                   const double* __restrict__ sample_stats, scalar_t* __restrict__ gsub, side_t* __restrict__ gzs,
+                   int64_t S, int64_t B, int64_t n, int64_t K, BwdParams p) {
+  const int64_t b = blockIdx.x;
+  const int64_t k0 = int64_t(blockIdx.y) * kPerThread * blockDim.x + threadIdx.x;
+  const int64_t y = target[b];
+  const bool need_sub = gsub != nullptr, need_zs = gzs != nullptr;
+  int64_t kc[kPerThread];
+  bool in[kPerThread];
+#pragma unroll
+  for (int c = 0; c < kPerThread; ++c) {
+    kc[c] = k0 + int64_t(c) * blockDim.x;
+    in[c] = kc[c] < K;
+  }
+  if (!(y >= 0 && y < K)) {
+    const acc_t nanv = dev_nan<acc_t>();
+#pragma unroll
+    for (int c = 0; c < kPerThread; ++c) {
+      if (!in[c]) continue;
+      if (need_zs) gzs[b * K + kc[c]] = side_t(nanv);
+      if (need_sub)
+        for (int64_t s = 0; s < S; ++s)
+          for (int64_t i = 0; i < n; ++i) gsub[((s * B + b) * n + i) * K + kc[c]] = scalar_t(nanv);
+    }
+    return;
+  }
+  const acc_t g = *grad_loss;
+  const acc_t invT = acc_t(p.inv_t), lsK = acc_t(p.ls_k), one_ls = acc_t(p.one_ls);
+  const acc_t a_ce = acc_t(p.a_ce), a_kd = acc_t(p.a_kd), a_sce = acc_t(p.a_sce), a_skl = acc_t(p.a_skl);
+  const acc_t a_x = acc_t(p.a_x), cq = acc_t(p.cq), shift = acc_t(p.shift);
+  acc_t h1s, l1s, hTs, lTs, hTt, lTt;  // hi/lo of the sample statistics
+  split_stat(sample_stats[b * 3], h1s, l1s);
+  split_stat(sample_stats[b * 3 + 1], hTs, lTs);
+  split_stat(sample_stats[b * 3 + 2], hTt, lTt);
+
+  acc_t vt[kPerThread], lPs[kPerThread], dzs[kPerThread];
+#pragma unroll
+  for (int c = 0; c < kPerThread; ++c) {
+    const int64_t k = in[c] ? kc[c] : 0;  // out-of-range columns compute on column 0 and store nothing
+    const acc_t vs = acc_t(zs[b * K + k]);
+    vt[c] = acc_t(zt[b * K + k]);
+    lPs[c] = (vs * invT - hTs) - lTs;  // log P_s
+    const acc_t ps = dev_exp((vs - h1s) - l1s), Ps = dev_exp(lPs[c]), Pt = dev_exp((vt[c] * invT - hTt) - lTt);
+    dzs[c] = a_ce * (ps - lsK - (k == y ? one_ls : acc_t(0))) + cq * Ps - a_kd * Pt;
+  }
+
+  // One dzf element: x its value, orth its orthogonality term; updates the dz_s accumulator.
+  // (h1, l1), (hT, lT): hi/lo of the row's lse(x) and lse(x / T).
+  auto element = [&](int64_t row, acc_t x, acc_t orth, int c, acc_t h1, acc_t l1, acc_t hT, acc_t lT, acc_t kl) {
+    const int64_t k = kc[c];
+    const acc_t lP = (x * invT - hT) - lT;
+    const acc_t P = dev_exp(lP);
+    dzs[c] -= a_skl * P;
+    if (need_sub && in[c]) {
+      const acc_t pk = dev_exp((x - h1) - l1);
+      const acc_t d = a_sce * (pk - lsK - (k == y ? one_ls : acc_t(0))) + a_x * P * (lP - lPs[c] - kl) + orth;
+      gsub[row * K + k] = scalar_t(g * d);
+    }
+  };
+
+  const bool ortho = need_sub && n > 1;
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t row0 = (s * B + b) * n;
+    const double* rs = row_stats + row0 * 3;
+    const acc_t* M = ortho_coef + row0 * n;
+    if (n <= kRegRows) {
+      acc_t xr[kRegRows][kPerThread];
+#pragma unroll
+      for (int j = 0; j < kRegRows; ++j)
+#pragma unroll
+        for (int c = 0; c < kPerThread; ++c)
+          xr[j][c] = (j < n) ? acc_t(sub[(row0 + j) * K + (in[c] ? kc[c] : 0)]) : acc_t(0);
+#pragma unroll
+      for (int i = 0; i < kRegRows; ++i) {
+        if (i >= n) break;
+        acc_t h1, l1, hT, lT;
+        split_stat(rs[i * 3], h1, l1);
+        split_stat(rs[i * 3 + 1], hT, lT);
+        const acc_t kl = acc_t(rs[i * 3 + 2]);
+#pragma unroll
+        for (int c = 0; c < kPerThread; ++c) {
+          acc_t orth = 0;
+          if (ortho && !(p.masked && kc[c] == y)) {
+#pragma unroll
+            for (int j = 0; j < kRegRows; ++j)
+              if (j < n) orth += M[i * n + j] * (xr[j][c] - shift * vt[c]);
+          }
+          element(row0 + i, xr[i][c], orth, c, h1, l1, hT, lT, kl);
+        }
+      }
+    } else {  // large n: the other rows' values are re-read (L1/L2 hits: this thread just read them)
+      for (int64_t i = 0; i < n; ++i) {
+        acc_t h1, l1, hT, lT;
+        split_stat(rs[i * 3], h1, l1);
+        split_stat(rs[i * 3 + 1], hT, lT);
+        const acc_t kl = acc_t(rs[i * 3 + 2]);
+#pragma unroll
+        for (int c = 0; c < kPerThread; ++c) {
+          const int64_t k = in[c] ? kc[c] : 0;
+          acc_t orth = 0;
+          if (ortho && !(p.masked && kc[c] == y))
+            for (int64_t j = 0; j < n; ++j) orth += M[i * n + j] * (acc_t(sub[(row0 + j) * K + k]) - shift * vt[c]);
+          element(row0 + i, acc_t(sub[(row0 + i) * K + k]), orth, c, h1, l1, hT, lT, kl);
+        }
+      }
+    }
+  }
+  if (need_zs) {
+#pragma unroll
+    for (int c = 0; c < kPerThread; ++c)
+      if (in[c]) gzs[b * K + kc[c]] = side_t(g * dzs[c]);
+  }
+}
+
+// The storage a kernel reads for a side input (z_s, z_t): its own dtype when it is zf's, else acc (fp32/fp64).
+at::ScalarType side_dtype(at::ScalarType zf, at::ScalarType zs, at::ScalarType zt, at::ScalarType acc) {
+  return (zs == zf && zt == zf) ? zf : acc;
+}
+
+// Dispatch over (zf storage, side storage) with side in {zf, acc}: fp32/fp32, fp64/fp64, bf16/bf16, bf16/fp32,
+// fp16/fp16, fp16/fp32.
+template <typename F>
+void dispatch_sll(at::ScalarType zf, at::ScalarType side, F&& f) {
+  using BF = at::BFloat16;
+  using H = at::Half;
+  if (zf == at::kFloat) f(float{}, float{});
+  else if (zf == at::kDouble) f(double{}, double{});
+  else if (zf == at::kBFloat16 && side == at::kBFloat16) f(BF{}, BF{});
+  else if (zf == at::kBFloat16) f(BF{}, float{});
+  else if (zf == at::kHalf && side == at::kHalf) f(H{}, H{});
+  else if (zf == at::kHalf) f(H{}, float{});
+  else TORCH_CHECK(false, "sub_logit_loss (cuda): unsupported dtype ", zf);
+}
+
+// The storage dtype of zf for the compute dtype: its own for fp32 compute (fp32/bf16/fp16), fp64 for fp64.
+at::ScalarType zf_dtype(at::ScalarType zf, at::ScalarType acc) {
+  if (acc == at::kDouble) return at::kDouble;
+  return (zf == at::kFloat || zf == at::kBFloat16 || zf == at::kHalf) ? zf : at::kFloat;
+}
+
+void check_inputs(const Tensor& sub, const Tensor& zs, const Tensor& zt, const Tensor& y) {
+  TORCH_CHECK(sub.is_cuda() && sub.dim() == 4, "sub_logit_loss: expected a CUDA (S, B, n, K) sub_logits tensor");
+  const int64_t B = sub.size(1), K = sub.size(3);
+  TORCH_CHECK(zs.dim() == 2 && zs.size(0) == B && zs.size(1) == K && zt.sizes() == zs.sizes() && y.dim() == 1 &&
+                  y.size(0) == B,
+              "sub_logit_loss: inconsistent shapes: sub_logits ", sub.sizes(), ", student_logits ", zs.sizes(),
+              ", teacher_logits ", zt.sizes(), ", target ", y.sizes());
+  TORCH_CHECK(zs.device() == sub.device() && zt.device() == sub.device() && y.device() == sub.device(),
+              "sub_logit_loss: all tensors must be on ", sub.device());
 }
 
 }  // namespace
@@ -288,57 +444,116 @@ __global__ void sub_logit_loss_reduce_kernel(const acc_t* __restrict__ partials,
 SubLogitLossOut sub_logit_loss(HCD_SUB_LOGIT_LOSS_ARGS) {
   // The kernels choose their own precision: ATen calls inside must not be re-cast by an active autocast.
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  TORCH_CHECK(sub_logits.is_cuda() && sub_logits.dim() == 4, "sub_logits: expected a CUDA (S, B, n, K) tensor");
+  check_inputs(sub_logits, student_logits, teacher_logits, target);
   const c10::cuda::CUDAGuard guard(sub_logits.device());
-  const auto in_dtype = at::promote_types(sub_logits.scalar_type(),
-                                          at::promote_types(student_logits.scalar_type(), teacher_logits.scalar_type()));
-  const auto dt = compute_dtype({in_dtype});
-  const Tensor sub = sub_logits.to(in_dtype).contiguous();
-  const Tensor zs = student_logits.to(in_dtype).contiguous();
-  const Tensor zt = teacher_logits.to(in_dtype).contiguous();
+  const auto acc = compute_dtype({sub_logits.scalar_type(), student_logits.scalar_type(),
+                                  teacher_logits.scalar_type()});
+  const auto zf_st = zf_dtype(sub_logits.scalar_type(), acc);
+  const auto side_st = side_dtype(zf_st, student_logits.scalar_type(), teacher_logits.scalar_type(), acc);
+  const Tensor sub = sub_logits.to(zf_st).contiguous();
+  const Tensor zs = student_logits.to(side_st).contiguous();
+  const Tensor zt = teacher_logits.to(side_st).contiguous();
   const Tensor y = target.to(at::kLong).contiguous();
   const int64_t S = sub.size(0), B = sub.size(1), n = sub.size(2), K = sub.size(3);
-  const auto opts = sub.options().dtype(dt);
-  Tensor gsub = compute_grad ? at::empty({S, B, n, K}, opts) : at::empty({0}, opts);
-  Tensor gzs = compute_grad ? at::empty({B, K}, opts) : at::empty({0}, opts);
-  Tensor logq = at::empty({B, K}, opts);
-  Tensor partials = at::empty({B, 5}, opts);
+  const auto opts = sub.options().dtype(acc);
+  Tensor row_stats = at::empty({S, B, n, 3}, opts.dtype(at::kDouble));  // fp64 statistics (the op's contract)
+  Tensor ortho_coef = at::empty({S, B, n, n}, opts);
+  Tensor sample_stats = at::empty({B, 3}, opts.dtype(at::kDouble));
   Tensor parts = at::empty({5}, opts);
   Tensor loss = at::empty({}, opts);
-  if (B == 0) return {loss.zero_(), parts.zero_(), gsub, gzs};
-
-  LossParams p{temperature, label_smoothing, ortho_threshold, ortho_eps, mask_fill, ortho_shift,
-               w_gt, w_kd, w_kl, w_ol, mask_target, detach_sub_targets, false};
-  // 16-byte loads need every row start aligned: an aligned base and K * itemsize a multiple of 16.
-  p.vec16 = reinterpret_cast<uintptr_t>(sub.data_ptr()) % 16 == 0 && (K * sub.element_size()) % 16 == 0;
+  if (S * B * n * K == 0) {  // nothing to launch; the means over an empty batch are NaN, as in the reference
+    parts.fill_(std::numeric_limits<double>::quiet_NaN());
+    loss.fill_(std::numeric_limits<double>::quiet_NaN());
+    return {loss, parts, row_stats, ortho_coef, sample_stats};
+  }
+  Tensor partials = at::empty({S * B, 5}, opts);
+  FwdParams p{};
+  p.inv_t = 1.0 / temperature, p.t2 = temperature * temperature, p.unit_t = temperature == 1.0;
+  p.label_smoothing = label_smoothing, p.ls_k = label_smoothing / double(K);
+  p.ortho_threshold = ortho_threshold, p.ortho_eps = ortho_eps, p.fill = mask_fill, p.shift = ortho_shift;
+  p.c4 = n > 1 ? 4.0 * w_ol / (double(B) * double(n) * double(n - 1)) : 0.0;  // 4 w_ol / (B n (n-1))
+  p.masked = mask_target;
+  TORCH_CHECK(S * B <= int64_t(INT32_MAX), "sub_logit_loss (cuda): S * B too large for one launch");
   const int threads = row_threads(K);
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in_dtype, "hcd_fast_sub_logit_loss", [&] {
+  dispatch_sll(zf_st, side_st, [&](auto zf_tag, auto side_tag) {
+    using scalar_t = decltype(zf_tag);
+    using side_t = decltype(side_tag);
     using acc_t = at::opmath_type<scalar_t>;
-    // The per-sample scratch (4n + 2n^2 values) lives in shared memory up to the device's opt-in limit
-    // (above the default 48 KB the kernel opts in), else in global memory: any n runs.
-    auto kernel = sub_logit_loss_rows_kernel<scalar_t, acc_t>;
-    const size_t per_sample = size_t(4 * n + 2 * n * n) * sizeof(acc_t);
-    size_t smem = 3 * kWarp * sizeof(acc_t) + per_sample;
-    const size_t optin = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
-    Tensor gscratch;
-    if (smem > optin) {
-      gscratch = at::empty({B, 4 * n + 2 * n * n}, opts);
+    // D (n x n) and the norms in shared memory up to the default 48 KB, else in a global slice per block.
+    const size_t per_block = size_t(n * n + n) * sizeof(acc_t);
+    size_t smem = 3 * kWarp * sizeof(acc_t) + per_block;
+    Tensor scratch;
+    if (smem > 48 * 1024) {
+      scratch = at::empty({S * B, n * n + n}, opts);
       smem = 3 * kWarp * sizeof(acc_t);
-    } else if (smem > 48 * 1024) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     }
-    kernel<<<B, threads, smem, stream>>>(
-        sub.data_ptr<scalar_t>(), zs.data_ptr<scalar_t>(), zt.data_ptr<scalar_t>(), y.data_ptr<int64_t>(),
-        compute_grad ? gsub.data_ptr<acc_t>() : nullptr, compute_grad ? gzs.data_ptr<acc_t>() : nullptr,
-        logq.data_ptr<acc_t>(), partials.data_ptr<acc_t>(),
-        gscratch.defined() ? gscratch.data_ptr<acc_t>() : nullptr, S, B, n, K, p);
+    sll_fwd_kernel<scalar_t, side_t, acc_t><<<unsigned(S * B), threads, smem, stream>>>(
+        sub.data_ptr<scalar_t>(), zs.data_ptr<side_t>(), zt.data_ptr<side_t>(), y.data_ptr<int64_t>(),
+        row_stats.data_ptr<double>(), ortho_coef.data_ptr<acc_t>(), sample_stats.data_ptr<double>(),
+        partials.data_ptr<acc_t>(), scratch.defined() ? scratch.data_ptr<acc_t>() : nullptr, S, B, n, K, p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    sub_logit_loss_reduce_kernel<acc_t><<<1, 256, 0, stream>>>(partials.data_ptr<acc_t>(), loss.data_ptr<acc_t>(),
-                                                               parts.data_ptr<acc_t>(), B, n, p);
+    sll_reduce_kernel<acc_t><<<1, 256, 0, stream>>>(partials.data_ptr<acc_t>(), loss.data_ptr<acc_t>(),
+                                                    parts.data_ptr<acc_t>(), S * B, B, n, w_gt, w_kd, w_kl, w_ol);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {loss, parts, gsub, gzs};
+  return {loss, parts, row_stats, ortho_coef, sample_stats};
+}
+
+SubLogitLossBwdOut sub_logit_loss_backward(HCD_SUB_LOGIT_LOSS_BWD_ARGS) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  check_inputs(sub_logits, student_logits, teacher_logits, target);
+  const c10::cuda::CUDAGuard guard(sub_logits.device());
+  const auto acc = compute_dtype({sub_logits.scalar_type(), student_logits.scalar_type(),
+                                  teacher_logits.scalar_type()});
+  const auto zf_st = zf_dtype(sub_logits.scalar_type(), acc);
+  const auto side_st = side_dtype(zf_st, student_logits.scalar_type(), teacher_logits.scalar_type(), acc);
+  const Tensor sub = sub_logits.to(zf_st).contiguous();
+  const Tensor zs = student_logits.to(side_st).contiguous();
+  const Tensor zt = teacher_logits.to(side_st).contiguous();
+  const Tensor y = target.to(at::kLong).contiguous();
+  const int64_t S = sub.size(0), B = sub.size(1), n = sub.size(2), K = sub.size(3);
+  TORCH_CHECK(grad_loss.numel() == 1, "sub_logit_loss_backward: grad_loss must have one element");
+  TORCH_CHECK(row_stats.numel() == S * B * n * 3 && ortho_coef.numel() == S * B * n * n &&
+                  sample_stats.numel() == B * 3,
+              "sub_logit_loss_backward: statistics do not match sub_logits ", sub.sizes());
+  const Tensor gl = grad_loss.to(acc).contiguous();  // stays on the device: read by the kernel
+  const Tensor rs = row_stats.to(at::kDouble).contiguous(), oc = ortho_coef.to(acc).contiguous();
+  const Tensor ss = sample_stats.to(at::kDouble).contiguous();
+  // The kernel writes dzf as zf_st and dz_s as side_st: the inputs' own dtypes except in the mixed cases.
+  Tensor gsub = need_grad_sub ? at::empty(sub.sizes(), sub.options()) : at::empty({0}, sub_logits.options());
+  Tensor gzs = need_grad_student ? at::empty(zs.sizes(), zs.options()) : at::empty({0}, student_logits.options());
+  if (S * B * n * K > 0 && (need_grad_sub || need_grad_student)) {
+    const int threads = bwd_threads(K);
+    const int64_t kblocks = (K + int64_t(kPerThread) * threads - 1) / (int64_t(kPerThread) * threads);
+    TORCH_CHECK(kblocks <= 65535 && B <= int64_t(INT32_MAX), "sub_logit_loss_backward: K or B too large");
+    // The coefficients of the gradient formulas (header), formed once in fp64.
+    BwdParams p{};
+    const double Bn = double(B) * double(n);
+    p.inv_t = 1.0 / temperature, p.ls_k = label_smoothing / double(K), p.one_ls = 1.0 - label_smoothing;
+    p.a_ce = w_gt / double(B), p.a_kd = w_kd * temperature / double(B);
+    p.a_sce = w_gt / Bn, p.a_skl = w_kl * temperature / Bn;
+    p.a_x = detach_sub_targets ? 0.0 : p.a_skl;
+    p.cq = p.a_kd + double(S) * double(n) * p.a_skl;
+    p.shift = ortho_shift, p.masked = mask_target;
+    auto stream = at::cuda::getCurrentCUDAStream();
+    dispatch_sll(zf_st, side_st, [&](auto zf_tag, auto side_tag) {
+      using scalar_t = decltype(zf_tag);
+      using side_t = decltype(side_tag);
+      using acc_t = at::opmath_type<scalar_t>;
+      sll_bwd_kernel<scalar_t, side_t, acc_t><<<dim3(unsigned(B), unsigned(kblocks)), threads, 0, stream>>>(
+          gl.data_ptr<acc_t>(), sub.data_ptr<scalar_t>(), zs.data_ptr<side_t>(), zt.data_ptr<side_t>(),
+          y.data_ptr<int64_t>(), rs.data_ptr<double>(), oc.data_ptr<acc_t>(), ss.data_ptr<double>(),
+          need_grad_sub ? gsub.data_ptr<scalar_t>() : nullptr, need_grad_student ? gzs.data_ptr<side_t>() : nullptr,
+          S, B, n, K, p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  // Mixed dtypes only: one conversion to the input's dtype.
+  if (need_grad_sub && gsub.scalar_type() != sub_logits.scalar_type()) gsub = gsub.to(sub_logits.scalar_type());
+  if (need_grad_student && gzs.scalar_type() != student_logits.scalar_type())
+    gzs = gzs.to(student_logits.scalar_type());
+  return {gsub, gzs};
 }
 
 }  // namespace hcd_fast::cuda
