@@ -201,6 +201,12 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+def sample_path(dataset, index: int) -> str:
+    """The file behind ``dataset[index]`` (ImageFolder's ``samples``), else ``Name[index]``: for messages."""
+    samples = getattr(dataset, "samples", None)
+    return samples[index][0] if samples is not None else f"{type(dataset).__name__}[{index}]"
+
+
 @contextmanager
 def seeded_rngs(seed: int):
     """torch (CPU), python and numpy global RNGs seeded with ``seed`` inside, restored afterwards (the
@@ -233,8 +239,7 @@ class SampleDataset(Dataset):
         return len(self.base)
 
     def path(self, index: int) -> str:
-        samples = getattr(self.base, "samples", None)
-        return samples[index][0] if samples is not None else f"{type(self.base).__name__}[{index}]"
+        return sample_path(self.base, index)
 
     def __getitem__(self, index: int):
         with seeded_rngs(sample_seed(self.seed, self.epoch, index)):

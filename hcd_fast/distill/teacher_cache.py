@@ -52,7 +52,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from hcd_fast.distill.data import (_READ_ERRORS, DATASETS, BadSample, DataConfig, SampleDataset, build_data)
+from hcd_fast.distill.data import (_READ_ERRORS, DATASETS, BadSample, DataConfig, SampleDataset, build_data,
+                                   sample_path)
 from hcd_fast.distill.errors import UserError
 
 FORMAT = "hcd-distill-teacher-cache/1"
@@ -86,8 +87,7 @@ class RawSource:
         return len(self.dataset)
 
     def path(self, n: int) -> str:
-        samples = getattr(self.dataset, "samples", None)
-        return samples[n][0] if samples is not None else f"{type(self.dataset).__name__}[{n}]"
+        return sample_path(self.dataset, n)
 
     def get(self, n: int):
         d = self.dataset
