@@ -78,7 +78,7 @@ def _workers(help: str):
 
 
 def _seed(help: str):
-    return option(0, help, group="state and output")
+    return option(0, help, ge=0, group="state and output")
 
 
 def _device():
