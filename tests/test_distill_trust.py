@@ -1,4 +1,4 @@
-"""hcd-distill under bad inputs and faults (issue 13): every defect a user met has a test here.
+"""hcd-distill under bad inputs and faults: every defect a user met has a test here.
 
 Tiny models, 1-4 steps, the embedded digits or a tiny generated ImageFolder in tmp_path.
 """
