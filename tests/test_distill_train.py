@@ -29,6 +29,7 @@ def test_help_documents_every_flag():
         assert flag in text
 
 
+@pytest.mark.slow
 def test_module_entry_point_help():
     import subprocess
     import sys
@@ -94,6 +95,7 @@ def load(path):
     return safe_load(str(path), "test")  # our own checkpoints load with weights_only=True
 
 
+@pytest.mark.slow
 def test_outputs_and_teacher_from_own_checkpoint(tmp_path):
     """Train a tiny ViT with --method ce, then use its best.pt as the teacher of an hcd run."""
     teacher_out = tmp_path / "teacher"
@@ -128,12 +130,14 @@ def test_outputs_and_teacher_from_own_checkpoint(tmp_path):
     assert any(k.startswith("criterion.cfms.") for k in state["distiller"])
 
 
+@pytest.mark.slow
 def test_plots_written(tmp_path):
     run(parse_args(STUDENT + ["--method", "ce", "--img-size", "16", "--batch-size", "32", "--no-progress",
                               "--epochs", "1", "--max-steps-per-epoch", "1", "--output", str(tmp_path)]))
     assert (tmp_path / "loss.png").stat().st_size > 1000 and (tmp_path / "accuracy.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["hcd", "ofa"])
 def test_bf16_autocast_channels_last(tmp_path, method):
     """The CUDA defaults (bf16 autocast, channels_last, backend auto) exercised on the CPU."""

@@ -49,6 +49,7 @@ def pretend_amx(monkeypatch):
     monkeypatch.setattr(onednn_amx, "_warned", False)
 
 
+@pytest.mark.slow
 def test_distill_warns_once_and_names_the_cause_of_a_nonfinite_loss(tmp_path, monkeypatch, pretend_amx):
     from test_distill_trust import _poison_loss_at, ce_args
 
@@ -60,6 +61,7 @@ def test_distill_warns_once_and_names_the_cause_of_a_nonfinite_loss(tmp_path, mo
     assert sum("AMX" in str(w.message) for w in record) == 1
 
 
+@pytest.mark.slow
 def test_distill_fp32_on_amx_does_not_warn(tmp_path, monkeypatch, pretend_amx, recwarn):
     from test_distill_trust import _poison_loss_at, ce_args
 
