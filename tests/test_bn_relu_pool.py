@@ -165,6 +165,7 @@ def test_bn_relu_pool_training_needs_two_values(backend):
             torch.ops.hcd_fast.bn_relu_pool_fwd(x, ones, zeros, zeros.clone(), ones.clone(), True, 0.1, 1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend,training,shape", over_backends(
     [(True, (2, 2, 2, 2)), (True, (3, 4, 3, 2)), (False, (3, 4, 3, 2))]))
 def test_bn_relu_pool_gradcheck_fp64(backend, training, shape):
@@ -195,6 +196,7 @@ def test_bn_relu_pool_fp64_scalars_exact(backend, float_args_as_fp32):
             assert_close(name, g, w, 1e-12, atol=0.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", backend_params())
 def test_bn_relu_pool_opcheck(backend):
     """Schema, fake kernel and autograd registration of the backend's op pair, both modes, NCHW and NHWC."""
@@ -208,6 +210,7 @@ def test_bn_relu_pool_opcheck(backend):
         torch.library.opcheck(ns.bn_relu_pool_bwd.default, (t["gout"], x, t["w"], t["b"], mean, invstd, True))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", backend_params())
 def test_bn_relu_pool_torch_compile_fullgraph(backend):
     """The autograd.Function over the op pair traces without a graph break (aot_eager: no codegen); the

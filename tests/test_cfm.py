@@ -84,6 +84,7 @@ def test_cfm_matches_reference(backend, B, D, Dt, H, n, K, ls, lt, layout):
         assert_close(NAMES[k], got[k], want[k], 1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend,B,D,Dt,H,n,K,ls,lt", over_backends([
     (3, 4, 5, None, 2, 7, 0.5, 2.0), (3, 4, 5, 6, 2, 7, 0.5, 2.0), (2, 3, 4, 6, 2, 3, 0.7, 1.3),
     (2, 3, 4, None, 2, 3, 0.7, 1.3)]))
@@ -285,6 +286,7 @@ def test_cfm_torch_compile_fullgraph(backend):
         assert_close(f"output/grad {i}", c, e, 1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", backend_params())
 def test_cfm_opcheck(backend):
     """Schema, fake kernel and autograd registration of the backend's torch op, with and without W2."""

@@ -137,6 +137,7 @@ def test_no_output_aliases_an_input_or_another_output(backend):
                 seen.add(s)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", FAST)
 def test_opcheck(backend):
     ns = _registered(backend)

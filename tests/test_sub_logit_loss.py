@@ -150,6 +150,7 @@ def test_logits_in_the_hundreds_are_stable(backend, device, scale, T):
     check(run(backend, *inputs, cfg, 1.0), truth(*inputs, cfg, 1.0))
 
 
+@pytest.mark.slow
 def test_k_loop_triton(monkeypatch):
     """Triton with BLOCK_K = 16 < K = 100 in both kernels: every K loop runs several blocks, ragged tail."""
     if "cpu" not in REPORT["triton"].devices:
@@ -165,6 +166,7 @@ def test_k_loop_triton(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- precision
+@pytest.mark.slow
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("mode", ["zero", "none", "large_negative"])
 def test_gradcheck_fp64(backend, device, mode):
@@ -196,6 +198,7 @@ def test_fp64_scalars_are_exact(backend, device):
     check(got, truth(*inputs, cfg, 0.37), rtol=1e-12, dtype=torch.float64)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B,K,n,S", [(3, 1001, 4, 4), (37, 100, 2, 1)])
@@ -366,6 +369,7 @@ def _raw_args(device, requires_grad):
     return sub, zs, zt, y
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_opcheck_both_ops(backend, device):
     ns = {"triton": torch.ops.hcd_triton, "cpu": torch.ops.hcd_fast, "cuda": torch.ops.hcd_fast}[backend]
