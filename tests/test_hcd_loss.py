@@ -67,6 +67,7 @@ def test_gradcheck_whole_loss_float64():
     torch.autograd.gradcheck(f, (*feats, zs, *[p.detach().clone().requires_grad_(True) for p in params]))
 
 
+@pytest.mark.slow
 def test_gradcheck_train_mode_float64():
     torch.manual_seed(2)
     crit = HCDLoss((2, 3), 4, 3, HCDConfig(num_sub_logits=2), backend="reference").double().train()

@@ -108,7 +108,9 @@ INTERPRETER_CASES = [CASES[i] for i in (0, 4, 7, 8, 11, 13, 19, 22)]
 # GPU: a few cases (one JIT compile per distinct Triton configuration) and the longest rows.
 GPU_CASES = [CASES[i] for i in (0, 6, 12, 18, 24)] + [((2, 32768, 4, 2, 2.0, "none", False, False),
                                                        "B2-K32768-n4-S2-T2-none")]
-MATCH_PARAMS = [pytest.param(b.values[0], b.values[1], *c, id=f"{b.id}-{cid}", marks=b.marks)
+# The fast lane (pytest -m "not slow") keeps the cases with B * K * n under 4000; the rest are slow.
+MATCH_PARAMS = [pytest.param(b.values[0], b.values[1], *c, id=f"{b.id}-{cid}",
+                             marks=list(b.marks) + ([pytest.mark.slow] if c[0] * c[1] * c[2] >= 4000 else []))
                 for b, case_list in ((CPU_BACKENDS[0], CASES), (CPU_BACKENDS[1], INTERPRETER_CASES),
                                      (GPU_BACKENDS[0], GPU_CASES), (GPU_BACKENDS[1], GPU_CASES))
                 for c, cid in case_list]
