@@ -272,6 +272,7 @@ def test_cfm_fp64_scalars_exact(backend, H, float_args_as_fp32):
         assert_close(NAMES[k], got[k], want[k], 1e-12, atol=0.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", backend_params())
 def test_cfm_torch_compile_fullgraph(backend):
     """The custom op traces without a graph break (aot_eager: no codegen) and gives the eager gradients."""

@@ -387,6 +387,7 @@ def test_opcheck_both_ops(backend, device):
             torch.library.opcheck(ns.sub_logit_loss_backward.default, bwd_args)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_torch_compile_fullgraph(backend, device):
     """The forward op, its registered autograd and the backward op trace without a graph break (aot_eager:
