@@ -51,13 +51,14 @@ class Trainer:
         for files in self.ctx.gather_object(state.bad_files):
             state.bad_files.update(files)
         if self.ctx.is_main:
-            atomic_save({"format": CKPT_FORMAT, "args": self.cfg.flat(), "data_config": self.parts.data_cfg.to_dict(),
-                         **state.to_dict(), "distiller": unwrap(self.parts.task.trainable_module).state_dict(),
-                         "optimizer": self.parts.optimizer.state_dict(),
-                         "scheduler": self.parts.scheduler.state_dict() if self.parts.scheduler is not None else None,
-                         "scaler": self.parts.scaler.state_dict() if self.parts.scaler is not None else None, "rng": rngs,
-                         "part_names": list(self.parts.part_names), "num_classes": self.parts.num_classes,
-                         "student_channels": list(self.parts.channels)}, path)
+            p = self.parts
+            atomic_save({"format": CKPT_FORMAT, "args": self.cfg.flat(), "data_config": p.data_cfg.to_dict(),
+                         **state.to_dict(), "distiller": unwrap(p.task.trainable_module).state_dict(),
+                         "optimizer": p.optimizer.state_dict(),
+                         "scheduler": p.scheduler.state_dict() if p.scheduler is not None else None,
+                         "scaler": p.scaler.state_dict() if p.scaler is not None else None, "rng": rngs,
+                         "part_names": list(p.part_names), "num_classes": p.num_classes,
+                         "student_channels": list(p.channels)}, path)
         state.saved_step = state.global_step
         self.last_save_time = time.monotonic()
         self.ctx.barrier()
@@ -224,8 +225,9 @@ class Trainer:
                "train_loss": mean(totals[0]), "train_top1": mean(100.0 * totals[1])}
         row.update({f"train_{k}": mean(v) for k, v in zip(self.parts.part_names, totals[2:-1])})
         ctx.broadcast_buffers(unwrap(self.parts.task.trainable_module))
-        row.update(evaluate(self.parts.task.get_eval_model(), self.parts.val_loader, self.device, self.parts.step.autocast,
-                            self.parts.channels_last, ctx, on_bad=lambda bad: self._record_bad(state, bad)))
+        row.update(evaluate(self.parts.task.get_eval_model(), self.parts.val_loader, self.device,
+                            self.parts.step.autocast, self.parts.channels_last, ctx,
+                            on_bad=lambda bad: self._record_bad(state, bad)))
         row.update({"epoch_seconds": epoch_seconds, "images_per_s": count * ctx.world / max(epoch_seconds, 1e-9)})
         state.history.append(row)
         improved = row["val_top1"] is not None and (state.best_top1 is None or row["val_top1"] > state.best_top1)
