@@ -14,5 +14,5 @@ from hcd_fast.distill.taps import StudentTap, probe_student
 from hcd_fast.distill.teacher.tap import TeacherTap, probe_teacher
 
 __all__ = ["METHODS", "CELoss", "KDLoss", "DKDLoss", "OFALoss", "DKDOptions", "OFAOptions", "build_criterion",
-           "get_method", "Distiller", "DistillTask", "HCDTask", "HAS_TIMM_TASK", "TrainStep", "StepOutput", "StudentTap",
-           "TeacherTap", "probe_student", "probe_teacher", "UserError", "TrainingError"]
+           "get_method", "Distiller", "DistillTask", "HCDTask", "HAS_TIMM_TASK", "TrainStep", "StepOutput",
+           "StudentTap", "TeacherTap", "probe_student", "probe_teacher", "UserError", "TrainingError"]
