@@ -17,13 +17,13 @@
 //                     + [!(masked and k == y)] sum_j M_ij v_j,k)
 //
 // Kernels:
-//   sll_fwd_kernel     grid S*B blocks, block r = b * S + s (the S blocks of one sample are adjacent, so z_s is
+//   sub_logit_loss_fwd_kernel     grid S*B blocks, block r = b * S + s (the S blocks of one sample are adjacent, so z_s is
 //                      read from DRAM once and from L2 by the others): the n rows of (s, b) (max/sum pass, then
 //                      exp/KL pass, then the Gram dot products; the repeated passes over the block's own rows hit
 //                      L1/L2), the student's lse(z_s / T); the s == 0 block also does CE/KD and sample_stats.
 //                      Writes row_stats, ortho_coef and 5 partial sums per block.
-//   sll_reduce_kernel  one block: the (S*B, 5) partials summed in a fixed order -> parts and the loss.
-//   sll_bwd_kernel     grid (B, K-blocks), kPerThread columns per thread: loads z_s, z_t of its columns, then for
+//   sub_logit_loss_reduce_kernel  one block: the (S*B, 5) partials summed in a fixed order -> parts and the loss.
+//   sub_logit_loss_bwd_kernel     grid (B, K-blocks), kPerThread columns per thread: loads z_s, z_t of its columns, then for
 //                      every (s, i) the zf column (the n values of a (s, b) in registers when n <= kRegRows), writes
 //                      dzf, and accumulates dz_s in registers; writes dz_s last.
 // A target outside [0, K) (validate=False) gives NaN partials, statistics and gradient rows for that sample;
@@ -82,11 +82,11 @@ __device__ __forceinline__ void split_stat(double v, acc_t& hi, acc_t& lo) {
 // (n) unless `scratch` (a global slice per block) is given for large n.
 template <typename scalar_t, typename side_t, typename acc_t>
 __global__ void __launch_bounds__(kMaxRowThreads)
-    sll_fwd_kernel(const scalar_t* __restrict__ sub, const side_t* __restrict__ zs, const side_t* __restrict__ zt,
+    sub_logit_loss_fwd_kernel(const scalar_t* __restrict__ sub, const side_t* __restrict__ zs, const side_t* __restrict__ zt,
                    const int64_t* __restrict__ target, double* __restrict__ row_stats, acc_t* __restrict__ ortho_coef,
                    double* __restrict__ sample_stats, acc_t* __restrict__ partials, acc_t* __restrict__ scratch,
                    int64_t S, int64_t B, int64_t n, int64_t K, FwdParams p) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];  // read as acc_t (double): 16-byte aligned
   acc_t* ws = reinterpret_cast<acc_t*>(smem_raw);
   const int64_t r = blockIdx.x, b = int64_t(blockIdx.x / unsigned(S)), s = int64_t(blockIdx.x % unsigned(S));
   acc_t* D = scratch != nullptr ? scratch + r * (n * n + n) : ws + 3 * kWarp;
@@ -251,7 +251,7 @@ __global__ void __launch_bounds__(kMaxRowThreads)
 
 // The (R, 5) partials summed in a fixed order (strided per thread, then the deterministic block_sum).
 template <typename acc_t>
-__global__ void sll_reduce_kernel(const acc_t* __restrict__ partials, acc_t* __restrict__ loss,
+__global__ void sub_logit_loss_reduce_kernel(const acc_t* __restrict__ partials, acc_t* __restrict__ loss,
                                   acc_t* __restrict__ parts, int64_t R, int64_t B, int64_t n, double w_gt,
                                   double w_kd, double w_kl, double w_ol) {
   __shared__ acc_t ws[5 * kWarp];
@@ -286,7 +286,7 @@ inline int bwd_threads(int64_t K) {
 // Grid (B, ceil(K / (kPerThread * blockDim.x))). Thread columns k_c = k0 + c * blockDim.x (coalesced per c).
 template <typename scalar_t, typename side_t, typename acc_t>
 __global__ void __launch_bounds__(kBwdMaxThreads)
-    sll_bwd_kernel(const acc_t* __restrict__ grad_loss, const scalar_t* __restrict__ sub,
+    sub_logit_loss_bwd_kernel(const acc_t* __restrict__ grad_loss, const scalar_t* __restrict__ sub,
                    const side_t* __restrict__ zs, const side_t* __restrict__ zt, const int64_t* __restrict__ target,
                    const double* __restrict__ row_stats, const acc_t* __restrict__ ortho_coef,
                    const double* __restrict__ sample_stats, scalar_t* __restrict__ gsub, side_t* __restrict__ gzs,
@@ -410,7 +410,7 @@ at::ScalarType side_dtype(at::ScalarType zf, at::ScalarType zs, at::ScalarType z
 // Dispatch over (zf storage, side storage) with side in {zf, acc}: fp32/fp32, fp64/fp64, bf16/bf16, bf16/fp32,
 // fp16/fp16, fp16/fp32.
 template <typename F>
-void dispatch_sll(at::ScalarType zf, at::ScalarType side, F&& f) {
+void dispatch_sub_logit_loss(at::ScalarType zf, at::ScalarType side, F&& f) {
   using BF = at::BFloat16;
   using H = at::Half;
   if (zf == at::kFloat) f(float{}, float{});
@@ -461,7 +461,7 @@ SubLogitLossOut sub_logit_loss(HCD_SUB_LOGIT_LOSS_ARGS) {
   Tensor sample_stats = at::empty({B, 3}, opts.dtype(at::kDouble));
   Tensor parts = at::empty({5}, opts);
   Tensor loss = at::empty({}, opts);
-  if (S * B * n * K == 0) {  // nothing to launch; the means over an empty batch are NaN, as in the reference
+  if (B * K == 0) {  // nothing to launch; the means over an empty batch are NaN, as in the reference
     parts.fill_(std::numeric_limits<double>::quiet_NaN());
     loss.fill_(std::numeric_limits<double>::quiet_NaN());
     return {loss, parts, row_stats, ortho_coef, sample_stats};
@@ -476,7 +476,7 @@ SubLogitLossOut sub_logit_loss(HCD_SUB_LOGIT_LOSS_ARGS) {
   TORCH_CHECK(S * B <= int64_t(INT32_MAX), "sub_logit_loss (cuda): S * B too large for one launch");
   const int threads = row_threads(K);
   auto stream = at::cuda::getCurrentCUDAStream();
-  dispatch_sll(zf_st, side_st, [&](auto zf_tag, auto side_tag) {
+  dispatch_sub_logit_loss(zf_st, side_st, [&](auto zf_tag, auto side_tag) {
     using scalar_t = decltype(zf_tag);
     using side_t = decltype(side_tag);
     using acc_t = at::opmath_type<scalar_t>;
@@ -488,12 +488,12 @@ SubLogitLossOut sub_logit_loss(HCD_SUB_LOGIT_LOSS_ARGS) {
       scratch = at::empty({S * B, n * n + n}, opts);
       smem = 3 * kWarp * sizeof(acc_t);
     }
-    sll_fwd_kernel<scalar_t, side_t, acc_t><<<unsigned(S * B), threads, smem, stream>>>(
+    sub_logit_loss_fwd_kernel<scalar_t, side_t, acc_t><<<unsigned(S * B), threads, smem, stream>>>(
         sub.data_ptr<scalar_t>(), zs.data_ptr<side_t>(), zt.data_ptr<side_t>(), y.data_ptr<int64_t>(),
         row_stats.data_ptr<double>(), ortho_coef.data_ptr<acc_t>(), sample_stats.data_ptr<double>(),
         partials.data_ptr<acc_t>(), scratch.defined() ? scratch.data_ptr<acc_t>() : nullptr, S, B, n, K, p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    sll_reduce_kernel<acc_t><<<1, 256, 0, stream>>>(partials.data_ptr<acc_t>(), loss.data_ptr<acc_t>(),
+    sub_logit_loss_reduce_kernel<acc_t><<<1, 256, 0, stream>>>(partials.data_ptr<acc_t>(), loss.data_ptr<acc_t>(),
                                                     parts.data_ptr<acc_t>(), S * B, B, n, w_gt, w_kd, w_kl, w_ol);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -523,7 +523,9 @@ SubLogitLossBwdOut sub_logit_loss_backward(HCD_SUB_LOGIT_LOSS_BWD_ARGS) {
   // The kernel writes dzf as zf_st and dz_s as side_st: the inputs' own dtypes except in the mixed cases.
   Tensor gsub = need_grad_sub ? at::empty(sub.sizes(), sub.options()) : at::empty({0}, sub_logits.options());
   Tensor gzs = need_grad_student ? at::empty(zs.sizes(), zs.options()) : at::empty({0}, student_logits.options());
-  if (S * B * n * K > 0 && (need_grad_sub || need_grad_student)) {
+  // S = 0 (or n = 0) still has the CE and KD gradient of z_s: the kernel runs whenever B K > 0, so no output
+  // element is left as at::empty returned it.
+  if (B * K > 0 && (need_grad_sub || need_grad_student)) {
     const int threads = bwd_threads(K);
     const int64_t kblocks = (K + int64_t(kPerThread) * threads - 1) / (int64_t(kPerThread) * threads);
     TORCH_CHECK(kblocks <= 65535 && B <= int64_t(INT32_MAX), "sub_logit_loss_backward: K or B too large");
@@ -537,11 +539,11 @@ SubLogitLossBwdOut sub_logit_loss_backward(HCD_SUB_LOGIT_LOSS_BWD_ARGS) {
     p.cq = p.a_kd + double(S) * double(n) * p.a_skl;
     p.shift = ortho_shift, p.masked = mask_target;
     auto stream = at::cuda::getCurrentCUDAStream();
-    dispatch_sll(zf_st, side_st, [&](auto zf_tag, auto side_tag) {
+    dispatch_sub_logit_loss(zf_st, side_st, [&](auto zf_tag, auto side_tag) {
       using scalar_t = decltype(zf_tag);
       using side_t = decltype(side_tag);
       using acc_t = at::opmath_type<scalar_t>;
-      sll_bwd_kernel<scalar_t, side_t, acc_t><<<dim3(unsigned(B), unsigned(kblocks)), threads, 0, stream>>>(
+      sub_logit_loss_bwd_kernel<scalar_t, side_t, acc_t><<<dim3(unsigned(B), unsigned(kblocks)), threads, 0, stream>>>(
           gl.data_ptr<acc_t>(), sub.data_ptr<scalar_t>(), zs.data_ptr<side_t>(), zt.data_ptr<side_t>(),
           y.data_ptr<int64_t>(), rs.data_ptr<double>(), oc.data_ptr<acc_t>(), ss.data_ptr<double>(),
           need_grad_sub ? gsub.data_ptr<scalar_t>() : nullptr, need_grad_student ? gzs.data_ptr<side_t>() : nullptr,

@@ -23,7 +23,7 @@ try:
 
     from hcd_fast.kernels import cfm as _k_cfm
     from hcd_fast.kernels import pool as _k_pool
-    from hcd_fast.kernels import sub_logit_loss as _k_sll
+    from hcd_fast.kernels import sub_logit_loss as _k_sub_logit_loss
     _IMPORT_ERROR: Optional[BaseException] = None
 except Exception as exc:  # reported by status(), never raised at import
     _IMPORT_ERROR = exc
@@ -31,7 +31,7 @@ except Exception as exc:  # reported by status(), never raised at import
 
 def _interpreting() -> bool:
     """Whether the kernels were built for the interpreter (TRITON_INTERPRET=1 when they were imported)."""
-    return _IMPORT_ERROR is None and type(_k_sll.sub_logit_loss_fwd_kernel).__name__ == "InterpretedFunction"
+    return _IMPORT_ERROR is None and type(_k_sub_logit_loss.sub_logit_loss_fwd_kernel).__name__ == "InterpretedFunction"
 
 
 def status(name: str) -> Tuple[bool, str]:
@@ -57,12 +57,12 @@ def _guard(t: torch.Tensor):
 # Kernels: each adapts a kernels/ launcher to its op's contract (hcd_fast/ops/<op>.py).
 def _sub_logit_loss_kernel(sub_logits, student_logits, teacher_logits, target, *args):
     with _guard(sub_logits):
-        return _k_sll.sub_logit_loss_forward(sub_logits, student_logits, teacher_logits, target, *args)
+        return _k_sub_logit_loss.sub_logit_loss_forward(sub_logits, student_logits, teacher_logits, target, *args)
 
 
 def _sub_logit_loss_backward_kernel(grad_loss, sub_logits, *args):
     with _guard(sub_logits):
-        return _k_sll.sub_logit_loss_backward(grad_loss, sub_logits, *args)
+        return _k_sub_logit_loss.sub_logit_loss_backward(grad_loss, sub_logits, *args)
 
 
 def _bn_relu_pool_fwd_kernel(x, weight, bias, running_mean, running_var, training, momentum, eps):
