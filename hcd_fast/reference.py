@@ -110,7 +110,10 @@ def orthogonality(sub_logits: torch.Tensor, target: torch.Tensor, config: HCDCon
         fill = 0.0 if config.gt_mask == "zero" else LARGE_NEGATIVE
         is_target = F.one_hot(target, num_classes).bool()[:, None, :]
         v = v.masked_fill(is_target, fill)
-    v = v / v.norm(dim=-1, keepdim=True).clamp_min(config.ortho_eps)
+    # max(||v||, eps) with the minimum-norm subgradient: no gradient through ||v|| at ||v|| == eps. Written
+    # out because clamp_min's subgradient there changed between torch releases (1 up to 2.13, 0 from 2.14).
+    norm = v.norm(dim=-1, keepdim=True)
+    v = v / torch.where(norm > config.ortho_eps, norm, config.ortho_eps)
     gram = v @ v.transpose(1, 2)
     off_diagonal = 1.0 - torch.eye(n, dtype=v.dtype, device=v.device)
     hinge = F.relu(gram - config.ortho_threshold).pow(2) * off_diagonal

@@ -125,7 +125,7 @@ def _merge_lse2(m1a, s1a, mta, sta, wa, m1b, s1b, mtb, stb, wb):
 
 
 # Combines of the per-lane state of sub_logit_loss_fwd_kernel for its single block reduction: the two online
-# pairs and w (_merge_lse2), then plain sums (row sums, Gram columns); one per Gram width (0, 4 or 8 columns).
+# pairs and w (_merge_lse2), then plain sums (row sums, Gram columns); one per Gram width (0 or 4 columns).
 @triton.jit
 def _merge_rows0(m1a, s1a, mta, sta, wa, xa, m1b, s1b, mtb, stb, wb, xb):
     m1, s1, mt, st, w = _merge_lse2(m1a, s1a, mta, sta, wa, m1b, s1b, mtb, stb, wb)
@@ -137,14 +137,6 @@ def _merge_rows4(m1a, s1a, mta, sta, wa, xa, g0a, g1a, g2a, g3a,
                  m1b, s1b, mtb, stb, wb, xb, g0b, g1b, g2b, g3b):
     m1, s1, mt, st, w = _merge_lse2(m1a, s1a, mta, sta, wa, m1b, s1b, mtb, stb, wb)
     return m1, s1, mt, st, w, xa + xb, g0a + g0b, g1a + g1b, g2a + g2b, g3a + g3b
-
-
-@triton.jit
-def _merge_rows8(m1a, s1a, mta, sta, wa, xa, g0a, g1a, g2a, g3a, g4a, g5a, g6a, g7a,
-                 m1b, s1b, mtb, stb, wb, xb, g0b, g1b, g2b, g3b, g4b, g5b, g6b, g7b):
-    m1, s1, mt, st, w = _merge_lse2(m1a, s1a, mta, sta, wa, m1b, s1b, mtb, stb, wb)
-    return (m1, s1, mt, st, w, xa + xb, g0a + g0b, g1a + g1b, g2a + g2b, g3a + g3b, g4a + g4b, g5a + g5b,
-            g6a + g6b, g7a + g7b)
 
 
 @triton.jit
@@ -184,7 +176,7 @@ def sub_logit_loss_fwd_kernel(
     MASK_TARGET: tl.constexpr, SHIFT: tl.constexpr, UNIT_T: tl.constexpr, ACC: tl.constexpr,
     BLOCK_N: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr, ALIGN: tl.constexpr,
 ):
-    """One program per (stage s, sample b), pid = b max(S, 1) + s, n <= 8 (BLOCK_N <= 8). One pass over K in
+    """One program per (stage s, sample b), pid = b max(S, 1) + s, n <= 4 (BLOCK_N <= 4). One pass over K in
     tiles (BLOCK_N, LANES, VEC): every lane (LANES = 32 num_warps threads) owns VEC consecutive elements of each
     row per step, so its loads are VEC-wide vectors when ALIGN = VEC, and it keeps its own online state (no
     block reduction inside the loop): per row the max and sum exp at T = 1 and at T, the KL numerator, the row
@@ -231,14 +223,10 @@ def sub_logit_loss_fwd_kernel(
     st = tl.zeros([BLOCK_N, LANES], ACC)       # sum exp((x - m1) / T)
     w = tl.zeros([BLOCK_N, LANES], ACC)        # sum exp((x - m1) / T) (x - z_s)
     sx = tl.zeros([BLOCK_N, LANES], ACC)       # sum x
-    g0 = tl.zeros([BLOCK_N, LANES], ACC)       # Gram column j: sum v_i v_j (j < BLOCK_N)
+    g0 = tl.zeros([BLOCK_N, LANES], ACC)       # Gram column j: sum v_i v_j (j < BLOCK_N <= 4)
     g1 = tl.zeros([BLOCK_N, LANES], ACC)
     g2 = tl.zeros([BLOCK_N, LANES], ACC)
     g3 = tl.zeros([BLOCK_N, LANES], ACC)
-    g4 = tl.zeros([BLOCK_N, LANES], ACC)
-    g5 = tl.zeros([BLOCK_N, LANES], ACC)
-    g6 = tl.zeros([BLOCK_N, LANES], ACC)
-    g7 = tl.zeros([BLOCK_N, LANES], ACC)
     ms = tl.full([1, LANES], neg, ACC)         # z_s / T: max and sum exp
     ss = tl.zeros([1, LANES], ACC)
     for k0 in range(0, K, BLOCK_K):
@@ -283,20 +271,13 @@ def sub_logit_loss_fwd_kernel(
             g1 = _gram_column(g1, v, _row(v, offs_n3, 1, BLOCK_N), offs_n3, 1, BLOCK_N)
             g2 = _gram_column(g2, v, _row(v, offs_n3, 2, BLOCK_N), offs_n3, 2, BLOCK_N)
             g3 = _gram_column(g3, v, _row(v, offs_n3, 3, BLOCK_N), offs_n3, 3, BLOCK_N)
-            g4 = _gram_column(g4, v, _row(v, offs_n3, 4, BLOCK_N), offs_n3, 4, BLOCK_N)
-            g5 = _gram_column(g5, v, _row(v, offs_n3, 5, BLOCK_N), offs_n3, 5, BLOCK_N)
-            g6 = _gram_column(g6, v, _row(v, offs_n3, 6, BLOCK_N), offs_n3, 6, BLOCK_N)
-            g7 = _gram_column(g7, v, _row(v, offs_n3, 7, BLOCK_N), offs_n3, 7, BLOCK_N)
 
     # The one block reduction of the row state (a fixed tree: deterministic), and the student's pair.
     if BLOCK_N == 1:
         m1, s1, mt, st, w, sx = tl.reduce((m1, s1, m1 * inv_t, st, w, sx), 1, _merge_rows0)
-    elif BLOCK_N <= 4:
+    else:
         m1, s1, mt, st, w, sx, g0, g1, g2, g3 = tl.reduce(
             (m1, s1, m1 * inv_t, st, w, sx, g0, g1, g2, g3), 1, _merge_rows4)
-    else:
-        m1, s1, mt, st, w, sx, g0, g1, g2, g3, g4, g5, g6, g7 = tl.reduce(
-            (m1, s1, m1 * inv_t, st, w, sx, g0, g1, g2, g3, g4, g5, g6, g7), 1, _merge_rows8)
     mts, sts = tl.reduce((ms, ss), 1, _merge_online)
     mts = tl.sum(mts, 0)  # (1,) -> scalar
     sts = tl.sum(sts, 0)
@@ -369,10 +350,6 @@ def sub_logit_loss_fwd_kernel(
         gram = _gram_entry(gram, g1, offs_n, 1, BLOCK_N)
         gram = _gram_entry(gram, g2, offs_n, 2, BLOCK_N)
         gram = _gram_entry(gram, g3, offs_n, 3, BLOCK_N)
-        gram = _gram_entry(gram, g4, offs_n, 4, BLOCK_N)
-        gram = _gram_entry(gram, g5, offs_n, 5, BLOCK_N)
-        gram = _gram_entry(gram, g6, offs_n, 6, BLOCK_N)
-        gram = _gram_entry(gram, g7, offs_n, 7, BLOCK_N)
     ol_b, mmat = _ortho_tail(gram, offs_n, row_ok, ortho_eps, ortho_threshold, coef_ol, ol_norm, ACC)
     coef = ortho_coef_ptr + (s * B + b) * N * N + offs_n[:, None] * N + offs_n[None, :]
     tl.store(coef, mmat, mask=row_ok[:, None] & row_ok[None, :])
@@ -389,8 +366,8 @@ def sub_logit_loss_fwd_kernel(
 @triton.jit
 def _ortho_tail(gram, offs_n, row_ok, ortho_eps, ortho_threshold, coef_ol, ol_norm, ACC: tl.constexpr):
     """From the Gram G (norms on its diagonal): the sample's orthogonality sum and M (hcd_fast/ops/
-    sub_logit_loss.py). r = max(||v||, eps); M_ii's norm term is active where ||v|| >= eps: torch's clamp_min
-    passes the gradient at equality, as the reference's max(||v||, eps) does."""
+    sub_logit_loss.py). r = max(||v||, eps); M_ii's norm term is active where ||v|| > eps: at equality r has the
+    minimum-norm subgradient 0 in ||v||, as in the reference."""
     eye = offs_n[:, None] == offs_n[None, :]
     pair_ok = row_ok[:, None] & row_ok[None, :] & (offs_n[:, None] != offs_n[None, :])
     eps = _scalar(ortho_eps, ACC)
@@ -402,7 +379,7 @@ def _ortho_tail(gram, offs_n, row_ok, ortho_eps, ortho_threshold, coef_ol, ol_no
     hinge = tl.where(pair_ok, tl.maximum(gn - _scalar(ortho_threshold, ACC), 0.0), 0.0)
     ol_b = tl.sum(tl.sum(hinge * hinge, 1), 0) * _scalar(ol_norm, ACC)
     amat = (4.0 * _scalar(coef_ol, ACC)) * hinge
-    proj = tl.where(norm_i >= eps, tl.sum(amat * gn, 1) / (r_i * r_i), 0.0)
+    proj = tl.where(norm_i > eps, tl.sum(amat * gn, 1) / (r_i * r_i), 0.0)
     mmat = amat / rr - tl.where(eye, proj[:, None], 0.0)
     return ol_b, mmat
 
@@ -533,7 +510,7 @@ def sub_logit_loss_fwd_large_n_kernel(
     hinge = tl.where(pair_ok, tl.maximum(gn - _scalar(ortho_threshold, ACC), 0.0), 0.0)
     ol_b = tl.sum(tl.sum(hinge * hinge, 1), 0) * _scalar(ol_norm, ACC)
     amat = (4.0 * _scalar(coef_ol, ACC)) * hinge
-    proj = tl.where(norm_i >= eps, tl.sum(amat * gn, 1) / (r_i * r_i), 0.0)
+    proj = tl.where(norm_i > eps, tl.sum(amat * gn, 1) / (r_i * r_i), 0.0)
     mmat = amat / rr - tl.where(eye, proj[:, None], 0.0)
     coef = ortho_coef_ptr + (s * B + b) * N * N + offs_n[:, None] * N + offs_n[None, :]
     tl.store(coef, mmat, mask=row_ok[:, None] & row_ok[None, :])
@@ -670,18 +647,18 @@ def _fwd_heuristic(n: int, num_classes: int, block_k=None):
     return block_n, block_k, _warps(block_n * block_k, 2 if block_n == 1 else 4)
 
 
-LANE_MAX_N = 8  # sub_logit_loss_fwd_kernel keeps n x n Gram lanes in registers up to this n
+LANE_MAX_N = 4  # sub_logit_loss_fwd_kernel keeps n x n Gram lanes in registers up to this n (n = 8: 250
+# registers and spills at sm_90; n > 4 runs sub_logit_loss_fwd_large_n_kernel)
 
 
-def _fwd_lane_heuristic(n: int, num_classes: int, elem_bytes: int, block_k=None):
-    """sub_logit_loss_fwd_kernel (n <= 8): (BLOCK_N, VEC, num_warps). VEC elements per lane and row = one
-    16-byte vector (4 fp32, 8 bf16/fp16, 2 fp64; at most 4 for n > 4, whose Gram lanes take 64 registers);
-    1 to 4 warps, about two vectors per lane and row over K (K = 1000: fp32 4 warps, 2 steps; bf16 2 warps,
-    2 steps). block_k (tests): one warp and VEC = block_k // 32 (at least 1), to force the K loop."""
+def _fwd_lane_heuristic(n: int, num_classes: int, elem_bytes: int, block_k=None, fp64: bool = False):
+    """sub_logit_loss_fwd_kernel (n <= 4): (BLOCK_N, VEC, num_warps). VEC = 4 elements per lane and row: a
+    16-byte vector of fp32, 8 bytes of bf16/fp16 (8 bf16 elements, a 16-byte vector, need 128 registers and spill
+    at sm_90), 1 in fp64 (the fp64 state takes twice the registers). 1 to 4 warps, about two vectors per lane
+    and row over K (K = 1000: 4 warps, 2 steps). block_k (tests): one warp and VEC = block_k // 32 (at least 1),
+    to force the K loop."""
     block_n = triton.next_power_of_2(n)
-    vec = max(1, 16 // elem_bytes)
-    if block_n > 4:
-        vec = min(vec, 4)
+    vec = 1 if fp64 else min(4, max(1, 16 // elem_bytes))
     if block_k is not None:
         return block_n, max(1, block_k // 32), 1
     num_warps = min(4, max(1, triton.next_power_of_2(triton.cdiv(num_classes, 32 * vec)) // 2))
@@ -748,7 +725,7 @@ def sub_logit_loss_forward(
                float(mask_fill), float(ortho_shift), w_ol / (batch * pairs) if pairs else 0.0,
                1.0 / pairs if pairs else 0.0)
     if n <= LANE_MAX_N:
-        block_n, vec, num_warps = _fwd_lane_heuristic(n, num_classes, sub_logits.element_size(), block_k)
+        block_n, vec, num_warps = _fwd_lane_heuristic(n, num_classes, sub_logits.element_size(), block_k, fp64)
         row_strides = (*sub_logits.stride()[:3], student_logits.stride(0), teacher_logits.stride(0))
         align = _alignment(vec, num_classes, (sub_logits, student_logits, teacher_logits), row_strides)
         zf_s, zf_b, zf_n, zs_b, zt_b = (st // align for st in row_strides)

@@ -124,7 +124,7 @@ void sub_logit_loss_samples_kernel(const SubLogitLossFwdArgs<T>& a, int64_t begi
 // the orthogonality hinge with its gradient coefficients M (n x n):
 //   v_i = x_i - shift z_t (target entry = fill when masked), r_i = max(|v_i|, eps), G_ij = v_i.v_j / (r_i r_j),
 //   c4 = 4 w_ol / (B n (n-1)), h_ij = relu(G_ij - theta),
-//   M_ij = c4 h_ij / (r_i r_j) (i != j),  M_ii = -[|v_i| >= eps] c4 sum_{j != i} h_ij G_ij / r_i^2.
+//   M_ij = c4 h_ij / (r_i r_j) (i != j),  M_ii = -[|v_i| > eps] c4 sum_{j != i} h_ij G_ij / r_i^2.
 template <typename T>
 void sub_logit_loss_rows_kernel(const SubLogitLossFwdArgs<T>& a, int64_t begin, int64_t end) {
   const int64_t B = a.B, n = a.n, K = a.K;
@@ -216,8 +216,8 @@ void sub_logit_loss_rows_kernel(const SubLogitLossFwdArgs<T>& a, int64_t begin, 
           M[i * n + j] = c4 * h / (rn[i] * rn[j]);
           diag += h * G;
         }
-        // d max(|v|, eps) / dv = v / |v| where |v| >= eps (torch's clamp_min passes the gradient at equality).
-        M[i * n + i] = nrm[i] < eps ? T(0) : -c4 * diag / (rn[i] * rn[i]);
+        // d max(|v|, eps) / dv = v / |v| where |v| > eps, 0 at equality (the reference's minimum-norm subgradient).
+        M[i * n + i] = nrm[i] > eps ? -c4 * diag / (rn[i] * rn[i]) : T(0);
       }
     } else {
       M[0] = T(0);

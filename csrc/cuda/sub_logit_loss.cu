@@ -11,7 +11,7 @@
 //     lo = acc(lse - hi) and forms (x - hi) - lo, so an fp32 lse's rounding (2^-24 |lse|) never reaches P),
 //   ortho_coef M (n x n per (s, b)): d(w_ol OL)/d v_i = sum_j M_ij v_j, v_i = x_i - shift z_t (target entry =
 //     fill when masked), r_i = max(|v_i|, eps), G = v v^T / (r r^T), h = relu(G - theta), c4 = 4 w_ol / (B n (n-1)),
-//     M_ij = c4 h_ij / (r_i r_j) (i != j), M_ii = -[|v_i| >= eps] c4 sum_{j != i} h_ij G_ij / r_i^2.
+//     M_ij = c4 h_ij / (r_i r_j) (i != j), M_ii = -[|v_i| > eps] c4 sum_{j != i} h_ij G_ij / r_i^2.
 //   dz_s[b, k]   = g (w_gt/B (p_s - (1-ls)[k==y] - ls/K) + w_kd T/B (P_s - P_t) + w_kl T/(B n) sum_{s,i} (P_s - P_i))
 //   dzf[s,b,i,k] = g (w_gt/(B n) (p_i - (1-ls)[k==y] - ls/K) + [!detach] w_kl T/(B n) P_i (log P_i - log P_s - kl_i)
 //                     + [!(masked and k == y)] sum_j M_ij v_j,k)
@@ -233,8 +233,8 @@ __global__ void __launch_bounds__(kMaxRowThreads)
           M[i * n + j] = c4 * h / (ri * rj);
           diag += h * G;
         }
-        // d max(|v|, eps) / dv = v / |v| where |v| >= eps (torch's clamp_min passes the gradient at equality).
-        M[i * n + i] = nrm[i] < eps ? acc_t(0) : -c4 * diag / (ri * ri);
+        // d max(|v|, eps) / dv = v / |v| where |v| > eps, 0 at equality (the reference's minimum-norm subgradient).
+        M[i * n + i] = nrm[i] > eps ? -c4 * diag / (ri * ri) : acc_t(0);
       }
     }
   } else if (tid == 0) {
