@@ -13,13 +13,21 @@ lse1 = logsumexp(.), lseT = logsumexp(./T)):
   d(w_ol OL)/dv_i = sum_j M_ij v_j with the n x n matrix M of the op's docstring: the forward needs only the
   Gram of the rows (dot products accumulated over K blocks), the backward applies M to the rows it reloads.
 
-Forward, one program per (stage s, sample b), pid = b S + s (a sample's stages adjacent: its z_s / z_t rows are
-read from L2 by the S - 1 later programs): ONE pass over K reads the n rows of zf[s, b] and z_s[b] (z_t[b] only
-in the s = 0 program, or every program with ortho_on="raw") and keeps online (max, sum) pairs for lse1 and lseT
-of every row and of z_s (and z_t), the KL numerators, the row sums and the n x n Gram. It writes row_stats
-(S, B, n, 3) and sample_stats (B, 3) (the s = 0 program) in fp64 (max + log-sum: an fp32 log-sum-exp of
-logits in the hundreds loses the probabilities' fp32 accuracy), ortho_coef (S, B, n, n) and 5 partial sums;
-a second one-program launch reduces the (B S, 5) partials in a fixed order (deterministic, no atomics).
+Forward, one program per (stage s, sample b), pid = b S + s (a sample's stages adjacent: its z_s row is read from
+DRAM once and from L2 by the S - 1 later programs). ``sub_logit_loss_fwd_kernel`` (n <= 4) makes ONE pass over
+K in (BLOCK_N, LANES, VEC) tiles: each of the LANES = 32 num_warps threads owns VEC consecutive elements of every
+row per step (one vector load per row and one for z_s in flight per thread and step; 16-byte fp32 / 8-byte
+bf16-fp16 vectors where the rows are 16-byte aligned and K is a multiple of VEC, which the launcher tells the
+compiler by passing K and the row strides divided by VEC) and keeps its own online state in registers: per row
+the max and sum exp at T = 1 and at T, the KL numerator, the row sum, and the n x n Gram products; for z_s the
+(max, sum) at T. No block reduction inside the loop: after it ONE ``tl.reduce`` over the lanes (combine
+``_merge_rows4``) merges the row state and the Gram, one more the z_s pair; the s = 0 program then reads z_s and
+z_t once more (from L2) for CE, KD and sample_stats. The (n, n) orthogonality tail is a (BLOCK_N, BLOCK_N) tile,
+spread over the block's threads. ``sub_logit_loss_fwd_large_n_kernel`` (n > 4, where n x n Gram lanes would not
+fit in registers: n = 8 took 250 registers and spilled) reduces a (BLOCK_N, BLOCK_K) tile per step. Both write
+row_stats (S, B, n, 3) and sample_stats (B, 3) in fp64 (max + log-sum: an fp32 log-sum-exp of logits in the
+hundreds loses the probabilities' fp32 accuracy), ortho_coef (S, B, n, n) and 5 partial sums per program; a second
+one-program launch reduces the (B S, 5) partials in a fixed order (deterministic, no atomics).
 Backward, one program per (sample b, K block): loads z_s, z_t of the block and the sample's statistics, then for
 every stage s loads the (n, BLOCK_K) zf tile, writes d zf once in zf's dtype and adds the rows' P_zf to a
 register accumulator; at the end it writes d z_s once in z_s's dtype. grad_output is read from device memory
@@ -31,19 +39,23 @@ dtype: exact for fp64 inputs (Triton passes untyped Python floats as fp32).
 A target outside [0, K) (only possible with validate=False) is never used as an index: the sample's 5 partials
 and its gradient rows are NaN, so the loss and every part are NaN.
 
-Byte model (issue 11; ``benchmarks.cases.sub_logit_loss_bytes`` computes the same numbers for the benchmark rows).
+Byte model (``benchmarks.cases.sub_logit_loss_bytes`` computes the same numbers for the benchmark rows).
 E = bytes per logit element, R = S B n K (zf elements), Z = B K (one of z_s, z_t), 8 B target bytes per read:
     essential = read zf, z_s, z_t, y once + write dzf, dz_s once          = 2 R E + 3 Z E + 8 B
     design    = fwd: read zf, z_s, z_t, y                                   R E + 2 Z E + 8 B
               + bwd: read zf, z_s, z_t, y; write dzf, dz_s                2 R E + 3 Z E + 8 B
               + statistics, written once and read once: row_stats (S B n 3) and sample_stats (B 3) in fp64,
                 ortho_coef (S B n n) and the partial sums (5 S B) in the accumulation dtype
-    zf crosses memory 3 times against the essential 2 (1.5x), z_s / z_t 5 times against 3; the S - 1 re-reads
-    of a sample's z_s row by its later stage programs hit L2 and are not counted. Benchmark shapes (S 4, n 4):
-      ImageNet B 256, K 1000: fp32 essential 35.84 MB, design 54.66 MB (1.53x; statistics 0.38 MB)
-                              bf16 essential 17.92 MB, design 27.52 MB (1.54x)
-      CIFAR    B 128, K 100:  fp32 essential  1.79 MB, design  2.91 MB (1.62x; statistics 0.19 MB)
-                              bf16 essential  0.90 MB, design  1.55 MB (1.73x)
+    zf crosses memory 3 times against the essential 2 (1.5x), z_s / z_t 5 times against 3; not counted (L2
+    hits): the S - 1 re-reads of a sample's z_s row by its later stage programs, z_t read by every stage
+    program with ortho_on="raw", the s = 0 program's second pass over z_s and z_t. S = 4, n = 4 (decimal MB):
+      B 4096, K 1000: fp32 essential 573.47, design 874.51 (1.53x); bf16 286.75 / 440.34 (1.54x)
+                      forward alone: fp32 294.94 read + 3.05 written (statistics), bf16 147.49 + 3.05
+      B  256, K 1000: fp32 essential  35.84, design  54.66 (1.53x); bf16  17.92 /  27.52 (1.54x)
+      B  128, K  100: fp32 essential   1.79, design   2.91 (1.62x); bf16   0.90 /   1.55 (1.73x; the statistics
+                      dominate the excess at K = 100)
+    The forward's target (read against a GPU results file, never asserted): its design bytes (forward alone,
+    above) at >= 75% of the measured copy bandwidth at B >= 4096. Unmeasured: these kernels have not run on a GPU.
 The previous design wrote an fp32 gradient in the forward and read it back in the backward: at bf16 ~5x.
 """
 from __future__ import annotations

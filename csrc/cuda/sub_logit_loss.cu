@@ -16,16 +16,25 @@
 //   dzf[s,b,i,k] = g (w_gt/(B n) (p_i - (1-ls)[k==y] - ls/K) + [!detach] w_kl T/(B n) P_i (log P_i - log P_s - kl_i)
 //                     + [!(masked and k == y)] sum_j M_ij v_j,k)
 //
-// Kernels:
-//   sub_logit_loss_fwd_kernel     grid S*B blocks, block r = b * S + s (the S blocks of one sample are adjacent, so z_s is
-//                      read from DRAM once and from L2 by the others): the n rows of (s, b) (max/sum pass, then
-//                      exp/KL pass, then the Gram dot products; the repeated passes over the block's own rows hit
-//                      L1/L2), the student's lse(z_s / T); the s == 0 block also does CE/KD and sample_stats.
-//                      Writes row_stats, ortho_coef and 5 partial sums per block.
-//   sub_logit_loss_reduce_kernel  one block: the (S*B, 5) partials summed in a fixed order -> parts and the loss.
-//   sub_logit_loss_bwd_kernel     grid (B, K-blocks), kPerThread columns per thread: loads z_s, z_t of its columns, then for
-//                      every (s, i) the zf column (the n values of a (s, b) in registers when n <= kRegRows), writes
-//                      dzf, and accumulates dz_s in registers; writes dz_s last.
+// Kernels (P = max(S, 1) blocks per sample; S = 0 leaves one block per sample for CE and KD):
+//   sub_logit_loss_fwd_kernel          n <= 4 (kLaneRows), the one-pass forward. Grid P*B blocks, block
+//       r = b * P + s (a sample's stage blocks adjacent: z_s read from DRAM once, from L2 by the others).
+//       ONE pass over K: each thread owns kVec consecutive elements of every row per step (16-byte vectors of
+//       zf, 8-byte for 16-bit zf with fp32 sides, where the rows are 16-byte aligned and K % kVec == 0; all the
+//       step's loads issued before its arithmetic: n + 1 vectors in flight, n + 2 with ortho_shift) and keeps
+//       its own online state in registers: per row the max, sum exp at T = 1 and at T, the KL numerator, the
+//       row sum, the upper triangle of the n x n Gram; z_s / T's (max, sum). Then ONE block reduction: the
+//       block max of the n + 1 maxima (one barrier), each thread's sums rescaled to it, a reduce-scatter of the
+//       <= 32 sums inside each warp (31 shuffles; lane l ends with value l), one barrier, value t's warp
+//       partials added in warp order by thread t. The n x n tail is spread over n threads (thread i: row i's
+//       statistics, CE, KL and row i of M). The s == 0 block then reads z_s, z_t once more (L2) for CE, KD and
+//       sample_stats.
+//   sub_logit_loss_fwd_large_n_kernel  n > 4: the multi-pass forward (max/sum pass, exp/KL pass, one Gram dot
+//       product per pair; the repeated passes over the block's own rows hit L1/L2), D in shared memory.
+//   sub_logit_loss_reduce_kernel       one block: the (P*B, 5) partials summed in a fixed order -> parts, loss.
+//   sub_logit_loss_bwd_kernel          grid (B, K-blocks), kPerThread columns per thread: loads z_s, z_t of its
+//       columns, then for every (s, i) the zf column (the n values of a (s, b) in registers when n <= kRegRows),
+//       writes dzf, and accumulates dz_s in registers; writes dz_s last. Runs whenever B K > 0 (S = 0 too).
 // A target outside [0, K) (validate=False) gives NaN partials, statistics and gradient rows for that sample;
 // nothing is read at that index (no device assert, no clamping).
 //
@@ -38,11 +47,14 @@
 //             = (3 R + 5 Z) e + 2 (24 S B n + 4 S B n^2 + 24 B) + 40 S B + 16 B        (acc = fp32)
 //   i.e. zf crosses DRAM 3 times against the essential 2 (1.5x); the S - 1 re-reads of z_s per sample (and of
 //   z_t with ortho_shift != 0) and the per-row repeated passes of the forward hit L2/L1 and are not counted.
-//   S = 4, n = 4 (decimal MB):
+//   S = 4, n = 4 (decimal MB; benchmarks.cases.sub_logit_loss_bytes):
 //     ImageNet-like B = 256,  K = 1000: fp32 essential  35.84, moved  54.66 (1.53x); bf16  17.92 /  27.52 (1.54x)
 //     CIFAR-like    B = 128,  K = 100:  fp32 essential   1.79, moved   2.91 (1.62x); bf16   0.90 /   1.55 (1.73x)
-//     large batch   B = 4096, K = 1000: fp32 essential 573.44, moved 874.51 (1.53x); bf16 286.72 / 440.34 (1.54x)
+//     large batch   B = 4096, K = 1000: fp32 essential 573.47, moved 874.51 (1.53x); bf16 286.75 / 440.34 (1.54x)
 //   (the small terms are 0.39 MB at ImageNet-like, 0.19 MB at CIFAR-like, where they dominate the excess).
+//   The forward alone at B = 4096, K = 1000: fp32 294.94 MB read + 3.05 MB of statistics written, bf16
+//   147.49 + 3.05; its target, read against a GPU results file (never asserted): >= 75% of the measured copy
+//   bandwidth. Not yet run on a GPU.
 // Mixed dtypes: z_s / z_t of another dtype than zf are read as fp32 (converted once on the host side, B K
 // elements); with fp64 anywhere everything runs in fp64; a gradient whose dtype the kernel cannot write directly
 // (those two cases) is converted once after the kernel.
