@@ -193,7 +193,7 @@ def sub_logit_loss_fwd_kernel(
     row per step, so its loads are VEC-wide vectors when ALIGN = VEC, and it keeps its own online state (no
     block reduction inside the loop): per row the max and sum exp at T = 1 and at T, the KL numerator, the row
     sum, and the Gram columns v_i.v_j; for z_s the (max, sum) at T. After the loop ONE block reduction
-    (``tl.reduce`` over the lanes with ``_merge_rows``) combines the row state and the Gram, one more the
+    (``tl.reduce`` over the lanes with ``_merge_rows4``) combines the row state and the Gram, one more the
     student's pair. The s = 0 program then makes a second, short pass over z_s and z_t (L2) for CE and KD.
     ALIGN > 1: K and the row strides were passed divided by ALIGN (stride_k == 1, 16-byte aligned rows), so
     the compiler sees them as multiples of ALIGN and vectorises the loads. coef_ol = w_ol / (B n (n-1)),
