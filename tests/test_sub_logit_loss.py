@@ -169,33 +169,32 @@ def test_k_loop_triton(monkeypatch):
 
 
 
-def test_aligned_rows_triton():
-    """Contiguous rows with K a multiple of 4 (fp32, bf16): the one-pass forward gets K and the strides divided
-    by 4 (ALIGN = 4, the vector-load path of the GPU); 4 warps x 4 elements = 512 per step, so K = 1000 runs two
-    steps with a ragged tail."""
-    if "cpu" not in REPORT["triton"].devices:
-        pytest.skip("Triton on CPU tensors needs the interpreter")
-    from hcd_fast.kernels import sub_logit_loss as kmod
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_aligned_rows(backend, device, dtype):
+    """Contiguous rows with K = 1000 (a multiple of 4 and 8): the one-pass forwards take their vector-load
+    paths (Triton: K and the strides passed divided by 4, ALIGN = 4, 4 warps x 4 elements = 512 per step, so
+    two steps with a ragged tail; CUDA: 16-byte vectors, 4 fp32 / 8 bf16 per thread and step). The other tests
+    use non-contiguous views (scalar loads in Triton)."""
     cfg = config(4, 2.0, "zero", ortho_threshold=0.1)
-    for dtype in (torch.float32, torch.bfloat16):
-        sub_leaf, zs_leaf, zt, y = make_inputs(2, 3, 4, 1000, dtype=dtype, seed=17)
-        sub = sub_leaf.detach().permute(3, 2, 1, 0).contiguous().requires_grad_()
-        zs = zs_leaf.detach().t().contiguous().requires_grad_()
+    sub_leaf, zs_leaf, zt, y = make_inputs(2, 3, 4, 1000, dtype=dtype, device=device, seed=17)
+    sub = sub_leaf.detach().permute(3, 2, 1, 0).contiguous().requires_grad_()
+    zs = zs_leaf.detach().t().contiguous().requires_grad_()
+    if backend == "triton":
+        from hcd_fast.kernels import sub_logit_loss as kmod
         vec = kmod._fwd_lane_heuristic(4, 1000, sub.element_size())[1]
         assert kmod._alignment(vec, 1000, (sub, zs, zt), (*sub.stride()[:3], zs.stride(0), zt.stride(0))) == 4
-        loss, parts = HF.sub_logit_loss(sub, zs, zt, y, cfg, backend="triton")
-        gs, gz = torch.autograd.grad(loss, (sub, zs))
-        want_loss, want_parts = HF.sub_logit_loss(sub.detach().double(), zs.detach().double(), zt.double(), y, cfg,
-                                                  backend="reference")
-        assert_close("loss", loss, want_loss, 1e-5)
-        for k in PARTS:
-            assert_close(k, parts[k], want_parts[k], 1e-5)
-        s64, z64 = sub.detach().double().requires_grad_(), zs.detach().double().requires_grad_()
-        want = torch.autograd.grad(R.sub_logit_loss(s64, z64, zt.double(), y, cfg)[0], (s64, z64))
-        # bf16: the gradients are rounded to bf16 (2^-9 relative)
-        tol = 1e-5 if dtype == torch.float32 else 1e-2
-        assert_close("grad sub_logits", gs, want[0], tol)
-        assert_close("grad student_logits", gz, want[1], tol)
+    loss, parts = HF.sub_logit_loss(sub, zs, zt, y, cfg, backend=backend)
+    gs, gz = torch.autograd.grad(loss, (sub, zs))
+    s64, z64 = sub.detach().double().requires_grad_(), zs.detach().double().requires_grad_()
+    want_loss, want_parts = R.sub_logit_loss(s64, z64, zt.double(), y, cfg)
+    want = torch.autograd.grad(want_loss, (s64, z64))
+    assert_close("loss", loss, want_loss, 1e-5)
+    for k in PARTS:
+        assert_close(k, parts[k], want_parts[k], 1e-5)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the gradients are rounded to bf16 (2^-9 relative)
+    assert_close("grad sub_logits", gs, want[0], tol)
+    assert_close("grad student_logits", gz, want[1], tol)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
