@@ -406,16 +406,31 @@ __global__ void __launch_bounds__(kLaneMaxThreads)
       acc_t rmax = kNegInf;
 #pragma unroll
       for (int c = 0; c < kVec; ++c) rmax = max(rmax, x[i][c]);
-      if (rmax > m[i]) {  // rescale to the new max (m = -inf: the sums are 0 and exp(-inf) = 0)
-        const acc_t a1 = dev_exp(m[i] - rmax), aT = unit_T ? a1 : dev_exp((m[i] - rmax) * invT);
-        s1[i] *= a1, sT[i] *= aT, w[i] *= aT;
-        m[i] = rmax;
-      }
+      // T = 1 (the default) takes one exp per element: two branches, uniform over the grid, rather than a
+      // select the compiler could if-convert into computing both exps. At T = 1, sT is s1 (set after the loop).
+      if (unit_T) {
+        if (rmax > m[i]) {  // rescale to the new max (m = -inf: the sums are 0 and exp(-inf) = 0)
+          const acc_t a1 = dev_exp(m[i] - rmax);
+          s1[i] *= a1, w[i] *= a1;
+          m[i] = rmax;
+        }
 #pragma unroll
-      for (int c = 0; c < kVec; ++c) {
-        const acc_t d = x[i][c] - m[i];
-        const acc_t e1 = dev_exp(d), eT = unit_T ? e1 : dev_exp(d * invT);
-        s1[i] += e1, sT[i] += eT, w[i] += eT * (x[i][c] - vs[c]), sx[i] += x[i][c];
+        for (int c = 0; c < kVec; ++c) {
+          const acc_t e1 = dev_exp(x[i][c] - m[i]);
+          s1[i] += e1, w[i] += e1 * (x[i][c] - vs[c]), sx[i] += x[i][c];
+        }
+      } else {
+        if (rmax > m[i]) {
+          const acc_t a1 = dev_exp(m[i] - rmax), aT = dev_exp((m[i] - rmax) * invT);
+          s1[i] *= a1, sT[i] *= aT, w[i] *= aT;
+          m[i] = rmax;
+        }
+#pragma unroll
+        for (int c = 0; c < kVec; ++c) {
+          const acc_t d = x[i][c] - m[i];
+          const acc_t e1 = dev_exp(d), eT = dev_exp(d * invT);
+          s1[i] += e1, sT[i] += eT, w[i] += eT * (x[i][c] - vs[c]), sx[i] += x[i][c];
+        }
       }
     }
     // Gram of the orthogonality rows v = x - shift z_t, fill at the target
@@ -438,6 +453,9 @@ __global__ void __launch_bounds__(kLaneMaxThreads)
     }
   }
 
+  if (unit_T)
+#pragma unroll
+    for (int i = 0; i < kRows; ++i) sT[i] = s1[i];
   // Block max of the row maxima and the student's (one barrier).
   acc_t mx[kRows + 1];
 #pragma unroll
