@@ -34,7 +34,7 @@ def init_weights(module: nn.Module) -> None:
             nn.init.trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, StageCFMs):
+        elif isinstance(m, StackedLinear):
             m.reset_parameters()
 
 
@@ -216,16 +216,36 @@ class WeightCastCache:
         self.__init__()
 
 
+class StackedLinear(nn.Module):
+    """S linear layers stacked: ``weight (S, out, in)``, ``bias (S, out)``. A parameter container for the ``cfm``
+    op (its names end in ``.weight`` / ``.bias`` as nn.Linear's, so optimizers' no-weight-decay-on-bias rules,
+    which match the ``.bias`` suffix, still apply)."""
+
+    def __init__(self, num_stages: int, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(num_stages, out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(num_stages, out_features))
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            nn.init.trunc_normal_(self.weight, std=0.02)
+            nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        return f"stages={self.weight.shape[0]}, in_features={self.in_features}, out_features={self.out_features}"
+
+
 class StageCFMs(nn.Module):
-    """The S CFMs of ``HCDLoss`` (one per tapped stage), with stage-stacked weights: ``weight1 (S, H, D + D_t)``,
-    ``bias1 (S, H)``, ``weight2 (S, n*K, H)``, ``bias2 (S, n*K)`` (``hidden=None``: no second layer, H = n*K), so
+    """The S CFMs of ``HCDLoss`` (one per tapped stage), with stage-stacked weights: ``fc1.weight (S, H, D + D_t)``,
+    ``fc1.bias (S, H)``, ``fc2.weight (S, n*K, H)``, ``fc2.bias (S, n*K)`` (``hidden=None``: no fc2, H = n*K), so
     the ``cfm`` op runs every stage in one batched GEMM per layer and writes the fused sub-logits (S, B, n, K)
     directly.
 
     Its state_dict has the layout of S separate ``CFM`` modules, ``<s>.fc1.weight``, ``<s>.fc1.bias``,
-    ``<s>.fc2.weight``, ``<s>.fc2.bias`` (what checkpoints of earlier versions hold; both load), not the stacked
-    parameter names. Init as ``init_weights`` (trunc_normal std 0.02, zero biases). ``stage(s)`` returns a
-    standalone ``CFM`` holding a copy of stage s's weights.
+    ``<s>.fc2.weight``, ``<s>.fc2.bias`` (what checkpoints of earlier versions hold; both layouts load), not the
+    stacked one. Init as ``init_weights`` (trunc_normal std 0.02, zero biases). ``stage(s)`` returns a standalone
+    ``CFM`` holding a copy of stage s's weights.
     """
 
     def __init__(self, num_stages: int, student_dim: int, teacher_dim: int, num_classes: int, num_sub_logits: int,
@@ -233,53 +253,44 @@ class StageCFMs(nn.Module):
                  backend: str = "auto"):
         super().__init__()
         out_dim = num_sub_logits * num_classes
-        width = out_dim if hidden is None else hidden
         self.num_stages, self.num_sub_logits = num_stages, num_sub_logits
         self.student_dim, self.teacher_dim, self.num_classes, self.hidden = student_dim, teacher_dim, num_classes, hidden
         self.lambda_student, self.lambda_teacher, self.backend = lambda_student, lambda_teacher, backend
-        self.weight1 = nn.Parameter(torch.empty(num_stages, width, student_dim + teacher_dim))
-        self.bias1 = nn.Parameter(torch.empty(num_stages, width))
-        if hidden is None:
-            self.register_parameter("weight2", None)
-            self.register_parameter("bias2", None)
-        else:
-            self.weight2 = nn.Parameter(torch.empty(num_stages, out_dim, hidden))
-            self.bias2 = nn.Parameter(torch.empty(num_stages, out_dim))
+        self.fc1 = StackedLinear(num_stages, student_dim + teacher_dim, out_dim if hidden is None else hidden)
+        self.fc2 = None if hidden is None else StackedLinear(num_stages, hidden, out_dim)
         self.casts = WeightCastCache()
         self.reset_parameters()
         self._register_state_dict_hook(_stage_cfms_state_dict)
         self._register_load_state_dict_pre_hook(_stage_cfms_load_pre_hook, with_module=True)
 
-    _LAYOUT = (("weight1", "fc1.weight"), ("bias1", "fc1.bias"), ("weight2", "fc2.weight"), ("bias2", "fc2.bias"))
+    _KEYS = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")  # the same under the stacked and per-stage layout
 
     def reset_parameters(self) -> None:
-        with torch.no_grad():
-            for name in ("weight1", "weight2"):
-                if getattr(self, name) is not None:
-                    nn.init.trunc_normal_(getattr(self, name), std=0.02)
-            for name in ("bias1", "bias2"):
-                if getattr(self, name) is not None:
-                    nn.init.zeros_(getattr(self, name))
+        for fc in (self.fc1, self.fc2):
+            if fc is not None:
+                fc.reset_parameters()
 
     def __len__(self) -> int:
         return self.num_stages
 
     def extra_repr(self) -> str:
-        return (f"num_stages={self.num_stages}, in={self.student_dim}+{self.teacher_dim}, hidden={self.hidden}, "
-                f"out={self.num_sub_logits}x{self.num_classes}")
+        return f"num_stages={self.num_stages}, num_sub_logits={self.num_sub_logits}, num_classes={self.num_classes}"
 
     def stage(self, s: int) -> CFM:
         """Stage s as a standalone ``CFM`` module (a copy of its weights)."""
         cfm = CFM(self.student_dim, self.teacher_dim, self.num_classes, self.num_sub_logits, self.hidden,
                   self.lambda_student, self.lambda_teacher, self.backend)
-        cfm.load_state_dict({key: getattr(self, name)[s] for name, key in self._LAYOUT
-                             if getattr(self, name) is not None})
-        return cfm.to(self.weight1.device)
+        own = {f"{name}.{kind}": getattr(fc, kind)[s] for name, fc in (("fc1", self.fc1), ("fc2", self.fc2))
+               if fc is not None for kind in ("weight", "bias")}
+        cfm.load_state_dict(own)
+        return cfm.to(self.fc1.weight.device)
 
     def run(self, student_feats: torch.Tensor, teacher_feat: torch.Tensor, teacher_logits: torch.Tensor,
             ops: OpTable) -> torch.Tensor:
         """h (S, B, D) stacked over the stages (inputs validated, teacher detached) -> zf (S, B, n, K)."""
-        args = (student_feats, teacher_feat, self.weight1, self.bias1, self.weight2, self.bias2, teacher_logits,
+        fc2_w = None if self.fc2 is None else self.fc2.weight
+        fc2_b = None if self.fc2 is None else self.fc2.bias
+        args = (student_feats, teacher_feat, self.fc1.weight, self.fc1.bias, fc2_w, fc2_b, teacher_logits,
                 self.num_sub_logits, self.lambda_student, self.lambda_teacher)
         if ops.cfm is R.cfm:
             return ops.cfm(*args)  # the eager spec, stage by stage (autocast casts inside F.linear)
@@ -288,7 +299,7 @@ class StageCFMs(nn.Module):
 
 def _stage_cfms_state_dict(module: StageCFMs, state_dict, prefix: str, local_metadata) -> None:
     """state_dict hook: the stacked parameters as the per-stage CFM keys of earlier versions."""
-    stacked = {key: state_dict.pop(prefix + name) for name, key in StageCFMs._LAYOUT if prefix + name in state_dict}
+    stacked = {key: state_dict.pop(prefix + key) for key in StageCFMs._KEYS if prefix + key in state_dict}
     for s in range(module.num_stages):  # the order of a ModuleList of CFMs: stage by stage
         for key, value in stacked.items():
             state_dict[f"{prefix}{s}.{key}"] = value[s]
@@ -299,7 +310,7 @@ def _stage_cfms_load_pre_hook(module: StageCFMs, state_dict, prefix: str, local_
     """load_state_dict hook: per-stage CFM keys (this module's state_dict, and checkpoints of earlier versions)
     are stacked into the parameters; stacked keys load as they are. Incomplete per-stage sets are left alone
     (the load then reports the missing and unexpected keys)."""
-    for name, key in StageCFMs._LAYOUT:
+    for key in StageCFMs._KEYS:
         keys = [f"{prefix}{s}.{key}" for s in range(module.num_stages)]
-        if prefix + name not in state_dict and all(k in state_dict for k in keys):
-            state_dict[prefix + name] = torch.stack([state_dict.pop(k) for k in keys])
+        if prefix + key not in state_dict and all(k in state_dict for k in keys):
+            state_dict[prefix + key] = torch.stack([state_dict.pop(k) for k in keys])

@@ -35,10 +35,10 @@ def test_structure_follows_spec():
     assert crit.projectors[3].proj.bias is not None
     cfm = crit.cfms.stage(0)  # the S CFMs are stacked: (S, out, in) weights
     assert (cfm.fc1.in_features, cfm.fc1.out_features, cfm.fc2.out_features) == (768 + 768, 768, 400)
-    assert tuple(crit.cfms.weight1.shape) == (4, 768, 1536) and tuple(crit.cfms.weight2.shape) == (4, 400, 768)
+    assert tuple(crit.cfms.fc1.weight.shape) == (4, 768, 1536) and tuple(crit.cfms.fc2.weight.shape) == (4, 400, 768)
     single = HCDLoss((8, 16), 12, 5, HCDConfig(cfm_hidden=None, embed_dim=20, num_sub_logits=2))
     assert single.cfms.stage(1).fc2 is None and single.cfms.stage(1).fc1.out_features == 10
-    assert single.cfms.weight2 is None and tuple(single.cfms.weight1.shape) == (2, 10, 32)
+    assert single.cfms.fc2 is None and tuple(single.cfms.fc1.weight.shape) == (2, 10, 32)
     assert single.embed_dim == 20 and single.projectors[0].blocks[-1].pw2.out_channels == 20
 
 
@@ -46,8 +46,9 @@ def test_init_follows_spec():
     torch.manual_seed(0)
     crit = HCDLoss((16, 32), 24, 10)
     # trunc_normal_(std=0.02) truncates at +-2 absolute, as timm's does in the published code.
-    assert torch.all(crit.cfms.bias1 == 0) and torch.all(crit.cfms.bias2 == 0) and crit.cfms.weight1.abs().max() < 2
-    for w in (crit.cfms.weight1[0], crit.cfms.weight1[1], crit.cfms.weight2[1]):
+    assert torch.all(crit.cfms.fc1.bias == 0) and torch.all(crit.cfms.fc2.bias == 0)
+    assert crit.cfms.fc1.weight.abs().max() < 2
+    for w in (crit.cfms.fc1.weight[0], crit.cfms.fc1.weight[1], crit.cfms.fc2.weight[1]):
         assert abs(w.std().item() - 0.02) < 0.003
     bn = crit.projectors[0].blocks[0].bn1
     assert torch.all(bn.weight == 1) and torch.all(bn.bias == 0)
@@ -193,13 +194,13 @@ def test_state_dict_keeps_the_per_stage_cfm_layout(hidden):
     state = crit.state_dict()
     got = [(k, tuple(v.shape)) for k, v in state.items() if k.startswith("cfms.")]
     assert got == [(k, tuple(v.shape)) for k, v in old_state.items()]
-    assert not any(k.startswith("cfms.weight") for k in state)
+    assert not any(k.startswith("cfms.fc") for k in state)
     state.update(old_state)
     crit.load_state_dict(state)  # strict
     for s, cfm in enumerate(old):
-        assert torch.equal(crit.cfms.weight1[s], cfm.fc1.weight) and torch.equal(crit.cfms.bias1[s], cfm.fc1.bias)
+        assert torch.equal(crit.cfms.fc1.weight[s], cfm.fc1.weight) and torch.equal(crit.cfms.fc1.bias[s], cfm.fc1.bias)
         if hidden is not None:
-            assert torch.equal(crit.cfms.weight2[s], cfm.fc2.weight)
+            assert torch.equal(crit.cfms.fc2.weight[s], cfm.fc2.weight)
     feats, zs, ft, zt, y = make_inputs()
     crit.eval()
     h = [p(f) for p, f in zip(crit.projectors, feats)]
@@ -208,10 +209,24 @@ def test_state_dict_keeps_the_per_stage_cfm_layout(hidden):
     assert torch.allclose(crit(feats, zs, ft, zt, y), want, rtol=1e-6, atol=1e-7)
     round_trip = HCDLoss(CHANNELS, TEACHER_DIM, K, cfg)
     round_trip.load_state_dict(crit.state_dict())
-    assert torch.equal(round_trip.cfms.weight1, crit.cfms.weight1)
+    assert torch.equal(round_trip.cfms.fc1.weight, crit.cfms.fc1.weight)
     partial = {k: v for k, v in crit.state_dict().items() if not k.startswith("cfms.1.")}
-    with pytest.raises(RuntimeError, match="cfms.weight1"):  # an incomplete set is reported, not half-loaded
+    with pytest.raises(RuntimeError, match="cfms.fc1.weight"):  # an incomplete set is reported, not half-loaded
         HCDLoss(CHANNELS, TEACHER_DIM, K, cfg).load_state_dict(partial)
+
+
+def test_stacked_cfm_biases_stay_out_of_weight_decay():
+    """The stacked CFM biases are 2-d (S, out) but keep the '.bias' suffix, by which timm's optimizer factory (what
+    hcd-distill uses) exempts biases from weight decay, as it did the per-stage nn.Linear biases."""
+    from timm.optim._param_groups import param_groups_weight_decay
+
+    crit = HCDLoss(CHANNELS, TEACHER_DIM, K)
+    assert {n for n, _ in crit.named_parameters() if n.startswith("cfms.")} == {
+        "cfms.fc1.weight", "cfms.fc1.bias", "cfms.fc2.weight", "cfms.fc2.bias"}
+    groups = param_groups_weight_decay(crit, weight_decay=0.1)
+    no_decay = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert id(crit.cfms.fc1.bias) in no_decay and id(crit.cfms.fc2.bias) in no_decay
+    assert id(crit.cfms.fc1.weight) not in no_decay and id(crit.cfms.fc2.weight) not in no_decay
 
 
 @pytest.mark.parametrize("backend", backend_params(["cpu"]))
