@@ -10,8 +10,8 @@
 #      --no-deps --no-index -e . with TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=$(nproc), CUDA_HOME found
 #      (falls back to setup.py build_ext --inplace)
 #   3. prints the backend report (python -m hcd_fast)
-#   4. runs every CUDA-marked test (pytest -m "cuda and not triton", then -m "cuda and triton"), CUDA-graph
-#      capture of the head included (tests/test_cuda_graph.py)
+#   4. runs every CUDA-marked test (pytest -m "cuda and not triton", then -m "cuda and triton"), then the
+#      CUDA-graph tests (tests/test_cuda_graph.py, tests/test_distill_cuda_graph.py) as their own stage
 #   4b. profiles the head per backend (and captured in a CUDA graph) and one Swin-T -> ResNet18 step
 #      (python -m benchmarks.profile_head): kernel time, kernel count and wall time per module -> profile/
 #   5. runs the determinism check (python -m benchmarks.determinism) and benchmarks/gpu_probe.py (~27 s)
@@ -27,7 +27,8 @@
 # Without a GPU: HCD_GPU_CHECK_DRY=1 runs the same stages on the CPU, quickly (no install unless
 # HCD_GPU_CHECK_INSTALL=1, tiny benchmark shapes), to test this script.
 # Knobs: HCD_GPU_CHECK_BUDGET (total seconds, default 340), HCD_GPU_CHECK_STAGES (comma list of stages to
-# run: env, install, backends, test_cuda, test_triton, test_contract, profile, determinism, probe, bench, pipeline;
+# run: env, install, backends, test_cuda, test_triton, test_contract, test_graph, profile, determinism, probe, bench,
+# pipeline;
 # default all),
 # HCD_GPU_CHECK_BENCH_CASES (the runner's --cases), PYTHON (the interpreter to use).
 # Measured on the first run (H100, 16 cores, 2026-11-27, benchmarks/results/h100/gpu_check/summary.txt): env 19 s,
@@ -149,15 +150,19 @@ cp "$OUTDIR/logs/backends.log" "$OUTDIR/backends.txt" 2>/dev/null || true
 # configuration), so they run on 8 pytest-xdist workers (on the GPU image) when it is there.
 XDIST=""
 if [ "$DRY" != "1" ] && "$PY" -c "import xdist" >/dev/null 2>&1; then XDIST="-n 8"; fi
-run_stage test_cuda 120 "$PY" -m pytest -m "cuda and not triton" -q -p no:cacheprovider \
+# The CUDA-graph tests (capture, make_graphed_callables, torch.compile reduce-overhead, hcd-distill --cuda-graph)
+# compile and capture: their own stage (test_graph, below), so a slow compile cannot cut the kernel tests short.
+GRAPH_TESTS="tests/test_cuda_graph.py tests/test_distill_cuda_graph.py"
+NO_GRAPH="--ignore=tests/test_cuda_graph.py --ignore=tests/test_distill_cuda_graph.py"
+run_stage test_cuda 90 "$PY" -m pytest -m "cuda and not triton" -q -p no:cacheprovider $NO_GRAPH \
   --junitxml="$OUTDIR/junit_cuda.xml" tests
 if [ "$DRY" = "1" ]; then
   # On CPU the Triton tests run in the interpreter (the normal test suite does that); only collect them.
-  run_stage test_triton 60 "$PY" -m pytest -m "cuda and triton" -q -p no:cacheprovider --collect-only tests
+  run_stage test_triton 60 "$PY" -m pytest -m "cuda and triton" -q -p no:cacheprovider $NO_GRAPH --collect-only tests
 else
   # On the GPU: TRITON_INTERPRET unset, so tests/conftest.py leaves Triton on the real device.
   run_stage test_triton 150 env -u TRITON_INTERPRET "$PY" -m pytest -m "cuda and triton" -q -p no:cacheprovider \
-    $XDIST --junitxml="$OUTDIR/junit_triton.xml" tests
+    $NO_GRAPH $XDIST --junitxml="$OUTDIR/junit_triton.xml" tests
 fi
 
 # The op contract (tests/test_op_contract.py: dtypes, aliasing, opcheck, compiled gradients, ortho_on, large
@@ -167,6 +172,16 @@ if [ "$DRY" = "1" ]; then
 else
   run_stage test_contract 90 env -u TRITON_INTERPRET "$PY" -m pytest -q -p no:cacheprovider $XDIST \
     --junitxml="$OUTDIR/junit_contract.xml" tests/test_op_contract.py
+fi
+
+# CUDA graphs: the head captured (torch.cuda.graph, make_graphed_callables) and compiled (reduce-overhead) on every
+# GPU backend, and hcd-distill --cuda-graph against an eager run (estimate, not yet measured on a GPU: ~60-100 s,
+# mostly inductor compiles).
+if [ "$DRY" = "1" ]; then
+  run_stage test_graph 60 "$PY" -m pytest -m cuda -q -p no:cacheprovider --collect-only $GRAPH_TESTS
+else
+  run_stage test_graph 120 env -u TRITON_INTERPRET "$PY" -m pytest -m cuda -q -p no:cacheprovider \
+    --junitxml="$OUTDIR/junit_graph.xml" $GRAPH_TESTS
 fi
 
 # --- 4b. profile: where the head's and the step's time goes (benchmarks/profile_head.py) --------------------------
