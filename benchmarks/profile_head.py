@@ -410,7 +410,11 @@ def write(result: dict, out: str) -> None:
 
 
 def main(argv=None) -> int:
-    from benchmarks.common import device_name, environment, fused_providers, parse_device
+    try:  # the benchmark package's helpers (benchmarks.env / benchmarks.providers, or benchmarks.common)
+        from benchmarks.env import device_name, environment, parse_device
+        from benchmarks.providers import fused_providers
+    except ImportError:
+        from benchmarks.common import device_name, environment, fused_providers, parse_device
 
     ap = argparse.ArgumentParser(prog="python -m benchmarks.profile_head", description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")

@@ -3,13 +3,14 @@
 Parameters live in ordinary ``nn.Conv2d`` / ``nn.BatchNorm2d`` / ``nn.Linear`` submodules so checkpoints
 look like the published code's; only the hot tails (BN+ReLU+GAP, conv1x1+GAP, the CFM) go through the fused
 ops. The S CFMs of ``HCDLoss`` are one ``StageCFMs`` module with stage-stacked weights (one batched GEMM per layer
-for all stages), whose state_dict keeps the per-stage ``nn.Linear`` keys (``cfms.<s>.fc1.weight``, ...). Called on their own, the modules validate their input through ``hcd_fast.functional``; ``HCDLoss``
-validates once and calls ``run(..., ops)`` with its op table.
+for all stages), whose state_dict keeps the per-stage ``nn.Linear`` keys (``cfms.<s>.fc1.weight``, ...). Called on
+their own, the modules validate their input through ``hcd_fast.functional``; ``HCDLoss`` validates once and calls
+``run(..., ops)`` with its op table.
 """
 from __future__ import annotations
 
 import threading
-from typing import Callable, Dict, Optional
+from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -254,7 +255,8 @@ class StageCFMs(nn.Module):
         super().__init__()
         out_dim = num_sub_logits * num_classes
         self.num_stages, self.num_sub_logits = num_stages, num_sub_logits
-        self.student_dim, self.teacher_dim, self.num_classes, self.hidden = student_dim, teacher_dim, num_classes, hidden
+        self.student_dim, self.teacher_dim = student_dim, teacher_dim
+        self.num_classes, self.hidden = num_classes, hidden
         self.lambda_student, self.lambda_teacher, self.backend = lambda_student, lambda_teacher, backend
         self.fc1 = StackedLinear(num_stages, student_dim + teacher_dim, out_dim if hidden is None else hidden)
         self.fc2 = None if hidden is None else StackedLinear(num_stages, hidden, out_dim)

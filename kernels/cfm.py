@@ -7,8 +7,9 @@ u = [h_s ; f_t] is never materialised: the first GEMM's K loop runs over two ope
     FUSE: zf[b, o] = lambda_s * (pre[b, o]) + lambda_t * z_t[b, o mod K]   (o = i*K + k, the view (B, n, K))
 so the two-layer CFM is GEMM(RELU) then GEMM(FUSE) on the hidden activation, and cfm_hidden=None is one
 GEMM(FUSE). The S stages of HCDLoss run in one launch per GEMM: a third grid axis over the stages, with a stage
-stride for A1, W, the bias and the output (0 for A2 = f_t and z_t, which the stages share). Accumulation is fp32 (fp64 for fp64 inputs); fp32 operands use IEEE fp32 products
-(input_precision="ieee"), not TF32, to match torch's default fp32 matmul. A compiled kernel takes a Python
+stride for A1, W, the bias and the output (0 for A2 = f_t and z_t, which the stages share). Accumulation is fp32
+(fp64 for fp64 inputs); fp32 operands use IEEE fp32 products (input_precision="ieee"), not TF32, to match torch's
+default fp32 matmul. A compiled kernel takes a Python
 float as an fp32 parameter, so with fp64 accumulation lambda_s, lambda_t are read from an fp64 tensor instead
 (kernels/__init__.py: fp64_scalars).
 """

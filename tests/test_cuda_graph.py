@@ -20,7 +20,8 @@ CHANNELS, MAPS, DT, K, B = (8, 16, 32, 64), (16, 8, 4, 2), 24, 37, 8
 GPU_BACKENDS = [pytest.param(b, id=b.id, marks=backend_marks(b))
                 for b in (Backend("cuda", "cuda"), Backend("triton", "cuda", jit=True))] + [
     pytest.param(Backend("reference", "cuda"), id="reference-cuda",
-                 marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])]
+                 marks=[pytest.mark.cuda,
+                        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])]
 MODES = ["fp32", "bf16-autocast"]
 
 
