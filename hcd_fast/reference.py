@@ -79,7 +79,16 @@ def cfm(
         weight1, bias1: (H, D + D_t), (H,); H = n*K when ``weight2`` is None.
         weight2, bias2: (n*K, H), (n*K,), or both None.
         teacher_logits: z_t, (B, K); detached.
+
+    Stacked stages (``HCDLoss``'s layout): student_feat (S, B, D), weight1 (S, H, D + D_t), bias1 (S, H), weight2
+    (S, n*K, H), bias2 (S, n*K) -> (S, B, n, K), each stage computed as above.
     """
+    if student_feat.dim() == 3:
+        # unbind (not indexing): its backward is one stack of the stage gradients, not S zero-filled copies.
+        stages = [t.unbind(0) if t is not None else [None] * len(student_feat)
+                  for t in (student_feat, weight1, bias1, weight2, bias2)]
+        return torch.stack([cfm(h, teacher_feat, w1, b1, w2, b2, teacher_logits, num_sub_logits, lambda_student,
+                                lambda_teacher) for h, w1, b1, w2, b2 in zip(*stages)])
     u = torch.cat([student_feat, teacher_feat.detach()], dim=1)
     z = F.linear(u, weight1, bias1)
     if weight2 is not None:

@@ -75,19 +75,23 @@ def _capture_launches():
         out = pool.bn_relu_pool_forward(x, *p, training, 0.1, 1e-5)
         pool.bn_relu_pool_backward(torch.zeros(B, C, dtype=dtype), x, p[0], p[1], *out[1:], training)
         pool.spatial_mean(x, torch.float64 if dtype == torch.float64 else torch.float32)
-    for (B, D, Dt, hidden, n, K, dtype) in [(256, 768, 768, 768, 4, 100, torch.float32),
-                                            (256, 512, 384, 384, 4, 1000, torch.bfloat16),
-                                            (7, 64, 48, None, 2, 37, torch.float16),
-                                            (3, 8, 8, 8, 2, 5, torch.float64)]:
-        h, f, zt = torch.zeros(B, D, dtype=dtype), torch.zeros(B, Dt, dtype=dtype), torch.zeros(B, K, dtype=dtype)
+    # S = (): one stage; S = (4,): the stacked stages of HCDLoss (a third grid axis, stage strides).
+    for (S, B, D, Dt, hidden, n, K, dtype) in [((), 256, 768, 768, 768, 4, 100, torch.float32),
+                                               ((), 256, 512, 384, 384, 4, 1000, torch.bfloat16),
+                                               ((), 7, 64, 48, None, 2, 37, torch.float16),
+                                               ((), 3, 8, 8, 8, 2, 5, torch.float64),
+                                               ((4,), 256, 768, 768, 768, 4, 1000, torch.bfloat16),
+                                               ((4,), 128, 512, 384, 384, 4, 100, torch.float32),
+                                               ((3,), 7, 64, 48, None, 2, 37, torch.float16)]:
+        h, f, zt = torch.zeros(*S, B, D, dtype=dtype), torch.zeros(B, Dt, dtype=dtype), torch.zeros(B, K, dtype=dtype)
         width = hidden or n * K
-        w1, b1 = torch.zeros(width, D + Dt, dtype=dtype), torch.zeros(width, dtype=dtype)
+        w1, b1 = torch.zeros(*S, width, D + Dt, dtype=dtype), torch.zeros(*S, width, dtype=dtype)
         if hidden is None:
             cfm.cfm_gemm(h, f, w1, b1, zt, 1.0, 1.0, cfm.EPILOGUE_FUSE, dtype)
         else:
             a = cfm.cfm_gemm(h, f, w1, b1, None, 1.0, 0.0, cfm.EPILOGUE_RELU, dtype)
-            cfm.cfm_gemm(a, None, torch.zeros(n * K, hidden, dtype=dtype), torch.zeros(n * K, dtype=dtype), zt,
-                         1.0, 1.0, cfm.EPILOGUE_FUSE, dtype)
+            cfm.cfm_gemm(a, None, torch.zeros(*S, n * K, hidden, dtype=dtype), torch.zeros(*S, n * K, dtype=dtype),
+                         zt, 1.0, 1.0, cfm.EPILOGUE_FUSE, dtype)
     return launches
 
 

@@ -85,8 +85,10 @@ def _pool_linear_kernel(x, weight, bias):
 
 def _cfm_kernel(student_feat, teacher_feat, weight1, bias1, weight2, bias2, teacher_logits, num_sub_logits,
                 lambda_student, lambda_teacher):
+    """One stage (B, D), or the S stages stacked (S, B, D): one launch per GEMM for all of them."""
     dt = _cfm.out_dtype(student_feat, teacher_feat, weight1, teacher_logits)
     batch, num_classes = teacher_logits.shape
+    stages = tuple(student_feat.shape[:-2])
     with _guard(student_feat):
         if weight2 is None:
             hidden = student_feat.new_empty((0,), dtype=dt)
@@ -97,7 +99,7 @@ def _cfm_kernel(student_feat, teacher_feat, weight1, bias1, weight2, bias2, teac
                                      _k_cfm.EPILOGUE_RELU, dt)
             zf = _k_cfm.cfm_gemm(hidden, None, weight2, bias2, teacher_logits, lambda_student, lambda_teacher,
                                  _k_cfm.EPILOGUE_FUSE, dt)
-    return zf.view(batch, num_sub_logits, num_classes), hidden
+    return zf.view(stages + (batch, num_sub_logits, num_classes)), hidden
 
 
 if _IMPORT_ERROR is None:
