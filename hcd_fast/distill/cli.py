@@ -8,7 +8,7 @@ import sys
 from typing import List, Optional
 
 from hcd_fast.config import HCDConfig
-from hcd_fast.distill.baselines import METHODS
+from hcd_fast.distill.methods import METHODS
 from hcd_fast.distill.data import DATASETS
 from hcd_fast.distill.errors import TrainingError, UserError
 

@@ -35,7 +35,7 @@ def step_times(methods, batch_size: int, rounds: int = 8, steps: int = 10) -> di
 
     import timm
 
-    from hcd_fast.distill import Distiller, DistillTask, LossOptions, TeacherTap, build_criterion, probe_student
+    from hcd_fast.distill import Distiller, DistillTask, TeacherTap, build_criterion, probe_student
     torch.manual_seed(0)
     teacher = TeacherTap(timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=16, patch_size=4,
                                            depth=4, embed_dim=64, num_heads=4))
@@ -43,7 +43,7 @@ def step_times(methods, batch_size: int, rounds: int = 8, steps: int = 10) -> di
     for method in methods:
         student = timm.create_model("resnet10t", num_classes=10, channels=(16, 32, 64, 128), stem_width=16)
         channels, _ = probe_student(student, 4, (3, 16, 16))
-        distiller = Distiller(student, build_criterion(method, channels, 64, 10, LossOptions()))
+        distiller = Distiller(student, build_criterion(method, channels, 64, 10))
         runs[method] = (DistillTask(distiller, teacher if method != "ce" else None).train(),
                         torch.optim.SGD(distiller.parameters(), lr=0.01, momentum=0.9))
     x, y = torch.randn(batch_size, 3, 16, 16), torch.randint(0, 10, (batch_size,))

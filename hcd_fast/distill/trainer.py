@@ -43,14 +43,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from hcd_fast.distill.baselines import METHODS
+from hcd_fast.distill.methods import METHODS, build_criterion, get_method
 from hcd_fast.distill.checkpoint import (CKPT_FORMAT, RunFolder, atomic_copy, atomic_save, atomic_write_bytes,
                                          atomic_write_text, classifier_classes, load_weights, safe_load)
 from hcd_fast.distill.data import (DataConfig, ResumableDistributedSampler, ShardSampler, build_data,
                                    collate_skip_bad)
-from hcd_fast.distill.distiller import Distiller, DistillTask, LossOptions, build_criterion, unwrap
+from hcd_fast.distill.distiller import Distiller, DistillTask, unwrap
+from hcd_fast.distill.engine.step import TrainStep
 from hcd_fast.distill.errors import TrainingError, UserError
 from hcd_fast.distill.taps import StudentTap, TeacherTap, probe_student, probe_teacher
+from hcd_fast.config import HCDConfig
 from hcd_fast.modules import ConvProjector
 from hcd_fast.reference import PART_NAMES
 
@@ -380,16 +382,20 @@ def build_student(args, K: int, device, input_size) -> Tuple[nn.Module, Tuple[in
     return student, channels
 
 
-def loss_options(args) -> LossOptions:
-    # Every loss option is a flag of the same name (the HCDConfig ones generated from HCDConfig, cli.py).
-    return LossOptions(**{f.name: getattr(args, f.name) for f in fields(LossOptions)})
+def loss_config(args) -> Tuple[HCDConfig, Optional[object]]:
+    """The HCDConfig and the method's own options of ``args`` (every loss option is a flag of its name)."""
+    config = HCDConfig(**{f.name: getattr(args, f.name) for f in fields(HCDConfig)})
+    opts_type = get_method(args.method).options
+    return config, (opts_type(**{f.name: getattr(args, f.name) for f in fields(opts_type)}) if opts_type else None)
 
 
 def build_models(args, K: int, device, data_cfg: DataConfig, input_size) -> Models:
     teacher, teacher_dim = build_teacher(args, K, device, data_cfg, input_size)
     student, channels = build_student(args, K, device, input_size)
     try:
-        criterion = build_criterion(args.method, channels, teacher_dim, K, loss_options(args))
+        config, options = loss_config(args)
+        criterion = build_criterion(args.method, channels, teacher_dim, K, config, backend=args.backend,
+                                    options=options)
     except (ValueError, TypeError) as exc:
         raise UserError(f"loss options: {exc}") from None
     part_names = tuple(getattr(criterion, "part_names", PART_NAMES))
@@ -618,6 +624,10 @@ class Trainer:
                 args.compile))
         self._build_loaders()
         self._build_optim()
+        self.step = TrainStep(self.task, self.optimizer, device=device, amp_dtype=amp_dtype, scaler=self.scaler,
+                              channels_last=self.channels_last, clip_grad=args.clip_grad,
+                              skip_nonfinite=bool(args.skip_nonfinite), reduce_max=ctx.all_max,
+                              part_names=self.part_names)
 
     def _build_loaders(self) -> None:
         """Deterministic order from (seed, epoch); the global batch is split over ranks."""
@@ -749,47 +759,22 @@ class Trainer:
         return self.finish(state, stopped)
 
     def _step(self, state: TrainState, x: torch.Tensor, y: torch.Tensor, cached_feat: Optional[torch.Tensor] = None):
-        """One update; returns (loss and parts (1 + P,) float64, correct count) or None when skipped.
-        ``cached_feat``: the teacher cache's f_t (B, D_t) of these views (no teacher forward), or None."""
-        args = self.args
-        x = x.to(self.device, non_blocking=True)
-        y = y.to(self.device, non_blocking=True)
-        if cached_feat is not None:
-            cached_feat = cached_feat.to(self.device, non_blocking=True)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with self.autocast():
-            result = self.task(x, y, cached_feat)
-        loss = result["loss"]
-        vals = torch.stack([loss.detach().double()] + [result[k].detach().double() for k in self.part_names])
-        nonfinite = ~torch.isfinite(vals[0])
-        self.optimizer.zero_grad(set_to_none=True)
-        if args.skip_nonfinite and self.ctx.all_max(nonfinite.to(torch.int32)).item():  # a sync, by request
+        """One update (``self.step``); returns (loss and parts (1 + P,) float64, correct count) or None when
+        skipped. Records the first non-finite loss on the device (read at the log interval)."""
+        out = self.step(x, y, cached_feat)
+        if out.skipped:
             state.skipped_nonfinite += 1
             state.skipped_steps += 1
-            if state.skipped_nonfinite > args.skip_nonfinite:
-                self.bad_vals = vals
+            if state.skipped_nonfinite > self.args.skip_nonfinite:
+                self.bad_vals = out.vals
                 self.raise_if_nonfinite(state, bad_step=state.global_step)
             warn(f"skipped step {state.global_step}: non-finite loss ({state.skipped_nonfinite} of at most "
-                 f"{args.skip_nonfinite})")
+                 f"{self.args.skip_nonfinite})")
             return None
-        first = nonfinite & (self.bad_step < 0)
+        first = out.nonfinite & (self.bad_step < 0)
         self.bad_step = torch.where(first, state.global_step, self.bad_step)
-        self.bad_vals = torch.where(first, vals, self.bad_vals)
-        params = self.distiller.parameters
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            if args.clip_grad:
-                self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(params(), args.clip_grad)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            loss.backward()
-            if args.clip_grad:
-                nn.utils.clip_grad_norm_(params(), args.clip_grad)
-            self.optimizer.step()
-        return vals, (result["output"].detach().argmax(-1) == y).sum()
+        self.bad_vals = torch.where(first, out.vals, self.bad_vals)
+        return out.vals, out.correct
 
     def _start_epoch(self, state: TrainState) -> Tuple[torch.Tensor, int]:
         args = self.args
