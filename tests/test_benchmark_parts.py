@@ -1,6 +1,11 @@
 """Unit tests of the benchmarks' parts: the timing engine, the head providers and the step configurations
 (which must be hcd-distill's own TrainStep). Timings are never asserted."""
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -11,6 +16,7 @@ from benchmarks.steps import StepBench, StepCase, fast_config, published_config,
 from hcd_fast.distill import TrainStep
 
 CPU = torch.device("cpu")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_HEAD = {"B": 3, "K": 11, "Dt": 24, "n": 3, "img": 32, "channels": 4}
 
 
@@ -114,3 +120,59 @@ def test_published_config_on_cuda_is_fp16_with_grad_scaling():
         "reference", "fp16", False, True, "published")
     assert (fast.backend, fast.amp, fast.channels_last, fast.sync_loss) == ("auto", "bf16", True, False)
     assert fast_config("hcd", CPU).precision() == "fp32"
+
+
+def test_runner_head_providers_on_cpu(tmp_path):
+    """The head case with the new providers: the CUDA-only ones are rows skipped with their reason."""
+    root = ROOT
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--device", "cpu", "--cases", "head",
+                           "--providers", "eager,compile-ro,fused,fused+graph", "--no-plots", "--out", str(tmp_path)],
+                          cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = {r["provider"]: r for r in json.load(open(tmp_path / "results.json"))["rows"]}
+    assert set(rows) == {"eager", "compile-ro", "cpu", "cpu+graph"}
+    assert rows["cpu+graph"]["status"] == "skipped" and "CUDA graphs" in rows["cpu+graph"]["reason"]
+    assert rows["compile-ro"]["status"] == "skipped" and "reduce-overhead" in rows["compile-ro"]["reason"]
+    assert rows["cpu"]["status"] == "ok" and rows["cpu"]["speedup_vs_stock"] is None  # no stock row ran
+    assert rows["cpu"]["inputs"].startswith("stage maps fp32 contiguous")
+
+
+def test_bad_provider_exits_2_naming_the_flag():
+    root = ROOT
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--providers", "eager,fast"], cwd=root,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--providers" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_step_parts_smoke(tmp_path):
+    root = ROOT
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "step-parts", "--rounds", "1", "--img", "32",
+                           "--batch", "4", "--out", str(tmp_path)], cwd=root, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    res = json.load(open(tmp_path / "step_parts.json"))
+    assert set(res["cpu_ms"]) >= {"student", "step/published", "step/ours", "head/ours"}
+    assert all(len(v) == 1 and v[0] > 0 for v in res["cpu_ms"].values())
+    assert res["ratios"]["step: published / ours"] == pytest.approx(
+        res["cpu_median_ms"]["step/published"] / res["cpu_median_ms"]["step/ours"])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_head_graph_provider_replays_the_eager_loss(backend):
+    """The +graph provider: capture after warm-up, replay with the runner's inputs copied in; the loss equals
+    the eager fused head's on the same inputs and parameters (bf16 autocast: a bf16 tolerance)."""
+    import hcd_fast
+    if not hcd_fast.backends()[backend].available:
+        pytest.skip(hcd_fast.backends()[backend].reason)
+    r = HeadRunner(Case("head", "quick", "bf16", dict(TINY_HEAD)), torch.device("cuda"))
+    eager = r.fn(backend)().detach().float()
+    graphed = r.fn(f"{backend}+graph")
+    first = graphed().detach().float().clone()
+    torch.testing.assert_close(first, eager, rtol=2e-2, atol=2e-2)
+    with torch.no_grad():
+        r.zs.mul_(0.5)  # new inputs: the replay must see them
+    again = graphed().detach().float()
+    torch.testing.assert_close(again, r.fn(backend)().detach().float(), rtol=2e-2, atol=2e-2)
