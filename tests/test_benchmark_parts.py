@@ -12,7 +12,7 @@ import torch
 from benchmarks import timing
 from benchmarks.cases import Case
 from benchmarks.head import HeadRunner
-from benchmarks.steps import StepBench, StepCase, fast_config, published_config, variant_config
+from benchmarks.steps import StepModels, fast_config, published_config, variant_config
 from hcd_fast.distill import TrainStep
 
 CPU = torch.device("cpu")
@@ -94,8 +94,17 @@ def test_head_compiled_backend_computes_the_eager_loss():
         torch.testing.assert_close(t.grad, g, rtol=1e-4, atol=1e-5)
 
 
+def tiny_step_models() -> StepModels:
+    import timm
+    torch.manual_seed(0)
+    teacher = timm.create_model("vit_tiny_patch16_224", num_classes=5, img_size=16, patch_size=8, depth=1,
+                                embed_dim=32, num_heads=2)
+    student = timm.create_model("resnet10t", num_classes=5, channels=(8, 16, 32, 64), stem_width=8)
+    return StepModels(student, teacher, torch.randn(2, 3, 16, 16), torch.tensor([1, 3]), CPU)
+
+
 def test_step_variants_are_configurations_of_hcd_distills_step(monkeypatch):
-    bench = StepBench(StepCase("vit_s", 2, 32, num_classes=5), CPU)
+    bench = tiny_step_models()
     made = {}
     for v in ("kd", "hcd", "hcd_ref"):
         step = made[v] = bench.train_step(variant_config(v, CPU))
@@ -109,7 +118,7 @@ def test_step_variants_are_configurations_of_hcd_distills_step(monkeypatch):
     calls = []
     real = TrainStep.__call__
     monkeypatch.setattr(TrainStep, "__call__", lambda self, *a: calls.append(self) or real(self, *a))
-    bench.fn("hcd")()
+    bench.fn(variant_config("hcd", CPU))()
     assert len(calls) == 1 and calls[0].task.teacher is not None  # the timed call is the trainer's step
 
 
@@ -122,6 +131,7 @@ def test_published_config_on_cuda_is_fp16_with_grad_scaling():
     assert fast_config("hcd", CPU).precision() == "fp32"
 
 
+@pytest.mark.slow
 def test_runner_head_providers_on_cpu(tmp_path):
     """The head case with the new providers: the CUDA-only ones are rows skipped with their reason."""
     root = ROOT
@@ -137,6 +147,7 @@ def test_runner_head_providers_on_cpu(tmp_path):
     assert rows["cpu"]["inputs"].startswith("stage maps fp32 contiguous")
 
 
+@pytest.mark.slow
 def test_bad_provider_exits_2_naming_the_flag():
     root = ROOT
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "--providers", "eager,fast"], cwd=root,
