@@ -143,7 +143,8 @@ def start_run(args, argv) -> Run:
               "copy_bandwidth": None, "budget_s": args.budget, "rows": []}
     run = Run(args, out_dir, env, result)
     run.log(f"hcd_fast benchmarks on {env['device_name']} | torch {env['torch']} triton {env['triton']} | commit "
-            f"{env['git_commit'][:12]} | profile {args.profile} | providers {', '.join(args.providers)} | out {out_dir}")
+            f"{env['git_commit'][:12]} | profile {args.profile} | providers {', '.join(args.providers)} | "
+            f"out {out_dir}")
     for st in backends.values():
         run.log(f"  backend {st}")
     result["copy_bandwidth"] = copy_bandwidth(args.device, (16 << 20) if args.profile == "quick" else None)
