@@ -223,8 +223,10 @@ def start_run(args, P, argv) -> PipelineRun:
 
 def build_data(run: PipelineRun) -> SimpleNamespace:
     """The synthetic ImageFolder, its datasets, the seeded random teacher and the teacher cache's settings."""
-    from hcd_fast.distill.data import DataConfig, build_data as build_datasets
-    from hcd_fast.distill.trainer import create_model, seed_everything
+    from hcd_fast.distill.config import CacheConfig
+    from hcd_fast.distill.data.datasets import DataConfig, build_data as build_datasets
+    from hcd_fast.distill.engine.state import seed_everything
+    from hcd_fast.distill.models import create_model
     P, device = run.P, run.device
     t0 = time.perf_counter()
     root = synthetic_imagefolder(run.args.data_root, P["classes"], P["per_class"])
@@ -235,27 +237,28 @@ def build_data(run: PipelineRun) -> SimpleNamespace:
     data = build_datasets("imagefolder", root, P["img"], cfg=data_cfg)
     cache_dir = os.path.join(os.path.expanduser(run.args.data_root), f"pipeline_cache_{os.path.basename(root)}_"
                              f"{P['teacher']}_{P['img']}_k{P['views']}")
-    cache_args = SimpleNamespace(
-        teacher=P["teacher"], teacher_checkpoint=None, allow_random_teacher=True, teacher_kwargs=P["teacher_kwargs"],
-        dataset="imagefolder", data_dir=root, train_split="train", val_split="val", img_size=P["img"],
-        val_fraction=0.2, no_aug=False, digits_aug=False, interpolation="bicubic", views=P["views"],
-        cache_dtype="fp16", output=cache_dir, seed=0, batch_size=P["batch"], workers=P["workers"],
-        device=str(device), teacher_bf16="auto", teacher_channels_last="auto", threads=None, no_progress=True,
-        aa=None, reprob=0.0)
-    seed_everything(0)  # the cache's teacher: a seeded random one, as create_cache builds it
+    cache_cfg = CacheConfig(
+        teacher=P["teacher"], allow_random_teacher=True, teacher_kwargs=P["teacher_kwargs"], dataset="imagefolder",
+        data_dir=root, img_size=P["img"], interpolation="bicubic", views=P["views"], output=cache_dir,
+        batch_size=P["batch"], workers=P["workers"], device=str(device), no_progress=True)
+    seed_everything(0)  # the cache's teacher: a seeded random one, as build_cache builds it
     teacher = create_model("--teacher", P["teacher"], data.num_classes, P["teacher_kwargs"], P["img"]).eval()
-    return SimpleNamespace(root=root, data=data, data_cfg=data_cfg, cache_dir=cache_dir, cache_args=cache_args,
+    return SimpleNamespace(root=root, data=data, data_cfg=data_cfg, cache_dir=cache_dir, cache_cfg=cache_cfg,
                            teacher=teacher, teacher_stats=DataConfig.of_model(P["teacher"]).stats())
 
 
 def cache_row(run: PipelineRun, ctx: SimpleNamespace) -> None:
     """cache/build: build the teacher cache, or reuse a matching one (its build rate recorded)."""
-    from hcd_fast.distill.teacher_cache import RawSource, TeacherCache, create_cache, run_identity
+    from hcd_fast.distill.teacher.build import build_cache
+    from hcd_fast.distill.teacher.cache import RawSource, TeacherCache, run_identity
+    P = run.P
     meta_path = os.path.join(ctx.cache_dir, "meta.json")
     if os.path.isfile(meta_path):
         try:
-            TeacherCache(ctx.cache_dir).check(run_identity(ctx.cache_args, RawSource(ctx.data.train), ctx.teacher,
-                                                           "bicubic", ctx.teacher_stats))
+            TeacherCache(ctx.cache_dir).check(run_identity(
+                RawSource(ctx.data.train), dataset="imagefolder", img_size=P["img"], interpolation="bicubic",
+                no_aug=False, digits_aug=False, val_fraction=ctx.cache_cfg.val_fraction, teacher=P["teacher"],
+                teacher_kwargs=P["teacher_kwargs"], teacher_model=ctx.teacher, teacher_stats=ctx.teacher_stats))
             with open(meta_path) as f:
                 m = json.load(f)
             run.skip("cache/build", f"reused {ctx.cache_dir} (built in {m['seconds']:.1f} s: "
@@ -268,18 +271,18 @@ def cache_row(run: PipelineRun, ctx: SimpleNamespace) -> None:
 
     def build():
         gc.collect()
-        meta = create_cache(ctx.cache_args)
+        meta = build_cache(ctx.cache_cfg)
         n = meta["num_images"] * meta["num_views"]
         return {"images_per_s": n / meta["seconds"], "seconds": meta["seconds"], "views": n}
-    run.record("cache/build", build, views=run.P["views"])
+    run.record("cache/build", build, views=P["views"])
 
 
 def loaders(run: PipelineRun, ctx: SimpleNamespace) -> Dict[str, Callable]:
     """The loaders hcd-distill trains with (timm, teacher cache, DALI), as factories; times each alone."""
     from torch.utils.data import DataLoader
 
-    from hcd_fast.distill.dali_loader import DaliLoader, dali_status
-    from hcd_fast.distill.teacher_cache import CachedViewDataset, RawSource, TeacherCache
+    from hcd_fast.distill.data.dali import DaliLoader, dali_status
+    from hcd_fast.distill.teacher.cache import CachedViewDataset, RawSource, TeacherCache
     P, device, B = run.P, run.device, run.P["batch"]
     pin = device.type == "cuda"
 
@@ -323,8 +326,8 @@ def loaders(run: PipelineRun, ctx: SimpleNamespace) -> Dict[str, Callable]:
 
 def teacher_entries(run: PipelineRun, teacher: torch.nn.Module, x: torch.Tensor) -> list:
     """(name, factory, info) of the teacher rows: as published, hcd-distill's defaults, each switch alone."""
-    from hcd_fast.distill.taps import TeacherTap
-    from hcd_fast.distill.teacher_speed import TeacherSpeed, apply_teacher_speed, is_cnn, resolve_teacher_speed
+    from hcd_fast.distill.teacher.tap import TeacherTap
+    from hcd_fast.distill.teacher.speed import TeacherSpeed, apply_teacher_speed, is_cnn, resolve_teacher_speed
     cuda = run.device.type == "cuda"
     published_amp = (lambda: torch.autocast("cuda", dtype=torch.float16)) if cuda else None
     base_amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else None

@@ -32,7 +32,7 @@ import torch.nn as nn
 from hcd_fast import HCDConfig
 from hcd_fast.distill import (Distiller, DistillTask, TeacherTap, TrainStep, build_criterion, probe_student,
                               probe_teacher)
-from hcd_fast.distill.teacher_speed import apply_teacher_speed, resolve_teacher_speed
+from hcd_fast.distill.teacher.speed import apply_teacher_speed, resolve_teacher_speed
 
 VARIANTS = ("ce", "kd", "kd_ref", "hcd_ref", "hcd")
 TEACHERS = {"vit_s": "vit_small_patch16_224", "swin_t": "swin_tiny_patch4_window7_224"}

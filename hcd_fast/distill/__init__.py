@@ -15,7 +15,8 @@ from hcd_fast.distill.engine.step import StepOutput, TrainStep
 from hcd_fast.distill.methods import (METHODS, CELoss, DKDLoss, DKDOptions, KDLoss, OFALoss, OFAOptions,
                                       build_criterion, get_method)
 from hcd_fast.distill.errors import TrainingError, UserError
-from hcd_fast.distill.taps import StudentTap, TeacherTap, probe_student, probe_teacher
+from hcd_fast.distill.taps import StudentTap, probe_student
+from hcd_fast.distill.teacher.tap import TeacherTap, probe_teacher
 
 __all__ = ["METHODS", "CELoss", "KDLoss", "DKDLoss", "OFALoss", "Distiller", "DistillTask", "HCDTask", "DKDOptions",
            "OFAOptions", "build_criterion", "get_method", "TrainStep", "StepOutput", "HAS_TIMM_TASK", "StudentTap", "TeacherTap", "probe_student", "probe_teacher",

@@ -13,7 +13,8 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from hcd_fast.distill.taps import Indices, StudentTap, TeacherTap
+from hcd_fast.distill.taps import Indices, StudentTap
+from hcd_fast.distill.teacher.tap import TeacherTap
 
 # timm.task (TrainingTask) arrived in timm 1.0.2x; older timm gets a plain nn.Module base with the same API.
 HAS_TIMM_TASK = importlib.util.find_spec("timm.task") is not None
@@ -107,7 +108,7 @@ class DistillTask(_TaskBase):
         the teacher's with ``teacher_mode`` (e.g. "reduce-overhead": CUDA graphs), unless already compiled."""
         distiller = unwrap(self.trainable_module)
         distiller.student.compile(backend=backend, mode=mode, **kwargs)
-        if teacher and self.teacher is not None and self.teacher._fwd == self.teacher._forward:
+        if teacher and self.teacher is not None and not self.teacher.compiled:
             # The teacher forward on its own graph (static shapes: training drops the last batch).
             self.teacher.compile_forward(mode=teacher_mode, backend=backend, **kwargs)
         return distiller.model

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from hcd_fast.distill.methods.common import Criterion, f32
-from hcd_fast.distill.methods.registry import Method, option
+from hcd_fast.distill.methods.registry import Method
+from hcd_fast.distill.options import option
 
 
 @dataclass(frozen=True)

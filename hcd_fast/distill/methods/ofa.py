@@ -10,7 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hcd_fast.distill.methods.common import Criterion, f32
-from hcd_fast.distill.methods.registry import Method, option
+from hcd_fast.distill.methods.registry import Method
+from hcd_fast.distill.options import option
 from hcd_fast.modules import ConvProjector, LinearProjector, init_weights
 
 

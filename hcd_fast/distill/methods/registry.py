@@ -7,7 +7,6 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch.nn as nn
 
 from hcd_fast.config import HCDConfig
-from hcd_fast.distill.options import option  # noqa: F401  (the methods' option fields)
 
 # (student_channels, teacher_dim, num_classes, HCDConfig, the method's options or None, backend) -> criterion
 Builder = Callable[[Sequence[int], int, int, HCDConfig, object, str], nn.Module]

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from hcd_fast.distill.errors import UserError
-from hcd_fast.distill.taps import TeacherTap
+from hcd_fast.distill.teacher.tap import TeacherTap
 
 SWITCHES = ("auto", "on", "off")
 

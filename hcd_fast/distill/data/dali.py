@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from hcd_fast.distill.data import BadSample, SampleDataset, sample_seed, seeded_rngs
+from hcd_fast.distill.data.datasets import BadSample, SampleDataset, sample_seed, seeded_rngs
 from hcd_fast.distill.errors import UserError
 
 INSTALL_HINT = "pip install 'hcd_fast[dali]' (NVIDIA DALI, the nvidia-dali-cuda130 package)"
@@ -240,18 +240,19 @@ def image_folder_of(dataset):
     return base if hasattr(base, "samples") and hasattr(base, "loader") else None
 
 
-def check_dali_run(args, datasets: Sequence) -> None:
+def check_dali_run(datasets: Sequence, *, dataset: str, aa: Optional[str] = None, reprob: float = 0.0,
+                   digits_aug: bool = False) -> None:
     """Everything ``--loader dali`` needs, before the first step: DALI importable, an ImageFolder of JPEGs
     (every file name, and the first file's header), no option DALI cannot honour."""
     ok, why = dali_status()
     if not ok:
         raise UserError(f"--loader dali: {why}; install it with {INSTALL_HINT}, or use --loader timm")
-    if args.dataset != "imagefolder":
+    if dataset != "imagefolder":
         raise UserError(f"--loader dali decodes an ImageFolder of JPEGs (--dataset imagefolder); --dataset "
-                        f"{args.dataset} is not one (use --loader timm)")
-    if getattr(args, "digits_aug", False):
+                        f"{dataset} is not one (use --loader timm)")
+    if digits_aug:
         raise UserError("--loader dali: --digits-aug is for the digits dataset (use --loader timm)")
-    for flag, on in (("--aa", args.aa), ("--reprob", args.reprob)):
+    for flag, on in (("--aa", aa), ("--reprob", reprob)):
         if on:
             raise UserError(f"--loader dali cannot apply {flag} {on!r} (not in the DALI pipeline); drop it or "
                             f"use --loader timm")

@@ -39,21 +39,17 @@ view per image and epoch (``FreshViewDataset``), the K = infinity end of the cac
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
 import os
-import sys
-import time
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
-from hcd_fast.distill.data import (_READ_ERRORS, DATASETS, BadSample, DataConfig, SampleDataset, build_data,
-                                   sample_path)
+from hcd_fast.distill.data.datasets import READ_ERRORS, BadSample, DataConfig, SampleDataset, sample_path
 from hcd_fast.distill.errors import UserError
 
 FORMAT = "hcd-distill-teacher-cache/1"
@@ -224,7 +220,7 @@ def make_views(source: RawSource, spec: dict, num_views: int, seed: int, out: Op
     for idx in (range(n) if images is None else images):
         try:
             image, _ = source.get(idx)
-        except _READ_ERRORS as exc:
+        except READ_ERRORS as exc:
             raise UserError(f"cache-teacher: cannot read {source.path(idx)!r} ({type(exc).__name__}: {exc}); "
                             f"fix or remove the file") from None
         height, width = source.image_hw(image)
@@ -234,7 +230,7 @@ def make_views(source: RawSource, spec: dict, num_views: int, seed: int, out: Op
     return views
 
 
-class _AllViews(Dataset):
+class AllViews(Dataset):
     """Flat (image, view) pairs for caching: item n*K + k -> (x, n, k)."""
 
     def __init__(self, source: RawSource, spec: dict, views: np.ndarray, mean, std):
@@ -329,7 +325,7 @@ class CachedViewDataset(Dataset):
         k = self.view_index(n)
         try:
             image, label = self.source.get(n)
-        except _READ_ERRORS as exc:
+        except READ_ERRORS as exc:
             return BadSample(self.source.path(n), f"{type(exc).__name__}: {exc}")
         x = self.tf(image, self.cache.views[n, k])
         feat = torch.from_numpy(np.array(self.cache.feats[n, k], dtype=np.float32))
@@ -358,273 +354,74 @@ class FreshViewDataset(Dataset):
         return self.tf(image, sample_view(rng, height, width)), label
 
 
-def online_views(args, train_set: Dataset, cfg: DataConfig) -> Dataset:
+def online_views(train_set: Dataset, cfg: DataConfig, *, dataset: str, img_size: int, no_aug: bool,
+                 seed: int) -> Dataset:
     """The training set of ``--digits-aug`` without a cache: digits through a fresh crop + flip per epoch
     (resized with ``cfg.interpolation``, the run's data config)."""
-    if args.dataset != "digits":
-        raise UserError(f"--digits-aug: only for --dataset digits (the {args.dataset} loader already augments)")
-    spec = transform_spec(args.dataset, args.img_size, cfg.interpolation, args.no_aug, True)
-    return FreshViewDataset(RawSource(train_set), spec, args.seed) if spec["aug"] != "none" else train_set
+    if dataset != "digits":
+        raise UserError(f"--digits-aug: only for --dataset digits (the {dataset} loader already augments)")
+    spec = transform_spec(dataset, img_size, cfg.interpolation, no_aug, True)
+    return FreshViewDataset(RawSource(train_set), spec, seed) if spec["aug"] != "none" else train_set
 
 
-def files_hash(args, source: RawSource) -> str:
+def files_hash(source: RawSource, dataset: str, img_size: int, val_fraction: float) -> str:
     """``source.file_list_hash()``; in-memory digits are hashed as built with the default (ImageNet)
     statistics, since a run holds them normalised with the student's and the cache with the teacher's."""
-    if source.kind == "tensor" and args.dataset == "digits":
-        from hcd_fast.distill.data import build_digits
-        return RawSource(build_digits(args.img_size, args.val_fraction).train).file_list_hash()
+    if source.kind == "tensor" and dataset == "digits":
+        from hcd_fast.distill.data.datasets import build_digits
+        return RawSource(build_digits(img_size, val_fraction).train).file_list_hash()
     return source.file_list_hash()
 
 
-def run_identity(args, source: RawSource, teacher_model: Optional[torch.nn.Module], interpolation: str,
+def run_identity(source: RawSource, *, dataset: str, img_size: int, interpolation: str, no_aug: bool,
+                 digits_aug: bool, val_fraction: float, teacher: Optional[str] = None,
+                 teacher_kwargs: Optional[dict] = None, teacher_model: Optional[torch.nn.Module] = None,
                  teacher_stats=None) -> dict:
-    """The metadata fields a cache must have for this run (teacher fields only when there is a teacher).
+    """The metadata fields a cache must have for this run (teacher fields only with ``teacher_model``).
     ``interpolation``: the run's resize interpolation (its data config); ``teacher_stats``: (mean, std) the
     teacher's input is normalised with."""
-    out = {"dataset": args.dataset, "num_images": len(source), "files_sha256": files_hash(args, source),
-           "transform": transform_spec(args.dataset, args.img_size, interpolation, args.no_aug,
-                                       getattr(args, "digits_aug", False))}
+    out = {"dataset": dataset, "num_images": len(source),
+           "files_sha256": files_hash(source, dataset, img_size, val_fraction),
+           "transform": transform_spec(dataset, img_size, interpolation, no_aug, digits_aug)}
     if teacher_model is not None:
-        out.update(teacher=args.teacher, teacher_kwargs=dict(args.teacher_kwargs),
+        out.update(teacher=teacher, teacher_kwargs=dict(teacher_kwargs or {}),
                    teacher_weights_sha256=weights_hash(teacher_model),
                    teacher_input={"mean": [float(v) for v in teacher_stats[0]],
                                   "std": [float(v) for v in teacher_stats[1]]})
     return out
 
 
-def _check_replayable(args) -> None:
-    if args.aa:
-        raise UserError(f"--aa {args.aa!r} with --teacher-cache: auto-augment is random per step and cannot be "
+def check_replayable(aa: Optional[str], reprob: float) -> None:
+    """Augmentations drawn per step cannot be replayed from stored views."""
+    if aa:
+        raise UserError(f"--aa {aa!r} with --teacher-cache: auto-augment is random per step and cannot be "
                         f"replayed from the cache (drop --aa, or train online)")
-    if args.reprob:
-        raise UserError(f"--reprob {args.reprob} with --teacher-cache: random erasing cannot be replayed from "
+    if reprob:
+        raise UserError(f"--reprob {reprob} with --teacher-cache: random erasing cannot be replayed from "
                         f"the cache (use --reprob 0, or train online)")
 
 
-def open_for_training(args, train_set: Dataset, teacher, feat_dim: Optional[int], cfg: DataConfig) -> CachedViewDataset:
-    """The replaying training set of ``--teacher-cache`` after every check (UserError otherwise).
+def open_for_training(folder: str, train_set: Dataset, teacher, feat_dim: Optional[int], cfg: DataConfig, *,
+                      seed: int, dataset: str, img_size: int, no_aug: bool, digits_aug: bool, val_fraction: float,
+                      teacher_name: Optional[str], teacher_kwargs: Optional[dict]) -> CachedViewDataset:
+    """The replaying training set of ``--teacher-cache folder`` after every check (UserError otherwise).
 
     ``teacher`` is the probed ``TeacherTap`` (None for method ce), before any speed setting is applied;
     ``feat_dim`` its D_t; ``cfg`` the run's (student's) data config: the replayed views are resized with its
     interpolation and normalised with its mean and std, as the online loader would."""
-    _check_replayable(args)
-    cache = TeacherCache(args.teacher_cache)
+    cache = TeacherCache(folder)
     source = RawSource(train_set)
-    if teacher is not None and not teacher._use_classifier:
-        raise UserError(f"--teacher-cache with --teacher {args.teacher!r}: its logits are not "
+    if teacher is not None and not teacher.uses_classifier:
+        raise UserError(f"--teacher-cache with --teacher {teacher_name!r}: its logits are not "
                         f"classifier(pre_logits) (the probe compared them with forward_head), so cached features "
                         f"cannot stand in for its forward; train online")
     if teacher is not None and teacher.teacher_input_stats is None:
         raise ValueError("open_for_training: the TeacherTap was built without input statistics")
-    expected = run_identity(args, source, teacher.model if teacher is not None else None, cfg.interpolation,
-                            teacher.teacher_input_stats if teacher is not None else None)
+    expected = run_identity(source, dataset=dataset, img_size=img_size, interpolation=cfg.interpolation,
+                            no_aug=no_aug, digits_aug=digits_aug, val_fraction=val_fraction, teacher=teacher_name,
+                            teacher_kwargs=teacher_kwargs, teacher_model=teacher.model if teacher is not None else None,
+                            teacher_stats=teacher.teacher_input_stats if teacher is not None else None)
     if teacher is not None:
         expected["feat_dim"] = feat_dim
     cache.check(expected)
-    return CachedViewDataset(source, cache, args.seed, cfg.mean, cfg.std)
-
-
-# -------------------------------------------------------------------------------- cache-teacher command
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="hcd-distill cache-teacher", description="Run the teacher once over K augmented views of every "
-        "training image and store the crop windows, flips and pre-logit features f_t for --teacher-cache.",
-        epilog="example:\n  hcd-distill cache-teacher --teacher vit_base_patch16_224 --teacher-checkpoint t.pt "
-        "--dataset imagefolder --data-dir /data/imagenet --img-size 224 --views 16 --output cache/vitb_k16\n"
-        "  hcd-distill --teacher vit_base_patch16_224 --teacher-checkpoint t.pt --dataset imagefolder "
-        "--data-dir /data/imagenet --img-size 224 --student resnet18 --teacher-cache cache/vitb_k16",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", required=True, help="timm model name of the teacher")
-    p.add_argument("--teacher-checkpoint", metavar="PATH", help="the teacher's weights (as hcd-distill takes them)")
-    p.add_argument("--allow-random-teacher", action="store_true", help="no checkpoint: a seeded random teacher "
-                   "(tests and benchmarks only)")
-    from hcd_fast.distill.cli import _json_dict
-    p.add_argument("--teacher-kwargs", type=_json_dict, default={}, metavar="JSON", help="extra "
-                   "timm.create_model kwargs of the teacher (must match the training run)")
-    p.add_argument("--dataset", choices=DATASETS, default="digits", help="as hcd-distill --dataset (digits)")
-    p.add_argument("--data-dir", metavar="PATH", help="as hcd-distill --data-dir")
-    p.add_argument("--train-split", default="train", help="imagefolder: training sub-folder (train)")
-    p.add_argument("--val-split", default="val", help="imagefolder: validation sub-folder (val)")
-    p.add_argument("--img-size", type=int, default=32, help="input size in pixels (32; must match training)")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="digits: held-out fraction (0.2)")
-    p.add_argument("--no-aug", action="store_true", help="no augmentation: one view, resize + centre crop")
-    p.add_argument("--digits-aug", action="store_true", help="digits: K crop + flip views (as hcd-distill "
-                   "--digits-aug; digits are otherwise never augmented)")
-    p.add_argument("--interpolation", default="bicubic", help="resize interpolation (bicubic; must be the "
-                   "training run's: its --interpolation, or by default the student's timm data config)")
-    p.add_argument("--views", type=int, default=16, help="K augmented views per image (16)")
-    p.add_argument("--cache-dtype", choices=("fp16", "fp32"), default="fp16", help="storage of f_t (fp16)")
-    p.add_argument("--output", required=True, metavar="DIR", help="cache folder (must not hold a cache)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the views (0)")
-    p.add_argument("--batch-size", type=int, default=128, help="teacher batch (128)")
-    p.add_argument("--workers", type=int, default=4, help="data-loader workers (4; digits uses 0)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--teacher-bf16", choices=("auto", "on", "off"), default="auto", help="teacher weights in "
-                   "bf16 (auto: on for CUDA)")
-    p.add_argument("--teacher-channels-last", choices=("auto", "on", "off"), default="auto",
-                   help="channels_last teacher (auto: on for CNN teachers on CUDA)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default torch's)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
-
-
-def create_cache(args: argparse.Namespace) -> dict:
-    """Build the cache ``args.output`` (see the module docstring); returns its metadata. Under torchrun
-    (WORLD_SIZE > 1) every rank builds its share and the result equals a single-process build."""
-    from hcd_fast.distill.trainer import DistContext
-
-    ctx = DistContext()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available")
-    if device.type == "cuda" and ctx.enabled and device.index is None:
-        device = torch.device("cuda", ctx.local_rank)
-        torch.cuda.set_device(device)
-    ctx.init(device)
-    try:
-        prepared, error = None, None
-        try:
-            prepared = _prepare(args, device)
-        except UserError as exc:  # raised on every rank: none is left waiting at a barrier
-            error = exc
-        ctx.raise_any(error)
-        return _build(args, ctx, device, *prepared)
-    finally:
-        ctx.close()
-
-
-def _prepare(args: argparse.Namespace, device: torch.device):
-    """The checks before the first teacher forward, the teacher (probed) and the metadata."""
-    from hcd_fast.distill.taps import TeacherTap, probe_teacher
-    from hcd_fast.distill.teacher_speed import apply_teacher_speed, resolve_teacher_speed
-    from hcd_fast.distill.checkpoint import load_weights
-    from hcd_fast.distill.trainer import _check_model_name, create_model, seed_everything
-
-    _check_model_name("--teacher", args.teacher)
-    if args.teacher_checkpoint is None and not args.allow_random_teacher:
-        raise UserError("cache-teacher needs a trained teacher: give --teacher-checkpoint PATH (or "
-                        "--allow-random-teacher for a smoke test)")
-    if args.teacher_checkpoint is not None and not os.path.isfile(args.teacher_checkpoint):
-        raise UserError(f"--teacher-checkpoint {args.teacher_checkpoint!r}: no such file")
-    if args.views < 1 or args.batch_size < 1 or args.img_size < 1:
-        raise UserError("--views, --batch-size and --img-size must be >= 1")
-    if os.path.exists(os.path.join(args.output, "meta.json")):
-        raise UserError(f"--output {args.output!r} already holds a teacher cache; it is never overwritten "
-                        f"(remove it or choose another folder)")
-    # The teacher sees every view normalised with its own statistics, as hcd-distill's online teacher
-    # does (TeacherTap converts the student's input): its timm data config, or its checkpoint's.
-    teacher_cfg = DataConfig.of_model(args.teacher, args.interpolation)
-
-    def load_data(cfg: DataConfig):
-        return build_data(args.dataset, args.data_dir, args.img_size, val_fraction=args.val_fraction,
-                          no_aug=args.no_aug, cfg=cfg, train_split=args.train_split, val_split=args.val_split,
-                          seed=args.seed)
-
-    data = load_data(teacher_cfg)
-    seed_everything(args.seed)  # the same initialisation as a training run with this seed (random teachers)
-    model = create_model("--teacher", args.teacher, data.num_classes, args.teacher_kwargs, args.img_size)
-    if args.teacher_checkpoint:
-        meta = load_weights(model, args.teacher_checkpoint, data.num_classes, "--teacher-checkpoint")
-        if "data_config" in meta:  # as the trainer's build_teacher: the checkpoint knows its statistics
-            ckpt_cfg = DataConfig(tuple(meta["data_config"]["mean"]), tuple(meta["data_config"]["std"]),
-                                  teacher_cfg.interpolation, teacher_cfg.crop_pct)
-            if ckpt_cfg.stats() != teacher_cfg.stats():
-                teacher_cfg = ckpt_cfg
-                if data.in_memory:  # digits are normalised when built
-                    data = load_data(teacher_cfg)
-    source = RawSource(data.train)
-    spec = transform_spec(args.dataset, args.img_size, args.interpolation, args.no_aug, args.digits_aug)
-    num_views = args.views if spec["aug"] == "rrc_flip" else 1
-    # No conversion inside the tap: its input is already normalised with the teacher's statistics.
-    tap = TeacherTap(model.to(device), teacher_cfg.stats(), teacher_cfg.stats())
-    feat_dim, k_out = probe_teacher(tap, data.input_size)
-    if k_out != data.num_classes:
-        raise UserError(f"--teacher {args.teacher!r} outputs {k_out} classes, the dataset has {data.num_classes}")
-    if not tap._use_classifier:
-        raise UserError(f"--teacher {args.teacher!r}: its logits are not classifier(pre_logits) (checked "
-                        f"against forward_head), so its features cannot be cached; train online")
-    meta = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            **run_identity(args, source, model, args.interpolation, teacher_cfg.stats()), "num_views": num_views,
-            "feat_dim": feat_dim,
-            "dtype": args.cache_dtype, "seed": args.seed, "num_classes": data.num_classes}
-    amp = "bf16" if device.type == "cuda" else "off"
-    speed = resolve_teacher_speed(model, device, amp, args.teacher_bf16, args.teacher_channels_last, "off")
-    apply_teacher_speed(tap, speed)
-    meta["teacher_speed"] = speed.describe()
-    return data, source, spec, num_views, tap, feat_dim, teacher_cfg, meta
-
-
-def _build(args: argparse.Namespace, ctx, device: torch.device, data, source: RawSource, spec: dict,
-           num_views: int, tap, feat_dim: int, teacher_cfg: DataConfig, meta: dict) -> dict:
-    """Views and teacher features into ``args.output``, then meta.json."""
-    from tqdm import tqdm
-
-    # Sharded under torchrun: rank 0 makes the two memory-mapped files; each rank fills the views of its
-    # slice of images, then (after a barrier: every view is needed before any batch is built) the teacher
-    # features of its share of the batches, the very batches of a single-process build (batch b goes to
-    # rank b mod world), so the result is the same file; rank 0 writes meta.json once every rank is done.
-    # The ranks must share the output folder (one node, or a shared file system).
-    t0 = time.perf_counter()
-    views_tmp = os.path.join(args.output, "views.npy.partial")
-    feats_tmp = os.path.join(args.output, "feats.npy.partial")
-    n_img, n_items = len(source), len(source) * num_views
-    if ctx.is_main:
-        os.makedirs(args.output, exist_ok=True)
-        np.lib.format.open_memmap(views_tmp, mode="w+", dtype=np.int32, shape=(n_img, num_views, 5)).flush()
-        np.lib.format.open_memmap(feats_tmp, mode="w+", dtype=np.float16 if args.cache_dtype == "fp16"
-                                  else np.float32, shape=(n_img, num_views, feat_dim)).flush()
-    ctx.barrier()
-    views = np.load(views_tmp, mmap_mode="r+")
-    error = None
-    try:
-        make_views(source, spec, num_views, args.seed, out=views,
-                   images=range(ctx.rank * n_img // ctx.world, (ctx.rank + 1) * n_img // ctx.world))
-        views.flush()
-    except UserError as exc:
-        error = exc
-    ctx.raise_any(error)
-    del views
-    views = np.load(views_tmp, mmap_mode="r")  # reopened after the barrier: every rank's rows
-    feats = np.load(feats_tmp, mmap_mode="r+")
-    workers = 0 if data.in_memory else args.workers
-    batches = [list(range(b * args.batch_size, min((b + 1) * args.batch_size, n_items)))
-               for b in range(ctx.rank, math.ceil(n_items / args.batch_size), ctx.world)]
-    loader = DataLoader(_AllViews(source, spec, views, *teacher_cfg.stats()), batch_sampler=batches,
-                        num_workers=workers, pin_memory=device.type == "cuda")
-    for x, n, k in tqdm(loader, disable=args.no_progress or not ctx.is_main, desc="cache-teacher",
-                        dynamic_ncols=True):
-        f, _ = tap(x.to(device, non_blocking=True))
-        if not torch.isfinite(f).all():
-            error = UserError("cache-teacher: the teacher produced non-finite features (check the checkpoint)")
-            break
-        feats[n.numpy(), k.numpy()] = f.float().cpu().numpy().astype(feats.dtype)
-    feats.flush()
-    del feats, views, loader
-    ctx.raise_any(error)  # every rank has flushed its share before rank 0 goes on
-    meta["seconds"] = time.perf_counter() - t0
-    meta["ranks"] = ctx.world
-    if ctx.is_main:
-        os.replace(views_tmp, os.path.join(args.output, "views.npy"))
-        os.replace(feats_tmp, os.path.join(args.output, "feats.npy"))
-        tmp = os.path.join(args.output, "meta.json.partial")
-        with open(tmp, "w") as f:
-            json.dump(meta, f, indent=1)
-        os.replace(tmp, os.path.join(args.output, "meta.json"))  # last: its presence marks a finished cache
-    ctx.barrier()  # no rank returns before the cache is finished
-    return meta
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-        meta = create_cache(args)
-    except UserError as exc:
-        print(f"hcd-distill cache-teacher: error: {exc}", file=sys.stderr)
-        return 2
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"hcd-distill cache-teacher: {meta['num_images']} images x {meta['num_views']} views, D_t "
-              f"{meta['feat_dim']} ({meta['dtype']}) in {args.output} ({meta['seconds']:.1f} s"
-              f"{', ' + str(meta['ranks']) + ' ranks' if meta['ranks'] > 1 else ''})")
-    return 0
+    return CachedViewDataset(source, cache, seed, cfg.mean, cfg.std)
