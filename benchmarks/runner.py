@@ -203,6 +203,10 @@ def time_case(run: Run, rows: List[dict], factories: Dict[str, Callable], policy
     by_name = {r["provider"]: r for r in rows}
     fns: Dict[str, Callable] = {}
     for name, factory in factories.items():
+        why = over_budget(run, name)  # checked before each provider: at most one compile runs past the budget
+        if why is not None:
+            by_name[name].update(status="skipped", reason=why)
+            continue
         fn = prepare(by_name[name], factory, device)
         if fn is None:
             continue
@@ -216,12 +220,12 @@ def time_case(run: Run, rows: List[dict], factories: Dict[str, Callable], policy
             store_times(by_name[name], res, fns[name], device)
 
 
-def skip_reason(run: Run, provider: str) -> Optional[str]:
-    why = unavailable_reason(provider, run.args.device)
+def over_budget(run: Run, provider: str) -> Optional[str]:
+    """Why a compiled provider is dropped now (the run's time budget is spent), else None."""
     budget = run.args.budget
-    if why is None and is_compiled(provider) and budget is not None and run.elapsed() > budget:
-        why = f"time budget ({budget:.0f} s) spent before this provider: compiled providers dropped"
-    return why
+    if is_compiled(provider) and budget is not None and run.elapsed() > budget:
+        return f"time budget ({budget:.0f} s) spent before this provider: compiled providers dropped"
+    return None
 
 
 def op_case(run: Run, case: C.Case, policy: Policy) -> List[dict]:
@@ -241,7 +245,7 @@ def op_case(run: Run, case: C.Case, policy: Policy) -> List[dict]:
                    floor_ms=C.roofline_floor_ms(case))
         if case.op == "head":
             row["inputs"] = runner.describe_inputs()
-        why = skip_reason(run, p)
+        why = unavailable_reason(p, run.args.device)
         if why is not None:
             row.update(status="skipped", reason=why)
             continue

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -187,3 +188,20 @@ def test_head_graph_provider_replays_the_eager_loss(backend):
         r.zs.mul_(0.5)  # new inputs: the replay must see them
     again = graphed().detach().float()
     torch.testing.assert_close(again, r.fn(backend)().detach().float(), rtol=2e-2, atol=2e-2)
+
+
+def test_budget_drops_compiled_providers_checked_before_each(tmp_path):
+    """A compiled provider is dropped once the run's budget is spent, even within a case that started
+    before it was (the head's several compiles must not each run past the budget)."""
+    from types import SimpleNamespace
+
+    from benchmarks import runner
+    run = runner.Run(SimpleNamespace(device=CPU, budget=0.05), str(tmp_path), {}, {"rows": []})
+    rows = [{"provider": p, "status": "ok", "reason": None} for p in ("eager", "compile", "cpu+compile")]
+    slow = lambda: time.sleep(0.06)  # noqa: E731  (its first call spends the budget)
+    factories = {"eager": lambda: slow, "compile": lambda: (lambda: None), "cpu+compile": lambda: (lambda: None)}
+    runner.time_case(run, rows, factories, timing.Policy(warmup=0, min_reps=1, max_reps=1, target_s=0.0))
+    by = {r["provider"]: r for r in rows}
+    assert by["eager"]["status"] == "ok" and by["eager"]["reps"] == 1
+    for p in ("compile", "cpu+compile"):
+        assert by[p]["status"] == "skipped" and "time budget" in by[p]["reason"]
