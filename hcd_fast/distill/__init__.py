@@ -1,14 +1,9 @@
 """hcd_fast.distill: heterogeneous distillation of any timm teacher into any timm student.
 
-- ``StudentTap`` / ``TeacherTap``: logits and stage maps of the student in one forward; the frozen
-  teacher's penultimate feature and logits under inference mode.
-- ``Distiller``: student + criterion (HCDLoss or a baseline), the trainable part; returns
-  (student_logits, loss, parts).
-- ``DistillTask``: the same as a timm ``TrainingTask`` (``{"loss", "output", ...}``).
-- ``methods``: the registry of hcd and the ce, kd, dkd, ofa baselines (SPEC section 9), one module each.
-- ``TrainStep``: the one training step (hcd-distill's loop and the benchmarks run it).
-- ``hcd-distill`` / ``python -m hcd_fast.distill``: the trainer CLI (``cli.main``, ``trainer.run``);
-  ``checkpoint``: safe loading (weights_only), atomic writes, run folders.
+The library: taps (``StudentTap``, ``TeacherTap``), ``Distiller`` (student + criterion, the trainable part)
+and ``DistillTask`` (timm's ``TrainingTask`` contract), the methods registry (``build_criterion``: hcd and
+the ce, kd, dkd, ofa baselines) and ``TrainStep``, the one training step. The application: ``hcd-distill``
+(``cli``, ``config``, ``engine.run``), with ``data``, ``teacher`` (tap, speed, cache) and ``engine``.
 """
 from hcd_fast.distill.distiller import HAS_TIMM_TASK, Distiller, DistillTask, HCDTask
 from hcd_fast.distill.engine.step import StepOutput, TrainStep

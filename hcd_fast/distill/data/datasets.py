@@ -1,17 +1,8 @@
-"""Datasets of hcd-distill.
-
-- ``digits``: scikit-learn's embedded 8x8 handwritten digits (1797 images, 10 classes, no download),
-  scaled to [0, 1], bilinearly upsampled to ``img_size``, replicated to 3 channels and normalised; held in
-  memory as tensors. A fixed permutation (seed 0) holds out ``val_fraction`` of it for validation.
-- ``cifar100``: torchvision's CIFAR100 from ``data_dir`` (never downloaded), timm transforms.
-- ``imagefolder``: ``data_dir/<train_split>/<class>/*.jpg`` and ``data_dir/<val_split>/...`` (ImageNet layout).
-
-Images are normalised with the student's timm data config (mean, std, interpolation, crop_pct; see
-``DataConfig``). ``SampleDataset`` wraps the image datasets: each sample's augmentation draws from RNGs
-seeded by (seed, epoch, sample index), so the data are the same whatever ``--workers`` and wherever a run
-resumes; an image file that cannot be read becomes a ``BadSample`` that ``collate_skip_bad`` drops and
-reports (the trainer warns once per file and counts them).
-"""
+"""Datasets of hcd-distill: ``digits`` (scikit-learn's embedded 8x8 digits, upsampled, in memory, no
+download), ``cifar100`` (torchvision, from ``--data-dir``, never downloaded) and ``imagefolder`` (ImageNet
+layout), normalised with the student's timm data config (``DataConfig``). Each sample's augmentation is a
+pure function of (seed, epoch, index) whatever the worker (``SampleDataset``), so runs resume exactly; an
+unreadable file becomes a ``BadSample`` that ``collate_skip_bad`` drops and the loop reports."""
 from __future__ import annotations
 
 import hashlib

@@ -1,41 +1,13 @@
-"""Teacher feature cache of hcd-distill (opt-in): run the teacher once, train many epochs without it.
+"""Teacher feature cache (opt-in): run the teacher once over K augmented views of every training image, then
+train many epochs without a teacher forward.
 
-``hcd-distill cache-teacher --views K --output DIR ...`` runs the teacher over K augmented views of every
-training image and stores, per view, the crop window and flip and the teacher's pre-logit feature f_t:
-
-- ``DIR/views.npy``: int32 (N, K, 5): top, left, height, width of the RandomResizedCrop window (in pixels
-  of the decoded image) and the horizontal flip (0/1). View k of image n is drawn from its own generator
-  seeded with (seed, n, k) with torchvision's RandomResizedCrop algorithm (scale (0.08, 1), ratio
-  (3/4, 4/3), 10 tries, then the centre crop), flip with probability 1/2.
-- ``DIR/feats.npy``: fp16 (default) or fp32 (N, K, D_t) f_t, memory-mapped when read.
-- ``DIR/meta.json`` (written last: a cache without it is incomplete and never read): format, teacher
-  name, kwargs and weights hash (sha256 of its state_dict), the teacher's input normalisation (mean, std:
-  its timm data config, or its hcd-distill checkpoint's), dataset name, hash of its file list (paths and
-  labels; the pixels for in-memory data), N, image size, the transform, K, D_t, dtype, seed.
-
-Under torchrun (``torchrun --nproc-per-node N -m hcd_fast.distill cache-teacher ...``, the ranks sharing the
-output folder) each rank fills the views of its slice of the images and the features of every N-th batch of
-the single-process build; rank 0 writes meta.json once all are done: the same files as one process.
-
-Normalisation: the teacher saw each view normalised with its own statistics; a training run normalises the
-replayed view with the student's (its data config) and its online teacher converts that to the teacher's
-statistics (``TeacherTap``), the same input up to float rounding. The cache's ``teacher_input`` must equal
-the run's teacher statistics; the student's normalisation is the run's own and not part of the cache.
-Unreadable image files become ``BadSample`` at replay, as in ``SampleDataset``; the replay draws no global
-RNG (the view is stored, its choice a pure function of (seed, epoch, n)), so it needs no per-sample seeding.
-
-Training with ``--teacher-cache DIR`` (any method) replays, for image n in epoch e, view
-k = choice(seed, e, n) of its K (a pure function of the run's seed, the epoch and the index, so sharding
-under torchrun and resuming are exact) through the same crop and flip, so the student sees the view the
-teacher saw, and the teacher logits are recomputed as classifier(f_t): no teacher forward. The probe
-(``probe_teacher``) checks classifier(pre_logits) against the teacher's forward_head; a teacher failing it
-is refused, as is a cache whose metadata differ from the run (teacher, weights, data, size, transform) or
-a run with augmentations that cannot be replayed (RandAugment / auto-augment, random erasing). Under the
-cache the training transform is RandomResizedCrop + flip + normalisation: timm's default colour jitter is
-random per step and cannot be replayed either, so it is off (``--no-aug``: resize + centre crop, one view).
-The digits dataset (in memory, not augmented online) has one view per image, the image itself, unless
-``--digits-aug`` (both commands) gives it the same crop + flip views; online, ``--digits-aug`` draws a fresh
-view per image and epoch (``FreshViewDataset``), the K = infinity end of the cache.
+A cache folder holds ``views.npy`` (int32 (N, K, 5): the RandomResizedCrop window top, left, height, width
+and the flip; view k of image n drawn from a generator seeded with (seed, n, k)), ``feats.npy`` (fp16/fp32
+(N, K, D_t) pre-logit features f_t) and ``meta.json`` (written last, so a cache without it is never read:
+teacher, weights hash, the teacher's input statistics, data hash, transform, K, D_t). Training replays, for
+image n in epoch e, view ``replay_choice(seed, e, n)`` through the same crop and flip, normalised with the
+student's statistics, and takes z_t = classifier(f_t). A cache whose metadata differ from the run, or a run
+whose augmentations cannot be replayed (auto-augment, random erasing), is refused.
 """
 from __future__ import annotations
 
