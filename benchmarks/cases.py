@@ -3,7 +3,7 @@
 A case is one op at one shape and dtype, timed forward + backward ("fwd+bwd"), since training is what HCD is
 for. How each provider runs a case: ``benchmarks/ops.py`` (the four ops) and ``benchmarks/head.py``.
 
-Shapes follow SPEC section 7: CIFAR-like (B=128, K=100, teacher dim 384, so D=512) and ImageNet-like
+Shapes: CIFAR-like (B=128, K=100, teacher dim 384, so D=512) and ImageNet-like
 (B=256, K=1000, teacher dim 768, so D=768), S=4 stages, n=4 sub-logits, ResNet18 stage channels
 (64, 128, 256, 512) with maps 56/28/14/7 at 224x224 input or 8/4/2/1 at 32x32 input. The projector ops
 (bn_relu_pool, pool_linear) see the deepest map (7x7 at 224 input).
@@ -186,7 +186,7 @@ def flops(case: Case) -> Optional[int]:
     return 3 * fwd
 
 
-# The roofline every op case is held against (SPEC section 7), whatever device ran it: the H100 SXM's
+# The roofline every op case is held against, whatever device ran it: the H100 SXM's
 # HBM3 bandwidth and its dense peak, tensor cores for bf16/fp16, CUDA cores for fp32 (TF32 off) and fp64.
 H100_HBM_BYTES_PER_S = 3.35e12
 H100_PEAK_FLOPS = {"bf16": 990e12, "fp16": 990e12, "fp32": 67e12, "fp64": 67e12}

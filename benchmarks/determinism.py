@@ -2,7 +2,7 @@
 
 For each available fused backend on the device (and the eager reference, for comparison) and each op at
 the ImageNet-like shape (``--quick``: tiny shapes), in fp32 and bf16: two fwd+bwd calls on the same inputs
-must give bitwise-equal outputs and gradients (the kernels reduce without atomics, SPEC section 4). A third
+must give bitwise-equal outputs and gradients (the kernels reduce without atomics). A third
 call with a different batch size in between checks no state leaks between shapes. Writes a JSON report
 and exits 1 on any mismatch. Reads tensors back to the host: a check, not a hot path.
 """

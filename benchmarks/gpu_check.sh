@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU verification of hcd_fast (SPEC section 8), prepared to succeed on the first try, in under 7 minutes (twice, with machine starts, inside the 15 minutes of device time).
+# GPU verification of hcd_fast, prepared to succeed on the first try, in under 7 minutes (twice, with machine starts, inside the 15 minutes of device time).
 #
 #   benchmarks/gpu_check.sh [OUT_DIR]        # OUT_DIR defaults to $OUT, else /tmp/hcd_gpu_check
 #

@@ -47,7 +47,7 @@ def _op_target(target: str, r: dict, device: str) -> dict:
 
 
 def _step_targets(ok: List[dict], device: str) -> List[dict]:
-    """SPEC section 7's step targets, read on the Swin-T -> ResNet18 step's ``hcd`` row."""
+    """The step targets, read on the Swin-T -> ResNet18 step's ``hcd`` row."""
     out = []
     for r in ok:
         if r.get("suite") != "steps" or r["provider"] != "hcd" or r["case"] != "step/swin_t->resnet18":
