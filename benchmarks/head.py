@@ -1,7 +1,8 @@
 """How each provider runs the head case: one forward + backward of the whole ``HCDLoss`` per call.
 
 The inputs are what hcd-distill feeds the head: the student's stage maps and logits in the case dtype (the
-output dtype of the student's layers under autocast), in channels_last on CUDA (``--channels-last auto``);
+output dtype of the student's layers under autocast), in channels_last on CUDA (``--channels-last auto``,
+which converts the head's conv weights too);
 f_t and z_t in fp32 on CUDA under bf16 (the teacher's bf16 weights return fp32, ``teacher_speed``), else in
 the case dtype. Low precision = autocast over fp32 parameters, as in mixed-precision training.
 
@@ -66,6 +67,8 @@ class HeadRunner(Inputs):
         # the same cost for every provider, so it is left out of all of them.
         head = HCDLoss(self.channels, s["Dt"], s["K"], config=self.config, backend=backend,
                        validate=False).to(self.device)
+        if self.device.type == "cuda":  # hcd-distill converts the whole Distiller, head included
+            head = head.to(memory_format=torch.channels_last)
         if hasattr(self, "ref_head"):
             head.load_state_dict(self.ref_head.state_dict())
         return head.train()
