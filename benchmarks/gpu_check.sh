@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU verification of hcd_fast (SPEC section 8), prepared to succeed on the first try, in under 6 minutes worst case (the
+# GPU verification of hcd_fast prepared to succeed on the first try, in under 6 minutes worst case (the
 # global budget, 340 s by default, bounds every stage), so a second call fits in the 15 minutes of device time.
 #
 #   benchmarks/gpu_check.sh [OUT_DIR]        # OUT_DIR defaults to $OUT, else /tmp/hcd_gpu_check
@@ -16,7 +16,8 @@
 #      (python -m benchmarks.profile_head): kernel time, kernel count and wall time per module -> profile/
 #   5. runs the determinism check (python -m benchmarks.determinism) and benchmarks/gpu_probe.py (~27 s)
 #   6. runs the GPU benchmarks (python -m benchmarks --profile gpu): ops at the ImageNet-like shape, the
-#      HCD head, the sub_logit_loss batch sweep to 8192, the Swin-T/ViT-S -> ResNet18 steps
+#      HCD head with every provider (eager, compile, compile-ro, each backend alone, +compile and +graph),
+#      the sub_logit_loss batch sweep to 8192, the Swin-T/ViT-S -> ResNet18 steps (hcd-distill's TrainStep)
 # Each stage runs under `timeout`, inside one global deadline; a failed or timed-out stage is recorded and
 # the script goes on. Everything lands in OUT_DIR: logs/<stage>.log, summary.txt, backends.txt,
 # determinism.json, bench/results.{json,md} + PNGs, junit XML. Re-running is safe (idempotent).
@@ -211,8 +212,9 @@ else
 fi
 
 # --- 6. benchmarks -------------------------------------------------------------------------------------
-# The runner drops torch.compile once its own budget is spent and writes results.json after every case,
-# so a timeout still leaves the rows measured so far.
+# The runner drops the compiled providers once its own budget is spent (checked before each, so at most one
+# head compile, ~45 s on an H100, runs past it) and rewrites results.json after every provider on CUDA, so a
+# timeout still leaves the rows measured so far.
 # Its budget: 60% of what is left (compile dropped after it, remaining cases skipped after 1.3x of it).
 LEFT=$((BUDGET - (SECONDS - START) - 30))
 BENCH_BUDGET=$(( LEFT * 3 / 5 > 10 ? LEFT * 3 / 5 : 10 ))
