@@ -12,8 +12,7 @@ Profiles, each after warm-up, one call under ``torch.profiler``:
   autograd node (the profiler's sequence numbers), as ``<range> [bwd]``.
 - ``head/<provider>+graph`` (CUDA only): the same forward+backward captured in a CUDA graph, one replay
   (kernels only: a graph launch has no per-module ops).
-- ``step``: one Swin-T -> ResNet18 training step (hcd-distill's ``TrainStep`` when the trainer has it, else the
-  same step in plain code), ranges ``teacher``, ``student_forward``, ``head``, ``backward``, ``optimizer``.
+- ``step``: one Swin-T -> ResNet18 training step (hcd-distill's own ``TrainStep``), ranges ``teacher``, ``student_forward``, ``head``, ``backward``, ``optimizer``.
 
 Per range: GPU kernel time (ms), kernel count, and wall time (ms: the CPU duration of the range's own events).
 Per profile, the whole: wall time (median of timed calls outside the profiler), the GPU busy time (sum of the
@@ -308,8 +307,7 @@ def _teacher_kwargs(img: int) -> dict:
 
 def step_setup(device: torch.device, batch: int, img: int, num_classes: int, amp: Optional[torch.dtype],
                seed: int = 0):
-    """(step function, ranges context, which step) of one Swin-T -> ResNet18 hcd step: hcd-distill's TrainStep
-    when this tree has it, else the same step in plain code."""
+    """(step function, ranges context, which step) of one Swin-T -> ResNet18 hcd step: hcd-distill's TrainStep."""
     import timm
 
     torch.manual_seed(seed)
@@ -317,62 +315,31 @@ def step_setup(device: torch.device, batch: int, img: int, num_classes: int, amp
     x = torch.randn(batch, 3, img, img, generator=g).to(device)
     y = torch.randint(0, num_classes, (batch,), generator=g).to(device)
     cl = device.type == "cuda"
-    try:
-        from hcd_fast import HCDConfig
-        from hcd_fast.distill import (Distiller, DistillTask, TeacherTap, TrainStep, build_criterion,
-                                      probe_student, probe_teacher)
-    except ImportError:
-        TrainStep = None
-    if TrainStep is not None:
-        teacher = TeacherTap(timm.create_model(TEACHER, num_classes=num_classes, **_teacher_kwargs(img)).to(device))
-        teacher_dim, k = probe_teacher(teacher, (3, img, img))
-        student = timm.create_model("resnet18", num_classes=k).to(device)
-        channels, _ = probe_student(student, 4, (3, img, img))
-        crit = build_criterion("hcd", channels, teacher_dim, k, HCDConfig(), backend="auto")
-        distiller = Distiller(student, crit, indices=4).to(device)
-        if cl:
-            distiller = distiller.to(memory_format=torch.channels_last)
-        task = DistillTask(distiller, teacher).train()
-        opt = torch.optim.SGD(distiller.parameters(), lr=0.05, momentum=0.9, weight_decay=2e-3)
-        step = TrainStep(task, opt, amp_dtype=amp, channels_last=cl)
-
-        @contextlib.contextmanager
-        def ranges():
-            handles = range_hooks({"teacher": teacher, "student_forward": distiller.student,
-                                   "head": distiller.criterion})
-            try:
-                yield
-            finally:
-                for h in handles:
-                    h.remove()
-        return (lambda: step(x, y)), ranges, "hcd_fast.distill.TrainStep"
-
-    from hcd_fast import HCDConfig, HCDLoss
-
-    teacher = timm.create_model(TEACHER, num_classes=num_classes, **_teacher_kwargs(img)).to(device).eval()
-    teacher.requires_grad_(False)
-    student = timm.create_model("resnet18", num_classes=num_classes).to(device)
-    channels = tuple(student.feature_info[i]["num_chs"] for i in range(1, 5))
-    crit = HCDLoss(channels, teacher.num_features, num_classes, HCDConfig(), validate=False).to(device).train()
+    from hcd_fast import HCDConfig
+    from hcd_fast.distill import (Distiller, DistillTask, TeacherTap, TrainStep, build_criterion, probe_student,
+                                  probe_teacher)
+    teacher = TeacherTap(timm.create_model(TEACHER, num_classes=num_classes, **_teacher_kwargs(img)).to(device))
+    teacher_dim, k = probe_teacher(teacher, (3, img, img))
+    student = timm.create_model("resnet18", num_classes=k).to(device)
+    channels, _ = probe_student(student, 4, (3, img, img))
+    crit = build_criterion("hcd", channels, teacher_dim, k, HCDConfig(), backend="auto")
+    distiller = Distiller(student, crit, indices=4).to(device)
     if cl:
-        student, x = student.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    opt = torch.optim.SGD([*student.parameters(), *crit.parameters()], lr=0.05, momentum=0.9, weight_decay=2e-3)
-    rf = torch.autograd.profiler.record_function
+        distiller = distiller.to(memory_format=torch.channels_last)
+    task = DistillTask(distiller, teacher).train()
+    opt = torch.optim.SGD(distiller.parameters(), lr=0.05, momentum=0.9, weight_decay=2e-3)
+    step = TrainStep(task, opt, amp_dtype=amp, channels_last=cl)
 
-    def step():
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
-            with rf(RANGE + "teacher"), torch.no_grad():
-                t = teacher.forward_features(x)
-                ft, zt = teacher.forward_head(t, pre_logits=True), teacher.forward_head(t)
-            with rf(RANGE + "student_forward"):
-                final, feats = student.forward_intermediates(x, indices=4, intermediates_only=False)
-                zs = student.forward_head(final)
-            with rf(RANGE + "head"):
-                loss = crit(list(feats), zs, ft, zt, y)
-        loss.backward()
-        opt.step()
-    return step, contextlib.nullcontext, "plain code (benchmarks/profile_head.py)"
+    @contextlib.contextmanager
+    def ranges():
+        handles = range_hooks({"teacher": teacher, "student_forward": distiller.student,
+                               "head": distiller.criterion})
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+    return (lambda: step(x, y)), ranges, "hcd_fast.distill.TrainStep"
 
 
 # ------------------------------------------------------------------------------------------------ output
@@ -410,11 +377,8 @@ def write(result: dict, out: str) -> None:
 
 
 def main(argv=None) -> int:
-    try:  # the benchmark package's helpers (benchmarks.env / benchmarks.providers, or benchmarks.common)
-        from benchmarks.env import device_name, environment, parse_device
-        from benchmarks.providers import fused_providers
-    except ImportError:
-        from benchmarks.common import device_name, environment, fused_providers, parse_device
+    from benchmarks.env import device_name, environment, parse_device
+    from benchmarks.providers import fused_providers
 
     ap = argparse.ArgumentParser(prog="python -m benchmarks.profile_head", description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
