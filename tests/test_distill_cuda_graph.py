@@ -137,6 +137,7 @@ def _fake_cuda(monkeypatch, task):
     monkeypatch.setattr(graph_step.GraphedTrainStep, "_captured", captured)
 
 
+@pytest.mark.slow
 def test_graphed_step_plumbing_equals_train_step_on_cpu(monkeypatch):
     """With the CUDA graph API faked on the CPU (capture records, replay re-runs), GraphedTrainStep over 6 steps
     (3 warm-up, capture, 2 replays) leaves the weights, BatchNorm statistics and per-step outputs of TrainStep:
