@@ -28,7 +28,7 @@ def batch(seed=1, b=6):
     return torch.randn(b, 3, 16, 16, generator=g), torch.randint(0, K, (b,), generator=g)
 
 
-@pytest.mark.parametrize("method", ["hcd", "kd", "ce"])
+@pytest.mark.parametrize("method", [pytest.param("hcd", marks=pytest.mark.slow), "kd", "ce"])
 def test_step_equals_a_hand_written_update(method):
     task, opt = build(method)
     ref_task, ref_opt = copy.deepcopy(task), None

@@ -143,6 +143,7 @@ def test_options_without_label_smoothing(backend, device, mode):
     check(run(backend, *inputs, cfg, 1.7), truth(*inputs, cfg, 1.7))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("scale,T", [(150.0, 1.0), (300.0, 4.0)])
 def test_logits_in_the_hundreds_are_stable(backend, device, scale, T):
@@ -172,6 +173,7 @@ def test_k_loop_triton(monkeypatch):
 
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_aligned_rows(backend, device, dtype):
