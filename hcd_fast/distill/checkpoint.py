@@ -58,10 +58,36 @@ def safe_load(path: str, flag: str):
             raise UserError(f"{flag} {path!r}: holds Python objects beyond tensors, containers and "
                             f"argparse.Namespace{extra}; hcd-distill never unpickles arbitrary objects. Re-save "
                             f"it as a plain state_dict (torch.save(model.state_dict(), ...)) or .safetensors") from None
-        raise UserError(f"{flag} {path!r}: cannot be read, truncated or not a PyTorch checkpoint ({exc})") from None
+        raise UserError(f"{flag} {path!r}: cannot be read, truncated or not a PyTorch checkpoint "
+                        f"({load_error_reason(exc)})") from None
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as exc:
         raise UserError(f"{flag} {path!r}: cannot be read, truncated or not a PyTorch checkpoint "
-                        f"({type(exc).__name__}: {str(exc)[:200]})") from None
+                        f"({load_error_reason(exc)})") from None
+
+
+def load_error_reason(exc: BaseException) -> str:
+    """One line on why torch.load failed, without PyTorch's advice to retry with ``weights_only=False``
+    (which would run any code the file holds): the unpickler's own reason when it gave one."""
+    text = str(exc)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if "WeightsUnpickler error:" in line:
+            reason = line.split("WeightsUnpickler error:", 1)[1].strip() or (lines[i + 1] if i + 1 < len(lines) else "")
+            return f"{type(exc).__name__}: {reason[:200]}"
+    first = lines[0] if lines else ""
+    if "weights_only" in first:
+        first = "not a checkpoint of tensors and containers"
+    return f"{type(exc).__name__}: {first[:200]}"
+
+
+def check_finite(state: Dict[str, torch.Tensor], path: str, flag: str) -> None:
+    """UserError naming the file and the first tensor holding NaN or Inf: such weights would only fail later,
+    at the first step, as a non-finite loss."""
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+            raise UserError(f"{flag} {path!r}: the weight {name!r} holds {bad} values; the file is damaged or "
+                            f"from a run that diverged")
 
 
 def read_state_dict(path: str, flag: str) -> Tuple[Dict[str, torch.Tensor], dict]:
@@ -106,6 +132,7 @@ def load_weights(model: nn.Module, path: str, num_classes: int, flag: str) -> di
         raise UserError(f"{flag} {path!r} does not fit the model: missing keys "
                         f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected keys "
                         f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    check_finite(state, path, flag)
     model.load_state_dict(state)
     return meta
 
@@ -175,21 +202,30 @@ def _pid_alive(pid: int) -> bool:
 
 
 class RunFolder:
-    """The output folder of one run: result checks, lock file, stale temporary files.
+    """The output folder of one run: lock file, result checks, stale temporary files.
 
-    ``check`` (any rank, before anything is written) refuses a folder holding another run's results unless
-    the run resumes that folder's last.pt or ``overwrite`` is set. ``acquire`` (rank 0, just before
-    training) creates the folder, takes the lock (which also proves the folder writable), removes temporary
-    files of interrupted saves and, with ``overwrite``, the previous results. ``release`` drops the lock.
+    ``open`` (rank 0, before any model is built) creates the folder, takes the lock (which also proves the
+    folder writable) and only then refuses a folder holding another run's results, unless the run resumes a
+    checkpoint of that folder or ``overwrite`` is set: lock first, then check, so a run started while another
+    builds its models cannot finish in the folder and be overwritten. ``prepare`` (just before training)
+    removes temporary files of interrupted saves and, with ``overwrite``, the previous results. ``release``
+    drops the lock and removes the folder again when this run created it and left it empty.
     """
 
     def __init__(self, path: str):
         self.path = path
         self.lock = os.path.join(path, LOCK_NAME)
         self.locked = False
+        self.created = False
 
     def results(self) -> list:
         return [n for n in RESULT_FILES if os.path.isfile(os.path.join(self.path, n))]
+
+    def holds(self, checkpoint: Optional[str]) -> bool:
+        """Whether ``checkpoint`` is one of this folder's own result checkpoints (last.pt, best.pt)."""
+        if checkpoint is None or os.path.basename(checkpoint) not in ("last.pt", "best.pt"):
+            return False
+        return os.path.realpath(os.path.dirname(os.path.abspath(checkpoint))) == os.path.realpath(self.path)
 
     def check(self, resuming_here: bool, overwrite: bool) -> None:
         if os.path.exists(self.path) and not os.path.isdir(self.path):
@@ -200,15 +236,39 @@ class RunFolder:
                             f"pass --resume auto to continue that run, --overwrite to replace it, or choose "
                             f"another --output")
 
+    def open(self, resume: Optional[str], overwrite: bool) -> None:
+        """Lock, then check the results (see the class docstring); UserError (lock released) when refused."""
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise UserError(f"--output {self.path!r}: exists and is not a folder")
+        try:
+            if not os.path.isdir(self.path):
+                os.makedirs(self.path)
+                self.created = True
+            self._take_lock()
+        except FileExistsError:  # made by another run between the two calls: take its lock the normal way
+            self._take_lock()
+        except OSError as exc:
+            self.release()
+            raise UserError(f"--output {self.path!r}: cannot write there ({exc.strerror or exc})") from None
+        try:
+            self.check(resuming_here=self.holds(resume), overwrite=overwrite)
+        except UserError:
+            self.release()
+            raise
+
+    def prepare(self, overwrite: bool) -> None:
+        for name in os.listdir(self.path):
+            if _TMP_RE.match(name) or (overwrite and name in RESULT_FILES):
+                _remove(os.path.join(self.path, name))
+
     def acquire(self, overwrite: bool) -> None:
+        """``open`` without the results check, then ``prepare`` (kept for callers that check themselves)."""
         try:
             os.makedirs(self.path, exist_ok=True)
             self._take_lock()
         except OSError as exc:
             raise UserError(f"--output {self.path!r}: cannot write there ({exc.strerror or exc})") from None
-        for name in os.listdir(self.path):
-            if _TMP_RE.match(name) or (overwrite and name in RESULT_FILES):
-                _remove(os.path.join(self.path, name))
+        self.prepare(overwrite)
 
     def _take_lock(self) -> None:
         me = f"{os.getpid()} {socket.gethostname()}\n"
@@ -237,3 +297,9 @@ class RunFolder:
         if self.locked:
             _remove(self.lock)
             self.locked = False
+        if self.created:
+            try:
+                os.rmdir(self.path)  # only when empty: a run that failed before writing anything
+            except OSError:
+                pass
+            self.created = False

@@ -54,6 +54,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from hcd_fast.distill.data import (_READ_ERRORS, DATASETS, BadSample, DataConfig, SampleDataset, build_data,
                                    sample_path)
+from hcd_fast.distill.cache_files import check_output, files_stat_hash, open_array, read_meta, remove_partials
 from hcd_fast.distill.errors import UserError
 
 FORMAT = "hcd-distill-teacher-cache/1"
@@ -267,12 +268,7 @@ class TeacherCache:
 
     def __init__(self, folder: str):
         self.folder = folder
-        meta_path = os.path.join(folder, "meta.json")
-        if not os.path.isfile(meta_path):
-            raise UserError(f"--teacher-cache {folder!r}: no meta.json there (not a finished cache; make one "
-                            f"with `hcd-distill cache-teacher ... --output {folder}`)")
-        with open(meta_path) as f:
-            self.meta = json.load(f)
+        self.meta = read_meta(folder)  # a damaged meta.json: UserError naming it
         if self.meta.get("format") != FORMAT:
             raise UserError(f"--teacher-cache {folder!r}: format {self.meta.get('format')!r}, expected {FORMAT!r}")
         self._views = self._feats = None
@@ -280,13 +276,13 @@ class TeacherCache:
     @property
     def views(self) -> np.ndarray:
         if self._views is None:
-            self._views = np.load(os.path.join(self.folder, "views.npy"), mmap_mode="r")
+            self._views = open_array(self.folder, "views.npy")
         return self._views
 
     @property
     def feats(self) -> np.ndarray:
         if self._feats is None:
-            self._feats = np.load(os.path.join(self.folder, "feats.npy"), mmap_mode="r")
+            self._feats = open_array(self.folder, "feats.npy")
         return self._feats
 
     def __getstate__(self):  # memory maps are reopened in each worker, never pickled
@@ -382,6 +378,10 @@ def run_identity(args, source: RawSource, teacher_model: Optional[torch.nn.Modul
     ``interpolation``: the run's resize interpolation (its data config); ``teacher_stats``: (mean, std) the
     teacher's input is normalised with."""
     out = {"dataset": args.dataset, "num_images": len(source), "files_sha256": files_hash(args, source),
+           # imagefolder: each file's size and mtime too (a file rewritten under its name); in-memory data
+           # are hashed by their pixels already
+           "files_size_mtime_sha256": (files_stat_hash(source.dataset.root, source.dataset.samples)
+                                       if source.kind == "imagefolder" else None),
            "transform": transform_spec(args.dataset, args.img_size, interpolation, args.no_aug,
                                        getattr(args, "digits_aug", False))}
     if teacher_model is not None:
@@ -454,7 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "training run's: its --interpolation, or by default the student's timm data config)")
     p.add_argument("--views", type=int, default=16, help="K augmented views per image (16)")
     p.add_argument("--cache-dtype", choices=("fp16", "fp32"), default="fp16", help="storage of f_t (fp16)")
-    p.add_argument("--output", required=True, metavar="DIR", help="cache folder (must not hold a cache)")
+    p.add_argument("--output", required=True, metavar="DIR", help="cache folder: new or empty, unless "
+                   "--overwrite")
+    p.add_argument("--overwrite", action="store_true", help="build into a non-empty --output, replacing "
+                   "meta.json, views.npy and feats.npy there (other files are left alone)")
     p.add_argument("--seed", type=int, default=0, help="seed of the views (0)")
     p.add_argument("--batch-size", type=int, default=128, help="teacher batch (128)")
     p.add_argument("--workers", type=int, default=4, help="data-loader workers (4; digits uses 0)")
@@ -490,7 +493,13 @@ def create_cache(args: argparse.Namespace) -> dict:
         except UserError as exc:  # raised on every rank: none is left waiting at a barrier
             error = exc
         ctx.raise_any(error)
-        return _build(args, ctx, device, *prepared)
+        created = not os.path.isdir(args.output)
+        try:
+            return _build(args, ctx, device, *prepared)
+        except BaseException:
+            if ctx.is_main:  # a refused or failed build leaves no *.partial file behind
+                remove_partials(args.output, created)
+            raise
     finally:
         ctx.close()
 
@@ -510,9 +519,7 @@ def _prepare(args: argparse.Namespace, device: torch.device):
         raise UserError(f"--teacher-checkpoint {args.teacher_checkpoint!r}: no such file")
     if args.views < 1 or args.batch_size < 1 or args.img_size < 1:
         raise UserError("--views, --batch-size and --img-size must be >= 1")
-    if os.path.exists(os.path.join(args.output, "meta.json")):
-        raise UserError(f"--output {args.output!r} already holds a teacher cache; it is never overwritten "
-                        f"(remove it or choose another folder)")
+    check_output(args.output, args.overwrite)  # a file, a cache or other files: refused without --overwrite
     # The teacher sees every view normalised with its own statistics, as hcd-distill's online teacher
     # does (TeacherTap converts the student's input): its timm data config, or its checkpoint's.
     teacher_cfg = DataConfig.of_model(args.teacher, args.interpolation)
