@@ -149,6 +149,13 @@ def _tmp_name(path: str) -> str:
     return f"{path}.tmp{os.getpid()}"
 
 
+def write_error(path: str, exc: OSError) -> UserError:
+    """A failed write (full disk, quota, read-only folder) as one line naming the file; the previous version of
+    the file, if any, is intact (writes are atomic)."""
+    return UserError(f"--output: cannot write {path!r} ({exc.strerror or exc}); the previous version of it, if "
+                     f"any, is intact. Free space (or fix the folder) and continue with --resume auto")
+
+
 def atomic_save(obj, path: str) -> None:
     """torch.save to a temporary file in the same folder, fsync, then os.replace (never a torn file)."""
     tmp = _tmp_name(path)
@@ -158,9 +165,23 @@ def atomic_save(obj, path: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         _remove(tmp)
+        cause = _os_error(exc)
+        if cause is not None:
+            raise write_error(path, cause) from None
         raise
+
+
+def _os_error(exc: BaseException) -> Optional[OSError]:
+    """The OSError behind a failed write: torch.save's zip writer reports a short write (full disk) as an
+    OSError, or as a RuntimeError raised while handling one."""
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(exc, OSError):
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
 
 
 def atomic_write_bytes(data: bytes, path: str) -> None:
@@ -169,8 +190,10 @@ def atomic_write_bytes(data: bytes, path: str) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         _remove(tmp)
+        if isinstance(exc, OSError):
+            raise write_error(path, exc) from None
         raise
 
 
