@@ -10,7 +10,7 @@ from typing import List, Optional
 from hcd_fast.config import HCDConfig
 from hcd_fast.distill.baselines import METHODS
 from hcd_fast.distill.data import DATASETS
-from hcd_fast.distill.errors import TrainingError, UserError
+from hcd_fast.distill.errors import Interrupted, TrainingError, UserError, interrupted_message
 
 # The published recipe (SPEC section 2): SGD momentum 0.9, lr 0.05, wd 2e-3, cosine to 1e-3 with 3 warm-up
 # epochs, 300 epochs, batch 128, CIFAR-100 upsampled to 224 (as OFA-KD does).
@@ -255,4 +255,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except TrainingError as exc:
         print(f"hcd-distill: error: {exc}", file=sys.stderr)
         return 1
+    except Interrupted as exc:  # Ctrl-C in training: one line, no traceback
+        print(interrupted_message(exc, argv), file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # Ctrl-C before training: nothing was written
+        print("hcd-distill: interrupted before training started; nothing was written", file=sys.stderr)
+        return 130
     return 0

@@ -49,7 +49,7 @@ from hcd_fast.distill.checkpoint import (CKPT_FORMAT, RunFolder, atomic_copy, at
 from hcd_fast.distill.data import (DataConfig, ResumableDistributedSampler, ShardSampler, build_data,
                                    collate_skip_bad)
 from hcd_fast.distill.distiller import Distiller, DistillTask, LossOptions, build_criterion, unwrap
-from hcd_fast.distill.errors import TrainingError, UserError
+from hcd_fast.distill.errors import Interrupted, TrainingError, UserError
 from hcd_fast.distill.taps import StudentTap, TeacherTap, probe_student, probe_teacher
 from hcd_fast.modules import ConvProjector
 from hcd_fast.reference import PART_NAMES
@@ -81,6 +81,18 @@ class DistContext:
         if self.enabled and not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
             self.owns_group = True
+        self.host_group = None
+        if self.enabled:  # host-side flags (a CPU tensor): no device sync, whatever the backend
+            self.host_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+
+    def any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any rank: every rank calls this at the same point and gets the same answer
+        (one small all-reduce of a CPU tensor over gloo, no device sync), so no rank goes on alone."""
+        if not self.enabled:
+            return flag
+        t = torch.tensor([int(flag)], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.host_group)
+        return bool(t.item())
 
     def all_reduce(self, t: torch.Tensor, op=None) -> torch.Tensor:
         if self.enabled:
@@ -566,10 +578,20 @@ class TrainState:
         return cls(**{k: d[k] for k in cls.FIELDS}, saved_step=d["global_step"])
 
 
-def load_checkpoint(path: str, args) -> dict:
-    ckpt = safe_load(path, "--resume")
+def load_checkpoint(path: str, args, folder: Optional[RunFolder] = None) -> dict:
+    try:
+        ckpt = safe_load(path, "--resume")
+    except UserError as exc:  # a damaged last.pt: point to a checkpoint that can continue, never in a loop
+        raise UserError(f"{exc}{_resume_advice(path, folder)}") from None
     check_resume(ckpt, args, path)
     return ckpt
+
+
+def _resume_advice(path: str, folder: Optional[RunFolder]) -> str:
+    best = os.path.join(folder.path, "best.pt") if folder is not None else None
+    if best and folder.holds(path) and os.path.basename(path) == "last.pt" and os.path.isfile(best):
+        return f". Continue from the best epoch with --resume {best}, or start afresh with --overwrite"
+    return ". Start afresh with --overwrite (or another --output)"
 
 
 # ------------------------------------------------------------------------------------------ trainer
@@ -700,8 +722,10 @@ class Trainer:
 
     def save_mid_epoch(self, state: TrainState, sums: torch.Tensor, count: int, t_epoch: float) -> float:
         self.raise_if_nonfinite(state)
-        state.train_seconds += time.perf_counter() - t_epoch
-        state.accum = {"sums": sums.cpu(), "count": count}
+        elapsed = time.perf_counter() - t_epoch
+        state.train_seconds += elapsed
+        self.epoch_seconds_before += elapsed
+        state.accum = {"sums": sums.cpu(), "count": count, "seconds": self.epoch_seconds_before}
         self.save(state, os.path.join(self.out, "last.pt"))
         state.accum = None
         return time.perf_counter()
@@ -806,9 +830,13 @@ class Trainer:
         self.loader_gen.manual_seed(args.seed * 100003 + state.epoch)
         sums = torch.zeros(2 + len(self.part_names), dtype=torch.float64, device=self.device)
         count = 0
+        # The epoch's training seconds before the current stretch (mid-epoch checkpoints and a resume cut the
+        # time in stretches; epoch_seconds and the epoch's img/s cover them all).
+        self.epoch_seconds_before = 0.0
         if state.accum is not None and state.step_in_epoch > 0:
             sums.copy_(state.accum["sums"].to(self.device))
             count = state.accum["count"]
+            self.epoch_seconds_before = float(state.accum.get("seconds", 0.0))
         state.accum = None
         return sums, count
 
@@ -830,10 +858,13 @@ class Trainer:
             state.step_in_epoch += 1
             state.global_step += 1
             out = None
-            if x is not None and (x.shape[0] >= 2 or self.local_bs < 2):
+            # Too few readable images for BatchNorm: every rank skips the step when any rank must (a rank that
+            # skipped alone would leave the others waiting in DDP's gradient all-reduce).
+            too_few = x is None or (x.shape[0] < 2 and self.local_bs >= 2)
+            if self.ctx.any_rank(too_few):
+                state.skipped_steps += 1
+            else:
                 out = self._step(state, x, y, cached[0] if cached else None)
-            elif x is None or x.shape[0] < 2:
-                state.skipped_steps += 1  # too few readable images for BatchNorm
             if out is not None:
                 b = y.shape[0]
                 sums += torch.cat([out[0][:1] * b, out[1].double().view(1), out[0][1:] * b])
@@ -851,7 +882,7 @@ class Trainer:
                 bar.close()
                 return None
         bar.close()
-        return sums, count, time.perf_counter() - t_epoch
+        return sums, count, time.perf_counter() - t_epoch, self.epoch_seconds_before
 
     def _log(self, state: TrainState, bar, sums: torch.Tensor, count: int) -> bool:
         """The one host sync per log interval: progress bar, non-finite check, and whether a time-based
@@ -870,11 +901,15 @@ class Trainer:
         bar.set_postfix(post, refresh=False)
         return bool(flags[1])
 
-    def end_epoch(self, state: TrainState, sums: torch.Tensor, count: int, epoch_seconds: float) -> None:
-        """Epoch metrics (summed over ranks), validation, last.pt / best.pt, metrics files."""
+    def end_epoch(self, state: TrainState, sums: torch.Tensor, count: int, last_stretch: float,
+                  seconds_before: float = 0.0) -> None:
+        """Epoch metrics (summed over ranks), validation, last.pt / best.pt, metrics files. ``last_stretch``:
+        seconds since the last mid-epoch checkpoint (or the epoch's start), ``seconds_before``: the epoch's
+        seconds before it (already in ``state.train_seconds``)."""
         args, ctx = self.args, self.ctx
         self.raise_if_nonfinite(state)
-        state.train_seconds += epoch_seconds
+        state.train_seconds += last_stretch
+        epoch_seconds = seconds_before + last_stretch
         state.images_seen += count * ctx.world
         totals = ctx.all_reduce(torch.cat([sums, torch.tensor([count], dtype=torch.float64, device=self.device)]))
         totals = totals.tolist()
@@ -954,20 +989,22 @@ def _run(args: argparse.Namespace, ctx: DistContext) -> dict:
     out = args.output or default_output(args)
     folder = RunFolder(out)
     ckpt_path = _resume_path(args, out)
-    here = ckpt_path is not None and os.path.abspath(ckpt_path) == os.path.abspath(os.path.join(out, "last.pt"))
-    folder.check(resuming_here=here, overwrite=args.overwrite)
-    ckpt = load_checkpoint(ckpt_path, args) if ckpt_path else None
-    trainer = Trainer(args, ctx, device, out)
-    state = trainer.load(ckpt) if ckpt is not None else TrainState()
-    del ckpt
     error = None
-    if ctx.is_main:  # the lock proves the folder writable; only now is anything written
+    if ctx.is_main:  # lock, then check the results, before anything is built (no window for another run)
         try:
-            folder.acquire(args.overwrite)
+            folder.open(ckpt_path, args.overwrite)
         except UserError as exc:
             error = exc
     ctx.raise_any(error)
+    state = None
     try:
+        ckpt = load_checkpoint(ckpt_path, args, folder) if ckpt_path else None
+        trainer = Trainer(args, ctx, device, out)
+        state = trainer.load(ckpt) if ckpt is not None else TrainState()
+        del ckpt
+        if ctx.is_main:
+            folder.prepare(args.overwrite)  # only now is anything removed or written
+        ctx.barrier()
         if ckpt_path:
             info(ctx, f"resuming {ckpt_path}: epoch {state.epoch + 1}, step {state.step_in_epoch} of "
                       f"{trainer.steps_per_epoch} (global step {state.global_step})")
@@ -976,5 +1013,9 @@ def _run(args: argparse.Namespace, ctx: DistContext) -> dict:
         else:
             info(ctx, f"starting a new run in {out}")
         return trainer.fit(state)
+    except KeyboardInterrupt:
+        saved = state is not None and state.saved_step is not None and os.path.isfile(os.path.join(out, "last.pt"))
+        raise Interrupted(out, os.path.join(out, "last.pt") if saved else None,
+                          state.saved_step if saved else None) from None
     finally:
         folder.release()
