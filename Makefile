@@ -53,7 +53,7 @@ bench-pipeline: setup
 # hcd-distill on the embedded digits data (CPU, a few minutes): ViT teacher (cached under runs/demo/),
 # then ce / kd / hcd into a tiny ResNet over 3 seeds; prints accuracy and wall time per method.
 demo: setup
-	$(PY) -m hcd_fast.distill.demo
+	$(PY) -m experiments.demo
 
 # The compatibility lane: the GPU machine's torch 2.11 / triton 3.6 (from the package index; triton 3.6's
 # interpreter needs numpy < 2.4) in .venv-compat. It builds the extension (CPU and sm_90 CUDA kernels) and runs

@@ -50,7 +50,6 @@ import os
 import sys
 import time
 import traceback
-from types import SimpleNamespace
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
@@ -287,11 +286,12 @@ def run(argv: Optional[List[str]] = None) -> dict:
     from torch.utils.data import DataLoader
 
     from benchmarks import steps as ST
-    from hcd_fast.distill.data import DataConfig, build_data
-    from hcd_fast.distill.taps import TeacherTap
-    from hcd_fast.distill.teacher_cache import (CachedViewDataset, RawSource, TeacherCache, create_cache,
-                                                run_identity)
-    from hcd_fast.distill.teacher_speed import TeacherSpeed, apply_teacher_speed, resolve_teacher_speed
+    from hcd_fast.distill.data.datasets import DataConfig, build_data
+    from hcd_fast.distill.teacher.tap import TeacherTap
+    from hcd_fast.distill.config import CacheConfig
+    from hcd_fast.distill.teacher.build import build_cache
+    from hcd_fast.distill.teacher.cache import CachedViewDataset, RawSource, TeacherCache, run_identity
+    from hcd_fast.distill.teacher.speed import TeacherSpeed, apply_teacher_speed, resolve_teacher_speed
 
     B, img = P["batch"], P["img"]
     cuda = device.type == "cuda"
@@ -302,23 +302,23 @@ def run(argv: Optional[List[str]] = None) -> dict:
 
     cache_dir = os.path.join(os.path.expanduser(args.data_root), f"pipeline_cache_{os.path.basename(root)}_"
                              f"{P['teacher']}_{img}_k{P['views']}")
-    cache_args = SimpleNamespace(
-        teacher=P["teacher"], teacher_checkpoint=None, allow_random_teacher=True, teacher_kwargs=P["teacher_kwargs"],
-        dataset="imagefolder", data_dir=root, train_split="train", val_split="val", img_size=img, val_fraction=0.2,
-        no_aug=False, digits_aug=False, interpolation="bicubic", views=P["views"], cache_dtype="fp16",
-        output=cache_dir, seed=0,
-        batch_size=B, workers=P["workers"], device=str(device), teacher_bf16="auto", teacher_channels_last="auto",
-        threads=None, no_progress=True, aa=None, reprob=0.0)
+    cache_cfg = CacheConfig(
+        teacher=P["teacher"], allow_random_teacher=True, teacher_kwargs=P["teacher_kwargs"], dataset="imagefolder",
+        data_dir=root, img_size=img, interpolation="bicubic", views=P["views"], output=cache_dir, batch_size=B,
+        workers=P["workers"], device=str(device), no_progress=True)
     # The cache's teacher: a seeded random one (the benchmark times, it does not train).
-    from hcd_fast.distill.trainer import create_model, seed_everything
-    seed_everything(0)  # as create_cache builds its random teacher
+    from hcd_fast.distill.engine.state import seed_everything
+    from hcd_fast.distill.models import create_model
+    seed_everything(0)  # as build_cache builds its random teacher
     teacher_model = create_model("--teacher", P["teacher"], data.num_classes, P["teacher_kwargs"], img).eval()
     teacher_stats = DataConfig.of_model(P["teacher"]).stats()
     meta_ok = False
     if os.path.isfile(os.path.join(cache_dir, "meta.json")):
         try:
-            TeacherCache(cache_dir).check(run_identity(cache_args, RawSource(data.train), teacher_model,
-                                                       "bicubic", teacher_stats))
+            TeacherCache(cache_dir).check(run_identity(
+                RawSource(data.train), dataset="imagefolder", img_size=img, interpolation="bicubic", no_aug=False,
+                digits_aug=False, val_fraction=cache_cfg.val_fraction, teacher=P["teacher"],
+                teacher_kwargs=P["teacher_kwargs"], teacher_model=teacher_model, teacher_stats=teacher_stats))
             meta_ok = True
         except Exception as exc:
             log(f"stale benchmark cache {cache_dir} ({exc}); rebuilding")
@@ -332,7 +332,7 @@ def run(argv: Optional[List[str]] = None) -> dict:
     else:
         def build():
             gc.collect()
-            meta = create_cache(cache_args)
+            meta = build_cache(cache_cfg)
             n = meta["num_images"] * meta["num_views"]
             return {"images_per_s": n / meta["seconds"], "seconds": meta["seconds"], "views": n}
         record("cache/build", build, views=P["views"])
@@ -356,7 +356,7 @@ def run(argv: Optional[List[str]] = None) -> dict:
     record("loader/timm", lambda: _loader_rate(timm_loader(persistent=True), device), workers=P["workers"])
     record("loader/cache", lambda: _loader_rate(cache_loader(persistent=True), device), workers=P["workers"])
 
-    from hcd_fast.distill.dali_loader import DaliLoader, dali_status
+    from hcd_fast.distill.data.dali import DaliLoader, dali_status
     have_dali, dali_version = dali_status()
     result["env"]["dali"] = dali_version if have_dali else None
     dali_settings = (f"DALI {dali_version}, {'nvJPEG (mixed)' if cuda else 'cpu'} decoder, "
@@ -407,7 +407,7 @@ def run(argv: Optional[List[str]] = None) -> dict:
     teacher_rows = [("teacher/published", None, published_amp, "fp16 autocast, no_grad" if cuda else "fp32, no_grad"),
                     ("teacher/ours", ours, base_amp, ("bf16 autocast, " if cuda else "fp32, ") + ours.describe()),
                     ("teacher/bf16_weights", TeacherSpeed(weights_bf16=True), base_amp, "bf16 weights")]
-    from hcd_fast.distill.teacher_speed import is_cnn
+    from hcd_fast.distill.teacher.speed import is_cnn
     if is_cnn(model_fp32):
         teacher_rows.append(("teacher/channels_last", TeacherSpeed(channels_last=True), base_amp, "channels_last"))
     else:

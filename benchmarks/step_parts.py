@@ -39,7 +39,7 @@ def build(batch: int, img: int, classes: int) -> Dict[str, Callable[[], None]]:
     import timm
 
     from hcd_fast import HCDConfig, HCDLoss
-    from hcd_fast.distill.taps import TeacherTap
+    from hcd_fast.distill.teacher.tap import TeacherTap
 
     torch.manual_seed(0)
     teacher = timm.create_model("vit_small_patch16_224", num_classes=classes, img_size=img).eval()

@@ -420,8 +420,8 @@ def _train_flags():
 
 
 def _cache_flags():
-    from hcd_fast.distill.teacher_cache import build_parser
-    return _numeric_flags(build_parser())
+    from hcd_fast.distill.cli import build_cache_parser
+    return _numeric_flags(build_cache_parser())
 
 
 def _values(kind):

@@ -7,7 +7,7 @@ import torch
 
 from hcd_fast.distill.cli import build_parser, main, parse_args
 from hcd_fast.distill.errors import UserError
-from hcd_fast.distill.trainer import run
+from hcd_fast.distill.engine.run import run
 
 STUDENT = ["--student", "resnet10t", "--student-kwargs", '{"channels": [8, 16, 32, 64], "stem_width": 8}']
 TEACHER = ["--teacher", "vit_tiny_patch16_224", "--teacher-kwargs",
@@ -105,7 +105,7 @@ def test_outputs_and_teacher_from_own_checkpoint(tmp_path):
     # The checkpoint really becomes the teacher: its accuracy on the validation split is the one recorded.
     import timm
     from hcd_fast.distill.checkpoint import load_weights
-    from hcd_fast.distill.data import DataConfig, build_digits
+    from hcd_fast.distill.data.datasets import DataConfig, build_digits
     teacher = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=16, patch_size=4, depth=1,
                                 embed_dim=16, num_heads=2)
     load_weights(teacher, str(teacher_out / "best.pt"), 10, "--teacher-checkpoint")
@@ -170,16 +170,15 @@ def test_bf16_autocast_channels_last(tmp_path, method):
 
 
 def test_every_hcd_option_has_a_flag():
-    """Each HCDConfig field is a CLI flag and reaches HCDConfig through LossOptions."""
+    """Each HCDConfig field is a CLI flag and reaches HCDConfig."""
     import dataclasses
 
     from hcd_fast import HCDConfig
-    from hcd_fast.distill.distiller import LossOptions
 
     text = build_parser().format_help()
     for f in dataclasses.fields(HCDConfig):
         assert "--" + f.name.replace("_", "-") in text, f.name
-    cfg = LossOptions(detach_sub_targets=True, ortho_eps=1e-6, gt_mask="none", w_ol=2.0).hcd_config()
+    args = parse_args(STUDENT + TEACHER + ["--detach-sub-targets", "--ortho-eps", "1e-6", "--gt-mask", "none",
+                                           "--w-ol", "2"])
+    cfg = args.loss
     assert (cfg.detach_sub_targets, cfg.ortho_eps, cfg.gt_mask, cfg.w_ol) == (True, 1e-6, "none", 2.0)
-    args = parse_args(STUDENT + TEACHER + ["--detach-sub-targets", "--ortho-eps", "1e-6"])
-    assert args.detach_sub_targets is True and args.ortho_eps == 1e-6

@@ -1,4 +1,4 @@
-"""hcd-distill under bad inputs and faults (issue 13): every defect a user met has a test here.
+"""hcd-distill under bad inputs and faults: every defect a user met has a test here.
 
 Tiny models, 1-4 steps, the embedded digits or a tiny generated ImageFolder in tmp_path.
 """
@@ -15,7 +15,8 @@ import torch
 from hcd_fast.distill.checkpoint import atomic_save, safe_load
 from hcd_fast.distill.cli import main, parse_args
 from hcd_fast.distill.errors import TrainingError, UserError
-from hcd_fast.distill.trainer import default_output, run
+from hcd_fast.distill.engine.checks import default_output
+from hcd_fast.distill.engine.run import run
 
 STUDENT = ["--student", "resnet10t", "--student-kwargs", '{"channels": [8, 16, 32, 64], "stem_width": 8}']
 VIT = '{"img_size": 16, "patch_size": 4, "depth": 1, "embed_dim": 16, "num_heads": 2}'
@@ -200,8 +201,8 @@ def test_unreadable_split_and_empty_class_fail_before_training(tmp_path, capsys)
 
 
 def test_unwritable_output_fails_before_the_first_step(tmp_path, monkeypatch):
-    from hcd_fast.distill import trainer
-    monkeypatch.setattr(trainer.Trainer, "fit", lambda self, state: pytest.fail("training started"))
+    from hcd_fast.distill.engine import loop
+    monkeypatch.setattr(loop.Trainer, "fit", lambda self, state: pytest.fail("training started"))
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="--output .*cannot write there"):
         run(ce_args(tmp_path / "file" / "o"))
@@ -291,16 +292,16 @@ def test_bad_resume_files_and_changes_are_refused(tmp_path, case, message, capsy
 def test_teacher_gets_its_own_normalisation_in_the_trainer(tmp_path, monkeypatch):
     """The ViT teacher (timm: mean = std = 0.5) of a resnet student (ImageNet statistics) sees its own
     statistics: its logits in the run equal the model's on digits normalised with 0.5/0.5."""
-    from hcd_fast.distill import trainer
-    from hcd_fast.distill.data import DataConfig, build_digits
+    from hcd_fast.distill.data.datasets import DataConfig, build_digits
+    from hcd_fast.distill.engine import loop
     seen = {}
-    fit = trainer.Trainer.fit
+    fit = loop.Trainer.fit
 
     def spy(self, state):
-        seen["tap"] = self.task.teacher
-        seen["x"] = self.data.train.tensors[0][:4]
+        seen["tap"] = self.parts.task.teacher
+        seen["x"] = self.parts.data.train.tensors[0][:4]
         return fit(self, state)
-    monkeypatch.setattr(trainer.Trainer, "fit", spy)
+    monkeypatch.setattr(loop.Trainer, "fit", spy)
     run(hcd_args(tmp_path / "o", *TINY, "--allow-random-teacher"))
     tap = seen["tap"]
     assert tap.renormalize
@@ -312,7 +313,7 @@ def test_teacher_gets_its_own_normalisation_in_the_trainer(tmp_path, monkeypatch
 def test_pretrained_from_a_local_file(tmp_path):
     """--student-pretrained FILE goes through timm's pretrained_cfg_overlay: the body is the file's; a head
     of another class count is re-initialised. --teacher-pretrained of the wrong class count is refused."""
-    from hcd_fast.distill.trainer import create_model
+    from hcd_fast.distill.models import create_model
     kwargs = {"channels": [8, 16, 32, 64], "stem_width": 8}
     src = timm.create_model("resnet10t", num_classes=7, **kwargs)
     torch.save(src.state_dict(), tmp_path / "r.pth")
@@ -336,7 +337,7 @@ def test_imagefolder_evaluates_with_the_models_crop_pct(tmp_path):
     assert s["data_config"]["crop_pct"] == 0.875 and s["data_config"]["mean"] == [0.485, 0.456, 0.406]
     s = run(folder_args(data, tmp_path / "p", *TINY, "--batch-size", "4", "--crop-pct", "1.0"))
     assert s["data_config"]["crop_pct"] == 1.0
-    from hcd_fast.distill.data import DataConfig, build_data
+    from hcd_fast.distill.data.datasets import DataConfig, build_data
     val = build_data("imagefolder", str(data), 16, cfg=DataConfig(crop_pct=0.875)).val.base.transform
     assert "Resize(size=18" in repr(val) and "CenterCrop(size=(16, 16))" in repr(val)
 

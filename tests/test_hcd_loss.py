@@ -228,7 +228,7 @@ def test_validate_false_skips_range_check():
     with pytest.raises(Exception) as info:
         crit(feats, zs, ft, zt, bad)
     assert "[0, 7)" not in str(info.value)
-    # ... and makes a fused kernel's loss and every part NaN (issue 11: never an out-of-bounds read, never a
+    # ... and makes a fused kernel's loss and every part NaN (never an out-of-bounds read, never a
     # finite wrong loss; the trainer's non-finite check then stops).
     if hcd_fast.backends()["cpu"].available:
         crit = HCDLoss(CHANNELS, TEACHER_DIM, K, validate=False, backend="cpu")

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from benchmarks.pipeline import synthetic_imagefolder
-from hcd_fast.distill.dali_loader import dali_status
+from hcd_fast.distill.data.dali import dali_status
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPONENTS = ["cache/build", "loader/timm", "loader/cache", "loader/dali", "loader/dali_cache", "teacher/published",

@@ -188,7 +188,7 @@ def test_gradcheck_fp64(backend, device, mode):
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_fp64_scalars_are_exact(backend, device):
     """fp64 inputs: temperature 3.3, ls 0.1, weights and lambdas that are not fp32 numbers reach the kernel
-    exactly (issue 9): loss, parts and gradients match the fp64 reference to 1e-12."""
+    exactly: loss, parts and gradients match the fp64 reference to 1e-12."""
     cfg = HCDConfig(num_sub_logits=4, temperature=3.3, label_smoothing=0.1, ortho_threshold=0.1, w_gt=0.7,
                     w_kd=1.3, w_kl=2.9, w_ol=3.1, ortho_on="raw", lambda_teacher=0.3)
     inputs = make_inputs(2, 5, 4, 37, dtype=torch.float64, device=device, seed=13)
@@ -321,7 +321,7 @@ def test_teacher_gets_no_gradient(backend, device):
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_out_of_range_target_gives_nan_not_a_stray_read(backend, device):
     """validate=False and a target outside [0, K): loss and every part NaN, that sample's gradient rows NaN,
-    the other samples' rows the reference's (issue 9: same on every backend, no device assert, no clamping)."""
+    the other samples' rows the reference's (the same on every backend, no device assert, no clamping)."""
     cfg = HCDConfig(num_sub_logits=2, temperature=2.0)
     sub_leaf, zs_leaf, zt, y = make_inputs(2, 4, 2, 7, device=device)
     want = truth(sub_leaf, zs_leaf, zt, y, cfg, 0.5)
