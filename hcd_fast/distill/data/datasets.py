@@ -81,7 +81,12 @@ def digits_tensors(img_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Tuple
 def build_digits(img_size: int, val_fraction: float = 0.2, cfg: DataConfig = DataConfig()) -> DataBundle:
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"--val-fraction {val_fraction}: expected a fraction in [0, 1) (0: no validation)")
-    x, y = digits_tensors(img_size, cfg.mean, cfg.std)
+    try:
+        x, y = digits_tensors(img_size, cfg.mean, cfg.std)
+    except (RuntimeError, MemoryError) as exc:  # the 1797 upsampled digits are held in memory
+        gib = 1797 * 3 * img_size * img_size * 4 / 2 ** 30
+        raise UserError(f"--img-size {img_size}: the digits upsampled to {img_size} px need {gib:.1f} GiB in memory "
+                        f"({type(exc).__name__}); use a smaller --img-size") from None
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     n_val = int(round(len(y) * val_fraction))
     val_idx, train_idx = perm[:n_val], perm[n_val:]

@@ -28,6 +28,9 @@ def check_optim(opt: str, sched: str, *, lr: float, weight_decay: float, momentu
         optimizer = timm.optim.create_optimizer_v2(nn.Linear(1, 1), opt=opt, lr=lr, weight_decay=weight_decay,
                                                    momentum=momentum)
     except (ValueError, AssertionError, KeyError, TypeError) as exc:
+        if "momentum" in str(exc).lower():  # a known optimizer that rejects this momentum (Nesterov needs > 0)
+            raise UserError(f"--momentum {momentum}: --opt {opt!r} rejects it ({exc}); give a --momentum in (0, 1), "
+                            f"or --opt momentum for SGD without Nesterov") from None
         raise UserError(f"--opt {opt!r}: not a timm optimizer ({exc}); see timm.optim.list_optimizers()") from None
     if sched != "none":
         try:

@@ -27,6 +27,7 @@ from hcd_fast.distill.teacher.tap import TeacherTap, probe_teacher
 
 def build_cache(cfg: CacheConfig) -> dict:
     """Build the cache ``cfg.output``; returns its metadata (also ``cfg.output/meta.json``)."""
+    cfg.check()  # the flags' ranges, before any of them is used
     ctx = DistContext()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -4,7 +4,8 @@ train many epochs without a teacher forward.
 A cache folder holds ``views.npy`` (int32 (N, K, 5): the RandomResizedCrop window top, left, height, width
 and the flip; view k of image n drawn from a generator seeded with (seed, n, k)), ``feats.npy`` (fp16/fp32
 (N, K, D_t) pre-logit features f_t) and ``meta.json`` (written last, so a cache without it is never read:
-teacher, weights hash, the teacher's input statistics, data hash, transform, K, D_t). Training replays, for
+teacher, weights hash, the teacher's input statistics, data hashes (file list; each image file's size and
+mtime), transform, K, D_t). Training replays, for
 image n in epoch e, view ``replay_choice(seed, e, n)`` through the same crop and flip, normalised with the
 student's statistics, and takes z_t = classifier(f_t). A cache whose metadata differ from the run, or a run
 whose augmentations cannot be replayed (auto-augment, random erasing), is refused.
