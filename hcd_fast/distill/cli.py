@@ -214,8 +214,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except TrainingError as exc:
         print(f"hcd-distill: error: {exc}", file=sys.stderr)
         return 1
-    except Interrupted as exc:  # Ctrl-C in training: one line, no traceback
-        print(interrupted_message(exc, argv), file=sys.stderr)
+    except Interrupted as exc:  # Ctrl-C in training: one line (rank 0's under torchrun), no traceback
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(interrupted_message(exc, argv), file=sys.stderr)
         return 130
     except KeyboardInterrupt:  # Ctrl-C before training: nothing was written
         print("hcd-distill: interrupted before training started; nothing was written", file=sys.stderr)

@@ -46,21 +46,35 @@ class Trainer:
         return state
 
     def save(self, state: TrainState, path: str) -> None:
-        """Every rank's RNG state and unreadable files gathered; rank 0 writes ``path`` atomically."""
+        """Every rank's RNG state and unreadable files gathered; rank 0 writes ``path`` atomically. A failed
+        write (full disk) stops every rank with the same error line, none waiting alone."""
         rngs = self.ctx.gather_object(rng_state())
         for files in self.ctx.gather_object(state.bad_files):
             state.bad_files.update(files)
-        if self.ctx.is_main:
-            atomic_save({"format": CKPT_FORMAT, "args": self.cfg.flat(), "data_config": self.parts.data_cfg.to_dict(),
-                         **state.to_dict(), "distiller": unwrap(self.parts.task.trainable_module).state_dict(),
-                         "optimizer": self.parts.optimizer.state_dict(),
-                         "scheduler": self.parts.scheduler.state_dict() if self.parts.scheduler is not None else None,
-                         "scaler": self.parts.scaler.state_dict() if self.parts.scaler is not None else None, "rng": rngs,
-                         "part_names": list(self.parts.part_names), "num_classes": self.parts.num_classes,
-                         "student_channels": list(self.parts.channels)}, path)
+        ckpt = self._checkpoint(state, rngs) if self.ctx.is_main else None
+        self.ctx.raise_any(self._main_writes(lambda: atomic_save(ckpt, path)))
         state.saved_step = state.global_step
         self.last_save_time = time.monotonic()
-        self.ctx.barrier()
+
+    def _checkpoint(self, state: TrainState, rngs: list) -> dict:
+        """What last.pt holds: tensors and plain values only (loadable with weights_only=True)."""
+        p = self.parts
+        return {"format": CKPT_FORMAT, "args": self.cfg.flat(), "data_config": p.data_cfg.to_dict(),
+                **state.to_dict(), "distiller": unwrap(p.task.trainable_module).state_dict(),
+                "optimizer": p.optimizer.state_dict(),
+                "scheduler": p.scheduler.state_dict() if p.scheduler is not None else None,
+                "scaler": p.scaler.state_dict() if p.scaler is not None else None, "rng": rngs,
+                "part_names": list(p.part_names), "num_classes": p.num_classes, "student_channels": list(p.channels)}
+
+    def _main_writes(self, write) -> Optional[UserError]:
+        """Run ``write`` on rank 0; its UserError (a failed write) is returned for ``ctx.raise_any``."""
+        if not self.ctx.is_main:
+            return None
+        try:
+            write()
+        except UserError as exc:
+            return exc
+        return None
 
     def save_mid_epoch(self, state: TrainState, sums: torch.Tensor, count: int, t_epoch: float) -> float:
         self.raise_if_nonfinite(state)
@@ -247,12 +261,15 @@ class Trainer:
         state.epoch += 1
         state.step_in_epoch = 0
         self.save(state, os.path.join(self.out, "last.pt"))
-        if ctx.is_main:
+
+        def write_results():
             if improved:
                 atomic_copy(os.path.join(self.out, "last.pt"), os.path.join(self.out, "best.pt"))
             write_metrics(state.history, self.out)
             if not cfg.no_plots and n:
                 write_plots(state.history, self.parts.part_names, self.out)
+        ctx.raise_any(self._main_writes(write_results))
+        if ctx.is_main:
             val = "" if row["val_top1"] is None else f" val top-1 {row['val_top1']:.2f}"
             loss = "n/a" if row["train_loss"] is None else f"{row['train_loss']:.4f}"
             print(f"epoch {state.epoch}/{cfg.epochs} loss {loss}{val} ({epoch_seconds:.1f} s, "
