@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from hcd_fast.distill.cache_files import check_output, remove_partials
+from hcd_fast.distill.teacher.files import check_output, remove_partials
 from hcd_fast.distill.config import CacheConfig
 from hcd_fast.distill.data.datasets import DataBundle, DataConfig, build_data
 from hcd_fast.distill.engine.distributed import DistContext

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from hcd_fast.distill.data.datasets import READ_ERRORS, BadSample, DataConfig, SampleDataset, sample_path
-from hcd_fast.distill.cache_files import files_stat_hash, open_array, read_meta
+from hcd_fast.distill.teacher.files import files_stat_hash, open_array, read_meta
 from hcd_fast.distill.errors import UserError
 
 FORMAT = "hcd-distill-teacher-cache/1"
