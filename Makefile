@@ -18,7 +18,7 @@ export MAX_JOBS ?= $(shell nproc)
 
 BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/* csrc/cuda/*)
 
-.PHONY: setup test test-compat bench bench-pipeline demo clean
+.PHONY: setup test test-fast test-compat bench bench-pipeline demo clean
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ setup: $(VENV)/.installed $(VENV)/.dali
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# The edit-test loop: every test but those marked slow (whole training runs, long interpreter sweeps).
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests
 
 bench: setup
 	$(PY) -m benchmarks

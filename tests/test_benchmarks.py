@@ -46,6 +46,7 @@ def quick_run(tmp_path_factory):
     return out, result
 
 
+@pytest.mark.slow
 def test_json_schema(quick_run):
     out, result = quick_run
     with open(out / "results.json") as f:
@@ -75,6 +76,7 @@ def test_json_schema(quick_run):
             assert r["status"] in ("error", "skipped") and r["reason"]
 
 
+@pytest.mark.slow
 def test_eager_and_steps_ran(quick_run):
     _, result = quick_run
     rows = result["rows"]
@@ -92,6 +94,7 @@ def test_eager_and_steps_ran(quick_run):
         assert any(r["provider"] == name for r in rows if r["suite"] == "ops")
 
 
+@pytest.mark.slow
 def test_derived_numbers(quick_run):
     _, result = quick_run
     rows = [r for r in result["rows"] if r["suite"] == "ops" and r["status"] == "ok"]
@@ -127,6 +130,7 @@ def test_derived_numbers(quick_run):
             assert r["floor_ms"] is None  # not modelled
 
 
+@pytest.mark.slow
 def test_markdown_and_plots(quick_run):
     pytest.importorskip("matplotlib")  # an optional dependency (pyproject extra "bench")
     out, result = quick_run

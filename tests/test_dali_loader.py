@@ -250,6 +250,7 @@ def _run(args, capsys):
     return rc, err
 
 
+@pytest.mark.slow
 @needs_dali
 def test_hcd_distill_trains_with_the_dali_loader(folder, cache, tmp_path, capsys):
     import json

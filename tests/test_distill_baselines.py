@@ -1,4 +1,4 @@
-"""The trainer's baseline losses (SPEC section 9) against hand computations on tiny inputs."""
+"""The trainer's baseline losses against hand computations on tiny inputs."""
 import math
 
 import pytest

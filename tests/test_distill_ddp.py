@@ -17,6 +17,8 @@ from hcd_fast.distill.checkpoint import safe_load
 from hcd_fast.distill.cli import parse_args
 from hcd_fast.distill.engine.run import run
 
+pytestmark = pytest.mark.slow  # whole training / benchmark runs
+
 ARGS = ["--student", "resnet10t", "--student-kwargs", '{"channels": [8, 16, 32, 64], "stem_width": 8}',
         "--teacher", "vit_tiny_patch16_224", "--teacher-kwargs",
         '{"img_size": 16, "patch_size": 4, "depth": 1, "embed_dim": 16, "num_heads": 2}',

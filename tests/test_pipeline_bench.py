@@ -13,6 +13,8 @@ import pytest
 from benchmarks.pipeline import synthetic_imagefolder
 from hcd_fast.distill.data.dali import dali_status
 
+pytestmark = pytest.mark.slow  # whole training / benchmark runs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPONENTS = ["cache/build", "loader/timm", "loader/cache", "loader/dali", "loader/dali_cache", "teacher/published",
               "teacher/ours", "teacher/bf16_weights", "teacher/channels_last", "teacher/compiled", "step/ce",

@@ -187,6 +187,7 @@ def _train(tmp_path, name, *extra):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_cached_run_equals_online_run_without_augmentation(tmp_path):
     """digits (never augmented), fp32 storage: the same losses and accuracies as the online teacher."""
     cache = str(tmp_path / "digits_cache")
@@ -204,6 +205,7 @@ def test_cached_run_equals_online_run_without_augmentation(tmp_path):
             assert math.isclose(a[key], b[key], rel_tol=2e-3, abs_tol=1e-5), (key, a[key], b[key])
 
 
+@pytest.mark.slow
 def test_cached_run_resumes_exactly(tmp_path, folder, cache32):
     extra = ["--dataset", "imagefolder", "--data-dir", folder, "--teacher-cache", cache32, "--workers", "0",
              "--batch-size", "2", "--epochs", "2", "--max-steps-per-epoch", "3"]
@@ -256,6 +258,7 @@ def _cache_rank(rank: int, world: int, port: int, argv: list) -> None:
     assert main(argv) == 0
 
 
+@pytest.mark.slow
 def test_sharded_build_equals_single_process(tmp_path, folder, cache32):
     """cache-teacher under two gloo ranks (as torchrun starts them): 6 images x 3 views in batches of 4 (5
     batches, 3 to rank 0 and 2 to rank 1; images 0-2 and 3-5 for the views) give the single-process cache
@@ -313,6 +316,7 @@ def test_speed_switches_keep_the_teacher(speed, tol):
     torch.testing.assert_close(tap.logits_from_feat(feat), logits, rtol=tol, atol=tol)
 
 
+@pytest.mark.slow
 def test_compiled_teacher_forward_equals_eager():
     import timm
     torch.manual_seed(0)

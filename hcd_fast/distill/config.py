@@ -16,7 +16,7 @@ from hcd_fast.distill.options import check_ranges, check_value, flag_name, optio
 
 SWITCH = ("auto", "on", "off")
 
-# The published recipe (SPEC section 2): SGD momentum 0.9, lr 0.05, wd 2e-3, cosine to 1e-3 with 3 warm-up
+# The published recipe of HCD (as OFA-KD trains): SGD momentum 0.9, lr 0.05, wd 2e-3, cosine to 1e-3 with 3 warm-up
 # epochs, 300 epochs, batch 128, CIFAR-100 upsampled to 224 (as OFA-KD does).
 _RECIPE = dict(opt="sgd", lr=0.05, momentum=0.9, weight_decay=2e-3, sched="cosine", min_lr=1e-3,
                warmup_epochs=3, epochs=300, batch_size=128, img_size=224)
@@ -129,8 +129,8 @@ class TrainConfig:
                                             kind="indices")
     drop_path: float = option(0.0, "student drop-path rate", ge=0.0, lt=1.0, group="models")
     # method and loss (the HCDConfig flags and the methods' own follow --backend in the parser)
-    method: str = option("hcd", "hcd, or the baselines ce (student alone), kd (Hinton), dkd (decoupled KD), ofa "
-                         "(OFA-KD); SPEC section 9", group="method and loss", choices=METHODS)
+    method: str = option("hcd", "hcd, or the baselines ce (student alone), kd (Hinton et al. 2015), dkd (decoupled KD, Zhao et al. 2022), ofa "
+                         "(OFA-KD)", group="method and loss", choices=METHODS)
     backend: str = option("auto", "hcd_fast backend: auto (fused when available), reference, triton, cuda, cpu",
                           group="method and loss")
     loss: HCDConfig = field(default_factory=HCDConfig, metadata={"nested": True})

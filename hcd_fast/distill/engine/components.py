@@ -7,6 +7,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 
+from hcd_fast.distill import onednn_amx
 from hcd_fast.distill.config import TrainConfig
 from hcd_fast.distill.data.datasets import DataBundle, DataConfig, build_data
 from hcd_fast.distill.data.loaders import LOADERS
@@ -45,6 +46,7 @@ class Components:
     scheduler: Optional[object]
     scaler: Optional[torch.amp.GradScaler]
     step: TrainStep
+    amx_note: Optional[str] = None  # why a non-finite loss may not be the run's fault (onednn_amx)
 
 
 def build_run_data(cfg: TrainConfig) -> Tuple[DataConfig, DataBundle]:
@@ -161,7 +163,12 @@ def build_components(cfg: TrainConfig, ctx: DistContext, device: torch.device) -
     optimizer, scheduler = build_optim(cfg, distiller, steps)
     amp_dtype = AMP_DTYPES.get(amp)
     scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+    # PyTorch's oneDNN bf16 path on AMX CPUs can give NaN gradients: say so once, and in a non-finite error.
+    amx_note = onednn_amx.NOTE if onednn_amx.amx_bf16_risk(device, amp_dtype) else None
+    if amx_note:
+        onednn_amx.warn_amx_bf16_once()
     step = TrainStep(task, optimizer, device=device, amp_dtype=amp_dtype, scaler=scaler, channels_last=channels_last,
                      clip_grad=cfg.clip_grad, skip_nonfinite=bool(cfg.skip_nonfinite), reduce_max=ctx.all_max)
     return Components(data_cfg, data, data.num_classes, channels, step.part_names, distiller, task, channels_last,
-                      local_bs, steps, sampler, gen, train_loader, val_loader, optimizer, scheduler, scaler, step)
+                      local_bs, steps, sampler, gen, train_loader, val_loader, optimizer, scheduler, scaler, step,
+                      amx_note)

@@ -98,7 +98,8 @@ class Trainer:
         kept = (f"{os.path.join(self.out, 'last.pt')} holds the last finite state (step {state.saved_step})"
                 if state.saved_step else "no checkpoint had been written yet")
         raise TrainingError(f"non-finite loss at step {bad_step} (epoch {state.epoch + 1}): {parts}; training "
-                            f"stopped, {kept}. Lower --lr, set --clip-grad, or use --skip-nonfinite N")
+                            f"stopped, {kept}. Lower --lr, set --clip-grad, or use --skip-nonfinite N"
+                            + (f". Possible cause: {self.parts.amx_note}" if self.parts.amx_note else ""))
 
     def _record_bad(self, state: TrainState, bad: list) -> None:
         for b in bad:

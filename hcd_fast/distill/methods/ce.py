@@ -1,4 +1,4 @@
-"""ce: the student alone, ``CE_ls(z_s, y)`` (SPEC section 9)."""
+"""ce: the student alone, ``CE_ls(z_s, y)`` (the no-distillation baseline)."""
 from __future__ import annotations
 
 import torch.nn.functional as F

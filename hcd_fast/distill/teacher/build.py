@@ -70,6 +70,8 @@ class _Prepared:
 
 def _check(cfg: CacheConfig) -> None:
     cfg.check()
+    if not cfg.output:
+        raise UserError("--output: the cache folder is required")
     check_model_name("--teacher", cfg.teacher)
     if cfg.teacher_checkpoint is None and not cfg.allow_random_teacher:
         raise UserError("cache-teacher needs a trained teacher: give --teacher-checkpoint PATH (or "
