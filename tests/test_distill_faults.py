@@ -334,6 +334,24 @@ def test_full_disk_is_one_error_line(tmp_path):
     assert not (out / ".hcd-distill.lock").exists()
 
 
+@pytest.mark.slow
+def test_full_disk_under_torchrun_stops_every_rank(tmp_path):
+    """Rank 0 cannot write last.pt: every rank stops with the error line (no rank waits alone at a barrier)."""
+    out = tmp_path / "o"
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+    flags = digits(out, "--batch-size", "4", "--freeze-bn")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), "-m", "hcd_fast.distill", *flags]
+    code, _, err = _run_with_timeout(cmd, timeout=180, preexec_fn=limit)
+    assert code != 0
+    lines = [line for line in err.splitlines() if line.startswith("hcd-distill: error:")]
+    assert len(lines) == 2 and all("cannot write" in line and "last.pt" in line for line in lines), err[-3000:]
+    assert not (out / ".hcd-distill.lock").exists()
+
+
 # ------------------------------------------------------------------------------------------- 9: SIGINT
 @pytest.mark.slow
 def test_sigint_prints_one_line_with_the_resume_command(tmp_path, capsys):
