@@ -276,15 +276,6 @@ class RunFolder:
             if _TMP_RE.match(name) or (overwrite and name in RESULT_FILES):
                 _remove(os.path.join(self.path, name))
 
-    def acquire(self, overwrite: bool) -> None:
-        """``open`` without the results check, then ``prepare`` (kept for callers that check themselves)."""
-        try:
-            os.makedirs(self.path, exist_ok=True)
-            self._take_lock()
-        except OSError as exc:
-            raise UserError(f"--output {self.path!r}: cannot write there ({exc.strerror or exc})") from None
-        self.prepare(overwrite)
-
     def _take_lock(self) -> None:
         me = f"{os.getpid()} {socket.gethostname()}\n"
         for _ in range(2):

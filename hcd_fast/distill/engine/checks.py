@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-
 from typing import Optional
+
 import torch
 import torch.nn as nn
 
