@@ -21,6 +21,7 @@ class DistContext:
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.enabled = self.world > 1
         self.owns_group = False
+        self.host_group = None  # a gloo group for host-side flags (any_rank), made in init
 
     @property
     def is_main(self) -> bool:
@@ -30,7 +31,6 @@ class DistContext:
         if self.enabled and not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
             self.owns_group = True
-        self.host_group = None
         if self.enabled:  # host-side flags (a CPU tensor): no device sync, whatever the backend
             self.host_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
 
