@@ -79,20 +79,23 @@ def backend_params(names=None, reference=False) -> list:
 
 
 def over_backends(cases, gpu_cases=(), jit_gpu_cases=None, compiled_cases=(), names=None,
-                  reference=False) -> list:
+                  reference=False, slow_cases=()) -> list:
     """pytest params ``(backend, *case)``: every case on every backend; ``gpu_cases`` (large shapes) only on
     the backends whose tensors live on the GPU, ``compiled_cases`` only on the non-JIT ones (compiled C++/CUDA:
     shapes too slow for the Triton interpreter). A JIT backend on the GPU (Triton: each distinct kernel
-    configuration is a fresh 1-4 s compile there) runs ``jit_gpu_cases`` instead, when given."""
+    configuration is a fresh 1-4 s compile there) runs ``jit_gpu_cases`` instead, when given. ``slow_cases``
+    run on every backend like ``cases``, marked slow (out of the fast lane, ``pytest -m "not slow"``)."""
     params = []
+    slow = [c if isinstance(c, tuple) else (c,) for c in slow_cases]
     for b in select(names, reference):
-        todo = list(cases) + (list(gpu_cases) if b.device == "cuda" else []) + ([] if b.jit else list(compiled_cases))
+        todo = list(cases) + list(slow_cases) + (list(gpu_cases) if b.device == "cuda" else []) + \
+            ([] if b.jit else list(compiled_cases))
         if b.device == "cuda" and b.jit and jit_gpu_cases is not None:
             todo = list(jit_gpu_cases)
         for case in todo:
             case = case if isinstance(case, tuple) else (case,)
-            params.append(pytest.param(b, *case, id="-".join([b.id] + [_case_id(v) for v in case]),
-                                       marks=backend_marks(b)))
+            marks = backend_marks(b) + ([pytest.mark.slow] if case in slow else [])
+            params.append(pytest.param(b, *case, id="-".join([b.id] + [_case_id(v) for v in case]), marks=marks))
     return params
 
 

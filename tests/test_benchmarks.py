@@ -147,6 +147,7 @@ def test_markdown_and_plots(quick_run):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
 
+@pytest.mark.slow
 def test_compile_provider(tmp_path):
     result = run(["--quick", "--device", "cpu", "--cases", "pool_linear", "--providers", "eager,compile",
                   "--no-plots", "--out", str(tmp_path)])
@@ -237,6 +238,7 @@ def test_compare_committed_cpu_run_with_itself():
             assert r["old_vs_compile"] == pytest.approx(row["speedup_vs_compile"])
 
 
+@pytest.mark.slow
 def test_compare_flags_a_regression_beyond_the_band(tmp_path):
     from benchmarks import compare as CMP
 
@@ -281,6 +283,7 @@ def test_compare_flags_a_regression_beyond_the_band(tmp_path):
 
 @pytest.mark.parametrize("content,words", [(None, "cannot read"), ("{not json", "not a JSON file"),
                                             ('{"rows": 3}', "not a benchmarks results.json")])
+@pytest.mark.slow
 def test_compare_bad_file_exits_2_naming_it(tmp_path, content, words):
     bad = tmp_path / "bad.json"
     if content is not None:

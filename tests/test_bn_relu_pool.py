@@ -60,7 +60,13 @@ GPU_CASES = [(37, 64, 8, 8, True, 0.3, "nhwc"), (37, 64, 8, 8, False, 0.3, "nhwc
 JIT_GPU_CASES = [CASES[13], CASES[14], CASES[15], GPU_CASES[-1]]
 
 
-@pytest.mark.parametrize("backend,B,C,H,W,training,momentum,kind", over_backends(CASES, GPU_CASES, JIT_GPU_CASES))
+# The fast lane (pytest -m "not slow") keeps the small maps; the larger ones are marked slow.
+FAST_CASES = [c for c in CASES if c[0] * c[1] * c[2] * c[3] <= 1000 or c[6] == "sliced"]
+SLOW_CASES = [c for c in CASES if c not in FAST_CASES]
+
+
+@pytest.mark.parametrize("backend,B,C,H,W,training,momentum,kind", over_backends(FAST_CASES, GPU_CASES, JIT_GPU_CASES,
+                                                                                slow_cases=SLOW_CASES))
 def test_bn_relu_pool_matches_reference(backend, B, C, H, W, training, momentum, kind):
     t = bn_inputs(B, C, H, W, seed=B * C)
     got = run(backend.name, backend.device, t, training, momentum, kind, dtype=torch.float32)
@@ -82,6 +88,9 @@ def test_bn_relu_pool_matches_reference(backend, B, C, H, W, training, momentum,
 LAYOUTS = ["nchw", "nhwc", "strided"]
 LAYOUT_CASES = [s + (kind, training, dtype) for s, kind, training, dtype in
                 itertools.product(MAP_SHAPES[:5], LAYOUTS, [True, False], ALL_DTYPES)]
+# The fast lane keeps one shape per layout, mode and dtype (the smallest maps rotate through them).
+LAYOUT_FAST = [c for i, c in enumerate(LAYOUT_CASES) if i % 5 == 0]
+LAYOUT_SLOW = [c for c in LAYOUT_CASES if c not in LAYOUT_FAST]
 LAYOUT_BIG_CASES = [MAP_SHAPES[5] + (kind, training, dtype) for kind, training, dtype in
                     itertools.product(LAYOUTS, [True, False], ALL_DTYPES)]  # ~10 s each in the interpreter
 LAYOUT_JIT_CASES = [s + (kind, True, dtype) for s, kind, dtype in
@@ -90,8 +99,8 @@ LAYOUT_JIT_CASES = [s + (kind, True, dtype) for s, kind, dtype in
 
 
 @pytest.mark.parametrize("backend,B,C,H,W,kind,training,dtype",
-                         over_backends(LAYOUT_CASES, jit_gpu_cases=LAYOUT_JIT_CASES,
-                                       compiled_cases=LAYOUT_BIG_CASES))
+                         over_backends(LAYOUT_FAST, jit_gpu_cases=LAYOUT_JIT_CASES,
+                                       compiled_cases=LAYOUT_BIG_CASES, slow_cases=LAYOUT_SLOW))
 def test_bn_relu_pool_layouts_and_dtypes(backend, B, C, H, W, kind, training, dtype):
     """Every layout in every dtype: output, gradients (in the map's layout) and running statistics in the input
     dtype, each one rounding of an fp32 (fp64) result."""
@@ -165,6 +174,7 @@ def test_bn_relu_pool_training_needs_two_values(backend):
             torch.ops.hcd_fast.bn_relu_pool_fwd(x, ones, zeros, zeros.clone(), ones.clone(), True, 0.1, 1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend,training,shape", over_backends(
     [(True, (2, 2, 2, 2)), (True, (3, 4, 3, 2)), (False, (3, 4, 3, 2))]))
 def test_bn_relu_pool_gradcheck_fp64(backend, training, shape):
@@ -195,6 +205,7 @@ def test_bn_relu_pool_fp64_scalars_exact(backend, float_args_as_fp32):
             assert_close(name, g, w, 1e-12, atol=0.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", backend_params())
 def test_bn_relu_pool_opcheck(backend):
     """Schema, fake kernel and autograd registration of the backend's op pair, both modes, NCHW and NHWC."""
@@ -208,6 +219,7 @@ def test_bn_relu_pool_opcheck(backend):
         torch.library.opcheck(ns.bn_relu_pool_bwd.default, (t["gout"], x, t["w"], t["b"], mean, invstd, True))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", backend_params())
 def test_bn_relu_pool_torch_compile_fullgraph(backend):
     """The autograd.Function over the op pair traces without a graph break (aot_eager: no codegen); the

@@ -73,7 +73,13 @@ GPU_CASES = [(128, 512, 384, 384, 4, 100, 0.7, 1.3, "strided"), (256, 768, 768, 
 JIT_GPU_CASES = [CASES[7], CASES[8], CASES[11], GPU_CASES[1]]
 
 
-@pytest.mark.parametrize("backend,B,D,Dt,H,n,K,ls,lt,layout", over_backends(CASES, GPU_CASES, JIT_GPU_CASES))
+# The fast lane (pytest -m "not slow") keeps the cases with a small CFM (B * (D + Dt) * n * K); the rest are slow.
+FAST_CASES = [c for c in CASES if c[0] * (c[1] + c[2]) * c[4] * c[5] <= 20000]
+SLOW_CASES = [c for c in CASES if c not in FAST_CASES]
+
+
+@pytest.mark.parametrize("backend,B,D,Dt,H,n,K,ls,lt,layout", over_backends(FAST_CASES, GPU_CASES, JIT_GPU_CASES,
+                                                                           slow_cases=SLOW_CASES))
 def test_cfm_matches_reference(backend, B, D, Dt, H, n, K, ls, lt, layout):
     t = cfm_inputs(B, D, Dt, H, n, K, seed=B + D + K)
     got = run(backend.name, backend.device, t, n, ls, lt, layout)
@@ -84,6 +90,7 @@ def test_cfm_matches_reference(backend, B, D, Dt, H, n, K, ls, lt, layout):
         assert_close(NAMES[k], got[k], want[k], 1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend,B,D,Dt,H,n,K,ls,lt", over_backends([
     (3, 4, 5, None, 2, 7, 0.5, 2.0), (3, 4, 5, 6, 2, 7, 0.5, 2.0), (2, 3, 4, 6, 2, 3, 0.7, 1.3),
     (2, 3, 4, None, 2, 3, 0.7, 1.3)]))
@@ -265,6 +272,7 @@ def test_cfm_fp64_scalars_exact(backend, H, float_args_as_fp32):
         assert_close(NAMES[k], got[k], want[k], 1e-12, atol=0.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", backend_params())
 def test_cfm_torch_compile_fullgraph(backend):
     """The custom op traces without a graph break (aot_eager: no codegen) and gives the eager gradients."""
@@ -285,6 +293,7 @@ def test_cfm_torch_compile_fullgraph(backend):
         assert_close(f"output/grad {i}", c, e, 1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", backend_params())
 def test_cfm_opcheck(backend):
     """Schema, fake kernel and autograd registration of the backend's torch op, with and without W2."""

@@ -50,6 +50,7 @@ def test_capability_switch_rejects_unknown():
         _C.set_cpu_capability("avx9000")
 
 
+@pytest.mark.slow
 def test_import_without_extension_reports_why():
     code = ("import sys; sys.modules['hcd_fast._C'] = None\n"
             "import hcd_fast\n"
@@ -62,6 +63,7 @@ def test_import_without_extension_reports_why():
     assert out.returncode == 0 and out.stdout.startswith("ok"), out.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("env,expected", [("HCD_FAST_NO_EXT", "building without the C++/CUDA extension"),
                                           ("HCD_FAST_NO_CUDA", "CUDA kernels skipped")])
 def test_setup_env_switches(env, expected):

@@ -167,6 +167,7 @@ class _Recorder(DL.DaliLoader):
             yield batch
 
 
+@pytest.mark.slow
 @needs_dali
 def test_sharding_covers_the_epoch_once_in_the_samplers_order(folder):
     ds = _data(folder).train
@@ -219,6 +220,7 @@ def cache(tmp_path_factory, folder):
     return out
 
 
+@pytest.mark.slow
 @needs_dali
 def test_cache_replay_feeds_the_stored_windows(folder, cache):
     from hcd_fast.distill.teacher.cache import CachedViewDataset, RawSource, TeacherCache, replay_choice

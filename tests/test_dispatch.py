@@ -26,6 +26,7 @@ def test_cuda_backend_available():
     assert status.available, status.reason
 
 
+@pytest.mark.slow
 def test_python_m_hcd_fast_prints_the_report():
     out = subprocess.run([sys.executable, "-m", "hcd_fast"], capture_output=True, text=True, check=True).stdout
     for name in ("reference", "triton", "cuda", "cpu"):
@@ -60,6 +61,7 @@ def test_cuda_backend_refuses_cpu_tensors():
         HF.pool_linear(torch.randn(1, 2, 3, 3), torch.randn(4, 2), torch.randn(4), backend="cuda")
 
 
+@pytest.mark.slow
 def test_env_var_overrides_auto():
     code = ("import torch, hcd_fast.ops.dispatch as d; "
             "print(d.resolve('auto', torch.device('cpu')))")

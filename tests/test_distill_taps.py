@@ -97,6 +97,7 @@ def test_distiller_hcd_equals_hcdloss_on_direct_timm_outputs():
         torch.testing.assert_close(parts[k], v)
 
 
+@pytest.mark.slow
 def test_distill_task_without_timm_task():
     """Older timm (no timm.task, e.g. on another machine): DistillTask falls back to an nn.Module base."""
     import subprocess

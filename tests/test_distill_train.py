@@ -95,14 +95,27 @@ def load(path):
     return safe_load(str(path), "test")  # our own checkpoints load with weights_only=True
 
 
-@pytest.mark.slow
-def test_outputs_and_teacher_from_own_checkpoint(tmp_path):
-    """Train a tiny ViT with --method ce, then use its best.pt as the teacher of an hcd run."""
-    teacher_out = tmp_path / "teacher"
+@pytest.fixture(scope="module")
+def vit_teacher(tmp_path_factory):
+    """A tiny ViT trained with --method ce for 3 steps, plots on: (its folder, its summary)."""
+    out = tmp_path_factory.mktemp("teacher")
     s = run(parse_args(["--student", "vit_tiny_patch16_224", "--student-kwargs",
                         '{"img_size": 16, "patch_size": 4, "depth": 1, "embed_dim": 16, "num_heads": 2}',
                         "--method", "ce", "--epochs", "1", "--max-steps-per-epoch", "3", "--indices", "1",
-                        "--output", str(teacher_out)] + FAST))
+                        "--output", str(out)] + [f for f in FAST if f != "--no-plots"]))
+    return out, s
+
+
+@pytest.mark.slow
+def test_plots_written(vit_teacher):
+    out, _ = vit_teacher
+    assert (out / "loss.png").stat().st_size > 1000 and (out / "accuracy.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_outputs_and_teacher_from_own_checkpoint(tmp_path, vit_teacher):
+    """A tiny ViT trained with --method ce, then its best.pt as the teacher of an hcd run."""
+    teacher_out, s = vit_teacher
     assert s["epochs"] == 1 and s["global_step"] == 3
     # The checkpoint really becomes the teacher: its accuracy on the validation split is the one recorded.
     import timm
@@ -128,13 +141,6 @@ def test_outputs_and_teacher_from_own_checkpoint(tmp_path):
     state = load(out / "last.pt")
     assert {"distiller", "optimizer", "scheduler", "rng", "epoch", "global_step", "args"} <= set(state)
     assert any(k.startswith("criterion.cfms.") for k in state["distiller"])
-
-
-@pytest.mark.slow
-def test_plots_written(tmp_path):
-    run(parse_args(STUDENT + ["--method", "ce", "--img-size", "16", "--batch-size", "32", "--no-progress",
-                              "--epochs", "1", "--max-steps-per-epoch", "1", "--output", str(tmp_path)]))
-    assert (tmp_path / "loss.png").stat().st_size > 1000 and (tmp_path / "accuracy.png").stat().st_size > 1000
 
 
 @pytest.mark.slow

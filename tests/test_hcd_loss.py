@@ -52,6 +52,7 @@ def test_init_follows_spec():
     assert abs(pw.std().item() - (2 / pw.shape[0]) ** 0.5) < 0.35 * (2 / pw.shape[0]) ** 0.5
 
 
+@pytest.mark.slow
 def test_gradcheck_whole_loss_float64():
     torch.manual_seed(1)
     crit = HCDLoss((2, 3), 4, 3, HCDConfig(num_sub_logits=2, temperature=2.0, ortho_threshold=-0.5),
@@ -66,6 +67,7 @@ def test_gradcheck_whole_loss_float64():
     torch.autograd.gradcheck(f, (*feats, zs, *[p.detach().clone().requires_grad_(True) for p in params]))
 
 
+@pytest.mark.slow
 def test_gradcheck_train_mode_float64():
     torch.manual_seed(2)
     crit = HCDLoss((2, 3), 4, 3, HCDConfig(num_sub_logits=2), backend="reference").double().train()
@@ -172,6 +174,7 @@ def test_autocast_bf16_cpu():
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in crit.parameters())
 
 
+@pytest.mark.slow
 def test_torch_compile_fullgraph_cpu():
     torch.manual_seed(8)
     crit = HCDLoss(CHANNELS, TEACHER_DIM, K).eval()
@@ -283,6 +286,7 @@ def test_sync_batchnorm_conversion_keeps_the_loss(monkeypatch):
         assert torch.allclose(x.float(), y.float(), atol=1e-6), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", backend_params(reference=True))
 def test_teacher_outputs_from_inference_mode(backend):
     """Teacher tensors made under torch.inference_mode() (the usual frozen-teacher pattern) are accepted by
@@ -304,6 +308,7 @@ def test_teacher_outputs_from_inference_mode(backend):
     assert all(torch.equal(a, b) for a, b in zip(grads_inf, grads))
 
 
+@pytest.mark.slow
 def test_compiled_first_call_in_a_fresh_process():
     """The first call ever made may be the compiled one: nothing on the traced path imports a module
     (dispatch imports every backend when hcd_fast is imported)."""
@@ -413,8 +418,12 @@ BACKEND_CASES = [
 ]
 
 
+FAST_CASES = [BACKEND_CASES[i] for i in (3, 5)]  # one stage and n = 1; one stage, n = 3, T = 4
+SLOW_CASES = [c for i, c in enumerate(BACKEND_CASES) if i not in (3, 5)]
+
+
 @pytest.mark.parametrize("backend,cfg,training,B,channels,sizes,Dt,K,steps",
-                         over_backends(BACKEND_CASES, jit_gpu_cases=[]))
+                         over_backends(FAST_CASES, jit_gpu_cases=[], slow_cases=SLOW_CASES))
 def test_hcd_loss_matches_reference(backend, cfg, training, B, channels, sizes, Dt, K, steps, no_tf32):
     compare(backend, cfg, training, B, channels, sizes, Dt, K, steps)
 
@@ -427,6 +436,7 @@ def test_hcd_loss_matches_reference_gpu_sizes(backend, sizes, B, floor, no_tf32)
     compare(backend, HCDConfig(), True, B, RESNET[0], sizes, RESNET[2], RESNET[3], 1, floor=floor, fixed=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", backend_params())
 def test_hcd_loss_compiled_fullgraph_matches_eager(backend):
     """torch.compile(fullgraph=True) of the whole criterion (inductor around the custom ops) gives the eager

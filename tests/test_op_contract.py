@@ -137,6 +137,7 @@ def test_no_output_aliases_an_input_or_another_output(backend):
                 seen.add(s)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", FAST)
 def test_opcheck(backend):
     ns = _registered(backend)
@@ -147,6 +148,7 @@ def test_opcheck(backend):
             torch.library.opcheck(getattr(ns, name).default, args)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", FAST)
 def test_compiled_gradients_equal_eager(backend):
     """torch.compile(aot_eager, fullgraph) of each op: forward and every gradient equal eager (fp32, output
@@ -195,6 +197,7 @@ def test_ortho_on_raw_matches_reference(backend, gt_mask):
         assert abs(float(fused["ortho"]) - float(wparts["ortho"])) > 1e-3  # the two choices differ here
 
 
+@pytest.mark.slow
 def test_ortho_on_raw_reference_gradcheck():
     torch.manual_seed(3)
     cfg = HCDConfig(num_sub_logits=3, temperature=2.0, ortho_on="raw", lambda_teacher=0.6, ortho_threshold=-0.3)

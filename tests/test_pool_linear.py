@@ -127,6 +127,7 @@ def test_pool_linear_deterministic(backend, B, C, H, W, D):
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend,shape", over_backends([((2, 3, 2, 3, 4),), ((2, 3, 3, 2, 4),)]))
 def test_pool_linear_gradcheck_fp64(backend, shape):
     """Full Jacobian in float64: channels_last map, W a transposed-storage view."""
@@ -145,6 +146,7 @@ def test_pool_linear_fp64_exact(backend, float_args_as_fp32):
         assert_close(name, g, w, 1e-12, atol=0.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", backend_params())
 def test_pool_linear_opcheck(backend):
     """Schema, fake kernel and autograd registration of the backend's torch op, NCHW and channels_last."""
@@ -155,6 +157,7 @@ def test_pool_linear_opcheck(backend):
                                                        t["b"].requires_grad_()))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", backend_params())
 def test_pool_linear_torch_compile_fullgraph(backend):
     """The custom op traces without a graph break (aot_eager: no codegen) and gives the eager gradients."""

@@ -17,6 +17,7 @@ def _rand(*shape, scale=1.0, dtype=torch.float64, grad=True):
 
 # ---------------------------------------------------------------- gradcheck of every piece (float64)
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gt_mask", ["zero", "none", "large_negative"])
 @pytest.mark.parametrize("n,T", [(1, 1.0), (3, 4.0), (4, 2.0)])
 def test_sub_logit_loss_gradcheck(gt_mask, n, T):

@@ -108,7 +108,9 @@ INTERPRETER_CASES = [CASES[i] for i in (0, 4, 7, 8, 11, 13, 19, 22)]
 # GPU: a few cases (one JIT compile per distinct Triton configuration) and the longest rows.
 GPU_CASES = [CASES[i] for i in (0, 6, 12, 18, 24)] + [((2, 32768, 4, 2, 2.0, "none", False, False),
                                                        "B2-K32768-n4-S2-T2-none")]
-MATCH_PARAMS = [pytest.param(b.values[0], b.values[1], *c, id=f"{b.id}-{cid}", marks=b.marks)
+# The fast lane (pytest -m "not slow") keeps the cases with B * K * n under 4000; the rest are slow.
+MATCH_PARAMS = [pytest.param(b.values[0], b.values[1], *c, id=f"{b.id}-{cid}",
+                             marks=list(b.marks) + ([pytest.mark.slow] if c[0] * c[1] * c[2] >= 4000 else []))
                 for b, case_list in ((CPU_BACKENDS[0], CASES), (CPU_BACKENDS[1], INTERPRETER_CASES),
                                      (GPU_BACKENDS[0], GPU_CASES), (GPU_BACKENDS[1], GPU_CASES))
                 for c, cid in case_list]
@@ -150,6 +152,7 @@ def test_logits_in_the_hundreds_are_stable(backend, device, scale, T):
     check(run(backend, *inputs, cfg, 1.0), truth(*inputs, cfg, 1.0))
 
 
+@pytest.mark.slow
 def test_k_loop_triton(monkeypatch):
     """Triton with BLOCK_K = 16 < K = 100 in both kernels: every K loop runs several blocks, ragged tail."""
     if "cpu" not in REPORT["triton"].devices:
@@ -165,6 +168,7 @@ def test_k_loop_triton(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- precision
+@pytest.mark.slow
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("mode", ["zero", "none", "large_negative"])
 def test_gradcheck_fp64(backend, device, mode):
@@ -196,6 +200,7 @@ def test_fp64_scalars_are_exact(backend, device):
     check(got, truth(*inputs, cfg, 0.37), rtol=1e-12, dtype=torch.float64)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B,K,n,S", [(3, 1001, 4, 4), (37, 100, 2, 1)])
@@ -366,6 +371,7 @@ def _raw_args(device, requires_grad):
     return sub, zs, zt, y
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_opcheck_both_ops(backend, device):
     ns = {"triton": torch.ops.hcd_triton, "cpu": torch.ops.hcd_fast, "cuda": torch.ops.hcd_fast}[backend]
@@ -381,6 +387,7 @@ def test_opcheck_both_ops(backend, device):
             torch.library.opcheck(ns.sub_logit_loss_backward.default, bwd_args)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_torch_compile_fullgraph(backend, device):
     """The forward op, its registered autograd and the backward op trace without a graph break (aot_eager:

@@ -144,6 +144,7 @@ def main():
     print(json.dumps(results))
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_sm90_without_spills():
     pytest.importorskip("triton.backends.nvidia.compiler")
     env = dict(os.environ, TRITON_INTERPRET="0")

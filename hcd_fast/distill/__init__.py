@@ -13,6 +13,6 @@ from hcd_fast.distill.errors import TrainingError, UserError
 from hcd_fast.distill.taps import StudentTap, probe_student
 from hcd_fast.distill.teacher.tap import TeacherTap, probe_teacher
 
-__all__ = ["METHODS", "CELoss", "KDLoss", "DKDLoss", "OFALoss", "Distiller", "DistillTask", "HCDTask", "DKDOptions",
-           "OFAOptions", "build_criterion", "get_method", "TrainStep", "StepOutput", "HAS_TIMM_TASK", "StudentTap", "TeacherTap", "probe_student", "probe_teacher",
-           "UserError", "TrainingError"]
+__all__ = ["METHODS", "CELoss", "KDLoss", "DKDLoss", "OFALoss", "DKDOptions", "OFAOptions", "build_criterion",
+           "get_method", "Distiller", "DistillTask", "HCDTask", "HAS_TIMM_TASK", "TrainStep", "StepOutput",
+           "StudentTap", "TeacherTap", "probe_student", "probe_teacher", "UserError", "TrainingError"]

@@ -129,8 +129,9 @@ class TrainConfig:
                                             kind="indices")
     drop_path: float = option(0.0, "student drop-path rate", ge=0.0, lt=1.0, group="models")
     # method and loss (the HCDConfig flags and the methods' own follow --backend in the parser)
-    method: str = option("hcd", "hcd, or the baselines ce (student alone), kd (Hinton et al. 2015), dkd (decoupled KD, Zhao et al. 2022), ofa "
-                         "(OFA-KD)", group="method and loss", choices=METHODS)
+    method: str = option("hcd", "hcd, or the baselines ce (student alone), kd (Hinton et al. 2015), dkd (decoupled "
+                         "KD, Zhao et al. 2022), ofa (OFA-KD, Hao et al. 2023)", group="method and loss",
+                         choices=METHODS)
     backend: str = option("auto", "hcd_fast backend: auto (fused when available), reference, triton, cuda, cpu",
                           group="method and loss")
     loss: HCDConfig = field(default_factory=HCDConfig, metadata={"nested": True})

@@ -234,7 +234,8 @@ def _class_difference(a: list, b: list, name_a: str, name_b: str) -> str:
     """Which class folders differ between two splits, named (a few), for the error message."""
     only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
     show = lambda names: ", ".join(repr(n) for n in names[:5]) + (" ..." if len(names) > 5 else "")  # noqa: E731
-    parts = [f"only in {name_a}: {show(only_a)}" if only_a else "", f"only in {name_b}: {show(only_b)}" if only_b else ""]
+    parts = [f"only in {name_a}: {show(only_a)}" if only_a else "",
+             f"only in {name_b}: {show(only_b)}" if only_b else ""]
     return "; ".join(p for p in parts if p) or f"{name_a} has {len(a)} classes, {name_b} has {len(b)}"
 
 

@@ -64,7 +64,8 @@ class Trainer:
                 "optimizer": p.optimizer.state_dict(),
                 "scheduler": p.scheduler.state_dict() if p.scheduler is not None else None,
                 "scaler": p.scaler.state_dict() if p.scaler is not None else None, "rng": rngs,
-                "part_names": list(p.part_names), "num_classes": p.num_classes, "student_channels": list(p.channels)}
+                "part_names": list(p.part_names), "num_classes": p.num_classes,
+                "student_channels": list(p.channels)}
 
     def _main_writes(self, write) -> Optional[UserError]:
         """Run ``write`` on rank 0; its UserError (a failed write) is returned for ``ctx.raise_any``."""
@@ -252,8 +253,9 @@ class Trainer:
                "train_loss": mean(totals[0]), "train_top1": mean(100.0 * totals[1])}
         row.update({f"train_{k}": mean(v) for k, v in zip(self.parts.part_names, totals[2:-1])})
         ctx.broadcast_buffers(unwrap(self.parts.task.trainable_module))
-        row.update(evaluate(self.parts.task.get_eval_model(), self.parts.val_loader, self.device, self.parts.step.autocast,
-                            self.parts.channels_last, ctx, on_bad=lambda bad: self._record_bad(state, bad)))
+        row.update(evaluate(self.parts.task.get_eval_model(), self.parts.val_loader, self.device,
+                            self.parts.step.autocast, self.parts.channels_last, ctx,
+                            on_bad=lambda bad: self._record_bad(state, bad)))
         row.update({"epoch_seconds": epoch_seconds, "images_per_s": count * ctx.world / max(epoch_seconds, 1e-9)})
         state.history.append(row)
         improved = row["val_top1"] is not None and (state.best_top1 is None or row["val_top1"] > state.best_top1)

@@ -1,6 +1,6 @@
-"""Distillation methods (hcd and the baselines it is published against): one module per method, each defining ``METHOD``; a new method is a
-new module here plus its name in ``_MODULES``. The CLI flags, the trainer and the checkpoint read them
-from this registry."""
+"""Distillation methods (hcd and the baselines it is published against): one module per method, each
+defining ``METHOD``; a new method is a new module here plus its name in ``_MODULES``. The CLI flags, the
+trainer and the checkpoint read them from this registry."""
 from __future__ import annotations
 
 import importlib

@@ -65,8 +65,9 @@ def check_output(path: str, overwrite: bool) -> None:
         return
     names = sorted(os.listdir(path))
     if names and not overwrite:
+        listed = ", ".join(names[:5]) + ("..." if len(names) > 5 else "")
         what = ("already holds a teacher cache" if "meta.json" in names
-                else f"is not empty and holds no teacher cache ({', '.join(names[:5])}{'...' if len(names) > 5 else ''})")
+                else f"is not empty and holds no teacher cache ({listed})")
         raise UserError(f"--output {path!r} {what}; choose another folder, or pass --overwrite to replace "
                         f"{', '.join(CACHE_FILES)} there")
     if overwrite:
