@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 # The development machines install these from local disk; the GPU machine uses its own torch
 # (benchmarks/gpu_check.sh), which pyproject's range also admits.
 TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
-DEPS := timm numpy tqdm pytest pytest-benchmark ninja pybind11 matplotlib scikit-learn setuptools wheel
+DEPS := timm numpy tqdm pytest ninja pybind11 matplotlib scikit-learn setuptools wheel
 # hcd-distill --loader dali (pyproject's [dali] extra, ~200 MB): make test runs its loader tests on DALI's CPU backend.
 DALI_PKGS ?= nvidia-dali-cuda130==2.4.0
 # The C++/CUDA extension build (see setup.py): Hopper by default, every core.

@@ -13,8 +13,9 @@ import torch
 
 from benchmarks import cases as C
 from benchmarks import steps as ST
-from benchmarks.__main__ import _selected
-from benchmarks.common import SCHEMA_VERSION, fused_providers, select_providers
+from benchmarks.env import SCHEMA_VERSION
+from benchmarks.providers import fused_providers, select_providers, unavailable_reason
+from benchmarks.runner import selected as _selected
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -172,6 +173,12 @@ def test_selection():
     assert "triton" not in select_providers(None, cpu)  # the interpreter is not timed
     with pytest.raises(ValueError, match="unknown provider"):
         select_providers("eager,fast", cpu)
+    # every provider by default: the stock baselines, each backend alone, under torch.compile, in a CUDA graph
+    assert select_providers(None, cpu) == ["eager", "compile", "compile-ro", "cpu", "cpu+compile", "cpu+graph"]
+    assert select_providers("fused+graph,cuda+compile", cpu) == ["cpu+graph", "cuda+compile"]
+    assert "CUDA graphs" in unavailable_reason("cpu+graph", cpu)
+    assert "reduce-overhead" in unavailable_reason("compile-ro", cpu)
+    assert unavailable_reason("cpu+compile", cpu) is None
 
 
 def test_readme_summary_renders_from_committed_results():
@@ -190,7 +197,7 @@ def test_readme_summary_renders_from_committed_results():
 
 def test_git_commit_prefers_the_callers_commit(monkeypatch):
     # A tree copied to a GPU machine can carry a stale .git: the caller's HCD_GIT_COMMIT wins, dirty unknown.
-    from benchmarks.common import git_commit
+    from benchmarks.env import git_commit
     monkeypatch.setenv("HCD_GIT_COMMIT", "0123abcd")
     assert git_commit() == {"git_commit": "0123abcd", "git_dirty": None}
     monkeypatch.delenv("HCD_GIT_COMMIT")
@@ -234,8 +241,8 @@ def test_compare_committed_cpu_run_with_itself():
     for r in records:
         row = stored[(r["case"], r["provider"])]
         assert r["old_vs_eager"] == pytest.approx(row.get("speedup_vs_eager") or row["speedup_vs_hcd_ref"])
-        if r["old_vs_compile"] is not None:
-            assert r["old_vs_compile"] == pytest.approx(row["speedup_vs_compile"])
+        if r["old_vs_stock"] is not None:  # the committed run predates compile-ro: stock = compile
+            assert r["old_vs_stock"] == pytest.approx(row["speedup_vs_compile"])
 
 
 @pytest.mark.slow

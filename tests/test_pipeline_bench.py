@@ -36,6 +36,7 @@ def quick(tmp_path_factory):
         return out, data, json.load(f)
 
 
+@pytest.mark.slow
 def test_outputs_and_rows(quick):
     out, _, res = quick
     assert res["complete"] is True and res["suite"] == "pipeline" and res["profile"] == "quick"
@@ -54,6 +55,7 @@ def test_outputs_and_rows(quick):
         assert by[name]["median_ms"] > 0 and by[name]["first_call_s"] > 0
 
 
+@pytest.mark.slow
 def test_ratios_and_breakdown_follow_the_rows(quick):
     _, _, res = quick
     by = {r["component"]: r for r in res["rows"] if r["status"] == "ok"}
@@ -81,6 +83,7 @@ def test_ratios_and_breakdown_follow_the_rows(quick):
         assert b["teacher_ms_per_img"] + b["student_head_ms_per_img"] >= b["step_ms_per_img"] - 1e-9
 
 
+@pytest.mark.slow
 def test_synthetic_imagefolder_is_deterministic_and_reused(quick, tmp_path):
     _, data, res = quick
     folder = res["data"]["root"]

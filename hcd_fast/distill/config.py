@@ -183,6 +183,10 @@ class TrainConfig:
     channels_last: str = option("auto", "channels_last memory format (auto: on for CUDA)", group="speed",
                                 choices=SWITCH)
     compile: bool = option(False, "torch.compile the student and teacher forwards", group="speed")
+    cuda_graph: bool = option(False, "capture the training step (teacher forward unless cached, student, head, loss, "
+                              "backward) in one CUDA graph after 3 warm-up steps and replay it; the optimizer step "
+                              "runs after each replay. CUDA only, one process, fixed batch; not with --compile, "
+                              "--teacher-compile on or --skip-nonfinite", group="speed")
     teacher_bf16: str = _teacher_bf16("teacher weights cast to bf16, fp32 outputs (auto: on under bf16 autocast "
                                       "on CUDA)")
     teacher_channels_last: str = _teacher_channels_last()
@@ -327,5 +331,5 @@ class CacheConfig:
 OPERATIONAL_ARGS = frozenset({
     "output", "resume", "overwrite", "allow_changed_args", "workers", "threads", "device", "channels_last",
     "compile", "backend", "log_interval", "ckpt_interval", "ckpt_minutes", "stop_after_steps", "no_progress",
-    "no_plots", "find_unused_parameters", "skip_nonfinite", "preset"})
+    "no_plots", "find_unused_parameters", "skip_nonfinite", "preset", "cuda_graph"})
 IDENTITY_ARGS = ("method", "teacher", "student")  # a resume with other values is always refused

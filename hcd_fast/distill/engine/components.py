@@ -152,6 +152,12 @@ def build_optim(cfg: TrainConfig, distiller: nn.Module, steps_per_epoch: int):
 
 def build_components(cfg: TrainConfig, ctx: DistContext, device: torch.device) -> Components:
     """Every part of a run, checked (UserError) before the first step."""
+    if cfg.cuda_graph:
+        from hcd_fast.distill.engine.graph_step import problems
+        found = problems(device, ctx.enabled, cfg.skip_nonfinite, cfg.compile,
+                         cfg.teacher_compile == "on" or (cfg.teacher_compile == "auto" and cfg.compile))
+        if found:
+            raise UserError("--cuda-graph: " + "; ".join(found))
     data_cfg, data = build_run_data(cfg)
     seed_everything(cfg.seed)
     teacher, teacher_dim, distiller, channels = build_models(cfg, data.num_classes, device, data_cfg, data.input_size)
@@ -169,6 +175,9 @@ def build_components(cfg: TrainConfig, ctx: DistContext, device: torch.device) -
         onednn_amx.warn_amx_bf16_once()
     step = TrainStep(task, optimizer, device=device, amp_dtype=amp_dtype, scaler=scaler, channels_last=channels_last,
                      clip_grad=cfg.clip_grad, skip_nonfinite=bool(cfg.skip_nonfinite), reduce_max=ctx.all_max)
+    if cfg.cuda_graph:
+        from hcd_fast.distill.engine.graph_step import GraphedTrainStep
+        step = GraphedTrainStep(step)
     return Components(data_cfg, data, data.num_classes, channels, step.part_names, distiller, task, channels_last,
                       local_bs, steps, sampler, gen, train_loader, val_loader, optimizer, scheduler, scaler, step,
                       amx_note)
