@@ -365,6 +365,7 @@ def test_cfm_stacked_autocast_matches_per_stage(backend):
             assert_close(f"stage {s} {NAMES[k]}", got[k][s], g, 2 * UNIT_ROUNDOFF[torch.bfloat16])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", backend_params())
 def test_cfm_stacked_gradcheck_fp64(backend):
     t = {k: None if v is None else v.to(backend.device) for k, v in stacked_inputs(2, 3, 4, 5, 6, 2, 3).items()}
@@ -376,6 +377,7 @@ def test_cfm_stacked_gradcheck_fp64(backend):
     assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", backend_params())
 def test_cfm_stacked_opcheck(backend):
     ns = torch.ops.hcd_triton if backend.name == "triton" else torch.ops.hcd_fast
