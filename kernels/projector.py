@@ -430,6 +430,8 @@ def projector_dwconv_forward(x, weight, scale, shift, stride: int):
         return out
     w = weight.reshape(channels, 9).contiguous()
     prologue = scale is not None
+    if prologue:
+        scale, shift = scale.contiguous(), shift.contiguous()
     block_p, block_c = _dw_blocks(channels)
     projector_dwconv_fwd_kernel[(triton.cdiv(p, block_p), triton.cdiv(channels, block_c))](
         x, w, scale if prologue else w, shift if prologue else w, out, p, channels, height, width, ho, wo,
@@ -456,6 +458,8 @@ def projector_dwconv_backward(grad, x, weight, scale, shift, stride: int):
     if q == 0 or channels == 0:
         return dx, dweight.zero_(), dscale.zero_(), dshift.zero_()
     w = weight.reshape(channels, 9).contiguous()
+    if prologue:
+        scale, shift = scale.contiguous(), shift.contiguous()
     block_p, block_c = _dw_blocks(channels)
     tiles = triton.cdiv(q, block_p)
     part = torch.empty((tiles, 11 * channels), device=x.device, dtype=acc_dtype)
@@ -520,6 +524,8 @@ def projector_pwconv_backward(grad_y, grad_scale, grad_shift, a, weight, y, bn_w
     acc, acc_dtype = _acc(save_mean.dtype)
     dev = a.device
     m = batch * height * width
+    # (C,) gradients may come expanded from a sum (stride 0): the per-channel kernel reads them densely.
+    grad_scale, grad_shift = grad_scale.contiguous(), grad_shift.contiguous()
     gweight = torch.empty(bn_weight.shape, device=dev, dtype=bn_weight.dtype)
     gbias = torch.empty(bn_weight.shape, device=dev, dtype=bn_weight.dtype)
     coef = torch.empty((2, c_out), device=dev, dtype=acc_dtype)
