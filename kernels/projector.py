@@ -88,62 +88,72 @@ def projector_dwconv_fwd_kernel(
 @triton.jit
 def projector_dwconv_bwd_kernel(
     g_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, dx_ptr, part_ptr,
-    Q, C, H, W, HO, WO,
+    Q, C, H, W, HO, WO, ITERS,
     stride_gb, stride_gc, stride_gh, stride_gw,
     stride_xb, stride_xc, stride_xh, stride_xw,
     stride_db, stride_dc, stride_dh, stride_dw,
     STRIDE: tl.constexpr, PROLOGUE: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """Grid (cdiv(B*H*W, BLOCK_P), cdiv(C, BLOCK_C)) over input positions: gz = sum over the outputs o with
-    o*s - 1 + k = i of w[c, k] g[o]; dx = scale * [BN output > 0] * gz (gz without a prologue). Per-tile
-    partials, row ``tile`` of part (T, 11 C): [9 c + k] = sum z g_k, [9 C + c] = d scale, [10 C + c] = d shift."""
+    """Grid (T, cdiv(C, BLOCK_C)) over input positions, ITERS tiles of BLOCK_P per program: gz = sum over the
+    outputs o with o*s - 1 + k = i of w[c, k] g[o]; dx = scale * [BN output > 0] * gz (gz without a prologue).
+    Per-program partials, row ``tile`` of part (T, 11 C): [9 c + k] = sum z g_k, [9 C + c] = d scale,
+    [10 C + c] = d shift."""
     tile = tl.program_id(0).to(tl.int64)
-    q = tile * BLOCK_P + tl.arange(0, BLOCK_P)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    q_ok = q < Q
     c_ok = c < C
-    m = q_ok[:, None] & c_ok[None, :]
-    iw = q % W
-    t = q // W
-    ih = t % H
-    b = t // H
     c64 = c[None, :].to(tl.int64)
-    v = tl.load(x_ptr + (b * stride_xb + ih * stride_xh + iw * stride_xw)[:, None] + c64 * stride_xc,
-                mask=m, other=0.0).to(ACC)
     if PROLOGUE:
         scale = tl.load(scale_ptr + c, mask=c_ok, other=0.0).to(ACC)
         shift = tl.load(shift_ptr + c, mask=c_ok, other=0.0).to(ACC)
-        pre = v * scale[None, :] + shift[None, :]
-        pos = m & (pre > 0.0)
-        z = tl.where(pos, pre, 0.0)
-    else:
-        z = v
-    gb = g_ptr + b[:, None] * stride_gb + c64 * stride_gc
-    gz = tl.zeros([BLOCK_P, BLOCK_C], ACC)
     part = part_ptr + tile * (11 * C)
-    for kh in tl.static_range(3):
-        hn = ih + 1 - kh  # = oh * STRIDE for the output this tap feeds
-        oh = tl.where(hn >= 0, hn, 0) // STRIDE
-        h_ok = (hn >= 0) & (oh * STRIDE == hn) & (oh < HO)
-        for kw in tl.static_range(3):
-            wn = iw + 1 - kw
-            ow = tl.where(wn >= 0, wn, 0) // STRIDE
-            ok = q_ok & h_ok & (wn >= 0) & (ow * STRIDE == wn) & (ow < WO)
-            mk = ok[:, None] & c_ok[None, :]
-            g = tl.load(gb + (oh * stride_gh + ow * stride_gw)[:, None], mask=mk, other=0.0).to(ACC)
-            wk = tl.load(w_ptr + c * 9 + (kh * 3 + kw), mask=c_ok, other=0.0).to(ACC)
-            gz += g * wk[None, :]
-            tl.store(part + c * 9 + (kh * 3 + kw), tl.sum(z * g, 0), mask=c_ok)
-    if PROLOGUE:
-        gm = tl.where(pos, gz, 0.0)
-        tl.store(part + 9 * C + c, tl.sum(gm * v, 0), mask=c_ok)
-        tl.store(part + 10 * C + c, tl.sum(gm, 0), mask=c_ok)
-        dx = gm * scale[None, :]
-    else:
-        dx = gz
-    tl.store(dx_ptr + (b * stride_db + ih * stride_dh + iw * stride_dw)[:, None] + c64 * stride_dc,
-             dx.to(dx_ptr.dtype.element_ty), mask=m)
+    taps = tl.arange(0, 16)
+    acc_w = tl.zeros([16, BLOCK_C], ACC)  # row k: sum z g of tap k (rows 9..15 unused)
+    acc_s = tl.zeros([BLOCK_C], ACC)
+    acc_h = tl.zeros([BLOCK_C], ACC)
+    for it in range(0, ITERS):
+        q = (tile * ITERS + it) * BLOCK_P + tl.arange(0, BLOCK_P)
+        q_ok = q < Q
+        m = q_ok[:, None] & c_ok[None, :]
+        iw = q % W
+        t = q // W
+        ih = t % H
+        b = t // H
+        v = tl.load(x_ptr + (b * stride_xb + ih * stride_xh + iw * stride_xw)[:, None] + c64 * stride_xc,
+                    mask=m, other=0.0).to(ACC)
+        if PROLOGUE:
+            pre = v * scale[None, :] + shift[None, :]
+            pos = m & (pre > 0.0)
+            z = tl.where(pos, pre, 0.0)
+        else:
+            z = v
+        gb = g_ptr + b[:, None] * stride_gb + c64 * stride_gc
+        gz = tl.zeros([BLOCK_P, BLOCK_C], ACC)
+        for kh in tl.static_range(3):
+            hn = ih + 1 - kh  # = oh * STRIDE for the output this tap feeds
+            oh = tl.where(hn >= 0, hn, 0) // STRIDE
+            h_ok = (hn >= 0) & (oh * STRIDE == hn) & (oh < HO)
+            for kw in tl.static_range(3):
+                wn = iw + 1 - kw
+                ow = tl.where(wn >= 0, wn, 0) // STRIDE
+                ok = q_ok & h_ok & (wn >= 0) & (ow * STRIDE == wn) & (ow < WO)
+                g = tl.load(gb + (oh * stride_gh + ow * stride_gw)[:, None], mask=ok[:, None] & c_ok[None, :],
+                            other=0.0).to(ACC)
+                wk = tl.load(w_ptr + c * 9 + (kh * 3 + kw), mask=c_ok, other=0.0).to(ACC)
+                gz += g * wk[None, :]
+                acc_w += tl.where(taps[:, None] == kh * 3 + kw, tl.sum(z * g, 0)[None, :], 0.0)
+        if PROLOGUE:
+            gm = tl.where(pos, gz, 0.0)
+            acc_s += tl.sum(gm * v, 0)
+            acc_h += tl.sum(gm, 0)
+            dx = gm * scale[None, :]
+        else:
+            dx = gz
+        tl.store(dx_ptr + (b * stride_db + ih * stride_dh + iw * stride_dw)[:, None] + c64 * stride_dc,
+                 dx.to(dx_ptr.dtype.element_ty), mask=m)
+    tl.store(part + c[None, :] * 9 + taps[:, None], acc_w, mask=(taps < 9)[:, None] & c_ok[None, :])
+    tl.store(part + 9 * C + c, acc_s, mask=c_ok)
+    tl.store(part + 10 * C + c, acc_h, mask=c_ok)
 
 
 @triton.jit
@@ -402,8 +412,17 @@ def _channels_last_2d(t: torch.Tensor):
 
 
 def _dw_blocks(channels: int):
+    """(BLOCK_P, BLOCK_C): 1024-element tiles, up to 64 channels wide (one 128-byte bf16 row per position)."""
     block_c = min(triton.next_power_of_2(channels), 64)
-    return max(16, 2048 // block_c), block_c
+    return max(16, 1024 // block_c), block_c
+
+
+# Programs of the dwconv backward: about 8 per H100 SM (132) over (position tiles, channel blocks); each writes
+# one row of weight/scale/shift partials, so the partials stay ~1056 x 11 x 64 values whatever the map size.
+_DW_BWD_PROGRAMS = 1056
+# Programs of the pointwise weight gradient: ~2 per H100 SM over (C_out tiles, C_in tiles, row splits); each split
+# writes one (C_out, C_in) fp32 partial. Both counts are functions of the shape only (deterministic results).
+_WGRAD_PROGRAMS = 264
 
 
 def _reduce(part: torch.Tensor, outs, acc):
@@ -461,12 +480,15 @@ def projector_dwconv_backward(grad, x, weight, scale, shift, stride: int):
     if prologue:
         scale, shift = scale.contiguous(), shift.contiguous()
     block_p, block_c = _dw_blocks(channels)
-    tiles = triton.cdiv(q, block_p)
+    c_blocks = triton.cdiv(channels, block_c)
+    p_tiles = triton.cdiv(q, block_p)
+    iters = triton.cdiv(p_tiles, max(1, min(p_tiles, triton.cdiv(_DW_BWD_PROGRAMS, c_blocks))))
+    tiles = triton.cdiv(p_tiles, iters)
     part = torch.empty((tiles, 11 * channels), device=x.device, dtype=acc_dtype)
-    projector_dwconv_bwd_kernel[(tiles, triton.cdiv(channels, block_c))](
+    projector_dwconv_bwd_kernel[(tiles, c_blocks)](
         grad, x, w, scale if prologue else w, shift if prologue else w, dx, part, q, channels, height, width,
-        ho, wo, *grad.stride(), *x.stride(), *dx.stride(), STRIDE=stride, PROLOGUE=prologue, ACC=acc,
-        BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
+        ho, wo, iters, *grad.stride(), *x.stride(), *dx.stride(), STRIDE=stride, PROLOGUE=prologue, ACC=acc,
+        BLOCK_P=block_p, BLOCK_C=block_c, num_warps=8)
     if prologue:
         _reduce(part, [dweight, dscale, dshift], acc)
     else:
@@ -474,12 +496,16 @@ def projector_dwconv_backward(grad, x, weight, scale, shift, stride: int):
     return dx, dweight, dscale, dshift
 
 
-def _gemm_blocks(m: int, n: int, k: int):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps): tl.dot needs every dimension >= 16."""
-    block_n = max(16, min(128, triton.next_power_of_2(n)))
-    block_k = max(16, min(64, triton.next_power_of_2(k)))
-    block_m = 128 if m >= 128 * 132 and block_n >= 64 else 64
-    return block_m, block_n, block_k, 8 if block_m * block_n >= 128 * 128 else 4
+def _gemm_blocks(dtype, rows: int, cols: int, red: int):
+    """(BLOCK_rows, BLOCK_cols, BLOCK_red, num_warps) of a GEMM tile: rows x cols outputs, red the reduction
+    chunk; tl.dot needs every dimension >= 16. bf16/fp16: 64 x up to 128 outputs, chunks of 32; fp32/fp64 (no
+    tensor-core inputs, IEEE products): 64 x up to 64, chunks of 16. Sized to stay within 255 registers per
+    thread without spilling (tests/test_triton_compile.py)."""
+    wide = dtype in (torch.bfloat16, torch.float16)
+    block_r = 64
+    block_c = max(16, min(128 if wide else 64, triton.next_power_of_2(cols)))
+    block_k = max(16, min(32 if wide else 16, triton.next_power_of_2(red)))
+    return block_r, block_c, block_k, 8 if block_r * block_c >= 64 * 128 else 4
 
 
 def projector_pwconv_forward(a, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
@@ -494,7 +520,7 @@ def projector_pwconv_forward(a, weight, bn_weight, bn_bias, running_mean, runnin
     a2, sam, sak = _channels_last_2d(a)
     m = batch * height * width
     y = torch.empty((batch, c_out, height, width), device=dev, dtype=a.dtype, memory_format=torch.channels_last)
-    block_m, block_n, block_k, warps = _gemm_blocks(m, c_out, c_in)
+    block_m, block_n, block_k, warps = _gemm_blocks(a.dtype, m, c_out, c_in)
     tiles = triton.cdiv(m, block_m)
     psum = torch.empty((tiles if training else 0, c_out), device=dev, dtype=acc_dtype)
     pm2 = torch.empty_like(psum)
@@ -543,7 +569,7 @@ def projector_pwconv_backward(grad_y, grad_scale, grad_shift, a, weight, y, bn_w
     g2, sgm, sgn = _channels_last_2d(grad_y)
     y2, sym, syn = _channels_last_2d(y)
     prec = _dot_precision(a.dtype)
-    block_m, block_n, block_k, warps = _gemm_blocks(m, c_out, c_in)
+    block_m, block_k, block_n, warps = _gemm_blocks(a.dtype, m, c_in, c_out)  # d a: (M, C_in) tiles over C_out
     da_cl = da if da.is_contiguous(memory_format=torch.channels_last) else \
         torch.empty(a.shape, device=dev, dtype=a.dtype, memory_format=torch.channels_last)
     projector_pwconv_dgrad_kernel[(triton.cdiv(m, block_m), triton.cdiv(c_in, block_k))](
@@ -552,9 +578,13 @@ def projector_pwconv_backward(grad_y, grad_scale, grad_shift, a, weight, y, bn_w
         BLOCK_K=block_k, num_warps=warps)
     if da_cl is not da:
         da.copy_(da_cl)
+    block_n, block_k, block_m, warps = _gemm_blocks(a.dtype, c_out, c_in, m)  # d W: (C_out, C_in) tiles over M
+    block_n = min(block_n, 64)
+    block_m = max(block_m, 32)
+    warps = 4
     tiles_nk = triton.cdiv(c_out, block_n) * triton.cdiv(c_in, block_k)
     row_tiles = triton.cdiv(m, block_m)
-    splits = max(1, min(row_tiles, 264 // tiles_nk))  # ~2 programs per H100 SM, a function of the shape only
+    splits = max(1, min(row_tiles, _WGRAD_PROGRAMS // tiles_nk))
     rows_per_split = triton.cdiv(row_tiles, splits) * block_m
     splits = triton.cdiv(m, rows_per_split)
     part = torch.empty((splits, c_out * c_in), device=dev, dtype=acc_dtype)

@@ -180,6 +180,26 @@ def test_projector_pwconv_dtypes(backend, B, Ci, Co, H, W, training, dtype):
         within_twice(name, g, r, w, floor)
 
 
+@pytest.mark.parametrize("backend", over_backends([()], names=TRITON))
+def test_projector_backward_with_few_programs(backend, monkeypatch):
+    """With few programs each dwconv-backward program loops over several position tiles and each pointwise
+    weight-gradient split over several row tiles (the H100 program counts give one tile each at test shapes)."""
+    from hcd_fast.kernels import projector as kp
+
+    monkeypatch.setattr(kp, "_DW_BWD_PROGRAMS", 2)
+    monkeypatch.setattr(kp, "_WGRAD_PROGRAMS", 2)
+    t = dw_inputs(2, 5, 13, 11, seed=21)
+    got, _ = dw_run(_ops(backend).projector_dwconv, backend.device, t, 1, True, "nhwc", torch.float32)
+    want, _ = dw_run(R.projector_dwconv, backend.device, t, 1, True, "nchw", torch.float64)
+    for name, g, w in zip(DW_NAMES, got, want):
+        assert_close(name, g, w, 1e-5, atol=1e-7)
+    t = pw_inputs(3, 5, 6, 13, 11, seed=22)
+    got, _ = pw_run(_ops(backend).projector_pwconv, backend.device, t, 1, True, 0.1, "nhwc", torch.float32)
+    want, _ = pw_run(R.projector_pwconv, backend.device, t, 1, True, 0.1, "nchw", torch.float64)
+    for name, g, w in zip(PW_NAMES, got, want):
+        assert_close(name, g, w, 2e-5, atol=1e-7)
+
+
 # ------------------------------------------------------------------------------ a block against nn modules
 def block_step(block, x, gout, ops):
     """One SepConv block through the fused ops (ops given) or its nn modules (ops None): relu(bn2(...)) and the
