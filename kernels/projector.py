@@ -404,11 +404,12 @@ def _dot_dtype(dtype):
 
 
 def _channels_last_2d(t: torch.Tensor):
-    """A (B, C, H, W) map as (B*H*W, C) with its row and column strides, copied to channels_last only when it is
-    not already dense channels_last."""
+    """A (B, C, H, W) map as (B*H*W, C) with its row and column strides (C, 1), copied to channels_last only when
+    it is not already dense channels_last. (The strides of size-1 dims say nothing: a (B, C, 1, 1) map with NCHW
+    strides is dense channels_last too, with stride(3) = 1.)"""
     if not t.is_contiguous(memory_format=torch.channels_last):
         t = t.contiguous(memory_format=torch.channels_last)
-    return t, t.stride(3), t.stride(1)
+    return t, t.shape[1], 1
 
 
 def _dw_blocks(channels: int):
@@ -527,7 +528,7 @@ def projector_pwconv_forward(a, weight, bn_weight, bn_bias, running_mean, runnin
     if m > 0:
         projector_pwconv_fwd_kernel[(tiles, triton.cdiv(c_out, block_n))](
             a2, weight, y, psum if training else y, pm2 if training else y, m, c_out, c_in, sam, sak,
-            *weight.stride(), y.stride(3), y.stride(1), STATS=bool(training), ACC=acc,
+            *weight.stride(), c_out, 1, STATS=bool(training), ACC=acc,
             DOT_PRECISION=_dot_precision(a.dtype), DOT_DTYPE=_dot_dtype(a.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
             num_warps=warps)
     save_mean, save_rstd, scale, shift = (torch.empty((c_out,), device=dev, dtype=acc_dtype) for _ in range(4))
@@ -573,8 +574,7 @@ def projector_pwconv_backward(grad_y, grad_scale, grad_shift, a, weight, y, bn_w
     da_cl = da if da.is_contiguous(memory_format=torch.channels_last) else \
         torch.empty(a.shape, device=dev, dtype=a.dtype, memory_format=torch.channels_last)
     projector_pwconv_dgrad_kernel[(triton.cdiv(m, block_m), triton.cdiv(c_in, block_k))](
-        g2, y2, coef, weight, da_cl, m, c_out, c_in, sgm, sgn, sym, syn, *weight.stride(), da_cl.stride(3),
-        da_cl.stride(1), RECOMPUTE=bool(training), ACC=acc, DOT_PRECISION=prec, DOT_DTYPE=_dot_dtype(a.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
+        g2, y2, coef, weight, da_cl, m, c_out, c_in, sgm, sgn, sym, syn, *weight.stride(), c_in, 1, RECOMPUTE=bool(training), ACC=acc, DOT_PRECISION=prec, DOT_DTYPE=_dot_dtype(a.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_K=block_k, num_warps=warps)
     if da_cl is not da:
         da.copy_(da_cl)

@@ -68,7 +68,8 @@ DW_NAMES = ("out", "d x", "d weight", "d scale", "d shift")
 # B, C, H, W, stride, prologue, layout: odd channel counts (3, 5, 37: several channel tiles), odd maps (7, 13),
 # stride 1 and 2, a projector's first block (no prologue) and later ones.
 DW_CASES = [(2, 3, 7, 7, 2, False, "nchw"), (2, 5, 7, 7, 1, True, "nhwc"), (1, 37, 13, 13, 2, True, "nhwc"),
-            (3, 5, 13, 7, 2, True, "strided"), (2, 3, 13, 13, 1, False, "sliced"), (1, 70, 7, 5, 1, True, "nhwc")]
+            (3, 5, 13, 7, 2, True, "strided"), (2, 3, 13, 13, 1, False, "sliced"), (1, 70, 7, 5, 1, True, "nhwc"),
+            (4, 6, 2, 2, 2, True, "nhwc"), (4, 6, 1, 1, 1, True, "nchw")]  # the last blocks of a small map: 2 -> 1
 
 
 @pytest.mark.parametrize("backend,B,C,H,W,stride,prologue,kind", over_backends(DW_CASES, names=TRITON))
@@ -143,7 +144,8 @@ PW_NAMES = ("y", "scale", "shift", "d a", "d weight", "d bn_weight", "d bn_bias"
 # multiple of the row tile, momentum None (cumulative average from num_batches_tracked), eval.
 PW_CASES = [(2, 3, 5, 7, 7, 2, True, 0.1, "nhwc"), (3, 5, 37, 7, 5, 3, True, None, "nchw"),
             (2, 37, 3, 13, 13, 1, True, 0.3, "strided"), (2, 5, 37, 7, 7, 1, False, 0.1, "nhwc"),
-            (1, 20, 130, 5, 7, 2, True, None, "nhwc"), (2, 5, 3, 4, 4, 2, False, None, "sliced")]
+            (1, 20, 130, 5, 7, 2, True, None, "nhwc"), (2, 5, 3, 4, 4, 2, False, None, "sliced"),
+            (5, 6, 7, 1, 1, 2, True, 0.1, "nchw"), (5, 6, 7, 1, 1, 1, True, 0.1, "nhwc")]  # 1x1 maps, any strides
 
 
 @pytest.mark.parametrize("backend,B,Ci,Co,H,W,steps,training,momentum,kind", over_backends(PW_CASES, names=TRITON))
