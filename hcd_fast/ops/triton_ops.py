@@ -135,3 +135,4 @@ if _IMPORT_ERROR is None:
         _projector.PWCONV_BACKWARD.define("hcd_triton", _projector_pwconv_backward_kernel))
 # ConvProjector runs its SepConv blocks through projector_dwconv / projector_pwconv (not the module path).
 FUSED_PROJECTOR = True
+PROJECTOR_NOTE = "projector blocks: fused kernels (projector_dwconv, projector_pwconv)"
