@@ -1,6 +1,12 @@
 import os
 
-import torch
+# PyTorch's oneDNN bf16 kernels on AMX CPUs give NaN gradients in some trials (hcd_fast/distill/onednn_amx.py), so
+# a correct submission could fail at random. oneDNN reads the cap once, at its first primitive: it must be set
+# before torch is imported here, and the hcd-distill subprocesses of the tests inherit it.
+# tests/test_onednn_amx.py checks that it takes effect.
+os.environ["ONEDNN_MAX_CPU_ISA"] = "AVX512_CORE"
+
+import torch  # noqa: E402
 
 # Triton kernels run on CPU tensors through the interpreter; the variable must be set before any
 # kernel module is imported.

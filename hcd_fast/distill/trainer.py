@@ -43,6 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from hcd_fast.distill import onednn_amx
 from hcd_fast.distill.baselines import METHODS
 from hcd_fast.distill.checkpoint import (CKPT_FORMAT, RunFolder, atomic_copy, atomic_save, atomic_write_bytes,
                                          atomic_write_text, classifier_classes, load_weights, safe_load)
@@ -610,6 +611,10 @@ class Trainer:
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
         self.autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
         self.scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+        # PyTorch's oneDNN bf16 path on AMX CPUs can give NaN gradients: say so once, and in a non-finite error.
+        self.amx_note = onednn_amx.NOTE if onednn_amx.amx_bf16_risk(device, amp_dtype) else None
+        if self.amx_note:
+            onednn_amx.warn_amx_bf16_once()
         if m.teacher is not None:  # bf16 weights / channels_last / compiled forward (hcd_fast.distill.teacher_speed)
             from hcd_fast.distill.teacher_speed import apply_teacher_speed, resolve_teacher_speed
             apply_teacher_speed(m.teacher, resolve_teacher_speed(
@@ -718,7 +723,8 @@ class Trainer:
         kept = (f"{os.path.join(self.out, 'last.pt')} holds the last finite state (step {state.saved_step})"
                 if state.saved_step else "no checkpoint had been written yet")
         raise TrainingError(f"non-finite loss at step {bad_step} (epoch {state.epoch + 1}): {parts}; training "
-                            f"stopped, {kept}. Lower --lr, set --clip-grad, or use --skip-nonfinite N")
+                            f"stopped, {kept}. Lower --lr, set --clip-grad, or use --skip-nonfinite N"
+                            + (f". Possible cause: {self.amx_note}" if self.amx_note else ""))
 
     def _record_bad(self, state: TrainState, bad: list) -> None:
         for b in bad:
