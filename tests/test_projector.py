@@ -301,3 +301,42 @@ def test_backends_report_the_projector_path():
             assert "projector blocks: nn.Conv2d/BatchNorm2d modules" in status.reason
     table = op_table("reference", torch.device("cpu"))
     assert not table.fused_projector
+
+
+def _gradcheck_inputs(seed):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_()  # noqa: E731
+    return r(2, 2, 3, 3), r(2, 1, 3, 3), r(2), r(2), r(3, 2), r(3), r(3)
+
+
+def _pw_fn(fn, training, momentum):
+    """fn's (y, scale, shift) as a pure function of (a, w, bn_weight, bn_bias): fresh running statistics per call."""
+    def f(a, w, bw, bb):
+        rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+        return fn(a, w, bw, bb, rm, rv, torch.tensor(1), training, momentum, 1e-5)
+    return f
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("training,momentum", [(True, 0.1), (True, None), (False, 0.1)])
+def test_reference_projector_gradcheck(training, momentum):
+    """float64 gradcheck of the reference projector ops (the spec), BatchNorm statistics included."""
+    x, wd, sc, sh, wp, bw, bb = _gradcheck_inputs(0)
+    assert torch.autograd.gradcheck(lambda *a: R.projector_dwconv(*a, 2), (x, wd, sc, sh))
+    assert torch.autograd.gradcheck(lambda *a: R.projector_dwconv(*a, 1), (x, wd, sc, sh))
+    a = x.detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(_pw_fn(R.projector_pwconv, training, momentum), (a, wp, bw, bb))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", over_backends([()], names=TRITON))
+def test_triton_projector_gradcheck_float64(backend):
+    """float64 gradcheck through the Triton kernels (interpreted: exact fp64 arithmetic, fp64 tl.dot)."""
+    if backend.device != "cpu":
+        pytest.skip("float64 gradcheck runs through the interpreter")
+    ops = _ops(backend)
+    x, wd, sc, sh, wp, bw, bb = _gradcheck_inputs(1)
+    assert torch.autograd.gradcheck(lambda *a: ops.projector_dwconv(*a, 2), (x, wd, sc, sh))
+    assert torch.autograd.gradcheck(lambda *a: ops.projector_dwconv(*a, None, None, 1), (x, wd))
+    a = x.detach().clone().contiguous(memory_format=torch.channels_last).requires_grad_()
+    assert torch.autograd.gradcheck(_pw_fn(ops.projector_pwconv, True, None), (a, wp, bw, bb))
