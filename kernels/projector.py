@@ -412,10 +412,11 @@ def _channels_last_2d(t: torch.Tensor):
     return t, t.shape[1], 1
 
 
-def _dw_blocks(channels: int):
-    """(BLOCK_P, BLOCK_C): 1024-element tiles, up to 64 channels wide (one 128-byte bf16 row per position)."""
+def _dw_blocks(channels: int, elements: int = 1024):
+    """(BLOCK_P, BLOCK_C): tiles of ``elements`` (1024 forward, 512 backward: its 9 gathers and recomputed mask
+    need more registers), up to 64 channels wide (one 128-byte bf16 row per position)."""
     block_c = min(triton.next_power_of_2(channels), 64)
-    return max(16, 1024 // block_c), block_c
+    return max(8, elements // block_c), block_c
 
 
 # Programs of the dwconv backward: about 8 per H100 SM (132) over (position tiles, channel blocks); each writes
@@ -480,7 +481,7 @@ def projector_dwconv_backward(grad, x, weight, scale, shift, stride: int):
     w = weight.reshape(channels, 9).contiguous()
     if prologue:
         scale, shift = scale.contiguous(), shift.contiguous()
-    block_p, block_c = _dw_blocks(channels)
+    block_p, block_c = _dw_blocks(channels, 512)
     c_blocks = triton.cdiv(channels, block_c)
     p_tiles = triton.cdiv(q, block_p)
     iters = triton.cdiv(p_tiles, max(1, min(p_tiles, triton.cdiv(_DW_BWD_PROGRAMS, c_blocks))))
@@ -581,7 +582,7 @@ def projector_pwconv_backward(grad_y, grad_scale, grad_shift, a, weight, y, bn_w
     block_n, block_k, block_m, warps = _gemm_blocks(a.dtype, c_out, c_in, m)  # d W: (C_out, C_in) tiles over M
     block_n = min(block_n, 64)
     block_m = max(block_m, 32)
-    warps = 4
+    warps = 8 if block_n * block_k >= 64 * 128 else 4
     tiles_nk = triton.cdiv(c_out, block_n) * triton.cdiv(c_in, block_k)
     row_tiles = triton.cdiv(m, block_m)
     splits = max(1, min(row_tiles, _WGRAD_PROGRAMS // tiles_nk))
