@@ -360,7 +360,8 @@ def projector_pwconv_wgrad_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Grid (cdiv(N, BLOCK_N), cdiv(K, BLOCK_K), splits): part[split] (N, K) = g_y'^T a over the split's rows
-    (ROWS_PER_SPLIT, a multiple of BLOCK_M); the splits are summed by projector_partials_reduce_kernel."""
+    (ROWS_PER_SPLIT, a multiple of BLOCK_M); the splits are summed by projector_partials_reduce_kernel (one split:
+    part is d W itself, in its dtype)."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     split = tl.program_id(2).to(tl.int64)
@@ -378,7 +379,8 @@ def projector_pwconv_wgrad_kernel(
                     other=0.0)
         acc = tl.dot(tl.trans(g).to(DOT_DTYPE), a.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION,
                      out_dtype=ACC)
-    tl.store(part_ptr + split * N * K + rn[:, None] * K + rk[None, :], acc, mask=n_ok[:, None] & k_ok[None, :])
+    tl.store(part_ptr + split * N * K + rn[:, None] * K + rk[None, :], acc.to(part_ptr.dtype.element_ty),
+             mask=n_ok[:, None] & k_ok[None, :])
 
 
 # ------------------------------------------------------------------------------------------ launchers
@@ -433,10 +435,11 @@ def _reduce(part: torch.Tensor, outs, acc):
     total = sum(o.numel() for o in outs)
     sizes = [o.numel() for o in outs] + [0] * (3 - len(outs))
     outs = list(outs) + [outs[0]] * (3 - len(outs))
-    block_n = min(triton.next_power_of_2(max(total, 1)), 256)
+    block_n = min(triton.next_power_of_2(max(total, 1)), 1024)
+    block_t = min(triton.next_power_of_2(t), 4096 // block_n)  # tiles of at most 4096 values
     projector_partials_reduce_kernel[(triton.cdiv(total, block_n),)](
         part, outs[0], outs[1], outs[2], t, sizes[0], sizes[1], sizes[2], part.stride(0),
-        ACC=acc, BLOCK_T=min(triton.next_power_of_2(t), 16), BLOCK_N=block_n, num_warps=4)
+        ACC=acc, BLOCK_T=block_t, BLOCK_N=block_n, num_warps=4)
 
 
 def projector_dwconv_forward(x, weight, scale, shift, stride: int):
@@ -588,10 +591,11 @@ def projector_pwconv_backward(grad_y, grad_scale, grad_shift, a, weight, y, bn_w
     splits = max(1, min(row_tiles, _WGRAD_PROGRAMS // tiles_nk))
     rows_per_split = triton.cdiv(row_tiles, splits) * block_m
     splits = triton.cdiv(m, rows_per_split)
-    part = torch.empty((splits, c_out * c_in), device=dev, dtype=acc_dtype)
+    part = dweight if splits == 1 else torch.empty((splits, c_out * c_in), device=dev, dtype=acc_dtype)
     projector_pwconv_wgrad_kernel[(triton.cdiv(c_out, block_n), triton.cdiv(c_in, block_k), splits)](
         g2, y2, coef, a2, part, m, c_out, c_in, rows_per_split, sgm, sgn, sym, syn, sam, sak,
         RECOMPUTE=bool(training), ACC=acc, DOT_PRECISION=prec, DOT_DTYPE=_dot_dtype(a.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=warps)
-    _reduce(part, [dweight], acc)
+    if splits > 1:
+        _reduce(part, [dweight], acc)
     return da, dweight, gweight, gbias
