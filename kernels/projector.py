@@ -184,14 +184,16 @@ def projector_partials_reduce_kernel(
 # --------------------------------------------------------------------------------------------- pwconv
 @triton.jit
 def projector_pwconv_fwd_kernel(
-    a_ptr, w_ptr, y_ptr, psum_ptr, pm2_ptr,
+    a_ptr, w_ptr, y_ptr, psum_ptr, pm2_ptr, nbt_ptr,
     M, N, K,
     stride_am, stride_ak, stride_wn, stride_wk, stride_ym, stride_yn,
     STATS: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)): y = a W^T for a (M, K) row-major view of the channels_last map
-    and W (N, K); with STATS, per-tile sum and M2 of the rounded y over the tile's rows, psum/pm2 (T, N)."""
+    and W (N, K); with STATS (training), per-tile sum and M2 of the rounded y over the tile's rows, psum/pm2
+    (T, N), and program (0, 0) counts the batch: num_batches_tracked += 1 (read by the statistics kernel, the next
+    launch on the stream, for momentum None)."""
     pid_m = tl.program_id(0)
     rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -211,6 +213,8 @@ def projector_pwconv_fwd_kernel(
     y = acc.to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, y, mask=m)
     if STATS:  # the statistics of the values the next op reads: y after rounding to its dtype
+        if (pid_m == 0) & (tl.program_id(1) == 0):
+            tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
         v = tl.where(m, y.to(ACC), 0.0)
         cnt = tl.minimum(M - pid_m.to(tl.int64) * BLOCK_M, BLOCK_M).to(ACC)
         s = tl.sum(v, 0)
@@ -229,7 +233,8 @@ def projector_bn_stats_kernel(
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Grid cdiv(C, BLOCK_C): batch statistics from the T tile partials (Chan, fixed order), running-statistics
-    update (training), and scale = w rstd, shift = b - mean scale of the BatchNorm's apply."""
+    update (training), and scale = w rstd, shift = b - mean scale of the BatchNorm's apply. (M = 0 in training is
+    refused before the launch: the GEMM that counts the batch has no program then.)"""
     if SCALARS_FP64:
         momentum = tl.load(scalars_ptr)
         eps = tl.load(scalars_ptr + 1)
@@ -255,7 +260,7 @@ def projector_bn_stats_kernel(
             acc += m2 + cnt[:, None] * d * d
         m2 = tl.sum(acc, 0)
         var = m2 / M
-        if CUMULATIVE:  # momentum None: cumulative average, factor 1 / num_batches_tracked (already counted)
+        if CUMULATIVE:  # momentum None: cumulative average, factor 1 / num_batches_tracked (counted by the GEMM)
             factor = 1.0 / tl.load(nbt_ptr).to(ACC)
         else:
             factor = momentum
@@ -516,7 +521,7 @@ def _gemm_blocks(dtype, rows: int, cols: int, red: int):
 def projector_pwconv_forward(a, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
                              training: bool, momentum: float, cumulative: bool, eps: float):
     """a (B, C_in, H, W) any strides, weight (C_out, C_in), BN weight/bias/running stats (C_out,), num_batches_tracked
-    (0-d int64, already counted) -> y (B, C_out, H, W) dense channels_last in a's dtype, scale, shift, save_mean,
+    (0-d int64, += 1 in training) -> y (B, C_out, H, W) dense channels_last in a's dtype, scale, shift, save_mean,
     save_invstd (C_out,) in acc dtype. Updates the running statistics in place in training."""
     batch, c_in, height, width = a.shape
     c_out = weight.shape[0]
@@ -531,7 +536,8 @@ def projector_pwconv_forward(a, weight, bn_weight, bn_bias, running_mean, runnin
     pm2 = torch.empty_like(psum)
     if m > 0:
         projector_pwconv_fwd_kernel[(tiles, triton.cdiv(c_out, block_n))](
-            a2, weight, y, psum if training else y, pm2 if training else y, m, c_out, c_in, sam, sak,
+            a2, weight, y, psum if training else y, pm2 if training else y, num_batches_tracked, m, c_out, c_in,
+            sam, sak,
             *weight.stride(), c_out, 1, STATS=bool(training), ACC=acc,
             DOT_PRECISION=_dot_precision(a.dtype), DOT_DTYPE=_dot_dtype(a.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
             num_warps=warps)

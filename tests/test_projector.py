@@ -293,6 +293,20 @@ def test_projector_ops_under_autocast(backend):
         assert_close(f"value {i}", g, r, 3e-2, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", over_backends([()], names=TRITON))
+def test_projector_pwconv_refuses_one_value_per_channel_in_training(backend):
+    """As nn.BatchNorm2d: training on B*H*W = 1 raises (no unbiased variance); eval is fine."""
+    dev = backend.device
+    a, w = torch.randn(1, 3, 1, 1, device=dev), torch.randn(4, 3, device=dev)
+    bn = [torch.ones(4, device=dev), torch.zeros(4, device=dev), torch.zeros(4, device=dev),
+          torch.ones(4, device=dev), torch.tensor(0, device=dev)]
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        _ops(backend).projector_pwconv(a, w, *bn, True, 0.1, 1e-5)
+    y, _, _ = _ops(backend).projector_pwconv(a, w, *bn, False, 0.1, 1e-5)
+    assert_close("eval y", y, (w @ a.flatten(1).t()).t().reshape(1, 4, 1, 1), 1e-5)
+    assert bn[-1].item() == 0
+
+
 def test_backends_report_the_projector_path():
     """python -m hcd_fast says which backends run the SepConv blocks as modules."""
     for name in ("cpu", "cuda"):

@@ -14,13 +14,14 @@ projector_dwconv_backward: grad (B, C, HO, WO), x, weight, scale, shift, stride 
     format), grad_weight (weight's dtype), grad_scale, grad_shift ((C,) in scale's dtype; (0,) without scale):
         gz = conv_transpose(grad), m = [x scale + shift > 0], grad_x = scale m gz,
         grad_scale = sum m gz x, grad_shift = sum m gz, grad_weight[c, k] = sum_o grad[o] z[o s - 1 + k].
-projector_pwconv (mutates running_mean, running_var): a (B, C_in, H, W), weight (C_out, C_in) in a's dtype,
-    bn_weight/bn_bias/running stats (C_out,), num_batches_tracked (0-d int64, this step already counted),
+projector_pwconv (mutates running_mean, running_var, num_batches_tracked): a (B, C_in, H, W), weight
+    (C_out, C_in) in a's dtype, bn_weight/bn_bias/running stats (C_out,), num_batches_tracked (0-d int64; training
+    adds 1 on the device, before the running-statistics update, as nn.BatchNorm2d does),
     training, momentum, cumulative, eps -> y (B, C_out, H, W) in a's dtype, scale, shift, save_mean,
     save_invstd (C_out,) in acc:
         y = conv1x1(a, weight); training: mean/var = the batch mean and biased variance of y (as rounded to its
-        dtype), r <- (1 - f) r + f s with the unbiased variance, f = momentum, or 1 / num_batches_tracked when
-        cumulative (nn.BatchNorm2d's momentum=None); eval: mean/var = the running statistics;
+        dtype), r <- (1 - f) r + f s with the unbiased variance, f = momentum, or 1 / num_batches_tracked (after
+        the count) when cumulative (nn.BatchNorm2d's momentum=None); eval: mean/var = the running statistics;
         save_invstd = 1 / sqrt(var + eps), scale = bn_weight save_invstd, shift = bn_bias - mean scale.
 projector_pwconv_backward: grad_y, grad_scale, grad_shift, a, weight, y, bn_weight, save_mean, save_invstd,
     training -> grad_a (dense in a's memory format), grad_weight, grad_bn_weight, grad_bn_bias:
@@ -36,8 +37,8 @@ to the autocast dtype; the conv weights are cast to the map's dtype (a different
 parameters and statistics stay in their own dtypes (fp32 accumulation; fp64 for fp64).
 
 ``bind`` returns the public pair (signatures of ``hcd_fast.reference.projector_dwconv`` / ``projector_pwconv``);
-the public ``projector_pwconv`` counts the batch (``num_batches_tracked += 1``, on the device) in training, as
-nn.BatchNorm2d does, and passes ``momentum=None`` as the cumulative average.
+the public ``projector_pwconv`` passes ``momentum=None`` as the cumulative average and refuses training on one
+value per channel (nn.BatchNorm2d's ValueError).
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ DWCONV_SCHEMA = "(Tensor x, Tensor weight, Tensor? scale, Tensor? shift, int str
 DWCONV_BWD_SCHEMA = ("(Tensor grad, Tensor x, Tensor weight, Tensor? scale, Tensor? shift, int stride) -> "
                      "(Tensor grad_x, Tensor grad_weight, Tensor grad_scale, Tensor grad_shift)")
 PWCONV_SCHEMA = ("(Tensor a, Tensor weight, Tensor bn_weight, Tensor bn_bias, Tensor(a!) running_mean, "
-                 "Tensor(b!) running_var, Tensor num_batches_tracked, bool training, float momentum, bool cumulative, "
+                 "Tensor(b!) running_var, Tensor(c!) num_batches_tracked, bool training, float momentum, bool cumulative, "
                  "float eps) -> (Tensor y, Tensor scale, Tensor shift, Tensor save_mean, Tensor save_invstd)")
 PWCONV_BWD_SCHEMA = ("(Tensor grad_y, Tensor grad_scale, Tensor grad_shift, Tensor a, Tensor weight, Tensor y, "
                      "Tensor bn_weight, Tensor save_mean, Tensor save_invstd, bool training) -> "
@@ -146,8 +147,9 @@ def bind(dwconv, pwconv, pwconv_backward) -> Tuple[Callable, Callable]:
                          training: bool, momentum: Optional[float] = 0.1, eps: float = 1e-5
                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         a = autocast_cast(autocast_dtype(a.device.type), a)
-        if training:
-            num_batches_tracked.add_(1)
+        if training and a.shape[0] * a.shape[2] * a.shape[3] <= 1:
+            # nn.BatchNorm2d's own error: the unbiased variance of one value is undefined.
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(a.shape)}")
         cumulative = momentum is None
         return ProjectorPwconvFunction.apply(a, weight.flatten(1).to(a.dtype), bn_weight, bn_bias, running_mean,
                                              running_var, num_batches_tracked, bool(training),
