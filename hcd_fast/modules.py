@@ -2,8 +2,9 @@
 
 Parameters live in ordinary ``nn.Conv2d`` / ``nn.BatchNorm2d`` / ``nn.Linear`` submodules so checkpoints
 look like the published code's; the hot tails (BN+ReLU+GAP, conv1x1+GAP, the CFM), and on the triton backend the
-SepConv blocks (projector_dwconv, projector_pwconv), go through the fused ops. Called on their own, the modules validate their input through ``hcd_fast.functional``; ``HCDLoss``
-validates once and calls ``run(..., ops)`` with its op table.
+SepConv blocks (projector_dwconv, projector_pwconv), go through the fused ops. Called on their own, the modules
+validate their input through ``hcd_fast.functional``; ``HCDLoss`` validates once and calls ``run(..., ops)`` with
+its op table.
 """
 from __future__ import annotations
 

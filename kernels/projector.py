@@ -18,10 +18,11 @@ Backward, recomputing instead of storing:
   the (at most 9) outputs each input feeds (transposed depthwise conv), and writes dx = scale * mask * gz plus
   per-tile partials of d w[c, k] = sum z g, d scale = sum mask gz x, d shift = sum mask gz; a second pass reduces
   the partials in a fixed order.
-- pwconv: a per-channel pass turns (d scale, d shift) into d bn_weight, d bn_bias and the batch-statistics
-  gradient, g_y' = g_y + c1 + c2 y (c2 = 2 d var / N, c1 = d mean / N - c2 mean); the two GEMMs
-  d a = g_y' W and d W = g_y'^T a recompute g_y' in their prologues from g_y and y instead of storing it; d W is
-  split over rows into per-split partials and reduced in a fixed order.
+- pwconv: (d scale, d shift) give d bn_weight, d bn_bias and the batch-statistics gradient,
+  g_y' = g_y + c1 + c2 y (c2 = 2 d var / N, c1 = d mean / N - c2 mean); the two GEMMs d a = g_y' W and
+  d W = g_y'^T a recompute c1, c2 and g_y' in their prologues from g_y, y and the per-channel values instead of
+  storing g_y' (the d a GEMM's first program writes d bn_weight, d bn_bias); d W is split over rows into
+  per-split partials and reduced in a fixed order (one split: written directly).
 
 Design bytes (benchmarks/head_model.py; X = B c H W input, N1 = B c h w, N2 = B o h w), one block's training
 fwd+bwd, maps only: forward X + 6 N1 + N2 (dwconv X->N1, pwconv N1->N1, dwconv N1->N1, pwconv N1->N2), backward
@@ -187,8 +188,8 @@ def projector_pwconv_fwd_kernel(
     a_ptr, w_ptr, y_ptr, psum_ptr, pm2_ptr, nbt_ptr,
     M, N, K,
     stride_am, stride_ak, stride_wn, stride_wk, stride_ym, stride_yn,
-    STATS: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    STATS: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)): y = a W^T for a (M, K) row-major view of the channels_last map
     and W (N, K); with STATS (training), per-tile sum and M2 of the rounded y over the tile's rows, psum/pm2
@@ -284,71 +285,62 @@ def projector_bn_stats_kernel(
 
 
 @triton.jit
-def projector_bn_bwd_kernel(
-    gscale_ptr, gshift_ptr, weight_ptr, mean_ptr, rstd_ptr, gweight_ptr, gbias_ptr, coef_ptr,
-    C, M,
-    TRAINING: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """Grid cdiv(C, BLOCK_C). With scale = w rstd, shift = b - mean scale:
-    d b = d shift, d w = rstd (d scale - d shift mean); training also differentiates the batch statistics,
-    d mean = -d shift scale, d var = -1/2 w (d scale - d shift mean) rstd^3, so that
-    d y = g_y + c1 + c2 y with c2 = 2 d var / M, c1 = d mean / M - c2 mean (coef = [c1; c2], (2, C))."""
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = c < C
-    gs = tl.load(gscale_ptr + c, mask=c_ok, other=0.0).to(ACC)
-    gh = tl.load(gshift_ptr + c, mask=c_ok, other=0.0).to(ACC)
-    w = tl.load(weight_ptr + c, mask=c_ok, other=0.0).to(ACC)
-    mean = tl.load(mean_ptr + c, mask=c_ok, other=0.0).to(ACC)
-    rstd = tl.load(rstd_ptr + c, mask=c_ok, other=0.0).to(ACC)
+def _bn_grads(gscale_ptr, gshift_ptr, bnw_ptr, mean_ptr, rstd_ptr, n, n_ok, ACC: tl.constexpr):
+    """Per channel, with scale = w rstd, shift = b - mean scale: (d b, d w, d mean, d var) =
+    (d shift, rstd (d scale - d shift mean), -d shift scale, -1/2 w (d scale - d shift mean) rstd^3)."""
+    gs = tl.load(gscale_ptr + n, mask=n_ok, other=0.0).to(ACC)
+    gh = tl.load(gshift_ptr + n, mask=n_ok, other=0.0).to(ACC)
+    w = tl.load(bnw_ptr + n, mask=n_ok, other=0.0).to(ACC)
+    mean = tl.load(mean_ptr + n, mask=n_ok, other=0.0).to(ACC)
+    rstd = tl.load(rstd_ptr + n, mask=n_ok, other=0.0).to(ACC)
     inner = gs - gh * mean
-    tl.store(gbias_ptr + c, gh.to(gbias_ptr.dtype.element_ty), mask=c_ok)
-    tl.store(gweight_ptr + c, (rstd * inner).to(gweight_ptr.dtype.element_ty), mask=c_ok)
-    if TRAINING:
-        gmean = -gh * w * rstd
-        gvar = -0.5 * w * inner * rstd * rstd * rstd
-        c2 = 2.0 * gvar / M
-        c1 = gmean / M - c2 * mean
-    else:
-        c1 = tl.zeros([BLOCK_C], ACC)
-        c2 = tl.zeros([BLOCK_C], ACC)
-    tl.store(coef_ptr + c, c1, mask=c_ok)
-    tl.store(coef_ptr + C + c, c2, mask=c_ok)
+    return gh, rstd * inner, -gh * w * rstd, -0.5 * w * inner * rstd * rstd * rstd, mean
 
 
 @triton.jit
-def _grad_y(g_ptr, y_ptr, coef_ptr, rm, rn, m_ok, n_ok, N, stride_gm, stride_gn, stride_ym, stride_yn,
-            RECOMPUTE: tl.constexpr, ACC: tl.constexpr):
-    """The (BLOCK_M, BLOCK_N) tile of g_y' = g_y + c1 + c2 y (just g_y without batch statistics), in g_y's dtype."""
+def _grad_y(g_ptr, y_ptr, gscale_ptr, gshift_ptr, bnw_ptr, mean_ptr, rstd_ptr, rm, rn, m_ok, n_ok, M,
+            stride_gm, stride_gn, stride_ym, stride_yn, RECOMPUTE: tl.constexpr, ACC: tl.constexpr):
+    """The (BLOCK_M, BLOCK_N) tile of g_y' = g_y + c1 + c2 y, c2 = 2 d var / M, c1 = d mean / M - c2 mean (the
+    batch-statistics gradient, recomputed from the per-channel values), in g_y's dtype; just g_y in eval."""
     msk = m_ok[:, None] & n_ok[None, :]
     g = tl.load(g_ptr + rm[:, None] * stride_gm + rn[None, :] * stride_gn, mask=msk, other=0.0)
     if RECOMPUTE:
+        _, _, gmean, gvar, mean = _bn_grads(gscale_ptr, gshift_ptr, bnw_ptr, mean_ptr, rstd_ptr, rn, n_ok, ACC)
+        c2 = 2.0 * gvar / M
+        c1 = gmean / M - c2 * mean
         y = tl.load(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, mask=msk, other=0.0).to(ACC)
-        c1 = tl.load(coef_ptr + rn, mask=n_ok, other=0.0)
-        c2 = tl.load(coef_ptr + N + rn, mask=n_ok, other=0.0)
         g = tl.where(msk, g.to(ACC) + c1[None, :] + c2[None, :] * y, 0.0).to(g_ptr.dtype.element_ty)
     return g
 
 
 @triton.jit
 def projector_pwconv_dgrad_kernel(
-    g_ptr, y_ptr, coef_ptr, w_ptr, da_ptr,
+    g_ptr, y_ptr, gscale_ptr, gshift_ptr, bnw_ptr, mean_ptr, rstd_ptr, w_ptr, da_ptr, gbnw_ptr, gbnb_ptr,
     M, N, K,
     stride_gm, stride_gn, stride_ym, stride_yn, stride_wn, stride_wk, stride_dm, stride_dk,
-    RECOMPUTE: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    RECOMPUTE: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Grid (cdiv(M, BLOCK_M), cdiv(K, BLOCK_K)): d a = g_y' W, g_y' recomputed per tile (_grad_y)."""
+    """Grid (cdiv(M, BLOCK_M), cdiv(K, BLOCK_K)): d a = g_y' W, g_y' recomputed per tile (_grad_y); program (0, 0)
+    also writes the BatchNorm parameter gradients d bn_weight, d bn_bias (_bn_grads)."""
     rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     rn0 = tl.arange(0, BLOCK_N)
+    if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+        for n0 in range(0, N, BLOCK_N):
+            rn = n0 + rn0
+            n_ok = rn < N
+            gb, gw, _, _, _ = _bn_grads(gscale_ptr, gshift_ptr, bnw_ptr, mean_ptr, rstd_ptr, rn, n_ok, ACC)
+            tl.store(gbnb_ptr + rn, gb.to(gbnb_ptr.dtype.element_ty), mask=n_ok)
+            tl.store(gbnw_ptr + rn, gw.to(gbnw_ptr.dtype.element_ty), mask=n_ok)
     m_ok = rm < M
     k_ok = rk < K
     acc = tl.zeros([BLOCK_M, BLOCK_K], ACC)
     for n0 in range(0, N, BLOCK_N):
         rn = n0 + rn0
         n_ok = rn < N
-        g = _grad_y(g_ptr, y_ptr, coef_ptr, rm, rn, m_ok, n_ok, N, stride_gm, stride_gn, stride_ym, stride_yn,
-                    RECOMPUTE, ACC)
+        g = _grad_y(g_ptr, y_ptr, gscale_ptr, gshift_ptr, bnw_ptr, mean_ptr, rstd_ptr, rm, rn, m_ok, n_ok, M,
+                    stride_gm, stride_gn, stride_ym, stride_yn, RECOMPUTE, ACC)
         w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :] * stride_wk, mask=n_ok[:, None] & k_ok[None, :],
                     other=0.0)
         acc = tl.dot(g.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION, out_dtype=ACC)
@@ -358,11 +350,11 @@ def projector_pwconv_dgrad_kernel(
 
 @triton.jit
 def projector_pwconv_wgrad_kernel(
-    g_ptr, y_ptr, coef_ptr, a_ptr, part_ptr,
+    g_ptr, y_ptr, gscale_ptr, gshift_ptr, bnw_ptr, mean_ptr, rstd_ptr, a_ptr, part_ptr,
     M, N, K, ROWS_PER_SPLIT,
     stride_gm, stride_gn, stride_ym, stride_yn, stride_am, stride_ak,
-    RECOMPUTE: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    RECOMPUTE: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Grid (cdiv(N, BLOCK_N), cdiv(K, BLOCK_K), splits): part[split] (N, K) = g_y'^T a over the split's rows
     (ROWS_PER_SPLIT, a multiple of BLOCK_M); the splits are summed by projector_partials_reduce_kernel (one split:
@@ -378,8 +370,8 @@ def projector_pwconv_wgrad_kernel(
     for m0 in range(0, ROWS_PER_SPLIT, BLOCK_M):
         rm = start + m0 + rm0
         m_ok = rm < M
-        g = _grad_y(g_ptr, y_ptr, coef_ptr, rm, rn, m_ok, n_ok, N, stride_gm, stride_gn, stride_ym, stride_yn,
-                    RECOMPUTE, ACC)
+        g = _grad_y(g_ptr, y_ptr, gscale_ptr, gshift_ptr, bnw_ptr, mean_ptr, rstd_ptr, rm, rn, m_ok, n_ok, M,
+                    stride_gm, stride_gn, stride_ym, stride_yn, RECOMPUTE, ACC)
         a = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak, mask=m_ok[:, None] & k_ok[None, :],
                     other=0.0)
         acc = tl.dot(tl.trans(g).to(DOT_DTYPE), a.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION,
@@ -539,8 +531,8 @@ def projector_pwconv_forward(a, weight, bn_weight, bn_bias, running_mean, runnin
             a2, weight, y, psum if training else y, pm2 if training else y, num_batches_tracked, m, c_out, c_in,
             sam, sak,
             *weight.stride(), c_out, 1, STATS=bool(training), ACC=acc,
-            DOT_PRECISION=_dot_precision(a.dtype), DOT_DTYPE=_dot_dtype(a.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-            num_warps=warps)
+            DOT_PRECISION=_dot_precision(a.dtype), DOT_DTYPE=_dot_dtype(a.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
+            BLOCK_K=block_k, num_warps=warps)
     save_mean, save_rstd, scale, shift = (torch.empty((c_out,), device=dev, dtype=acc_dtype) for _ in range(4))
     scalars = fp64_scalars(dev, momentum, eps) if acc_dtype == torch.float64 else None
     block_c = min(triton.next_power_of_2(c_out), 64)
@@ -561,20 +553,18 @@ def projector_pwconv_backward(grad_y, grad_scale, grad_shift, a, weight, y, bn_w
     acc, acc_dtype = _acc(save_mean.dtype)
     dev = a.device
     m = batch * height * width
-    # (C,) gradients may come expanded from a sum (stride 0): the per-channel kernel reads them densely.
+    # (C,) gradients may come expanded from a sum (stride 0): the kernels read them densely.
     grad_scale, grad_shift = grad_scale.contiguous(), grad_shift.contiguous()
     gweight = torch.empty(bn_weight.shape, device=dev, dtype=bn_weight.dtype)
     gbias = torch.empty(bn_weight.shape, device=dev, dtype=bn_weight.dtype)
-    coef = torch.empty((2, c_out), device=dev, dtype=acc_dtype)
-    block_c = min(triton.next_power_of_2(c_out), 64)
-    projector_bn_bwd_kernel[(triton.cdiv(c_out, block_c),)](
-        grad_scale, grad_shift, bn_weight, save_mean, save_rstd, gweight, gbias, coef, c_out, m,
-        TRAINING=bool(training), ACC=acc, BLOCK_C=block_c, num_warps=4)
+    stats = (grad_scale, grad_shift, bn_weight, save_mean, save_rstd)
     fmt = torch.channels_last if not a.is_contiguous() and a.is_contiguous(memory_format=torch.channels_last) \
         else torch.contiguous_format
     da = torch.empty(a.shape, device=dev, dtype=a.dtype, memory_format=fmt)
     dweight = torch.empty(weight.shape, device=dev, dtype=weight.dtype)
-    if m == 0:
+    if m == 0:  # no GEMM program to write the BatchNorm gradients: d b = d shift, d w = rstd (d scale - d shift mean)
+        gbias.copy_(grad_shift)
+        gweight.copy_(save_rstd * (grad_scale - grad_shift * save_mean))
         return da, dweight.zero_(), gweight, gbias
     a2, sam, sak = _channels_last_2d(a)
     g2, sgm, sgn = _channels_last_2d(grad_y)
@@ -584,8 +574,9 @@ def projector_pwconv_backward(grad_y, grad_scale, grad_shift, a, weight, y, bn_w
     da_cl = da if da.is_contiguous(memory_format=torch.channels_last) else \
         torch.empty(a.shape, device=dev, dtype=a.dtype, memory_format=torch.channels_last)
     projector_pwconv_dgrad_kernel[(triton.cdiv(m, block_m), triton.cdiv(c_in, block_k))](
-        g2, y2, coef, weight, da_cl, m, c_out, c_in, sgm, sgn, sym, syn, *weight.stride(), c_in, 1, RECOMPUTE=bool(training), ACC=acc, DOT_PRECISION=prec, DOT_DTYPE=_dot_dtype(a.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=block_k, num_warps=warps)
+        g2, y2, *stats, weight, da_cl, gweight, gbias, m, c_out, c_in, sgm, sgn, sym, syn, *weight.stride(), c_in, 1,
+        RECOMPUTE=bool(training), ACC=acc, DOT_PRECISION=prec, DOT_DTYPE=_dot_dtype(a.dtype), BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
     if da_cl is not da:
         da.copy_(da_cl)
     block_n, block_k, block_m, warps = _gemm_blocks(a.dtype, c_out, c_in, m)  # d W: (C_out, C_in) tiles over M
@@ -599,9 +590,9 @@ def projector_pwconv_backward(grad_y, grad_scale, grad_shift, a, weight, y, bn_w
     splits = triton.cdiv(m, rows_per_split)
     part = dweight if splits == 1 else torch.empty((splits, c_out * c_in), device=dev, dtype=acc_dtype)
     projector_pwconv_wgrad_kernel[(triton.cdiv(c_out, block_n), triton.cdiv(c_in, block_k), splits)](
-        g2, y2, coef, a2, part, m, c_out, c_in, rows_per_split, sgm, sgn, sym, syn, sam, sak,
-        RECOMPUTE=bool(training), ACC=acc, DOT_PRECISION=prec, DOT_DTYPE=_dot_dtype(a.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=warps)
+        g2, y2, *stats, a2, part, m, c_out, c_in, rows_per_split, sgm, sgn, sym, syn, sam, sak,
+        RECOMPUTE=bool(training), ACC=acc, DOT_PRECISION=prec, DOT_DTYPE=_dot_dtype(a.dtype), BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
     if splits > 1:
         _reduce(part, [dweight], acc)
     return da, dweight, gweight, gbias

@@ -108,8 +108,9 @@ def _op_args(ns):
                                             (r(3, 4, 5, 3, grad=False), m4.detach(), dw_w.detach(), sc.detach(),
                                              sh.detach(), 1)]
         nbt = torch.tensor(2, device=DEV)
-        ops["projector_pwconv"] = [(cl, r(6, 5, grad=False), r(6, grad=False), r(6, grad=False), torch.zeros(6, device=DEV),
-                                    torch.ones(6, device=DEV), nbt, training, 0.1, cumulative, 1e-5)
+        ops["projector_pwconv"] = [(cl, r(6, 5, grad=False), r(6, grad=False), r(6, grad=False),
+                                    torch.zeros(6, device=DEV), torch.ones(6, device=DEV), nbt, training, 0.1,
+                                    cumulative, 1e-5)
                                    for training, cumulative in ((True, False), (True, True), (False, False))]
         y6 = r(3, 6, 4, 3, grad=False).contiguous(memory_format=torch.channels_last)
         ops["projector_pwconv_backward"] = [(r(3, 6, 4, 3, grad=False), r(6, grad=False), r(6, grad=False), xx,

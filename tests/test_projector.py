@@ -281,7 +281,8 @@ def test_projector_ops_under_autocast(backend):
         wd = torch.randn(5, 1, 3, 3, generator=torch.Generator().manual_seed(1)).to(dev).requires_grad_()
         wp = t["w"][:, :5].float().to(dev).requires_grad_()
         bw, bb = t["bw"].float().to(dev).requires_grad_(), t["bb"].float().to(dev).requires_grad_()
-        rm, rv, nbt = torch.zeros(6, device=dev), torch.ones(6, device=dev), torch.zeros((), dtype=torch.long, device=dev)
+        rm, rv = torch.zeros(6, device=dev), torch.ones(6, device=dev)
+        nbt = torch.zeros((), dtype=torch.long, device=dev)
         with torch.autocast(dev, dtype=torch.bfloat16):
             a = fn_dw(x, wd, None, None, 2)
             y, s, h = fn_pw(a, wp, bw, bb, rm, rv, nbt, True, 0.1, 1e-5)

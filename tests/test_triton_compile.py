@@ -181,7 +181,7 @@ def test_kernels_compile_for_sm90_without_spills():
                        "bn_relu_pool_bwd_reduce_kernel", "bn_relu_pool_bwd_dx_kernel",
                        "cfm_gemm_kernel", "projector_dwconv_fwd_kernel", "projector_dwconv_bwd_kernel",
                        "projector_partials_reduce_kernel", "projector_pwconv_fwd_kernel", "projector_bn_stats_kernel",
-                       "projector_bn_bwd_kernel", "projector_pwconv_dgrad_kernel", "projector_pwconv_wgrad_kernel"}
+                       "projector_pwconv_dgrad_kernel", "projector_pwconv_wgrad_kernel"}
     # ptxas places a few bytes (<= 8) in local memory at some small sub_logit_loss tiles even at low register
     # counts; real register-pressure spills are hundreds of bytes and fail here.
     spilling = [r for r in results if r["spill_bytes"] > 8 and not r["fp64"]]

@@ -52,8 +52,8 @@ DWCONV_SCHEMA = "(Tensor x, Tensor weight, Tensor? scale, Tensor? shift, int str
 DWCONV_BWD_SCHEMA = ("(Tensor grad, Tensor x, Tensor weight, Tensor? scale, Tensor? shift, int stride) -> "
                      "(Tensor grad_x, Tensor grad_weight, Tensor grad_scale, Tensor grad_shift)")
 PWCONV_SCHEMA = ("(Tensor a, Tensor weight, Tensor bn_weight, Tensor bn_bias, Tensor(a!) running_mean, "
-                 "Tensor(b!) running_var, Tensor(c!) num_batches_tracked, bool training, float momentum, bool cumulative, "
-                 "float eps) -> (Tensor y, Tensor scale, Tensor shift, Tensor save_mean, Tensor save_invstd)")
+                 "Tensor(b!) running_var, Tensor(c!) num_batches_tracked, bool training, float momentum, "
+                 "bool cumulative, float eps) -> (Tensor y, Tensor scale, Tensor shift, Tensor save_mean, Tensor save_invstd)")
 PWCONV_BWD_SCHEMA = ("(Tensor grad_y, Tensor grad_scale, Tensor grad_shift, Tensor a, Tensor weight, Tensor y, "
                      "Tensor bn_weight, Tensor save_mean, Tensor save_invstd, bool training) -> "
                      "(Tensor grad_a, Tensor grad_weight, Tensor grad_bn_weight, Tensor grad_bn_bias)")
@@ -96,7 +96,8 @@ def _pw_fake(a, weight, bn_weight, bn_bias, running_mean, running_var, num_batch
     batch, _, height, width = a.shape
     c_out = weight.shape[0]
     dt = acc_dtype(a.dtype, bn_weight.dtype)
-    y = torch.empty((batch, c_out, height, width), dtype=a.dtype, device=a.device, memory_format=torch.channels_last)
+    y = torch.empty((batch, c_out, height, width), dtype=a.dtype, device=a.device,
+                    memory_format=torch.channels_last)
     return (y,) + tuple(a.new_empty((c_out,), dtype=dt) for _ in range(4))
 
 
