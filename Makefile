@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 # The development machines install these from local disk; the GPU machine uses its own torch
 # (benchmarks/gpu_check.sh), which pyproject's range also admits.
 TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
-DEPS := timm numpy tqdm pytest pytest-benchmark ninja pybind11 matplotlib scikit-learn setuptools wheel
+DEPS := timm numpy tqdm pytest ninja pybind11 matplotlib scikit-learn setuptools wheel
 # hcd-distill --loader dali (pyproject's [dali] extra, ~200 MB): make test runs its loader tests on DALI's CPU backend.
 DALI_PKGS ?= nvidia-dali-cuda130==2.4.0
 # The C++/CUDA extension build (see setup.py): Hopper by default, every core.
@@ -53,7 +53,7 @@ bench-pipeline: setup
 # hcd-distill on the embedded digits data (CPU, a few minutes): ViT teacher (cached under runs/demo/),
 # then ce / kd / hcd into a tiny ResNet over 3 seeds; prints accuracy and wall time per method.
 demo: setup
-	$(PY) -m hcd_fast.distill.demo
+	$(PY) -m experiments.demo
 
 # The compatibility lane: the GPU machine's torch 2.11 / triton 3.6 (from the package index; triton 3.6's
 # interpreter needs numpy < 2.4) in .venv-compat. It builds the extension (CPU and sm_90 CUDA kernels) and runs

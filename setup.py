@@ -91,7 +91,8 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=["hcd_fast", "hcd_fast.ops", "hcd_fast.distill", "hcd_fast.kernels"],
+    packages=["hcd_fast", "hcd_fast.ops", "hcd_fast.distill", "hcd_fast.distill.data", "hcd_fast.distill.engine",
+              "hcd_fast.distill.methods", "hcd_fast.distill.teacher", "hcd_fast.kernels"],
     package_dir={"hcd_fast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

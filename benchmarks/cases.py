@@ -1,14 +1,9 @@
-"""Benchmark cases of the four fused ops and the whole HCD head, and how each provider runs them.
+"""Benchmark cases of the four fused ops and the whole HCD head: shapes, profiles and the byte/FLOP models.
 
-A case is one op at one shape and dtype; every call of its ``fn`` is a forward and a backward ("fwd+bwd"),
-since training is what HCD is for. Providers:
+A case is one op at one shape and dtype, timed forward + backward ("fwd+bwd"), since training is what HCD is
+for. How each provider runs a case: ``benchmarks/ops.py`` (the four ops) and ``benchmarks/head.py``.
 
-- ``eager``: ``hcd_fast.functional.<op>(..., backend="reference")`` (the head: ``HCDLoss(backend="reference")``)
-- ``compile``: ``torch.compile(hcd_fast.reference.<op>)`` (the head: ``torch.compile`` of the reference
-  ``HCDLoss``), compiled once per case (``dynamic=True`` once for the whole batch sweep)
-- a fused backend name (``cpu``, ``cuda``, ``triton``): the public API with ``backend=name``.
-
-Shapes follow SPEC section 7: CIFAR-like (B=128, K=100, teacher dim 384, so D=512) and ImageNet-like
+Shapes: CIFAR-like (B=128, K=100, teacher dim 384, so D=512) and ImageNet-like
 (B=256, K=1000, teacher dim 768, so D=768), S=4 stages, n=4 sub-logits, ResNet18 stage channels
 (64, 128, 256, 512) with maps 56/28/14/7 at 224x224 input or 8/4/2/1 at 32x32 input. The projector ops
 (bn_relu_pool, pool_linear) see the deepest map (7x7 at 224 input).
@@ -16,13 +11,9 @@ Shapes follow SPEC section 7: CIFAR-like (B=128, K=100, teacher dim 384, so D=51
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
-
-from hcd_fast import HCDConfig, HCDLoss
-from hcd_fast import functional as HF
-from hcd_fast import reference as R
 
 RESNET18_CHANNELS = (64, 128, 256, 512)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -45,7 +36,6 @@ class Case:
     shape: Dict[str, int]
     target: Optional[str] = None  # the target this case is read against (never asserted)
     dynamic: bool = False         # compile with dynamic=True (shared by the sweep's cases)
-    providers: Optional[Tuple[str, ...]] = None  # restrict (None: all the run's providers)
     mode: str = "fwd+bwd"
 
     @property
@@ -99,7 +89,7 @@ def sweep_cases(batches, dtype: str = "fp32", K: int = 1000) -> List[Case]:
 
 
 CPU_TARGET = "cpu backend >= 5x eager and >= 3x torch.compile"
-GPU_HEAD_TARGET = "H100: >= 5x eager, >= 2x torch.compile"
+GPU_HEAD_TARGET = "H100: >= 5x eager, >= 2x the best stock baseline (faster of compile, compile-ro)"
 CPU_HEAD_TARGET = "CPU head case (no numeric target): fused vs eager and compile"
 GPU_BW_TARGET = "fused >= 70% of copy bandwidth (B >= 4096, L2 flushed)"
 
@@ -144,10 +134,6 @@ def profile_cases(profile: str) -> List[Case]:
                                                "channels": 4}),
                 *sweep_cases((2, 7), K=37)]
     raise ValueError(f"unknown profile {profile!r}; expected cpu, gpu or quick")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Inputs and the per-provider callables.
 
 
 def sub_logit_loss_bytes(S: int, B: int, n: int, K: int, elem: int) -> Tuple[int, int]:
@@ -200,7 +186,7 @@ def flops(case: Case) -> Optional[int]:
     return 3 * fwd
 
 
-# The roofline every op case is held against (issue 11, SPEC section 7), whatever device ran it: the H100 SXM's
+# The roofline every op case is held against, whatever device ran it: the H100 SXM's
 # HBM3 bandwidth and its dense peak, tensor cores for bf16/fp16, CUDA cores for fp32 (TF32 off) and fp64.
 H100_HBM_BYTES_PER_S = 3.35e12
 H100_PEAK_FLOPS = {"bf16": 990e12, "fp16": 990e12, "fp32": 67e12, "fp64": 67e12}
@@ -215,175 +201,3 @@ def roofline_floor_ms(case: Case) -> Optional[float]:
     t = max(nbytes / H100_HBM_BYTES_PER_S if nbytes else 0.0,
             nflops / H100_PEAK_FLOPS[case.dtype] if nflops else 0.0)
     return 1e3 * t
-
-
-def _leaf(t: torch.Tensor, grad: bool) -> torch.Tensor:
-    return t.detach().requires_grad_(grad)
-
-
-class Runner:
-    """Builds a case's inputs once and hands out one fwd+bwd callable per provider (same inputs, same
-    parameters for every provider)."""
-
-    def __init__(self, case: Case, device: torch.device, seed: int = 0):
-        self.case, self.device = case, device
-        self.dtype = DTYPES[case.dtype]
-        g = torch.Generator(device="cpu").manual_seed(seed)
-        self._g = g
-        build = getattr(self, f"_build_{case.op}")
-        build()
-
-    def _randn(self, *shape, scale: float = 1.0, dtype=None) -> torch.Tensor:
-        t = torch.randn(*shape, generator=self._g) * scale
-        return t.to(device=self.device, dtype=dtype or self.dtype)
-
-    # --- inputs ------------------------------------------------------------------------------------------
-
-    def _build_sub_logit_loss(self) -> None:
-        s = self.case.shape
-        self.config = HCDConfig(num_sub_logits=s["n"])
-        self.zf = _leaf(self._randn(s["S"], s["B"], s["n"], s["K"], scale=3.0), True)
-        self.zs = _leaf(self._randn(s["B"], s["K"], scale=3.0), True)
-        self.zt = self._randn(s["B"], s["K"], scale=3.0)
-        self.y = torch.randint(0, s["K"], (s["B"],), generator=self._g).to(self.device)
-        self.leaves = [self.zf, self.zs]
-
-    def _build_bn_relu_pool(self) -> None:
-        s = self.case.shape
-        c = s["C"]
-        self.x = _leaf(self._randn(s["B"], c, s["H"], s["W"]), True)
-        self.weight = _leaf(1 + 0.1 * self._randn(c), True)
-        self.bias = _leaf(0.1 * self._randn(c), True)
-        self.running_mean = torch.zeros(c, device=self.device, dtype=self.dtype)
-        self.running_var = torch.ones(c, device=self.device, dtype=self.dtype)
-        self.grad_out = self._randn(s["B"], c)
-        self.leaves = [self.x, self.weight, self.bias]
-
-    def _build_pool_linear(self) -> None:
-        s = self.case.shape
-        self.x = _leaf(self._randn(s["B"], s["C"], s["H"], s["W"]), True)
-        self.weight = _leaf(self._randn(s["D"], s["C"], scale=s["C"] ** -0.5), True)
-        self.bias = _leaf(0.1 * self._randn(s["D"]), True)
-        self.grad_out = self._randn(s["B"], s["D"])
-        self.leaves = [self.x, self.weight, self.bias]
-
-    def _build_cfm(self) -> None:
-        s = self.case.shape
-        d_in, h, out = s["D"] + s["Dt"], s["hidden"], s["n"] * s["K"]
-        self.h = _leaf(self._randn(s["B"], s["D"]), True)
-        self.ft = self._randn(s["B"], s["Dt"])
-        self.w1 = _leaf(self._randn(h, d_in, scale=d_in ** -0.5), True)
-        self.b1 = _leaf(0.1 * self._randn(h), True)
-        self.w2 = _leaf(self._randn(out, h, scale=h ** -0.5), True)
-        self.b2 = _leaf(0.1 * self._randn(out), True)
-        self.zt = self._randn(s["B"], s["K"], scale=3.0)
-        self.grad_out = self._randn(s["B"], s["n"], s["K"])
-        self.leaves = [self.h, self.w1, self.b1, self.w2, self.b2]
-
-    def _build_head(self) -> None:
-        s = self.case.shape
-        channels = tuple(c * s.get("channels", 64) // 64 for c in RESNET18_CHANNELS)
-        maps = stage_maps(s["img"])
-        torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=self._g)))
-        self.head_args = (channels, s["Dt"], s["K"], HCDConfig(num_sub_logits=s["n"]))
-        self.ref_head = self._make_head("reference")
-        self.feats = [_leaf(self._randn(s["B"], c, m, m), True) for c, m in zip(channels, maps)]
-        self.zs = _leaf(self._randn(s["B"], s["K"], scale=3.0), True)
-        self.ft = self._randn(s["B"], s["Dt"])
-        self.zt = self._randn(s["B"], s["K"], scale=3.0)
-        self.y = torch.randint(0, s["K"], (s["B"],), generator=self._g).to(self.device)
-        self.leaves = [*self.feats, self.zs]
-
-    def _make_head(self, backend: str) -> HCDLoss:
-        channels, dt, k, config = self.head_args
-        # validate=False: reading the targets is a host sync and a graph break under torch.compile; it is
-        # the same cost for every provider, so it is left out of all of them.
-        head = HCDLoss(channels, dt, k, config=config, backend=backend, validate=False).to(self.device)
-        if hasattr(self, "ref_head"):
-            head.load_state_dict(self.ref_head.state_dict())
-        return head.train()
-
-    # --- callables ---------------------------------------------------------------------------------------
-
-    def _zero(self, params=()) -> None:
-        for t in self.leaves:
-            t.grad = None
-        for p in params:
-            p.grad = None
-
-    def fn(self, provider: str) -> Callable[[], torch.Tensor]:
-        """One fwd+bwd of the case by ``provider`` (eager, compile or a backend name); returns the forward
-        output (the loss for sub_logit_loss and the head)."""
-        op = self.case.op
-        if op == "head":
-            return self._head_fn(provider)
-        if provider == "compile":
-            impl = torch.compile(getattr(R, op), dynamic=True if self.case.dynamic else False)
-            backend = None
-        else:
-            impl = getattr(HF, op)
-            backend = "reference" if provider == "eager" else provider
-        kw = {} if backend is None else {"backend": backend}
-
-        if op == "sub_logit_loss":
-            if backend is not None:
-                kw["validate"] = False  # reading targets is a host sync; left out of every provider
-
-            def run():
-                self._zero()
-                loss, _ = impl(self.zf, self.zs, self.zt, self.y, self.config, **kw)
-                loss.backward()
-                return loss
-        elif op == "bn_relu_pool":
-            def run():
-                self._zero()
-                out = impl(self.x, self.weight, self.bias, self.running_mean, self.running_var, True, 0.1, 1e-5,
-                           **kw)
-                out.backward(self.grad_out)
-                return out
-        elif op == "pool_linear":
-            def run():
-                self._zero()
-                out = impl(self.x, self.weight, self.bias, **kw)
-                out.backward(self.grad_out)
-                return out
-        elif op == "cfm":
-            n = self.case.shape["n"]
-
-            def run():
-                self._zero()
-                out = impl(self.h, self.ft, self.w1, self.b1, self.w2, self.b2, self.zt, n, 1.0, 1.0, **kw)
-                out.backward(self.grad_out)
-                return out
-        else:
-            raise ValueError(op)
-        return run
-
-    def _head_fn(self, provider: str) -> Callable[[], None]:
-        if provider == "eager":
-            head = self.ref_head
-            call = head
-        elif provider == "compile":
-            head = self._make_head("reference")
-            call = torch.compile(head)
-        else:
-            head = self._make_head(provider)
-            call = head
-        params = list(head.parameters())
-        low = self.dtype in (torch.float16, torch.bfloat16)
-        feats = [f for f in self.feats]
-        if low:
-            # Low precision = autocast over fp32 parameters, as in mixed-precision training; the stage
-            # maps and logits arrive in the low dtype.
-            ctx = lambda: torch.autocast(self.device.type, dtype=self.dtype)  # noqa: E731
-        else:
-            import contextlib
-            ctx = contextlib.nullcontext
-
-        def run():
-            self._zero(params)
-            with ctx():
-                loss = call(feats, self.zs, self.ft, self.zt, self.y)
-            loss.backward()
-            return loss
-        return run

@@ -4,7 +4,8 @@
     python -m benchmarks compare OLD.json NEW.json --band 0.15 --out compare.md
 
 Per case and fused provider it prints the ratios each run measured against its own eager reference (ops:
-``eager``; steps: ``hcd_ref``) and, where both runs have it, against torch.compile, and flags a ratio that
+``eager``; steps: ``hcd_ref``) and, where both runs have it, against the best stock baseline (the faster of
+``compile`` and ``compile-ro``; runs before ``compile-ro`` existed have ``compile`` alone), and flags a ratio that
 fell by more than the noise band as a REGRESSION (rose: ``faster``). Ratios, not times: both providers of a
 ratio were timed in the same run, close together, so machine-wide slowdowns (load from other users, clock)
 mostly cancel; times of two runs on a shared machine do not compare.
@@ -29,7 +30,8 @@ from typing import Dict, List, Optional, Tuple
 
 DEFAULT_BAND = 0.10
 Z = 3.0
-BASELINES = {"ops": ("eager", "compile"), "steps": ("hcd_ref", None)}
+BASELINES = {"ops": ("eager", "stock"), "steps": ("hcd_ref", None)}
+STOCK = ("compile", "compile-ro")  # rows of their own in no comparison: the baselines
 
 
 class CompareError(Exception):
@@ -69,11 +71,19 @@ def _rel_se(row: dict) -> float:
     return 1.2533 * (iqr / 1.349) / math.sqrt(reps) / row["median_ms"]
 
 
+def _baseline(rows: Dict[str, dict], base: Optional[str]) -> Optional[dict]:
+    """The row of ``base``; "stock" is the faster ok row of compile and compile-ro."""
+    if base != "stock":
+        return rows.get(base) if base is not None else None
+    return min((rows[p] for p in STOCK if _ok(rows.get(p))), key=lambda r: r["median_ms"], default=None)
+
+
 def _ratio(rows: Dict[str, dict], provider: str, base: Optional[str]):
     """(baseline median / provider median, its relative standard error) or None."""
-    if base is None or not (_ok(rows.get(provider)) and _ok(rows.get(base))):
+    b = _baseline(rows, base)
+    if not (_ok(rows.get(provider)) and _ok(b)):
         return None
-    p, b = rows[provider], rows[base]
+    p = rows[provider]
     return b["median_ms"] / p["median_ms"], math.hypot(_rel_se(p), _rel_se(b))
 
 
@@ -85,14 +95,14 @@ def compare(old: dict, new: dict, band: float = DEFAULT_BAND, z: float = Z) -> L
     records = []
     for key in sorted(set(a) | set(b), key=lambda k: (k[0] != "ops", k[1])):
         suite, case = key
-        bases = BASELINES.get(suite, ("eager", "compile"))
+        bases = BASELINES.get(suite, ("eager", "stock"))
         rows_a, rows_b = a.get(key, {}), b.get(key, {})
         for provider in sorted(set(rows_a) | set(rows_b)):
-            if provider in bases:
+            if provider in bases or (suite == "ops" and provider in STOCK):
                 continue
             rec = {"suite": suite, "case": case, "provider": provider, "verdict": "ok", "band": None}
             worst = None
-            for label, base in zip(("eager", "compile"), bases):
+            for label, base in zip(("eager", "stock"), bases):
                 ra, rb = _ratio(rows_a, provider, base), _ratio(rows_b, provider, base)
                 rec[f"old_vs_{label}"] = ra[0] if ra else None
                 rec[f"new_vs_{label}"] = rb[0] if rb else None
@@ -162,15 +172,15 @@ def markdown(records: List[dict], old_path: str, old: dict, new_path: str, new: 
             lines += [f"**Warning: the {name} run was measured under load (1-min load average up to {load[0]:g} on "
                       f"{load[1]} threads): its ratios move by far more than the band (three runs of one commit at "
                       "load 9-11 on 2 cores differed by up to 80%); rerun on an idle machine.**", ""]
-    lines += ["| case | provider | vs eager old | new | change | vs compile old | new | change | band | verdict |",
+    lines += ["| case | provider | vs eager old | new | change | vs stock old | new | change | band | verdict |",
               "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in records:
         verdict = f"**{r['verdict']}**" if r["verdict"] in ("REGRESSION", "failed in new", "missing in new") \
             else r["verdict"]
         band_cell = "" if r["band"] is None else f"{r['band']:.0%}"
         lines.append(f"| {r['case']} | {r['provider']} | {_x(r['old_vs_eager'])} | {_x(r['new_vs_eager'])} | "
-                     f"{_pct(r['change_vs_eager'])} | {_x(r['old_vs_compile'])} | {_x(r['new_vs_compile'])} | "
-                     f"{_pct(r['change_vs_compile'])} | {band_cell} | {verdict} |")
+                     f"{_pct(r['change_vs_eager'])} | {_x(r['old_vs_stock'])} | {_x(r['new_vs_stock'])} | "
+                     f"{_pct(r['change_vs_stock'])} | {band_cell} | {verdict} |")
     bad = [r for r in records if r["verdict"] in ("REGRESSION", "failed in new", "missing in new")]
     lines += ["", f"{len(bad)} of {len(records)} rows regressed, failed or are missing" if bad else
               f"no regression beyond the noise band ({len(records)} rows)"]

@@ -2,7 +2,7 @@
 
 For each available fused backend on the device (and the eager reference, for comparison) and each op at
 the ImageNet-like shape (``--quick``: tiny shapes), in fp32 and bf16: two fwd+bwd calls on the same inputs
-must give bitwise-equal outputs and gradients (the kernels reduce without atomics, SPEC section 4). A third
+must give bitwise-equal outputs and gradients (the kernels reduce without atomics). A third
 call with a different batch size in between checks no state leaks between shapes. Writes a JSON report
 and exits 1 on any mismatch. Reads tensors back to the host: a check, not a hot path.
 """
@@ -16,18 +16,17 @@ from typing import List
 import torch
 
 from benchmarks import cases as C
-from benchmarks.common import environment, fused_providers
+from benchmarks.env import environment
+from benchmarks.ops import OpRunner
+from benchmarks.providers import fused_providers
 
 
-def _snapshot(runner: C.Runner, provider: str) -> List[torch.Tensor]:
+def _snapshot(runner: OpRunner, provider: str) -> List[torch.Tensor]:
     """Output and gradients of one fwd+bwd (running stats of bn_relu_pool excluded: they are updated by
     design on every call)."""
     fn = runner.fn(provider)
     out = [fn().detach().clone()]
-    out += [t.grad.detach().clone() for t in runner.leaves if t.grad is not None]
-    if runner.case.op == "head":
-        out += [p.grad.detach().clone() for p in runner.ref_head.parameters() if p.grad is not None]
-    return out
+    return out + [t.grad.detach().clone() for t in runner.leaves if t.grad is not None]
 
 
 def _cases(quick: bool) -> List[C.Case]:
@@ -59,14 +58,14 @@ def main(argv=None) -> int:
         for provider in providers:
             entry = {"case": case.id, "shape": case.shape_str(), "provider": provider}
             try:
-                r1 = C.Runner(case, device, seed=1)
+                r1 = OpRunner(case, device, seed=1)
                 a = _snapshot(r1, provider)
                 b = _snapshot(r1, provider)
                 # A different shape in between, then the first shape again on fresh (equal) inputs.
                 other = C.Case(case.op, case.group, case.dtype,
                                {**case.shape, "B": max(1, case.shape["B"] // 2 + 1)})
-                _snapshot(C.Runner(other, device, seed=2), provider)
-                c = _snapshot(C.Runner(case, device, seed=1), provider)
+                _snapshot(OpRunner(other, device, seed=2), provider)
+                c = _snapshot(OpRunner(case, device, seed=1), provider)
                 same = len(a) == len(b) == len(c) and all(torch.equal(x, y) and torch.equal(x, z)
                                                           for x, y, z in zip(a, b, c))
                 entry["deterministic"] = bool(same)

@@ -8,6 +8,8 @@ import argparse
 import json
 from collections import OrderedDict
 
+from benchmarks.providers import is_fused
+
 
 def _fmt(x: float) -> str:
     return f"{x:.2f}"
@@ -19,14 +21,16 @@ def render(path: str) -> str:
     rows = data["rows"]
     env = rows[0]
     commit = env["git_commit"][:10] + (" plus uncommitted changes" if env.get("git_dirty") else "")
-    fused = [p for p in data["providers"] if p not in ("eager", "compile")]
+    fused = [p for p in data["providers"] if is_fused(p)]
+    stock = [p for p in data["providers"] if p in ("compile", "compile-ro")]
     md = path.replace("results.json", "results.md")
     out = [f"Committed run: [{md}]({md}), {env['device_name']}, "
            f"torch {env['torch']}, commit `{commit}`, {env['timestamp'][:16].replace('T', ' ')} UTC, 1-min load "
            f"average {env['loadavg_start']} at the start and {data.get('loadavg_end')} at the end. Forward + "
-           "backward medians in ms; speedups are over the eager reference in the same run:", "",
-           "| case | shape | eager | torch.compile | " + " | ".join(f"{p} backend" for p in fused) + " |",
-           "|---|---|---|---|" + "---|" * len(fused)]
+           "backward medians in ms; speedups are over the eager reference and the best stock baseline (the faster of "
+           "torch.compile and its reduce-overhead mode) in the same run:", "",
+           "| case | shape | eager | " + " | ".join(f"`{p}`" for p in stock + fused) + " |",
+           "|---|---|---|" + "---|" * len(stock + fused)]
     cases: "OrderedDict[str, dict]" = OrderedDict()
     for r in rows:
         if r["suite"] == "ops" and r["status"] == "ok" and not r["case"].startswith("sweep/"):
@@ -35,14 +39,16 @@ def render(path: str) -> str:
         if "eager" not in by:
             continue
         cells = [case, by["eager"]["shape_str"], _fmt(by["eager"]["median_ms"])]
-        c = by.get("compile")
-        cells.append(f"{_fmt(c['median_ms'])} ({c['speedup_vs_eager']:.1f}x)" if c else "n/a")
+        for p in stock:
+            c = by.get(p)
+            cells.append(f"{_fmt(c['median_ms'])} ({c['speedup_vs_eager']:.1f}x)" if c else "n/a")
         for p in fused:
             r = by.get(p)
             if r is None:
                 cells.append("n/a")
                 continue
-            vs_c = f", {r['speedup_vs_compile']:.1f}x compile" if r.get("speedup_vs_compile") else ""
+            vs = r.get("speedup_vs_stock", r.get("speedup_vs_compile"))  # older runs: compile alone
+            vs_c = f", {vs:.1f}x stock" if vs else ""
             cells.append(f"{_fmt(r['median_ms'])} ({r['speedup_vs_eager']:.1f}x eager{vs_c})")
         out.append("| " + " | ".join(cells) + " |")
     steps: "OrderedDict[str, list]" = OrderedDict()

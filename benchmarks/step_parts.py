@@ -1,27 +1,27 @@
-"""``python -m benchmarks.step_parts``: the parts of the pipeline benchmark's CPU hcd step, in CPU time.
+"""``python -m benchmarks step-parts``: the parts of the pipeline benchmark's CPU hcd step, in CPU time.
 
 Why: on a shared, oversubscribed CPU the wall time of a 2-thread step swings 2x between rounds (a parallel
 region waits for a descheduled thread), so ``step/hcd_ours`` against ``step/hcd_published`` in
 ``benchmarks/pipeline.py`` is read through that noise. This measures the work of each part instead: the
-process CPU time of one thread (``torch.set_num_threads(1)`` unless ``--threads``), in interleaved rounds,
-at the pipeline's CPU shapes (ViT-S teacher -> ResNet18 student, 224 px, batch 8, 10 classes):
+process CPU time of one thread (``torch.set_num_threads(1)`` unless ``--threads``), in interleaved rounds
+(``benchmarks.timing`` with ``time.process_time`` as the clock), at the pipeline's CPU shapes (ViT-S teacher ->
+ResNet18 student, 224 px, batch 8, 10 classes). Every step part is hcd-distill's ``TrainStep`` in a
+configuration (``benchmarks/steps.py``):
 
 - ``teacher/published`` (``no_grad``, forward_features + forward_head twice) and ``teacher/ours``
-  (``TeacherTap``: inference mode, pre-logits then classifier);
-- ``student``: the student's forward, CE and backward and the SGD step, no head;
-- ``student+head/reference``, ``student+head/ours`` (backend auto: the fused cpu ops), and ``/ours_cl``
-  (the same with a channels_last student and input): the hcd step less the teacher (a constant f_t, z_t);
+  (``TeacherTap`` at hcd-distill's defaults);
+- ``student``: the ce step (student forward, CE, backward, SGD step; no teacher, no head);
+- ``student+head/reference``, ``student+head/ours`` (backend auto) and ``/ours_cl`` (the same with a
+  channels_last student and input): the hcd step with the teacher cache's f_t (no teacher forward);
 - ``head/reference``, ``head/ours``: HCDLoss forward + backward alone on the student's stage maps;
-- ``step/published`` (teacher as published, reference head, ``loss.item()``) and ``step/ours`` (TeacherTap,
-  backend auto), as the pipeline benchmark's hcd steps.
+- ``step/published`` (the published-style configuration) and ``step/ours`` (backend auto), as the pipeline
+  benchmark's hcd steps.
 
 Writes ``OUT/step_parts.json`` and ``OUT/step_parts.md`` (default ``benchmarks/results/cpu/step_parts``).
 """
 from __future__ import annotations
 
 import argparse
-import copy
-import datetime
 import json
 import os
 import statistics
@@ -30,110 +30,48 @@ import time
 from typing import Callable, Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 
-from benchmarks.common import environment
+from benchmarks.env import environment, loadavg, now, results_dir
+from benchmarks.steps import StepConfig, StepModels, fast_config, published_config
+from benchmarks.timing import Policy, time_cpu_interleaved
 
 
-def build(batch: int, img: int, classes: int) -> Dict[str, Callable[[], None]]:
+def build(batch: int, img: int, classes: int) -> Dict[str, Callable[[], object]]:
     import timm
-
-    from hcd_fast import HCDConfig, HCDLoss
-    from hcd_fast.distill.taps import TeacherTap
-
     torch.manual_seed(0)
-    teacher = timm.create_model("vit_small_patch16_224", num_classes=classes, img_size=img).eval()
-    teacher.requires_grad_(False)
-    student0 = timm.create_model("resnet18", num_classes=classes)
-    channels = tuple(student0.feature_info[i]["num_chs"] for i in range(1, 5))
-    head0 = HCDLoss(channels, teacher.num_features, classes, HCDConfig(), backend="reference", validate=False)
+    teacher = timm.create_model("vit_small_patch16_224", num_classes=classes, img_size=img)
+    student = timm.create_model("resnet18", num_classes=classes)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 3, img, img, generator=g)
-    y = torch.randint(0, classes, (batch,), generator=g)
-    tap = TeacherTap(copy.deepcopy(teacher))
-    ft_c, zt_c = torch.randn(batch, teacher.num_features, generator=g), torch.randn(batch, classes, generator=g)
+    x, y = torch.randn(batch, 3, img, img, generator=g), torch.randint(0, classes, (batch,), generator=g)
+    cpu = torch.device("cpu")
+    m = StepModels(student, teacher, x, y, cpu)
 
     def teacher_published():
         with torch.no_grad():
-            t = teacher.forward_features(x)
-            return teacher.forward_head(t, pre_logits=True), teacher.forward_head(t)
-
-    def teacher_const():
-        return ft_c, zt_c
-
-    def step_fn(teacher_fn, backend: Optional[str], item: bool, channels_last: bool = False):
-        student, xx = copy.deepcopy(student0).train(), x
-        if channels_last:
-            student, xx = student.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-        head = None
-        if backend is not None:
-            head = HCDLoss(channels, teacher.num_features, classes, HCDConfig(), backend=backend, validate=False)
-            head.load_state_dict(head0.state_dict())
-        params = list(student.parameters()) + (list(head.parameters()) if head is not None else [])
-        opt = torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=2e-3)
-
-        def step():
-            opt.zero_grad(set_to_none=True)
-            ft, zt = teacher_fn()
-            if ft.is_inference():  # as the pipeline's step: inference tensors leave inference mode
-                ft, zt = ft.clone(), zt.clone()
-            final, feats = student.forward_intermediates(xx, indices=4, intermediates_only=False)
-            zs = student.forward_head(final)
-            loss = head(list(feats), zs, ft, zt, y) if head is not None else F.cross_entropy(zs, y, label_smoothing=0.1)
-            loss.backward()
-            opt.step()
-            if item:
-                loss.item()
-        return step
+            t = m.teacher_model.forward_features(x)
+            return m.teacher_model.forward_head(t, pre_logits=True), m.teacher_model.forward_head(t)
 
     with torch.no_grad():
-        _, feats0 = student0.forward_intermediates(x, indices=4, intermediates_only=False)
+        _, feats0 = m.student0.forward_intermediates(x, indices=4, intermediates_only=False)
     feats = [f.detach().clone().requires_grad_(True) for f in feats0]
-    zs0 = torch.randn(batch, classes, generator=g, requires_grad=True)
+    zs = torch.randn(batch, classes, generator=g, requires_grad=True)
+    zt = torch.randn(batch, classes, generator=g)
 
     def head_fn(backend: str):
-        head = HCDLoss(channels, teacher.num_features, classes, HCDConfig(), backend=backend, validate=False)
-        head.load_state_dict(head0.state_dict())
+        head = m.criterion("hcd", backend)
+        return lambda: head(feats, zs, m.cached_feat, zt, y).backward()
 
-        def run():
-            head(feats, zs0, ft_c, zt_c, y).backward()
-        return run
-
+    tap = m.teacher_tap("fast", "off")
     return {"teacher/published": teacher_published, "teacher/ours": lambda: tap(x),
-            "student": step_fn(teacher_const, None, False),
-            "student+head/reference": step_fn(teacher_const, "reference", True),
-            "student+head/ours": step_fn(teacher_const, "auto", False),
-            "student+head/ours_cl": step_fn(teacher_const, "auto", False, channels_last=True),
+            "student": m.fn(fast_config("ce", cpu)),
+            "student+head/reference": m.fn(StepConfig("hcd", "reference", sync_loss=True, teacher="cached")),
+            "student+head/ours": m.fn(fast_config("hcd", cpu, teacher="cached")),
+            "student+head/ours_cl": m.fn(fast_config("hcd", cpu, channels_last="on", teacher="cached")),
             "head/reference": head_fn("reference"), "head/ours": head_fn("auto"),
-            "step/published": step_fn(teacher_published, "reference", True),
-            "step/ours": step_fn(lambda: tap(x), "auto", False)}
+            "step/published": m.fn(published_config("hcd", cpu)), "step/ours": m.fn(fast_config("hcd", cpu))}
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.step_parts", description=__doc__.split("\n")[0])
-    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (5)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time is the work done)")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--img", type=int, default=224)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cpu",
-                                                  "step_parts"))
-    a = ap.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    fns = build(a.batch, a.img, 10)
-    env = environment(torch.device("cpu"))
-    load_start = os.getloadavg()[0]
-    for fn in fns.values():  # first calls (allocations, oneDNN primitives)
-        fn()
-    cpu: Dict[str, List[float]] = {n: [] for n in fns}
-    wall: Dict[str, List[float]] = {n: [] for n in fns}
-    for r in range(a.rounds):
-        names = list(fns)
-        for name in names[r % len(names):] + names[:r % len(names)]:  # rotate who goes first
-            c0, w0 = time.process_time(), time.perf_counter()
-            fns[name]()
-            cpu[name].append((time.process_time() - c0) * 1e3)
-            wall[name].append((time.perf_counter() - w0) * 1e3)
-        print(f"round {r + 1}/{a.rounds} done, load average {os.getloadavg()[0]:.2f}", flush=True)
+def summarize_parts(cpu: Dict[str, List[float]]) -> dict:
     med = {n: statistics.median(v) for n, v in cpu.items()}
     ratios = {"student+head: reference / ours": med["student+head/reference"] / med["student+head/ours"],
               "student+head: ours / ours_cl": med["student+head/ours"] / med["student+head/ours_cl"],
@@ -142,27 +80,50 @@ def main(argv: Optional[List[str]] = None) -> int:
               "step: published / ours": med["step/published"] / med["step/ours"]}
     shares = {"teacher": med["teacher/ours"] / med["step/ours"],
               "head": (med["student+head/ours"] - med["student"]) / med["step/ours"]}
-    created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    result = {"suite": "step_parts", "created": created, "env": env, "threads": a.threads, "batch": a.batch,
-              "img": a.img, "rounds": a.rounds,
-              "loadavg_start": round(load_start, 2), "loadavg_end": round(os.getloadavg()[0], 2),
-              "cpu_ms": cpu, "wall_ms": wall, "cpu_median_ms": med, "ratios": ratios, "shares_of_step_ours": shares}
+    return {"cpu_median_ms": med, "ratios": ratios, "shares_of_step_ours": shares}
+
+
+def markdown(result: dict) -> str:
+    env, cpu, med = result["env"], result["cpu_ms"], result["cpu_median_ms"]
+    lines = [f"# Parts of the CPU hcd step (process CPU time, {result['threads']} thread(s))", "",
+             f"{env['device_name']}, torch {env['torch']}, commit {str(env['git_commit'])[:12]}, {result['created']}, "
+             f"load average {result['loadavg_start']} -> {result['loadavg_end']}. ViT-S -> ResNet18, {result['img']} "
+             f"px, batch {result['batch']}, {result['rounds']} interleaved rounds.", "",
+             "| part | CPU ms (median) | min | max |", "|---|---:|---:|---:|"]
+    lines += [f"| {n} | {med[n]:.1f} | {min(v):.1f} | {max(v):.1f} |" for n, v in cpu.items()]
+    lines += ["", "| ratio (CPU time) | value |", "|---|---:|"]
+    lines += [f"| {k} | {v:.3f}x |" for k, v in result["ratios"].items()]
+    sh = result["shares_of_step_ours"]
+    lines += ["", f"Shares of step/ours: teacher {100 * sh['teacher']:.1f}%, HCD head (student+head/ours less "
+              f"student) {100 * sh['head']:.1f}%."]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks step-parts", description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (5)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time is the work done)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--img", type=int, default=224)
+    ap.add_argument("--out", default=results_dir(torch.device("cpu"), "step_parts"))
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    fns = build(a.batch, a.img, 10)
+    result = {"suite": "step_parts", "created": now(), "env": environment(torch.device("cpu")), "threads": a.threads,
+              "batch": a.batch, "img": a.img, "rounds": a.rounds, "loadavg_start": loadavg()}
+    for fn in fns.values():  # first calls (allocations, oneDNN primitives)
+        fn()
+    policy = Policy(warmup=0, min_reps=a.rounds, max_reps=a.rounds, target_s=0.0)
+    timed = time_cpu_interleaved(fns, policy, clock=time.process_time)
+    for res in timed.values():
+        if isinstance(res, BaseException):
+            raise res
+    result["cpu_ms"] = {n: timed[n]["round_ms"] for n in fns}
+    result.update(summarize_parts(result["cpu_ms"]), loadavg_end=loadavg())
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "step_parts.json"), "w") as f:
         json.dump(result, f, indent=1)
-    lines = [f"# Parts of the CPU hcd step (process CPU time, {a.threads} thread(s))", "",
-             f"{env['device_name']}, torch {env['torch']}, commit {str(env['git_commit'])[:12]}, {result['created']}, "
-             f"load average {result['loadavg_start']} -> {result['loadavg_end']}. ViT-S -> ResNet18, {a.img} px, "
-             f"batch {a.batch}, {a.rounds} interleaved rounds.", "",
-             "| part | CPU ms (median) | min | max | wall ms (median) |", "|---|---:|---:|---:|---:|"]
-    for n in fns:
-        lines.append(f"| {n} | {med[n]:.1f} | {min(cpu[n]):.1f} | {max(cpu[n]):.1f} | "
-                     f"{statistics.median(wall[n]):.1f} |")
-    lines += ["", "| ratio (CPU time) | value |", "|---|---:|"]
-    lines += [f"| {k} | {v:.3f}x |" for k, v in ratios.items()]
-    lines += ["", f"Shares of step/ours: teacher {100 * shares['teacher']:.1f}%, HCD head (student+head/ours less "
-              f"student) {100 * shares['head']:.1f}%."]
-    md = "\n".join(lines)
+    md = markdown(result)
     with open(os.path.join(a.out, "step_parts.md"), "w") as f:
         f.write(md + "\n")
     print(md)

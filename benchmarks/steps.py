@@ -1,43 +1,147 @@
-"""Whole distillation steps with timm models: one optimizer step of a ResNet18 student per variant.
+"""Whole distillation steps: hcd-distill's own training step (``hcd_fast.distill.TrainStep``), timed in
+configurations.
 
-Variants (one optimizer step each; SGD momentum 0.9, lr 0.05, wd 2e-3 over student + HCD head):
+Every variant builds the trainer's objects (a timm student in ``Distiller`` with the method's criterion from
+``hcd_fast.distill.build_criterion``, ``DistillTask`` with a ``TeacherTap``, timm's SGD at hcd-distill's
+defaults) and times one ``TrainStep`` call: forward, loss, backward, optimizer step.
 
-- ``ce``: the student alone with CE_ls. Fast settings (below).
-- ``kd``: plain Hinton KD (CE_ls + T^2 KL). Fast settings.
-- ``kd_ref``: plain KD as the published code runs it: fp32 on CPU / fp16 autocast + GradScaler on CUDA,
-  the teacher under ``torch.no_grad``, contiguous tensors, ``loss.item()`` every step (a host sync).
-- ``hcd_ref``: HCD as the published code runs it: ``HCDLoss(backend="reference")`` in those settings.
-- ``hcd``: HCD with hcd_fast: ``HCDLoss(backend="auto")`` (the best fused backend available), in the fast
-  settings.
+- ``ce``: the student alone with CE_ls; ``kd``: plain Hinton KD; ``hcd``: HCD with ``backend="auto"``.
+  Fast settings: hcd-distill's defaults on the device (CUDA: bf16 autocast, channels_last student and
+  input, the teacher at its speed defaults: bf16 weights, channels_last for CNNs); no host sync.
+- ``kd_ref``, ``hcd_ref``: the published-style baseline, a configuration of the same step: reference
+  backend, fp16 autocast + GradScaler on CUDA (fp32 on the CPU), the teacher as built (fp32),
+  contiguous tensors, ``loss.item()`` every step (``sync_loss``).
 
-Fast settings: on CUDA bf16 autocast and channels_last student and input; the teacher in
-``torch.inference_mode``; no host sync. On the CPU the fast settings stay fp32 and contiguous by default:
-there bf16 autocast made a ResNet18 step 7-14x slower on the development machine (an EPYC with AVX512-BF16,
-no AMX; 60 ms fp32 vs 440-870 ms bf16 for B=16 at 32x32) and channels_last ~20% slower, so they would
-measure oneDNN's bf16 path, not HCD. ``--step-amp bf16 --step-channels-last on`` restores them.
-HCD's overhead is read like for like: ``hcd`` against ``kd`` and ``hcd_ref`` against ``kd_ref``.
+On the CPU the fast settings stay fp32 and contiguous by default (hcd-distill's ``--amp auto`` and
+``--channels-last auto``): bf16 autocast made a ResNet18 step 7-14x slower on the development machine (an
+EPYC with AVX512-BF16, no AMX) and channels_last ~20% slower. ``--step-amp bf16 --step-channels-last on``
+restores them. HCD's overhead is read like for like: ``hcd`` against ``kd``, ``hcd_ref`` against ``kd_ref``.
 
-Taps: the student's four stage maps and final features come from one ``forward_intermediates`` call and the
-logits from ``forward_head``; the teacher feature is ``forward_head(forward_features(x), pre_logits=True)``.
-Inputs: 224x224 on CUDA. On CPU 32x32 (CIFAR resolution), with ViT-S at ``patch_size=4`` (an 8x8 token grid;
-patch 16 would leave 2x2 tokens) and Swin-T at ``window_size=4`` (token grids 8, 4, 2, 1: the window divides
-the first two and timm shrinks it to the grid on the last two).
+Inputs: 224x224 on CUDA. On CPU 32x32 (CIFAR resolution), with ViT-S at ``patch_size=4`` (an 8x8 token grid)
+and Swin-T at ``window_size=4`` (token grids 8, 4, 2, 1; timm shrinks the window to the grid).
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List
 
 import torch
-import torch.nn.functional as F
+import torch.nn as nn
 
-from hcd_fast import HCDConfig, HCDLoss
+from hcd_fast import HCDConfig
+from hcd_fast.distill import (Distiller, DistillTask, TeacherTap, TrainStep, build_criterion, probe_student,
+                              probe_teacher)
+from hcd_fast.distill.teacher.speed import apply_teacher_speed, resolve_teacher_speed
 
 VARIANTS = ("ce", "kd", "kd_ref", "hcd_ref", "hcd")
 TEACHERS = {"vit_s": "vit_small_patch16_224", "swin_t": "swin_tiny_patch4_window7_224"}
 STUDENT = "resnet18"
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """One configuration of hcd-distill's step. ``teacher``: "fast" (hcd-distill's speed defaults for this
+    amp), "published" (as built, fp32) or "cached" (f_t from the teacher cache: no teacher forward)."""
+    method: str                 # ce | kd | hcd
+    backend: str = "auto"       # of the HCD head
+    amp: str = "off"            # bf16 | fp16 (with a GradScaler) | off
+    channels_last: bool = False
+    sync_loss: bool = False     # loss.item() every step, as published trainers log it
+    teacher: str = "fast"
+
+    def precision(self) -> str:
+        return ("fp32" if self.amp == "off" else f"{self.amp}-amp") + (" channels_last" if self.channels_last else "")
+
+
+def fast_config(method: str, device: torch.device, amp: str = "auto", channels_last: str = "auto",
+                teacher: str = "fast") -> StepConfig:
+    """hcd-distill's defaults on ``device``: bf16 + channels_last on CUDA, fp32 + contiguous on the CPU."""
+    amp = ("bf16" if device.type == "cuda" else "off") if amp == "auto" else {"none": "off"}.get(amp, amp)
+    cl = device.type == "cuda" if channels_last == "auto" else channels_last == "on"
+    return StepConfig(method, "auto", amp, cl, False, teacher)
+
+
+def published_config(method: str, device: torch.device) -> StepConfig:
+    return StepConfig(method, "reference", "fp16" if device.type == "cuda" else "off", False, True, "published")
+
+
+def variant_config(variant: str, device: torch.device, amp: str = "auto", channels_last: str = "auto") -> StepConfig:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown step variant {variant!r}; expected one of {VARIANTS}")
+    if variant.endswith("_ref"):
+        return published_config(variant[:-4], device)
+    return fast_config(variant, device, amp, channels_last)
+
+
+def variant_precision(variant: str, device: torch.device, amp: str = "auto", channels_last: str = "auto") -> str:
+    return variant_config(variant, device, amp, channels_last).precision()
+
+
+class StepModels:
+    """A student, a teacher and a static batch, shared by the configurations: each gets a fresh copy of the
+    same initial student and criterion, its own optimizer, and the teacher tap its config names.
+
+    ``x`` (B, 3, H, W), ``y`` (B,) and ``cached_feat`` (B, D_t) are the static batch every step reads; a
+    caller may copy loaded batches into them."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 device: torch.device, seed: int = 0):
+        self.device = device
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # as training scripts do; the warm-up steps absorb the search
+        self.student0 = student.to(device).train()
+        self.teacher_model = teacher.to(device).eval()
+        self.x, self.y = x.to(device), y.to(device)
+        input_size = tuple(x.shape[1:])
+        self.channels, self.num_classes = probe_student(self.student0, 4, input_size)
+        self.taps: Dict[str, TeacherTap] = {"published": TeacherTap(self.teacher_model)}
+        self.teacher_dim, _ = probe_teacher(self.taps["published"], input_size)
+        g = torch.Generator().manual_seed(seed)
+        self.cached_feat = torch.randn(x.shape[0], self.teacher_dim, generator=g).to(device)
+        self.criteria0: Dict[str, nn.Module] = {}
+
+    def teacher_tap(self, kind: str, amp: str) -> TeacherTap:
+        """"published": the teacher as built; "fast": a copy at hcd-distill's speed defaults for ``amp``."""
+        if kind == "published":
+            return self.taps["published"]
+        speed = resolve_teacher_speed(self.teacher_model, self.device, amp)
+        key = f"fast/{speed}"
+        if key not in self.taps:
+            tap = TeacherTap(copy.deepcopy(self.teacher_model))
+            probe_teacher(tap, tuple(self.x.shape[1:]))  # in fp32, before the speed settings (as hcd-distill)
+            self.taps[key] = apply_teacher_speed(tap, speed)
+        return self.taps[key]
+
+    def criterion(self, method: str, backend: str) -> nn.Module:
+        """The method's criterion with the same initial parameters whatever the backend."""
+        crit = build_criterion(method, self.channels, self.teacher_dim, self.num_classes, HCDConfig(), backend=backend)
+        crit = crit.to(self.device)
+        if method not in self.criteria0:
+            self.criteria0[method] = copy.deepcopy(crit)
+        crit.load_state_dict(self.criteria0[method].state_dict())
+        return crit
+
+    def train_step(self, config: StepConfig) -> TrainStep:
+        """hcd-distill's step, built for ``config`` (fresh student copy, criterion and optimizer)."""
+        import timm.optim
+        distiller = Distiller(copy.deepcopy(self.student0), self.criterion(config.method, config.backend), 4)
+        if config.channels_last:
+            distiller = distiller.to(memory_format=torch.channels_last)
+        teacher = None if config.method == "ce" else self.teacher_tap(
+            "published" if config.teacher == "published" else "fast", config.amp)
+        task = DistillTask(distiller, teacher, device=self.device).train()
+        opt = timm.optim.create_optimizer_v2(distiller, opt="sgd", lr=0.05, weight_decay=2e-3, momentum=0.9)
+        scaler = torch.amp.GradScaler(self.device.type) if config.amp == "fp16" else None
+        return TrainStep(task, opt, device=self.device, amp_dtype=AMP_DTYPES[config.amp], scaler=scaler,
+                         channels_last=config.channels_last, sync_loss=config.sync_loss)
+
+    def fn(self, config: StepConfig) -> Callable[[], object]:
+        """One step on the static batch (with the cached f_t when ``config.teacher == "cached"``)."""
+        step = self.train_step(config)
+        feat = self.cached_feat if config.teacher == "cached" else None
+        return lambda: step(self.x, self.y, feat)
 
 
 @dataclass
@@ -70,27 +174,6 @@ def profile_step_cases(profile: str) -> List[StepCase]:
     raise ValueError(profile)
 
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
-
-
-def fast_settings(device: torch.device, amp: str = "auto", channels_last: str = "auto"):
-    """(autocast dtype or None, channels_last) of the fast variants: bf16 + channels_last on CUDA, fp32 +
-    contiguous on the CPU unless asked otherwise (see the module docstring)."""
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" else "none"
-    if channels_last == "auto":
-        channels_last = "on" if device.type == "cuda" else "off"
-    return AMP_DTYPES[amp], channels_last == "on"
-
-
-def variant_precision(variant: str, device: torch.device, amp: str = "auto", channels_last: str = "auto") -> str:
-    if variant.endswith("_ref"):
-        return "fp16-amp" if device.type == "cuda" else "fp32"
-    dtype, cl = fast_settings(device, amp, channels_last)
-    name = {torch.bfloat16: "bf16-amp", torch.float16: "fp16-amp", None: "fp32"}[dtype]
-    return name + (" channels_last" if cl else "")
-
-
 def _teacher_kwargs(teacher: str, img: int) -> dict:
     if img == 224:
         return {}
@@ -99,91 +182,27 @@ def _teacher_kwargs(teacher: str, img: int) -> dict:
     return {"img_size": img, "window_size": 4}
 
 
-class StepBench:
-    """Models of one teacher/student pair, shared by the variants (each variant gets a fresh copy of the
-    same initial student and head, and its own optimizer)."""
+class StepBench(StepModels):
+    """The timm ResNet18 student and the case's teacher (random weights), seeded; ``fn(variant)``."""
 
     def __init__(self, case: StepCase, device: torch.device, seed: int = 0, amp: str = "auto",
                  channels_last: str = "auto"):
         import timm
-        self.case, self.device = case, device
-        self.amp_dtype, self.channels_last = fast_settings(device, amp, channels_last)
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # as training scripts do; the warm-up steps absorb the search
+        self.case, self.amp, self.channels_last = case, amp, channels_last
         torch.manual_seed(seed)
-        self.student0 = timm.create_model(STUDENT, num_classes=case.num_classes).to(device)
-        self.teacher = timm.create_model(TEACHERS[case.teacher], num_classes=case.num_classes,
-                                         **_teacher_kwargs(case.teacher, case.img)).to(device).eval()
-        self.teacher.requires_grad_(False)
-        self.channels = tuple(self.student0.feature_info[i]["num_chs"] for i in range(1, 5))
-        self.head0 = HCDLoss(self.channels, self.teacher.num_features, case.num_classes, config=HCDConfig(),
-                             backend="reference", validate=False).to(device)
+        student = timm.create_model(STUDENT, num_classes=case.num_classes)
+        teacher = timm.create_model(TEACHERS[case.teacher], num_classes=case.num_classes,
+                                    **_teacher_kwargs(case.teacher, case.img))
         g = torch.Generator().manual_seed(seed)
-        self.x = torch.randn(case.batch, 3, case.img, case.img, generator=g).to(device)
-        self.y = torch.randint(0, case.num_classes, (case.batch,), generator=g).to(device)
+        x = torch.randn(case.batch, 3, case.img, case.img, generator=g)
+        y = torch.randint(0, case.num_classes, (case.batch,), generator=g)
+        super().__init__(student, teacher, x, y, device, seed)
 
-    def fn(self, variant: str) -> Callable[[], None]:
-        dev = self.device
-        fast = not variant.endswith("_ref")
-        student = copy.deepcopy(self.student0).train()
-        x = self.x
-        cl = fast and self.channels_last
-        if cl:
-            student = student.to(memory_format=torch.channels_last)
-            x = x.contiguous(memory_format=torch.channels_last)
-        head = None
-        if variant.startswith("hcd"):
-            head = HCDLoss(self.channels, self.teacher.num_features, self.case.num_classes, config=HCDConfig(),
-                           backend="auto" if fast else "reference", validate=False).to(dev).train()
-            head.load_state_dict(self.head0.state_dict())
-            if cl:
-                head = head.to(memory_format=torch.channels_last)
-        params = list(student.parameters()) + (list(head.parameters()) if head is not None else [])
-        opt = torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=2e-3)
-        use_teacher = variant != "ce"
-        teacher, y, T = self.teacher, self.y, 1.0
-        if fast:
-            amp_dtype = self.amp_dtype
-            amp = ((lambda: torch.autocast(dev.type, dtype=amp_dtype)) if amp_dtype is not None  # noqa: E731
-                   else contextlib.nullcontext)
-            teacher_ctx = torch.inference_mode
-            scaler = None
-        elif dev.type == "cuda":
-            amp = lambda: torch.autocast("cuda", dtype=torch.float16)  # noqa: E731
-            teacher_ctx = torch.no_grad
-            scaler = torch.amp.GradScaler("cuda")
-        else:
-            amp, teacher_ctx, scaler = contextlib.nullcontext, torch.no_grad, None
+    def fn(self, variant) -> Callable[[], object]:
+        config = variant if isinstance(variant, StepConfig) else variant_config(
+            variant, self.device, self.amp, self.channels_last)
+        return super().fn(config)
 
-        def step():
-            opt.zero_grad(set_to_none=True)
-            with amp():
-                if use_teacher:
-                    with teacher_ctx():
-                        t = teacher.forward_features(x)
-                        ft = teacher.forward_head(t, pre_logits=True)
-                        zt = teacher.forward_head(t)
-                    if fast:  # inference tensors cannot be saved for backward: leave inference mode
-                        ft, zt = ft.clone(), zt.clone()
-                if head is not None:
-                    final, feats = student.forward_intermediates(x, indices=4, intermediates_only=False)
-                    zs = student.forward_head(final)
-                else:
-                    zs = student(x)
-                loss = F.cross_entropy(zs.float(), y, label_smoothing=0.1)
-                if variant.startswith("kd"):
-                    log_q = F.log_softmax(zs.float() / T, dim=-1)
-                    log_p = F.log_softmax(zt.float() / T, dim=-1)
-                    loss = loss + T * T * F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
-                elif head is not None:
-                    loss = head(list(feats), zs, ft, zt, y)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                opt.step()
-            if not fast:
-                loss.item()  # the published code logs the loss every step: a host sync
-        return step
+
+__all__ = ["VARIANTS", "StepConfig", "StepModels", "StepBench", "StepCase", "fast_config",
+           "published_config", "variant_config", "variant_precision", "profile_step_cases"]

@@ -87,7 +87,8 @@ def cfm(
     teacher_logits)).
 
     Args:
-        student_feat: h_s, (B, D).
+        student_feat: h_s, (B, D); or (S, B, D), the S stages of ``HCDLoss`` stacked, with every weight and bias
+            stacked too ((S, ...) below) and output (S, B, n, K): one batched GEMM per layer for all stages.
         teacher_feat: f_t, (B, D_t); receives no gradient.
         weight1, bias1: (H, D + D_t), (H,); with ``weight2`` None, H = n*K and z = W1 u + b1.
         weight2, bias2: (n*K, H), (n*K,), or both None.
@@ -95,27 +96,34 @@ def cfm(
         num_sub_logits: n.
         lambda_student, lambda_teacher: zf = lambda_student * z + lambda_teacher * z_t.
     """
-    check_float("student_feat", student_feat, 2)
+    check_float("student_feat", student_feat)
+    if student_feat.dim() not in (2, 3):
+        raise ValueError(f"student_feat: expected a 2-d (B, D) or 3-d (S, B, D) tensor, got shape "
+                         f"{tuple(student_feat.shape)}")
+    stages = tuple(student_feat.shape[:-2])  # (S,) stacked, () for one stage
+    batch, dim = student_feat.shape[-2:]
     check_float("teacher_feat", teacher_feat, 2)
     check_float("teacher_logits", teacher_logits, 2)
-    batch, dim = student_feat.shape
     check_shape("teacher_feat", teacher_feat, (batch, None), "batch of student_feat")
     num_classes = teacher_logits.shape[1]
     check_shape("teacher_logits", teacher_logits, (batch, None), "batch of student_feat")
     in_dim = dim + teacher_feat.shape[1]
-    check_float("weight1", weight1, 2)
-    check_shape("weight1", weight1, (None, in_dim), "(hidden, D + D_t)")
-    hidden = weight1.shape[0]
-    check_shape("bias1", bias1, (hidden,))
+    what = "(S, " if stages else "("
+    check_float("weight1", weight1, 2 + len(stages))
+    check_shape("weight1", weight1, stages + (None, in_dim), what + "hidden, D + D_t)")
+    hidden = weight1.shape[-2]
+    check_float("bias1", bias1, 1 + len(stages))
+    check_shape("bias1", bias1, stages + (hidden,))
     if (weight2 is None) != (bias2 is None):
         raise ValueError("weight2, bias2: expected both tensors or both None")
     out_dim = num_sub_logits * num_classes
     if weight2 is None:
-        check_shape("weight1", weight1, (out_dim, in_dim), "(n*K, D + D_t) without a hidden layer")
+        check_shape("weight1", weight1, stages + (out_dim, in_dim), what + "n*K, D + D_t) without a hidden layer")
     else:
-        check_float("weight2", weight2, 2)
-        check_shape("weight2", weight2, (out_dim, hidden), "(n*K, hidden)")
-        check_shape("bias2", bias2, (out_dim,))
+        check_float("weight2", weight2, 2 + len(stages))
+        check_shape("weight2", weight2, stages + (out_dim, hidden), what + "n*K, hidden)")
+        check_float("bias2", bias2, 1 + len(stages))
+        check_shape("bias2", bias2, stages + (out_dim,))
     check_same_device(student_feat=student_feat, teacher_feat=teacher_feat, weight1=weight1, bias1=bias1,
                       weight2=weight2, bias2=bias2, teacher_logits=teacher_logits)
     ops = op_table(backend, student_feat.device)

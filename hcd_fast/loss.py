@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from hcd_fast import functional as HF
 from hcd_fast.config import HCDConfig
-from hcd_fast.modules import CFM, ConvProjector, LinearProjector, init_weights
+from hcd_fast.modules import ConvProjector, LinearProjector, StageCFMs, init_weights
 from hcd_fast.ops.dispatch import OpTable, check_backend_name, op_table
 from hcd_fast.validation import (check_float, check_logits_and_target, check_same_device, check_shape,
                                  check_target_range, resolve_validate)
@@ -38,7 +38,9 @@ class HCDLoss(nn.Module):
         config: every option of the loss (HCDConfig; defaults of SPEC section 2).
         backend: "auto", "reference", "triton", "cuda" or "cpu" (see ``hcd_fast.backends()``).
         validate: check target values are in [0, K). Reading them synchronises on CUDA, so None (the
-            default) means on for CPU tensors and off for CUDA tensors.
+            default) means on for CPU tensors and off for CUDA tensors. While a CUDA graph is captured (and under
+            torch.compile) the check is a device-side assertion instead (no sync; a bad target then fails the
+            CUDA context, as any device assert does).
 
     ``forward(student_feats, student_logits, teacher_feat, teacher_logits, target, return_parts=False)``
     takes the S stage maps ``(B, C_s, H_s, W_s)``, z_s ``(B, K)``, f_t ``(B, D_t)``, z_t ``(B, K)`` and
@@ -73,10 +75,10 @@ class HCDLoss(nn.Module):
             ConvProjector(c, num_stages - 1 - s, self.embed_dim, backend) if s < num_stages - 1
             else LinearProjector(c, self.embed_dim, backend)
             for s, c in enumerate(channels))
-        self.cfms = nn.ModuleList(
-            CFM(self.embed_dim, teacher_dim, num_classes, config.num_sub_logits, hidden,
-                config.lambda_student, config.lambda_teacher, backend)
-            for _ in channels)
+        # The S CFMs as one module with stage-stacked weights (one batched GEMM per layer); its state_dict keeps
+        # the per-stage keys cfms.<s>.fc1.weight, ... of separate CFM modules.
+        self.cfms = StageCFMs(num_stages, self.embed_dim, teacher_dim, num_classes, config.num_sub_logits, hidden,
+                              config.lambda_student, config.lambda_teacher, backend)
         init_weights(self)
 
     def ops(self, device: torch.device) -> OpTable:
@@ -118,8 +120,9 @@ class HCDLoss(nn.Module):
         ops = self.ops(student_logits.device)
         teacher_feat = HF.teacher_input(teacher_feat)  # the teacher is a constant: once here, for every op
         teacher_logits = HF.teacher_input(teacher_logits)
-        sub_logits = torch.stack([
-            cfm.run(projector.run(f, ops), teacher_feat, teacher_logits, ops)
-            for f, projector, cfm in zip(student_feats, self.projectors, self.cfms)])
+        # h (S, B, D): the projector outputs stacked (S*B*D values); the CFMs of all stages then write the fused
+        # sub-logits (S, B, n, K) in one op.
+        projected = torch.stack([projector.run(f, ops) for f, projector in zip(student_feats, self.projectors)])
+        sub_logits = self.cfms.run(projected, teacher_feat, teacher_logits, ops)
         loss, parts = ops.sub_logit_loss(sub_logits, student_logits, teacher_logits, target, self.config)
         return (loss, parts) if return_parts else loss

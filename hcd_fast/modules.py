@@ -2,19 +2,22 @@
 
 Parameters live in ordinary ``nn.Conv2d`` / ``nn.BatchNorm2d`` / ``nn.Linear`` submodules so checkpoints
 look like the published code's; the hot tails (BN+ReLU+GAP, conv1x1+GAP, the CFM), and on the triton backend the
-SepConv blocks (projector_dwconv, projector_pwconv), go through the fused ops. Called on their own, the modules
-validate their input through ``hcd_fast.functional``; ``HCDLoss`` validates once and calls ``run(..., ops)`` with
-its op table.
+SepConv blocks (projector_dwconv, projector_pwconv), go through the fused ops. The S CFMs of ``HCDLoss`` are one
+``StageCFMs`` module with stage-stacked weights (one batched GEMM per layer for all stages), whose state_dict keeps
+the per-stage ``nn.Linear`` keys (``cfms.<s>.fc1.weight``, ...). Called on their own, the modules validate their input through ``hcd_fast.functional``; ``HCDLoss`` validates once and calls
+``run(..., ops)`` with its op table.
 """
 from __future__ import annotations
 
-from typing import Optional
+import threading
+from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from hcd_fast import functional as HF
+from hcd_fast import reference as R
 from hcd_fast.ops.dispatch import OpTable
 
 
@@ -32,6 +35,8 @@ def init_weights(module: nn.Module) -> None:
             nn.init.trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+        elif isinstance(m, StackedLinear):
+            m.reset_parameters()
 
 
 class SepConv(nn.Module):
@@ -61,15 +66,26 @@ def count_batch_momentum(bn: nn.BatchNorm2d) -> float:
     if bn.training and bn.track_running_stats:
         bn.num_batches_tracked.add_(1)
         if bn.momentum is None:
+            if capturing():
+                raise RuntimeError(
+                    "BatchNorm2d with momentum=None (a cumulative average) reads num_batches_tracked on the host "
+                    "(nn.BatchNorm2d does too), which a CUDA graph cannot capture: give the projector BatchNorms a "
+                    "momentum (the default 0.1), or capture in eval mode")
             return 1.0 / float(bn.num_batches_tracked)
     return 0.0 if bn.momentum is None else bn.momentum
 
 
 def _bn_args(bn: nn.BatchNorm2d) -> tuple:
     """The BatchNorm's arguments of projector_pwconv: parameters, running statistics and num_batches_tracked
-    (counted on the device by the op in training), mode, momentum (None: cumulative average), eps."""
+    (counted on the device by the op in training), mode, momentum (None: cumulative average, read on the device),
+    eps."""
     return (bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.training, bn.momentum,
             bn.eps)
+
+
+def capturing() -> bool:
+    """Whether the current CUDA stream is being captured into a CUDA graph (False without CUDA)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 class ConvProjector(nn.Module):
@@ -185,3 +201,153 @@ class CFM(nn.Module):
         if ops is None:
             return HF.cfm(*args, backend=self.backend)
         return ops.cfm(*args)
+
+
+class WeightCastCache:
+    """Autocast casts of parameters, made once per parameter version instead of once per call.
+
+    Under autocast a fused op runs its GEMMs in the autocast dtype, so fp32 weights are cast to it. The cast is
+    kept and reused while the parameter is unchanged: every in-place update (``optimizer.step()``,
+    ``load_state_dict``, ``p.copy_``, ...) bumps ``p._version`` and the next call casts again, so a cast is never
+    stale. Several forwards per optimizer step (gradient accumulation, evaluation) cast once; the cast keeps its
+    autograd edge to the parameter, so gradients still reach it. Changes made through ``p.data`` are invisible
+    to version counters: call ``clear()`` after such a change. Bypassed (a plain cast) under torch.compile and
+    while a CUDA graph is captured (the cast is then part of the graph and replays with the current weights),
+    and for non-leaf tensors.
+    """
+
+    def __init__(self):
+        self._entries: Dict[tuple, tuple] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, dtype: Optional[torch.dtype], t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        if dtype is None or t is None or t.dtype == dtype or t.dtype == torch.float64:
+            return t
+        if not t.is_leaf or torch.compiler.is_compiling() or capturing():
+            return t.to(dtype)
+        mode = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+        key = (id(t), dtype)
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is not None and hit[0] is t and hit[1] == t._version and hit[2] == mode:
+                return hit[3]
+        out = t.to(dtype)
+        with self._lock:
+            self._entries[key] = (t, t._version, mode, out)
+        return out
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    # The cache is derived state: copies and pickles of a module start empty (a cast with an autograd history
+    # cannot be deep-copied).
+    def __deepcopy__(self, memo) -> "WeightCastCache":
+        return WeightCastCache()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state) -> None:
+        self.__init__()
+
+
+class StackedLinear(nn.Module):
+    """S linear layers stacked: ``weight (S, out, in)``, ``bias (S, out)``. A parameter container for the ``cfm``
+    op (its names end in ``.weight`` / ``.bias`` as nn.Linear's, so optimizers' no-weight-decay-on-bias rules,
+    which match the ``.bias`` suffix, still apply)."""
+
+    def __init__(self, num_stages: int, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(num_stages, out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(num_stages, out_features))
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            nn.init.trunc_normal_(self.weight, std=0.02)
+            nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        return f"stages={self.weight.shape[0]}, in_features={self.in_features}, out_features={self.out_features}"
+
+
+class StageCFMs(nn.Module):
+    """The S CFMs of ``HCDLoss`` (one per tapped stage), with stage-stacked weights: ``fc1.weight (S, H, D + D_t)``,
+    ``fc1.bias (S, H)``, ``fc2.weight (S, n*K, H)``, ``fc2.bias (S, n*K)`` (``hidden=None``: no fc2, H = n*K), so
+    the ``cfm`` op runs every stage in one batched GEMM per layer and writes the fused sub-logits (S, B, n, K)
+    directly.
+
+    Its state_dict has the layout of S separate ``CFM`` modules, ``<s>.fc1.weight``, ``<s>.fc1.bias``,
+    ``<s>.fc2.weight``, ``<s>.fc2.bias`` (what checkpoints of earlier versions hold; both layouts load), not the
+    stacked one. Init as ``init_weights`` (trunc_normal std 0.02, zero biases). ``stage(s)`` returns a standalone
+    ``CFM`` holding a copy of stage s's weights.
+    """
+
+    def __init__(self, num_stages: int, student_dim: int, teacher_dim: int, num_classes: int, num_sub_logits: int,
+                 hidden: Optional[int], lambda_student: float = 1.0, lambda_teacher: float = 1.0,
+                 backend: str = "auto"):
+        super().__init__()
+        out_dim = num_sub_logits * num_classes
+        self.num_stages, self.num_sub_logits = num_stages, num_sub_logits
+        self.student_dim, self.teacher_dim = student_dim, teacher_dim
+        self.num_classes, self.hidden = num_classes, hidden
+        self.lambda_student, self.lambda_teacher, self.backend = lambda_student, lambda_teacher, backend
+        self.fc1 = StackedLinear(num_stages, student_dim + teacher_dim, out_dim if hidden is None else hidden)
+        self.fc2 = None if hidden is None else StackedLinear(num_stages, hidden, out_dim)
+        self.casts = WeightCastCache()
+        self.reset_parameters()
+        self._register_state_dict_hook(_stage_cfms_state_dict)
+        self._register_load_state_dict_pre_hook(_stage_cfms_load_pre_hook, with_module=True)
+
+    _KEYS = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")  # the same under the stacked and per-stage layout
+
+    def reset_parameters(self) -> None:
+        for fc in (self.fc1, self.fc2):
+            if fc is not None:
+                fc.reset_parameters()
+
+    def __len__(self) -> int:
+        return self.num_stages
+
+    def extra_repr(self) -> str:
+        return f"num_stages={self.num_stages}, num_sub_logits={self.num_sub_logits}, num_classes={self.num_classes}"
+
+    def stage(self, s: int) -> CFM:
+        """Stage s as a standalone ``CFM`` module (a copy of its weights)."""
+        cfm = CFM(self.student_dim, self.teacher_dim, self.num_classes, self.num_sub_logits, self.hidden,
+                  self.lambda_student, self.lambda_teacher, self.backend)
+        own = {f"{name}.{kind}": getattr(fc, kind)[s] for name, fc in (("fc1", self.fc1), ("fc2", self.fc2))
+               if fc is not None for kind in ("weight", "bias")}
+        cfm.load_state_dict(own)
+        return cfm.to(self.fc1.weight.device)
+
+    def run(self, student_feats: torch.Tensor, teacher_feat: torch.Tensor, teacher_logits: torch.Tensor,
+            ops: OpTable) -> torch.Tensor:
+        """h (S, B, D) stacked over the stages (inputs validated, teacher detached) -> zf (S, B, n, K)."""
+        fc2_w = None if self.fc2 is None else self.fc2.weight
+        fc2_b = None if self.fc2 is None else self.fc2.bias
+        args = (student_feats, teacher_feat, self.fc1.weight, self.fc1.bias, fc2_w, fc2_b, teacher_logits,
+                self.num_sub_logits, self.lambda_student, self.lambda_teacher)
+        if ops.cfm is R.cfm:
+            return ops.cfm(*args)  # the eager spec, stage by stage (autocast casts inside F.linear)
+        return ops.cfm(*args, weight_cast=self.casts)
+
+
+def _stage_cfms_state_dict(module: StageCFMs, state_dict, prefix: str, local_metadata) -> None:
+    """state_dict hook: the stacked parameters as the per-stage CFM keys of earlier versions."""
+    stacked = {key: state_dict.pop(prefix + key) for key in StageCFMs._KEYS if prefix + key in state_dict}
+    for s in range(module.num_stages):  # the order of a ModuleList of CFMs: stage by stage
+        for key, value in stacked.items():
+            state_dict[f"{prefix}{s}.{key}"] = value[s]
+
+
+def _stage_cfms_load_pre_hook(module: StageCFMs, state_dict, prefix: str, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+    """load_state_dict hook: per-stage CFM keys (this module's state_dict, and checkpoints of earlier versions)
+    are stacked into the parameters; stacked keys load as they are. Incomplete per-stage sets are left alone
+    (the load then reports the missing and unexpected keys)."""
+    for key in StageCFMs._KEYS:
+        keys = [f"{prefix}{s}.{key}" for s in range(module.num_stages)]
+        if prefix + key not in state_dict and all(k in state_dict for k in keys):
+            state_dict[prefix + key] = torch.stack([state_dict.pop(k) for k in keys])

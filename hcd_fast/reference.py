@@ -121,7 +121,16 @@ def cfm(
         weight1, bias1: (H, D + D_t), (H,); H = n*K when ``weight2`` is None.
         weight2, bias2: (n*K, H), (n*K,), or both None.
         teacher_logits: z_t, (B, K); detached.
+
+    Stacked stages (``HCDLoss``'s layout): student_feat (S, B, D), weight1 (S, H, D + D_t), bias1 (S, H), weight2
+    (S, n*K, H), bias2 (S, n*K) -> (S, B, n, K), each stage computed as above.
     """
+    if student_feat.dim() == 3:
+        # unbind (not indexing): its backward is one stack of the stage gradients, not S zero-filled copies.
+        stages = [t.unbind(0) if t is not None else [None] * len(student_feat)
+                  for t in (student_feat, weight1, bias1, weight2, bias2)]
+        return torch.stack([cfm(h, teacher_feat, w1, b1, w2, b2, teacher_logits, num_sub_logits, lambda_student,
+                                lambda_teacher) for h, w1, b1, w2, b2 in zip(*stages)])
     u = torch.cat([student_feat, teacher_feat.detach()], dim=1)
     z = F.linear(u, weight1, bias1)
     if weight2 is not None:
@@ -152,7 +161,10 @@ def orthogonality(sub_logits: torch.Tensor, target: torch.Tensor, config: HCDCon
         fill = 0.0 if config.gt_mask == "zero" else LARGE_NEGATIVE
         is_target = F.one_hot(target, num_classes).bool()[:, None, :]
         v = v.masked_fill(is_target, fill)
-    v = v / v.norm(dim=-1, keepdim=True).clamp_min(config.ortho_eps)
+    # max(||v||, eps) with the minimum-norm subgradient: no gradient through ||v|| at ||v|| == eps. Written
+    # out because clamp_min's subgradient there changed between torch releases (1 up to 2.13, 0 from 2.14).
+    norm = v.norm(dim=-1, keepdim=True)
+    v = v / torch.where(norm > config.ortho_eps, norm, config.ortho_eps)
     gram = v @ v.transpose(1, 2)
     off_diagonal = 1.0 - torch.eye(n, dtype=v.dtype, device=v.device)
     hinge = F.relu(gram - config.ortho_threshold).pow(2) * off_diagonal

@@ -56,10 +56,12 @@ def check_target(target, batch: int) -> None:
 
 
 def check_target_range(target: torch.Tensor, num_classes: int) -> None:
-    """Targets in [0, K). Reads the values: synchronises on CUDA, so only behind ``validate``."""
+    """Targets in [0, K). Reads the values: synchronises on CUDA, so only behind ``validate``; a device-side
+    assertion under torch.compile and during CUDA-graph capture."""
     if target.numel() == 0:
         return
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or (target.is_cuda and torch.cuda.is_current_stream_capturing()):
+        # Device-side: reading the values would synchronise (and cannot be captured in a CUDA graph).
         torch._assert_async(((target >= 0) & (target < num_classes)).all(),
                             f"target: expected class indices in [0, {num_classes})")
         return

@@ -6,8 +6,10 @@ u = [h_s ; f_t] is never materialised: the first GEMM's K loop runs over two ope
     RELU: a = relu(pre)                                   (hidden layer)
     FUSE: zf[b, o] = lambda_s * (pre[b, o]) + lambda_t * z_t[b, o mod K]   (o = i*K + k, the view (B, n, K))
 so the two-layer CFM is GEMM(RELU) then GEMM(FUSE) on the hidden activation, and cfm_hidden=None is one
-GEMM(FUSE). Accumulation is fp32 (fp64 for fp64 inputs); fp32 operands use IEEE fp32 products
-(input_precision="ieee"), not TF32, to match torch's default fp32 matmul. A compiled kernel takes a Python
+GEMM(FUSE). The S stages of HCDLoss run in one launch per GEMM: a third grid axis over the stages, with a stage
+stride for A1, W, the bias and the output (0 for A2 = f_t and z_t, which the stages share). Accumulation is fp32
+(fp64 for fp64 inputs); fp32 operands use IEEE fp32 products (input_precision="ieee"), not TF32, to match torch's
+default fp32 matmul. A compiled kernel takes a Python
 float as an fp32 parameter, so with fp64 accumulation lambda_s, lambda_t are read from an fp64 tensor instead
 (kernels/__init__.py: fp64_scalars).
 """
@@ -34,14 +36,22 @@ def cfm_gemm_kernel(
     M, N, K1, K2, NUM_CLASSES,
     stride_a1m, stride_a1k, stride_a2m, stride_a2k, stride_wn, stride_wk,
     stride_ztm, stride_ztk, stride_om, stride_on,
+    stride_a1s, stride_a2s, stride_ws, stride_bs, stride_os,
     lambda_s, lambda_t, scalars_ptr,
     SCALARS_FP64: tl.constexpr, HAS_A2: tl.constexpr, EPILOGUE: tl.constexpr, ACC: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)): out = epilogue(A1 W[:, :K1]^T + A2 W[:, K1:]^T + bias)."""
+    """Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), S): out[s] = epilogue(A1[s] W[s, :, :K1]^T + A2[s] W[s, :, K1:]^T
+    + bias[s])."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    stage = tl.program_id(2).to(tl.int64)
+    a1_ptr += stage * stride_a1s
+    a2_ptr += stage * stride_a2s
+    w_ptr += stage * stride_ws
+    bias_ptr += stage * stride_bs
+    out_ptr += stage * stride_os
     # 64-bit row/column indices: B * n*K (the output) and n*K * H (W2) reach 2^31 within SPEC's limits.
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -91,15 +101,19 @@ def _blocks(m: int, n: int):
 
 def cfm_gemm(a1: torch.Tensor, a2, weight: torch.Tensor, bias: torch.Tensor, teacher_logits,
              lambda_s: float, lambda_t: float, epilogue: int, out_dtype: torch.dtype) -> torch.Tensor:
-    """epilogue(a1 @ weight[:, :K1]^T + a2 @ weight[:, K1:]^T + bias) -> (M, N) in out_dtype.
+    """epilogue(a1 @ weight[:, :K1]^T + a2 @ weight[:, K1:]^T + bias) -> (M, N) in out_dtype, or per stage with a
+    leading stage dimension S on a1, weight, bias and the output ((S, M, N)).
 
     Args:
-        a1: (M, K1); a2: (M, K2) or None (then weight is (N, K1)); weight: (N, K1 + K2); bias: (N,).
+        a1: (M, K1) or (S, M, K1); a2: (M, K2) shared by the stages, or None (then weight is (N, K1));
+        weight: ([S,] N, K1 + K2); bias: ([S,] N).
         teacher_logits: z_t (M, K) with N = n*K for EPILOGUE_FUSE, else None.
         epilogue: EPILOGUE_RELU or EPILOGUE_FUSE (lambda_s * x + lambda_t * z_t[:, o mod K]).
     """
-    m, k1 = a1.shape
-    n = weight.shape[0]
+    stacked = a1.dim() == 3
+    stages = a1.shape[0] if stacked else 1
+    m, k1 = a1.shape[-2:]
+    n = weight.shape[-2]
     k2 = a2.shape[1] if a2 is not None else 0
     acc = tl.float64 if torch.float64 in (a1.dtype, weight.dtype) else tl.float32
     dot_dtype = _DOT_DTYPES[weight.dtype]
@@ -107,8 +121,8 @@ def cfm_gemm(a1: torch.Tensor, a2, weight: torch.Tensor, bias: torch.Tensor, tea
         # The interpreter's bf16 tl.dot returns garbage (triton 3.8); bf16 -> fp32 is exact and the GPU's
         # bf16 MMA accumulates in fp32 too, so fp32 operands give the same products there.
         dot_dtype = tl.float32
-    out = torch.empty((m, n), device=a1.device, dtype=out_dtype)
-    if m == 0:
+    out = torch.empty((stages, m, n) if stacked else (m, n), device=a1.device, dtype=out_dtype)
+    if m == 0 or stages == 0:
         return out
     block_m, block_n, block_k = _blocks(m, n)
     fuse = epilogue == EPILOGUE_FUSE
@@ -116,12 +130,15 @@ def cfm_gemm(a1: torch.Tensor, a2, weight: torch.Tensor, bias: torch.Tensor, tea
     num_classes = teacher_logits.shape[1] if fuse else 1
     a2_ = a2 if a2 is not None else a1
     scalars = fp64_scalars(out.device, lambda_s, lambda_t) if fuse and acc == tl.float64 else None
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    stage_strides = ((a1.stride(0), 0, weight.stride(0), bias.stride(0), out.stride(0)) if stacked
+                     else (0, 0, 0, 0, 0))
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), stages)
     cfm_gemm_kernel[grid](
         a1, a2_, weight, bias, zt, out,
         m, n, k1, k2, num_classes,
-        *a1.stride(), *a2_.stride(), *weight.stride(),
-        *(teacher_logits.stride() if fuse else (0, 0)), *out.stride(),
+        *a1.stride()[-2:], *a2_.stride()[-2:], *weight.stride()[-2:],
+        *(teacher_logits.stride() if fuse else (0, 0)), *out.stride()[-2:],
+        *stage_strides,
         float(lambda_s), float(lambda_t), scalars if scalars is not None else bias,
         SCALARS_FP64=scalars is not None, HAS_A2=a2 is not None, EPILOGUE=epilogue, ACC=acc,
         DOT_PRECISION="ieee" if a1.dtype in (torch.float32, torch.float64) else "tf32", DOT_DTYPE=dot_dtype,

@@ -13,13 +13,21 @@ lse1 = logsumexp(.), lseT = logsumexp(./T)):
   d(w_ol OL)/dv_i = sum_j M_ij v_j with the n x n matrix M of the op's docstring: the forward needs only the
   Gram of the rows (dot products accumulated over K blocks), the backward applies M to the rows it reloads.
 
-Forward, one program per (stage s, sample b), pid = b S + s (a sample's stages adjacent: its z_s / z_t rows are
-read from L2 by the S - 1 later programs): ONE pass over K reads the n rows of zf[s, b] and z_s[b] (z_t[b] only
-in the s = 0 program, or every program with ortho_on="raw") and keeps online (max, sum) pairs for lse1 and lseT
-of every row and of z_s (and z_t), the KL numerators, the row sums and the n x n Gram. It writes row_stats
-(S, B, n, 3) and sample_stats (B, 3) (the s = 0 program) in fp64 (max + log-sum: an fp32 log-sum-exp of
-logits in the hundreds loses the probabilities' fp32 accuracy), ortho_coef (S, B, n, n) and 5 partial sums;
-a second one-program launch reduces the (B S, 5) partials in a fixed order (deterministic, no atomics).
+Forward, one program per (stage s, sample b), pid = b S + s (a sample's stages adjacent: its z_s row is read from
+DRAM once and from L2 by the S - 1 later programs). ``sub_logit_loss_fwd_kernel`` (n <= 4) makes ONE pass over
+K in (BLOCK_N, LANES, VEC) tiles: each of the LANES = 32 num_warps threads owns VEC consecutive elements of every
+row per step (one vector load per row and one for z_s in flight per thread and step; 16-byte fp32 / 8-byte
+bf16-fp16 vectors where the rows are 16-byte aligned and K is a multiple of VEC, which the launcher tells the
+compiler by passing K and the row strides divided by VEC) and keeps its own online state in registers: per row
+the max and sum exp at T = 1 and at T, the KL numerator, the row sum, and the n x n Gram products; for z_s the
+(max, sum) at T. No block reduction inside the loop: after it ONE ``tl.reduce`` over the lanes (combine
+``_merge_rows4``) merges the row state and the Gram, one more the z_s pair; the s = 0 program then reads z_s and
+z_t once more (from L2) for CE, KD and sample_stats. The (n, n) orthogonality tail is a (BLOCK_N, BLOCK_N) tile,
+spread over the block's threads. ``sub_logit_loss_fwd_large_n_kernel`` (n > 4, where n x n Gram lanes would not
+fit in registers: n = 8 took 250 registers and spilled) reduces a (BLOCK_N, BLOCK_K) tile per step. Both write
+row_stats (S, B, n, 3) and sample_stats (B, 3) in fp64 (max + log-sum: an fp32 log-sum-exp of logits in the
+hundreds loses the probabilities' fp32 accuracy), ortho_coef (S, B, n, n) and 5 partial sums per program; a second
+one-program launch reduces the (B S, 5) partials in a fixed order (deterministic, no atomics).
 Backward, one program per (sample b, K block): loads z_s, z_t of the block and the sample's statistics, then for
 every stage s loads the (n, BLOCK_K) zf tile, writes d zf once in zf's dtype and adds the rows' P_zf to a
 register accumulator; at the end it writes d z_s once in z_s's dtype. grad_output is read from device memory
@@ -31,19 +39,23 @@ dtype: exact for fp64 inputs (Triton passes untyped Python floats as fp32).
 A target outside [0, K) (only possible with validate=False) is never used as an index: the sample's 5 partials
 and its gradient rows are NaN, so the loss and every part are NaN.
 
-Byte model (issue 11; ``benchmarks.cases.sub_logit_loss_bytes`` computes the same numbers for the benchmark rows).
+Byte model (``benchmarks.cases.sub_logit_loss_bytes`` computes the same numbers for the benchmark rows).
 E = bytes per logit element, R = S B n K (zf elements), Z = B K (one of z_s, z_t), 8 B target bytes per read:
     essential = read zf, z_s, z_t, y once + write dzf, dz_s once          = 2 R E + 3 Z E + 8 B
     design    = fwd: read zf, z_s, z_t, y                                   R E + 2 Z E + 8 B
               + bwd: read zf, z_s, z_t, y; write dzf, dz_s                2 R E + 3 Z E + 8 B
               + statistics, written once and read once: row_stats (S B n 3) and sample_stats (B 3) in fp64,
                 ortho_coef (S B n n) and the partial sums (5 S B) in the accumulation dtype
-    zf crosses memory 3 times against the essential 2 (1.5x), z_s / z_t 5 times against 3; the S - 1 re-reads
-    of a sample's z_s row by its later stage programs hit L2 and are not counted. Benchmark shapes (S 4, n 4):
-      ImageNet B 256, K 1000: fp32 essential 35.84 MB, design 54.66 MB (1.53x; statistics 0.38 MB)
-                              bf16 essential 17.92 MB, design 27.52 MB (1.54x)
-      CIFAR    B 128, K 100:  fp32 essential  1.79 MB, design  2.91 MB (1.62x; statistics 0.19 MB)
-                              bf16 essential  0.90 MB, design  1.55 MB (1.73x)
+    zf crosses memory 3 times against the essential 2 (1.5x), z_s / z_t 5 times against 3; not counted (L2
+    hits): the S - 1 re-reads of a sample's z_s row by its later stage programs, z_t read by every stage
+    program with ortho_on="raw", the s = 0 program's second pass over z_s and z_t. S = 4, n = 4 (decimal MB):
+      B 4096, K 1000: fp32 essential 573.47, design 874.51 (1.53x); bf16 286.75 / 440.34 (1.54x)
+                      forward alone: fp32 294.94 read + 3.05 written (statistics), bf16 147.49 + 3.05
+      B  256, K 1000: fp32 essential  35.84, design  54.66 (1.53x); bf16  17.92 /  27.52 (1.54x)
+      B  128, K  100: fp32 essential   1.79, design   2.91 (1.62x); bf16   0.90 /   1.55 (1.73x; the statistics
+                      dominate the excess at K = 100)
+    The forward's target (read against a GPU results file, never asserted): its design bytes (forward alone,
+    above) at >= 75% of the measured copy bandwidth at B >= 4096. Unmeasured: these kernels have not run on a GPU.
 The previous design wrote an fp32 gradient in the forward and read it back in the backward: at bf16 ~5x.
 """
 from __future__ import annotations
@@ -106,7 +118,286 @@ def _online(m, s, a):
 
 
 @triton.jit
+def _merge_online(ma, sa, mb, sb):
+    """Two online log-sum-exp states (max, sum exp(x - max)) as one (the combine of a block reduction)."""
+    m = tl.maximum(ma, mb)
+    ref = tl.where(m == float("-inf"), 0.0, m)  # both empty: no -inf - -inf
+    return m, sa * tl.exp(ma - ref) + sb * tl.exp(mb - ref)
+
+
+@triton.jit
+def _merge_lse2(m1a, s1a, mta, sta, wa, m1b, s1b, mtb, stb, wb):
+    """The (max, sum) pairs at T = 1 and at T (with w rescaled like the latter's sum) of two lanes, merged."""
+    m1, s1 = _merge_online(m1a, s1a, m1b, s1b)
+    mt = tl.maximum(mta, mtb)
+    ref = tl.where(mt == float("-inf"), 0.0, mt)
+    fa = tl.exp(mta - ref)
+    fb = tl.exp(mtb - ref)
+    return m1, s1, mt, sta * fa + stb * fb, wa * fa + wb * fb
+
+
+# Combines of the per-lane state of sub_logit_loss_fwd_kernel for its single block reduction: the two online
+# pairs and w (_merge_lse2), then plain sums (row sums, Gram columns); one per Gram width (0 or 4 columns).
+@triton.jit
+def _merge_rows0(m1a, s1a, mta, sta, wa, xa, m1b, s1b, mtb, stb, wb, xb):
+    m1, s1, mt, st, w = _merge_lse2(m1a, s1a, mta, sta, wa, m1b, s1b, mtb, stb, wb)
+    return m1, s1, mt, st, w, xa + xb
+
+
+@triton.jit
+def _merge_rows4(m1a, s1a, mta, sta, wa, xa, g0a, g1a, g2a, g3a,
+                 m1b, s1b, mtb, stb, wb, xb, g0b, g1b, g2b, g3b):
+    m1, s1, mt, st, w = _merge_lse2(m1a, s1a, mta, sta, wa, m1b, s1b, mtb, stb, wb)
+    return m1, s1, mt, st, w, xa + xb, g0a + g0b, g1a + g1b, g2a + g2b, g3a + g3b
+
+
+@triton.jit
+def _gram_column(g, v, vj, offs_n3, j: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Gram column j, per lane: g + sum over the lane's VEC elements of v_i * v_j (thread-local sums)."""
+    if j < BLOCK_N:
+        g += tl.sum(v * vj, 2)
+    return g
+
+
+@triton.jit
+def _row(v, offs_n3, j: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Row j of the (BLOCK_N, LANES, VEC) tile, (1, LANES, VEC); BLOCK_N sits in every thread's registers, so
+    the masked sum over it is thread-local."""
+    if j < BLOCK_N:
+        return tl.sum(tl.where(offs_n3 == j, v, 0.0), 0)[None, :, :]
+    else:
+        return tl.zeros_like(v)
+
+
+@triton.jit
+def _gram_entry(gram, col, offs_n, j: tl.constexpr, BLOCK_N: tl.constexpr):
+    if j < BLOCK_N:
+        gram += tl.where(offs_n[None, :] == j, col[:, None], 0.0)
+    return gram
+
+
+@triton.jit
 def sub_logit_loss_fwd_kernel(
+    zf_ptr, zs_ptr, zt_ptr, y_ptr,
+    partial_ptr, row_stats_ptr, ortho_coef_ptr, sample_stats_ptr,
+    S, B, N, K,
+    stride_zf_s, stride_zf_b, stride_zf_n, stride_zf_k,
+    stride_zs_b, stride_zs_k, stride_zt_b, stride_zt_k, stride_y,
+    temperature: tl.float64, label_smoothing: tl.float64, ortho_threshold: tl.float64, ortho_eps: tl.float64,
+    mask_fill: tl.float64, ortho_shift: tl.float64, coef_ol: tl.float64, ol_norm: tl.float64,
+    MASK_TARGET: tl.constexpr, SHIFT: tl.constexpr, UNIT_T: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr, ALIGN: tl.constexpr,
+):
+    """One program per (stage s, sample b), pid = b max(S, 1) + s, n <= 4 (BLOCK_N <= 4). One pass over K in
+    tiles (BLOCK_N, LANES, VEC): every lane (LANES = 32 num_warps threads) owns VEC consecutive elements of each
+    row per step, so its loads are VEC-wide vectors when ALIGN = VEC, and it keeps its own online state (no
+    block reduction inside the loop): per row the max and sum exp at T = 1 and at T, the KL numerator, the row
+    sum, and the Gram columns v_i.v_j; for z_s the (max, sum) at T. After the loop ONE block reduction
+    (``tl.reduce`` over the lanes with ``_merge_rows4``) combines the row state and the Gram, one more the
+    student's pair. The s = 0 program then makes a second, short pass over z_s and z_t (L2) for CE and KD.
+    ALIGN > 1: K and the row strides were passed divided by ALIGN (stride_k == 1, 16-byte aligned rows), so
+    the compiler sees them as multiples of ALIGN and vectorises the loads. coef_ol = w_ol / (B n (n-1)),
+    ol_norm = 1 / (n (n-1)) (both 0 when n = 1)."""
+    if ALIGN > 1:
+        K = K * ALIGN
+        stride_zf_s = stride_zf_s * ALIGN
+        stride_zf_b = stride_zf_b * ALIGN
+        stride_zf_n = stride_zf_n * ALIGN
+        stride_zs_b = stride_zs_b * ALIGN
+        stride_zt_b = stride_zt_b * ALIGN
+    BLOCK_K: tl.constexpr = LANES * VEC
+    pid = tl.program_id(0).to(tl.int64)
+    per_sample = tl.maximum(S, 1)  # S = 0: one program per sample still computes CE and KD
+    b = pid // per_sample
+    s = pid % per_sample
+    first = s == 0
+    T = _scalar(temperature, ACC)
+    inv_t = 1.0 / T
+    ls = _scalar(label_smoothing, ACC)
+    fill = _scalar(mask_fill, ACC)
+    shift = _scalar(ortho_shift, ACC)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_n3 = offs_n[:, None, None]
+    lane_k = (tl.arange(0, LANES) * VEC)[None, :, None] + tl.arange(0, VEC)[None, None, :]  # (1, LANES, VEC)
+    row_ok = (offs_n < N) & (s < S)
+    row_ok3 = row_ok[:, None, None]
+    y = tl.load(y_ptr + b * stride_y).to(tl.int64)
+    bad = (y < 0) | (y >= K)  # never an index: the sample's partials become NaN below
+    y = tl.where(bad, 0, y)
+    zf_rows = zf_ptr + s * stride_zf_s + b * stride_zf_b + offs_n.to(tl.int64) * stride_zf_n  # (BLOCK_N,)
+    zf_rows3 = zf_rows[:, None, None]
+    zs_row = zs_ptr + b * stride_zs_b
+    zt_row = zt_ptr + b * stride_zt_b
+
+    neg = float("-inf")
+    m1 = tl.full([BLOCK_N, LANES], neg, ACC)   # row max (the T = 1 and the T states share it: T > 0)
+    s1 = tl.zeros([BLOCK_N, LANES], ACC)       # sum exp(x - m1)
+    st = tl.zeros([BLOCK_N, LANES], ACC)       # sum exp((x - m1) / T)
+    w = tl.zeros([BLOCK_N, LANES], ACC)        # sum exp((x - m1) / T) (x - z_s)
+    sx = tl.zeros([BLOCK_N, LANES], ACC)       # sum x
+    g0 = tl.zeros([BLOCK_N, LANES], ACC)       # Gram column j: sum v_i v_j (j < BLOCK_N <= 4)
+    g1 = tl.zeros([BLOCK_N, LANES], ACC)
+    g2 = tl.zeros([BLOCK_N, LANES], ACC)
+    g3 = tl.zeros([BLOCK_N, LANES], ACC)
+    ms = tl.full([1, LANES], neg, ACC)         # z_s / T: max and sum exp
+    ss = tl.zeros([1, LANES], ACC)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + lane_k
+        ok = k < K
+        m3 = row_ok3 & ok
+        x = tl.load(zf_rows3 + k.to(tl.int64) * stride_zf_k, mask=m3, other=0.0).to(ACC)
+        zs = tl.load(zs_row + k.to(tl.int64) * stride_zs_k, mask=ok, other=0.0).to(ACC)
+        # rows: one max per lane, exps against it at T = 1 and at T
+        xm = tl.where(m3, x, neg)
+        m_new = tl.maximum(m1, tl.max(xm, 2))
+        ref = tl.where(m_new == neg, 0.0, m_new)
+        d = xm - ref[:, :, None]
+        e1 = tl.exp(d)
+        a1 = tl.exp(m1 - ref)
+        if UNIT_T:
+            et = e1
+            at = a1
+        else:
+            et = tl.exp(d * inv_t)
+            at = tl.exp((m1 - ref) * inv_t)
+        s1 = s1 * a1 + tl.sum(e1, 2)
+        st = st * at + tl.sum(et, 2)
+        w = w * at + tl.sum(et * (x - zs), 2)
+        sx += tl.sum(x, 2)
+        m1 = m_new
+        # student at T
+        zsm = tl.where(ok, zs * inv_t, neg)
+        ms_new = tl.maximum(ms, tl.max(zsm, 2))
+        ref_s = tl.where(ms_new == neg, 0.0, ms_new)
+        ss = ss * tl.exp(ms - ref_s) + tl.sum(tl.exp(zsm - ref_s[:, :, None]), 2)
+        ms = ms_new
+        # Gram of the orthogonality rows v (0 outside the row)
+        if BLOCK_N > 1:
+            v = x
+            if SHIFT:
+                zt = tl.load(zt_row + k.to(tl.int64) * stride_zt_k, mask=ok, other=0.0).to(ACC)
+                v = tl.where(m3, v - shift * zt, 0.0)
+            if MASK_TARGET:
+                v = tl.where((k == y) & row_ok3, fill, v)
+            g0 = _gram_column(g0, v, _row(v, offs_n3, 0, BLOCK_N), offs_n3, 0, BLOCK_N)
+            g1 = _gram_column(g1, v, _row(v, offs_n3, 1, BLOCK_N), offs_n3, 1, BLOCK_N)
+            g2 = _gram_column(g2, v, _row(v, offs_n3, 2, BLOCK_N), offs_n3, 2, BLOCK_N)
+            g3 = _gram_column(g3, v, _row(v, offs_n3, 3, BLOCK_N), offs_n3, 3, BLOCK_N)
+
+    # The one block reduction of the row state (a fixed tree: deterministic), and the student's pair.
+    if BLOCK_N == 1:
+        m1, s1, mt, st, w, sx = tl.reduce((m1, s1, m1 * inv_t, st, w, sx), 1, _merge_rows0)
+    else:
+        m1, s1, mt, st, w, sx, g0, g1, g2, g3 = tl.reduce(
+            (m1, s1, m1 * inv_t, st, w, sx, g0, g1, g2, g3), 1, _merge_rows4)
+    mts, sts = tl.reduce((ms, ss), 1, _merge_online)
+    mts = tl.sum(mts, 0)  # (1,) -> scalar
+    sts = tl.sum(sts, 0)
+    log_s1 = tl.log(s1)
+    log_st = tl.log(st)
+    log_sts = tl.log(sts)
+    lse1 = m1 + log_s1
+    kl = (w / st) * inv_t - (mt - mts) - log_st + log_sts
+    # fp64 statistics: max + log(sum) rounded to fp32 would be off by up to 2^-24 |lse|.
+    stat_rows = row_stats_ptr + ((s * B + b) * N + offs_n) * 3
+    tl.store(stat_rows + 0, _f64(m1) + _f64(log_s1), mask=row_ok)
+    tl.store(stat_rows + 1, _f64(mt) + _f64(log_st), mask=row_ok)
+    tl.store(stat_rows + 2, _f64(kl), mask=row_ok)
+
+    ls_k = ls / K
+    zf_y = tl.load(zf_rows + y * stride_zf_k, mask=row_ok, other=0.0).to(ACC)
+    ce_rows = lse1 - (1.0 - ls) * zf_y - ls_k * sx
+    sub_ce_b = tl.sum(tl.where(row_ok, ce_rows, 0.0)) / tl.maximum(N, 1)
+    sub_kl_b = T * T * tl.sum(tl.where(row_ok, kl, 0.0)) / tl.maximum(N, 1)
+
+    # s = 0: CE of z_s, KD, sample_stats (a second pass over z_s and z_t, from L2).
+    ce_b = tl.zeros([], ACC)
+    kd_b = tl.zeros([], ACC)
+    if first:
+        m1z = tl.full([1, LANES], neg, ACC)
+        s1z = tl.zeros([1, LANES], ACC)
+        szs = tl.zeros([1, LANES], ACC)
+        mtt = tl.full([1, LANES], neg, ACC)
+        stt = tl.zeros([1, LANES], ACC)
+        wt = tl.zeros([1, LANES], ACC)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + lane_k
+            ok = k < K
+            zs = tl.load(zs_row + k.to(tl.int64) * stride_zs_k, mask=ok, other=0.0).to(ACC)
+            zt = tl.load(zt_row + k.to(tl.int64) * stride_zt_k, mask=ok, other=0.0).to(ACC)
+            zsm = tl.where(ok, zs, neg)
+            m_new = tl.maximum(m1z, tl.max(zsm, 2))
+            ref = tl.where(m_new == neg, 0.0, m_new)
+            s1z = s1z * tl.exp(m1z - ref) + tl.sum(tl.exp(zsm - ref[:, :, None]), 2)
+            m1z = m_new
+            szs += tl.sum(zs, 2)
+            ztm = tl.where(ok, zt * inv_t, neg)
+            m_new = tl.maximum(mtt, tl.max(ztm, 2))
+            ref = tl.where(m_new == neg, 0.0, m_new)
+            at = tl.exp(mtt - ref)
+            et = tl.exp(ztm - ref[:, :, None])
+            stt = stt * at + tl.sum(et, 2)
+            wt = wt * at + tl.sum(et * (zt - zs), 2)
+            mtt = m_new
+        m1z, s1z, mtt, stt, wt, szs = tl.reduce((m1z, s1z, mtt, stt, wt, szs), 1, _merge_rows0)
+        m1z = tl.sum(m1z, 0)
+        s1z = tl.sum(s1z, 0)
+        mtt = tl.sum(mtt, 0)
+        stt = tl.sum(stt, 0)
+        wt = tl.sum(wt, 0)
+        szs = tl.sum(szs, 0)
+        log_stt = tl.log(stt)
+        tl.store(sample_stats_ptr + b * 3 + 0, _f64(m1z) + _f64(tl.log(s1z)))
+        tl.store(sample_stats_ptr + b * 3 + 1, _f64(mts) + _f64(log_sts))
+        tl.store(sample_stats_ptr + b * 3 + 2, _f64(mtt) + _f64(log_stt))
+        zs_y = tl.load(zs_row + y * stride_zs_k).to(ACC)
+        ce_b = (m1z + tl.log(s1z)) - (1.0 - ls) * zs_y - ls_k * szs
+        kd_b = T * T * ((wt / stt) * inv_t - (mtt - mts) - log_stt + log_sts)
+
+    # Orthogonality from the Gram (norms on its diagonal) and the coefficient matrix M of its gradient; the
+    # (BLOCK_N, BLOCK_N) tail is spread over the block's threads.
+    gram = tl.zeros([BLOCK_N, BLOCK_N], ACC)  # n = 1: no pairs, M = 0
+    if BLOCK_N > 1:
+        gram = _gram_entry(gram, g0, offs_n, 0, BLOCK_N)
+        gram = _gram_entry(gram, g1, offs_n, 1, BLOCK_N)
+        gram = _gram_entry(gram, g2, offs_n, 2, BLOCK_N)
+        gram = _gram_entry(gram, g3, offs_n, 3, BLOCK_N)
+    ol_b, mmat = _ortho_tail(gram, offs_n, row_ok, ortho_eps, ortho_threshold, coef_ol, ol_norm, ACC)
+    coef = ortho_coef_ptr + (s * B + b) * N * N + offs_n[:, None] * N + offs_n[None, :]
+    tl.store(coef, mmat, mask=row_ok[:, None] & row_ok[None, :])
+
+    part = partial_ptr + pid * 5
+    nan = float("nan")
+    tl.store(part + 0, tl.where(bad, nan, ce_b))
+    tl.store(part + 1, tl.where(bad, nan, sub_ce_b))
+    tl.store(part + 2, tl.where(bad, nan, kd_b))
+    tl.store(part + 3, tl.where(bad, nan, sub_kl_b))
+    tl.store(part + 4, tl.where(bad, nan, ol_b))
+
+
+@triton.jit
+def _ortho_tail(gram, offs_n, row_ok, ortho_eps, ortho_threshold, coef_ol, ol_norm, ACC: tl.constexpr):
+    """From the Gram G (norms on its diagonal): the sample's orthogonality sum and M (hcd_fast/ops/
+    sub_logit_loss.py). r = max(||v||, eps); M_ii's norm term is active where ||v|| > eps: at equality r has the
+    minimum-norm subgradient 0 in ||v||, as in the reference."""
+    eye = offs_n[:, None] == offs_n[None, :]
+    pair_ok = row_ok[:, None] & row_ok[None, :] & (offs_n[:, None] != offs_n[None, :])
+    eps = _scalar(ortho_eps, ACC)
+    norm_i = tl.sqrt(tl.sum(tl.where(eye, gram, 0.0), 1))
+    r_i = tl.maximum(norm_i, eps)
+    r_j = tl.maximum(tl.sqrt(tl.sum(tl.where(eye, gram, 0.0), 0)), eps)
+    rr = r_i[:, None] * r_j[None, :]
+    gn = gram / rr
+    hinge = tl.where(pair_ok, tl.maximum(gn - _scalar(ortho_threshold, ACC), 0.0), 0.0)
+    ol_b = tl.sum(tl.sum(hinge * hinge, 1), 0) * _scalar(ol_norm, ACC)
+    amat = (4.0 * _scalar(coef_ol, ACC)) * hinge
+    proj = tl.where(norm_i > eps, tl.sum(amat * gn, 1) / (r_i * r_i), 0.0)
+    mmat = amat / rr - tl.where(eye, proj[:, None], 0.0)
+    return ol_b, mmat
+
+
+@triton.jit
+def sub_logit_loss_fwd_large_n_kernel(
     zf_ptr, zs_ptr, zt_ptr, y_ptr,
     partial_ptr, row_stats_ptr, ortho_coef_ptr, sample_stats_ptr,
     S, B, N, K,
@@ -305,9 +596,13 @@ def sub_logit_loss_bwd_kernel(
     hi_s, lo_s = _split(tl.load(sample_stats_ptr + b * 3 + 1), ACC)
     log_ps = (zs * inv_t - hi_s) - lo_s  # log P_s
     sum_p = tl.zeros([BLOCK_K], ACC)
+    # Stage s's tile: a 64-bit pointer advanced by stride_zf_s per stage (s * stride_zf_s with the int32 loop
+    # counter would wrap past 2^31 elements).
+    zf_tile = zf_ptr + b * stride_zf_b + offs_n[:, None].to(tl.int64) * stride_zf_n \
+        + offs_k[None, :].to(tl.int64) * stride_zf_k
     for s in range(0, S):
-        x = tl.load(zf_ptr + s * stride_zf_s + b * stride_zf_b + offs_n[:, None] * stride_zf_n
-                    + offs_k[None, :] * stride_zf_k, mask=m2, other=0.0).to(ACC)
+        x = tl.load(zf_tile, mask=m2, other=0.0).to(ACC)
+        zf_tile += stride_zf_s
         stats = row_stats_ptr + ((s * B + b) * N + offs_n) * 3
         hi_t, lo_t = _split(tl.load(stats + 1, mask=row_ok, other=0.0), ACC)
         log_p = (x * inv_t - hi_t[:, None]) - lo_t[:, None]
@@ -353,16 +648,47 @@ def _warps(tile: int, least: int = 2) -> int:
 
 
 def _fwd_heuristic(n: int, num_classes: int, block_k=None):
-    """BLOCK_N = n rounded up to a power of two; BLOCK_K bounds the (BLOCK_N, BLOCK_K) tile (<= 2048 elements,
-    1024 from n = 16 on, where the n x n Gram tiles take registers), so every K is looped over; about 8 tile
-    elements per thread (``_warps``).
-    At least 4 warps for n > 1: at (4, 128) 2 warps spilled 24 bytes under triton 3.6 (3.8 did not).
+    """sub_logit_loss_fwd_large_n_kernel (n > 8): BLOCK_N = n rounded up to a power of two; BLOCK_K bounds the
+    (BLOCK_N, BLOCK_K) tile (1024 elements from n = 16 on, where the n x n Gram tiles take registers), so every K
+    is looped over; about 8 tile elements per thread (``_warps``).
     tests/test_triton_compile.py checks with ptxas -v for sm_90 that these sizes do not spill."""
     block_n = triton.next_power_of_2(n)
     if block_k is None:
         budget = min(2048 // block_n, 1024) if block_n <= 8 else 1024 // block_n
         block_k = min(triton.next_power_of_2(num_classes), max(32, budget))
     return block_n, block_k, _warps(block_n * block_k, 2 if block_n == 1 else 4)
+
+
+LANE_MAX_N = 4  # sub_logit_loss_fwd_kernel keeps n x n Gram lanes in registers up to this n (n = 8: 250
+# registers and spills at sm_90; n > 4 runs sub_logit_loss_fwd_large_n_kernel)
+
+
+def _fwd_lane_heuristic(n: int, num_classes: int, elem_bytes: int, block_k=None, fp64: bool = False):
+    """sub_logit_loss_fwd_kernel (n <= 4): (BLOCK_N, VEC, num_warps). VEC = 4 elements per lane and row: a
+    16-byte vector of fp32, 8 bytes of bf16/fp16 (8 bf16 elements, a 16-byte vector, need 128 registers and spill
+    at sm_90), 1 in fp64 (the fp64 state takes twice the registers). 1 to 4 warps, about two vectors per lane
+    and row over K (K = 1000: 4 warps, 2 steps). block_k (tests): one warp and VEC = block_k // 32 (at least 1),
+    to force the K loop."""
+    block_n = triton.next_power_of_2(n)
+    vec = 1 if fp64 else min(4, max(1, 16 // elem_bytes))
+    if block_k is not None:
+        return block_n, max(1, block_k // 32), 1
+    num_warps = min(4, max(1, triton.next_power_of_2(triton.cdiv(num_classes, 32 * vec)) // 2))
+    return block_n, vec, num_warps
+
+
+def _alignment(vec: int, num_classes: int, tensors, strides) -> int:
+    """vec when every row of zf, z_s and z_t starts on a 16-byte boundary and is contiguous (K a multiple of
+    vec, stride_k == 1, the other strides multiples of vec): then the kernel gets K and the strides divided by
+    vec and the compiler emits vector loads; else 1."""
+    if vec == 1 or num_classes % vec:
+        return 1
+    if any(t.data_ptr() % 16 for t in tensors):
+        return 1
+    for t in tensors:
+        if t.shape[-1] > 1 and t.stride(-1) != 1:
+            return 1
+    return vec if all(st % vec == 0 for st in strides) else 1
 
 
 def _bwd_heuristic(n: int, num_classes: int, block_k=None):
@@ -403,22 +729,37 @@ def sub_logit_loss_forward(
     row_stats = torch.empty((num_stages, batch, n, NUM_ROW_STATS), device=device, dtype=torch.float64)
     ortho_coef = torch.empty((num_stages, batch, n, n), device=device, dtype=acc_dtype)
     sample_stats = torch.empty((batch, NUM_SAMPLE_STATS), device=device, dtype=torch.float64)
-    if batch == 0:
-        return loss.zero_(), parts.zero_(), row_stats, ortho_coef, sample_stats
-    block_n, block_k, num_warps = _fwd_heuristic(n, num_classes, block_k)
     pairs = n * (n - 1)
     programs = batch * max(num_stages, 1)
-    sub_logit_loss_fwd_kernel[(programs,)](
-        sub_logits, student_logits, teacher_logits, target,
-        partial, row_stats, ortho_coef, sample_stats,
-        num_stages, batch, n, num_classes,
-        *sub_logits.stride(), *student_logits.stride(), *teacher_logits.stride(), target.stride(0),
-        float(temperature), float(label_smoothing), float(ortho_threshold), float(ortho_eps),
-        float(mask_fill), float(ortho_shift),
-        w_ol / (batch * pairs) if pairs else 0.0, 1.0 / pairs if pairs else 0.0,
-        MASK_TARGET=bool(mask_target), SHIFT=ortho_shift != 0.0, ACC=acc,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
-    )
+    if batch == 0:  # the means over an empty batch are NaN, as in the reference (and the CUDA backend)
+        return loss.fill_(float("nan")), parts.fill_(float("nan")), row_stats, ortho_coef, sample_stats
+    scalars = (float(temperature), float(label_smoothing), float(ortho_threshold), float(ortho_eps),
+               float(mask_fill), float(ortho_shift), w_ol / (batch * pairs) if pairs else 0.0,
+               1.0 / pairs if pairs else 0.0)
+    if n <= LANE_MAX_N:
+        block_n, vec, num_warps = _fwd_lane_heuristic(n, num_classes, sub_logits.element_size(), block_k, fp64)
+        row_strides = (*sub_logits.stride()[:3], student_logits.stride(0), teacher_logits.stride(0))
+        align = _alignment(vec, num_classes, (sub_logits, student_logits, teacher_logits), row_strides)
+        zf_s, zf_b, zf_n, zs_b, zt_b = (st // align for st in row_strides)
+        sub_logit_loss_fwd_kernel[(programs,)](
+            sub_logits, student_logits, teacher_logits, target,
+            partial, row_stats, ortho_coef, sample_stats,
+            num_stages, batch, n, num_classes // align,
+            zf_s, zf_b, zf_n, sub_logits.stride(3), zs_b, student_logits.stride(1), zt_b,
+            teacher_logits.stride(1), target.stride(0), *scalars,
+            MASK_TARGET=bool(mask_target), SHIFT=ortho_shift != 0.0, UNIT_T=float(temperature) == 1.0, ACC=acc,
+            BLOCK_N=block_n, LANES=32 * num_warps, VEC=vec, ALIGN=align, num_warps=num_warps,
+        )
+    else:
+        block_n, block_k, num_warps = _fwd_heuristic(n, num_classes, block_k)
+        sub_logit_loss_fwd_large_n_kernel[(programs,)](
+            sub_logits, student_logits, teacher_logits, target,
+            partial, row_stats, ortho_coef, sample_stats,
+            num_stages, batch, n, num_classes,
+            *sub_logits.stride(), *student_logits.stride(), *teacher_logits.stride(), target.stride(0), *scalars,
+            MASK_TARGET=bool(mask_target), SHIFT=ortho_shift != 0.0, ACC=acc,
+            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+        )
     sub_logit_loss_reduce_kernel[(1,)](
         partial, loss, parts, programs, batch, float(w_gt), float(w_kd), float(w_kl), float(w_ol),
         ACC=acc, BLOCK_R=min(triton.next_power_of_2(programs), 256), num_warps=4,

@@ -13,8 +13,9 @@ import torch
 
 from benchmarks import cases as C
 from benchmarks import steps as ST
-from benchmarks.__main__ import _selected
-from benchmarks.common import SCHEMA_VERSION, fused_providers, select_providers
+from benchmarks.env import SCHEMA_VERSION
+from benchmarks.providers import fused_providers, select_providers, unavailable_reason
+from benchmarks.runner import selected as _selected
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,6 +47,7 @@ def quick_run(tmp_path_factory):
     return out, result
 
 
+@pytest.mark.slow
 def test_json_schema(quick_run):
     out, result = quick_run
     with open(out / "results.json") as f:
@@ -75,6 +77,7 @@ def test_json_schema(quick_run):
             assert r["status"] in ("error", "skipped") and r["reason"]
 
 
+@pytest.mark.slow
 def test_eager_and_steps_ran(quick_run):
     _, result = quick_run
     rows = result["rows"]
@@ -92,6 +95,7 @@ def test_eager_and_steps_ran(quick_run):
         assert any(r["provider"] == name for r in rows if r["suite"] == "ops")
 
 
+@pytest.mark.slow
 def test_derived_numbers(quick_run):
     _, result = quick_run
     rows = [r for r in result["rows"] if r["suite"] == "ops" and r["status"] == "ok"]
@@ -127,6 +131,7 @@ def test_derived_numbers(quick_run):
             assert r["floor_ms"] is None  # not modelled
 
 
+@pytest.mark.slow
 def test_markdown_and_plots(quick_run):
     pytest.importorskip("matplotlib")  # an optional dependency (pyproject extra "bench")
     out, result = quick_run
@@ -143,6 +148,7 @@ def test_markdown_and_plots(quick_run):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
 
+@pytest.mark.slow
 def test_compile_provider(tmp_path):
     result = run(["--quick", "--device", "cpu", "--cases", "pool_linear", "--providers", "eager,compile",
                   "--no-plots", "--out", str(tmp_path)])
@@ -167,6 +173,12 @@ def test_selection():
     assert "triton" not in select_providers(None, cpu)  # the interpreter is not timed
     with pytest.raises(ValueError, match="unknown provider"):
         select_providers("eager,fast", cpu)
+    # every provider by default: the stock baselines, each backend alone, under torch.compile, in a CUDA graph
+    assert select_providers(None, cpu) == ["eager", "compile", "compile-ro", "cpu", "cpu+compile", "cpu+graph"]
+    assert select_providers("fused+graph,cuda+compile", cpu) == ["cpu+graph", "cuda+compile"]
+    assert "CUDA graphs" in unavailable_reason("cpu+graph", cpu)
+    assert "reduce-overhead" in unavailable_reason("compile-ro", cpu)
+    assert unavailable_reason("cpu+compile", cpu) is None
 
 
 def test_readme_summary_renders_from_committed_results():
@@ -185,7 +197,7 @@ def test_readme_summary_renders_from_committed_results():
 
 def test_git_commit_prefers_the_callers_commit(monkeypatch):
     # A tree copied to a GPU machine can carry a stale .git: the caller's HCD_GIT_COMMIT wins, dirty unknown.
-    from benchmarks.common import git_commit
+    from benchmarks.env import git_commit
     monkeypatch.setenv("HCD_GIT_COMMIT", "0123abcd")
     assert git_commit() == {"git_commit": "0123abcd", "git_dirty": None}
     monkeypatch.delenv("HCD_GIT_COMMIT")
@@ -229,8 +241,8 @@ def test_compare_committed_cpu_run_with_itself():
     for r in records:
         row = stored[(r["case"], r["provider"])]
         assert r["old_vs_eager"] == pytest.approx(row.get("speedup_vs_eager") or row["speedup_vs_hcd_ref"])
-        if r["old_vs_compile"] is not None:
-            assert r["old_vs_compile"] == pytest.approx(row["speedup_vs_compile"])
+        if r["old_vs_stock"] is not None:  # the committed run predates compile-ro: stock = compile
+            assert r["old_vs_stock"] == pytest.approx(row["speedup_vs_compile"])
 
 
 def test_compare_flags_a_regression_beyond_the_band(tmp_path):

@@ -3,7 +3,7 @@ takes minutes per run; its folders are written by hand in the study's results.js
 import json
 import statistics
 
-from hcd_fast.distill.cache_study import main
+from experiments.cache_study import main
 
 SETTINGS = ("online", "cache K=16")
 

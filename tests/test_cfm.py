@@ -296,3 +296,95 @@ def test_cfm_opcheck(backend):
                 t[k].requires_grad_()
         torch.library.opcheck(ns.cfm.default, (t["h"], t["ft"], t["w1"], t["b1"], t["w2"], t["b2"], t["zt"], 2, 0.5,
                                                2.0))
+
+
+# ------------------------------------------------------------------ stacked stages (HCDLoss's layout)
+def stacked_inputs(S, B, D, Dt, H, n, K, dtype=torch.float64, seed=0):
+    """h (S, B, D) and the weights of S different CFMs stacked (S, ...); f_t, z_t shared."""
+    per = [cfm_inputs(B, D, Dt, H, n, K, dtype, seed=seed + s) for s in range(S)]
+    t = {k: None if per[0][k] is None else torch.stack([p[k] for p in per]) for k in ("h",) + LEAVES[1:]}
+    t.update(ft=per[0]["ft"], zt=per[0]["zt"], gout=torch.stack([p["gout"] for p in per]))
+    return t
+
+
+def run_stacked(name, device, t, n, ls, lt, dtype=None, autocast=None):
+    cast = (lambda v: v.to(device=device, dtype=dtype)) if dtype else (lambda v: v.to(device))
+    leaves = {k: cast(t[k]).clone().requires_grad_() for k in LEAVES if t[k] is not None}
+    with torch.autocast(device, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        out = HF.cfm(leaves["h"], cast(t["ft"]), leaves["w1"], leaves["b1"], leaves.get("w2"), leaves.get("b2"),
+                     cast(t["zt"]), n, ls, lt, backend=name)
+    grads = torch.autograd.grad(out, list(leaves.values()), grad_outputs=cast(t["gout"]).to(out.dtype))
+    return dict(out=out.detach(), **dict(zip(leaves, grads)))
+
+
+@pytest.mark.parametrize("backend,S,B,D,Dt,H,n,K,ls,lt", over_backends(
+    [(4, 3, 8, 6, 10, 4, 7, 0.7, 1.3), (3, 5, 7, 9, None, 2, 11, 1.0, 1.0), (1, 2, 5, 4, 6, 3, 5, 1.0, 0.0),
+     (2, 1, 4, 3, 5, 1, 9, 0.5, 2.0)], gpu_cases=[(4, 256, 768, 768, 768, 4, 1000, 1.0, 1.0)],
+    reference=True))
+def test_cfm_stacked_stages_match_per_stage_reference(backend, S, B, D, Dt, H, n, K, ls, lt):
+    """The S stages in one call (h (S, B, D), stacked weights -> (S, B, n, K)) equal S separate one-stage
+    reference calls, forward and every gradient (float64 truth), on every backend and on the reference."""
+    t = stacked_inputs(S, B, D, Dt, H, n, K, torch.float64, seed=S + B + K)
+    got = run_stacked(backend.name, backend.device, t, n, ls, lt, dtype=torch.float32)
+    assert got["out"].shape == (S, B, n, K) and got["out"].dtype == torch.float32
+    for s in range(S):
+        one = {k: None if v is None or k in ("ft", "zt") else v[s] for k, v in t.items()}
+        one.update(ft=t["ft"], zt=t["zt"])
+        want = truth(backend.device, one, n, ls, lt)
+        assert set(want) | {"out"} == set(got)
+        for k in want:
+            assert_close(f"stage {s} {NAMES[k]}", got[k][s], want[k], 1e-5)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_cfm_stacked_autocast_matches_per_stage(backend):
+    """Under bf16 autocast with fp32 weights the stacked call rounds exactly as the one-stage calls do: the same
+    GEMM dtypes and epilogues, stage by stage (equal up to the summation order of the GEMMs)."""
+    S, B, D, Dt, H, n, K = 3, 5, 16, 12, 24, 4, 9
+    t = stacked_inputs(S, B, D, Dt, H, n, K, torch.float32, seed=11)
+    got = run_stacked(backend.name, backend.device, t, n, 0.7, 1.3, autocast=torch.bfloat16)
+    for s in range(S):
+        leaves = {k: t[k][s].to(backend.device).clone().requires_grad_() for k in LEAVES}
+        with torch.autocast(backend.device, dtype=torch.bfloat16):
+            out = HF.cfm(leaves["h"], t["ft"].to(backend.device), leaves["w1"], leaves["b1"], leaves["w2"],
+                         leaves["b2"], t["zt"].to(backend.device), n, 0.7, 1.3, backend=backend.name)
+        grads = torch.autograd.grad(out, list(leaves.values()), grad_outputs=t["gout"][s].to(backend.device))
+        assert got["out"].dtype == out.dtype
+        assert_close(f"stage {s} zf", got["out"][s], out.detach(), 2 * UNIT_ROUNDOFF[torch.bfloat16])
+        for k, g in zip(leaves, grads):
+            assert got[k].dtype == g.dtype == torch.float32
+            assert_close(f"stage {s} {NAMES[k]}", got[k][s], g, 2 * UNIT_ROUNDOFF[torch.bfloat16])
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_cfm_stacked_gradcheck_fp64(backend):
+    t = {k: None if v is None else v.to(backend.device) for k, v in stacked_inputs(2, 3, 4, 5, 6, 2, 3).items()}
+
+    def f(h, w1, b1, w2, b2):
+        return HF.cfm(h, t["ft"], w1, b1, w2, b2, t["zt"], 2, 0.7, 1.3, backend=backend.name)
+
+    args = tuple(t[k].clone().requires_grad_() for k in LEAVES)
+    assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_cfm_stacked_opcheck(backend):
+    ns = torch.ops.hcd_triton if backend.name == "triton" else torch.ops.hcd_fast
+    for H in (None, 6):
+        t = {k: None if v is None else v.to(backend.device).float()
+             for k, v in stacked_inputs(3, 3, 4, 5, H, 2, 7).items()}
+        for k in LEAVES:
+            if t[k] is not None:
+                t[k].requires_grad_()
+        torch.library.opcheck(ns.cfm.default, (t["h"], t["ft"], t["w1"], t["b1"], t["w2"], t["b2"], t["zt"], 2, 0.5,
+                                               2.0))
+
+
+def test_cfm_stacked_shape_errors():
+    t = stacked_inputs(2, 3, 4, 5, 6, 2, 7, torch.float32)
+    with pytest.raises(ValueError, match=r"weight1: expected a 3-d tensor, got shape \(6, 9\)"):
+        HF.cfm(t["h"], t["ft"], t["w1"][0], t["b1"], t["w2"], t["b2"], t["zt"], 2)
+    with pytest.raises(ValueError, match=r"bias2: expected shape \(2, 14\)"):
+        HF.cfm(t["h"], t["ft"], t["w1"], t["b1"], t["w2"], t["b2"][:1], t["zt"], 2)
+    with pytest.raises(ValueError, match="student_feat: expected a 2-d"):
+        HF.cfm(t["h"][None], t["ft"], t["w1"], t["b1"], t["w2"], t["b2"], t["zt"], 2)

@@ -61,7 +61,7 @@ def test_every_field_has_help_text():
 def test_hcd_distill_flags_are_generated_from_the_config():
     """Every field is a flag with the field's default and help; --ortho-on reaches HCDConfig."""
     from hcd_fast.distill.cli import build_parser
-    from hcd_fast.distill.distiller import LossOptions
+    from hcd_fast.distill.cli import parse_args
 
     parser = build_parser()
     actions = {a.dest: a for a in parser._actions}
@@ -69,7 +69,5 @@ def test_hcd_distill_flags_are_generated_from_the_config():
         assert actions[f.name].default == f.default, f.name
         assert f.metadata["help"] in actions[f.name].help, f.name
     assert actions["ortho_on"].choices == ("fused", "raw")
-    args = parser.parse_args(["--student", "s", "--ortho-on", "raw", "--ortho-threshold", "-0.25"])
-    opts = LossOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(LossOptions)})
-    cfg = opts.hcd_config()
+    cfg = parse_args(["--student", "s", "--ortho-on", "raw", "--ortho-threshold", "-0.25"]).loss
     assert (cfg.ortho_on, cfg.ortho_threshold) == ("raw", -0.25)

@@ -1,4 +1,4 @@
-"""hcd-distill --loader dali (hcd_fast.distill.dali_loader) on DALI's CPU backend.
+"""hcd-distill --loader dali (hcd_fast.distill.data.dali) on DALI's CPU backend.
 
 The DALI loader is compared with the timm/PIL loader it replaces, sample by sample: the same (seed, epoch,
 index) must give the same view. Tolerance, in grey levels of the 0..255 image (|dx| * std * 255): DALI's CPU
@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from benchmarks.pipeline import synthetic_imagefolder
-from hcd_fast.distill import dali_loader as DL
+from hcd_fast.distill.data import dali as DL
 from hcd_fast.distill.cli import main, parse_args
-from hcd_fast.distill.data import (IMAGENET_STD, DataConfig, ResumableDistributedSampler, ShardSampler,
-                                   build_data)
+from hcd_fast.distill.data.datasets import IMAGENET_STD, DataConfig, build_data
+from hcd_fast.distill.data.samplers import ResumableDistributedSampler, ShardSampler
 
 HAVE_DALI = DL.dali_status()[0]
 needs_dali = pytest.mark.skipif(not HAVE_DALI, reason="nvidia.dali is not importable (pip install 'hcd_fast[dali]')")
@@ -221,7 +221,7 @@ def cache(tmp_path_factory, folder):
 
 @needs_dali
 def test_cache_replay_feeds_the_stored_windows(folder, cache):
-    from hcd_fast.distill.teacher_cache import CachedViewDataset, RawSource, TeacherCache, replay_choice
+    from hcd_fast.distill.teacher.cache import CachedViewDataset, RawSource, TeacherCache, replay_choice
     data = _data(folder, seed=5)
     ds = CachedViewDataset(RawSource(data.train), TeacherCache(cache), 5, *DataConfig().stats())
     ds.set_epoch(2)
@@ -310,7 +310,7 @@ def test_cuda_pipeline_matches_timm_within_nvjpeg_tolerance(folder, cache):
     nvJPEG's IDCT and chroma upsampling differ from libjpeg-turbo's, so the bounds are wider than the CPU
     backend's: mean <= 2 grey levels, max <= 32 (not yet confirmed on a GPU: the measured values are
     printed). Outputs are on the GPU and deterministic."""
-    from hcd_fast.distill.teacher_cache import CachedViewDataset, RawSource, TeacherCache
+    from hcd_fast.distill.teacher.cache import CachedViewDataset, RawSource, TeacherCache
     gpu = torch.device("cuda", torch.cuda.current_device())
     data = _data(folder)
     cached = CachedViewDataset(RawSource(data.train), TeacherCache(cache), 5, *DataConfig().stats())

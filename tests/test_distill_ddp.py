@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 
 from hcd_fast.distill.checkpoint import safe_load
 from hcd_fast.distill.cli import parse_args
-from hcd_fast.distill.trainer import run
+from hcd_fast.distill.engine.run import run
 
 ARGS = ["--student", "resnet10t", "--student-kwargs", '{"channels": [8, 16, 32, 64], "stem_width": 8}',
         "--teacher", "vit_tiny_patch16_224", "--teacher-kwargs",

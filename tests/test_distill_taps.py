@@ -4,7 +4,7 @@ import timm
 import torch
 
 from hcd_fast import HCDConfig, HCDLoss
-from hcd_fast.distill import (HAS_TIMM_TASK, Distiller, DistillTask, LossOptions, StudentTap, TeacherTap,
+from hcd_fast.distill import (HAS_TIMM_TASK, Distiller, DistillTask, StudentTap, TeacherTap,
                               build_criterion, probe_student, probe_teacher)
 
 STUDENT = dict(model_name="resnet10t", channels=(8, 16, 32, 64), stem_width=8)
@@ -60,7 +60,7 @@ def test_distiller_wiring(method):
     torch.manual_seed(2)
     student, teacher = make(STUDENT), TeacherTap(make(TEACHER))
     channels, _ = probe_student(student, 3, (3, 16, 16))
-    crit = build_criterion(method, channels, 16, K, LossOptions(backend="reference", num_sub_logits=3))
+    crit = build_criterion(method, channels, 16, K, HCDConfig(num_sub_logits=3), backend="reference")
     distiller = Distiller(student, crit, indices=3)
     task = DistillTask(distiller, teacher if method != "ce" else None)
     x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 6, 2, 2])

@@ -33,10 +33,12 @@ def test_structure_follows_spec():
     assert [(b.pw2.in_channels, b.pw2.out_channels) for b in first] == [(64, 128), (128, 256), (256, 768)]
     assert first[0].dw1.stride == (2, 2) and first[0].dw1.groups == 64 and first[0].dw1.bias is None
     assert crit.projectors[3].proj.bias is not None
-    cfm = crit.cfms[0]
+    cfm = crit.cfms.stage(0)  # the S CFMs are stacked: (S, out, in) weights
     assert (cfm.fc1.in_features, cfm.fc1.out_features, cfm.fc2.out_features) == (768 + 768, 768, 400)
+    assert tuple(crit.cfms.fc1.weight.shape) == (4, 768, 1536) and tuple(crit.cfms.fc2.weight.shape) == (4, 400, 768)
     single = HCDLoss((8, 16), 12, 5, HCDConfig(cfm_hidden=None, embed_dim=20, num_sub_logits=2))
-    assert single.cfms[1].fc2 is None and single.cfms[1].fc1.out_features == 10
+    assert single.cfms.stage(1).fc2 is None and single.cfms.stage(1).fc1.out_features == 10
+    assert single.cfms.fc2 is None and tuple(single.cfms.fc1.weight.shape) == (2, 10, 32)
     assert single.embed_dim == 20 and single.projectors[0].blocks[-1].pw2.out_channels == 20
 
 
@@ -44,8 +46,10 @@ def test_init_follows_spec():
     torch.manual_seed(0)
     crit = HCDLoss((16, 32), 24, 10)
     # trunc_normal_(std=0.02) truncates at +-2 absolute, as timm's does in the published code.
-    assert torch.all(crit.cfms[0].fc1.bias == 0) and crit.cfms[0].fc1.weight.abs().max() < 2
-    assert abs(crit.cfms[0].fc1.weight.std().item() - 0.02) < 0.003
+    assert torch.all(crit.cfms.fc1.bias == 0) and torch.all(crit.cfms.fc2.bias == 0)
+    assert crit.cfms.fc1.weight.abs().max() < 2
+    for w in (crit.cfms.fc1.weight[0], crit.cfms.fc1.weight[1], crit.cfms.fc2.weight[1]):
+        assert abs(w.std().item() - 0.02) < 0.003
     bn = crit.projectors[0].blocks[0].bn1
     assert torch.all(bn.weight == 1) and torch.all(bn.bias == 0)
     pw = crit.projectors[0].blocks[0].pw2.weight  # kaiming fan_out: std = sqrt(2 / out_channels)
@@ -56,6 +60,11 @@ def test_gradcheck_whole_loss_float64():
     torch.manual_seed(1)
     crit = HCDLoss((2, 3), 4, 3, HCDConfig(num_sub_logits=2, temperature=2.0, ortho_threshold=-0.5),
                    backend="reference").double().eval()
+    # BatchNorm biases off 0: a map that is all zeros after a ReLU (frequent on 2x2 maps) reaches the next ReLU
+    # as exactly its BatchNorm's bias, which at 0 sits on the kink, where finite differences are one-sided.
+    for m in crit.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.constant_(m.bias, 0.1)
     feats, zs, ft, zt, y = make_inputs(B=2, channels=(2, 3), sizes=(4, 2), Dt=4, K=3, dtype=torch.float64,
                                        grad=True)
     params = [p for p in crit.parameters()]
@@ -159,6 +168,109 @@ def test_state_dict_round_trip():
     assert any(k.endswith("running_mean") for k in a.state_dict())
 
 
+def _per_stage_cfm_state(crit, seed):
+    """The CFM part of a checkpoint written by earlier versions (S separate CFM modules, cfms.<s>.fc1.weight ...),
+    with fresh values."""
+    from hcd_fast.modules import CFM
+
+    torch.manual_seed(seed)
+    cfg = crit.config
+    hidden = crit.teacher_dim if cfg.cfm_hidden == "teacher" else cfg.cfm_hidden
+    old = nn.ModuleList(CFM(crit.embed_dim, crit.teacher_dim, crit.num_classes, cfg.num_sub_logits, hidden)
+                        for _ in crit.student_channels)
+    for p in old.parameters():
+        nn.init.normal_(p, std=0.05)
+    return old, {f"cfms.{k}": v for k, v in old.state_dict().items()}
+
+
+@pytest.mark.parametrize("hidden", ["teacher", None])
+def test_state_dict_keeps_the_per_stage_cfm_layout(hidden):
+    """The stacked CFMs save under the keys, shapes and order of S separate CFM modules, and checkpoints in that
+    layout (earlier versions) load: the loss then equals the per-stage reference with those weights."""
+    torch.manual_seed(12)
+    cfg = HCDConfig(cfm_hidden=hidden)
+    crit = HCDLoss(CHANNELS, TEACHER_DIM, K, cfg, backend="reference")
+    old, old_state = _per_stage_cfm_state(crit, 13)
+    state = crit.state_dict()
+    got = [(k, tuple(v.shape)) for k, v in state.items() if k.startswith("cfms.")]
+    assert got == [(k, tuple(v.shape)) for k, v in old_state.items()]
+    assert not any(k.startswith("cfms.fc") for k in state)
+    state.update(old_state)
+    crit.load_state_dict(state)  # strict
+    for s, cfm in enumerate(old):
+        assert torch.equal(crit.cfms.fc1.weight[s], cfm.fc1.weight) and torch.equal(crit.cfms.fc1.bias[s], cfm.fc1.bias)
+        if hidden is not None:
+            assert torch.equal(crit.cfms.fc2.weight[s], cfm.fc2.weight)
+    feats, zs, ft, zt, y = make_inputs()
+    crit.eval()
+    h = [p(f) for p, f in zip(crit.projectors, feats)]
+    zf = torch.stack([cfm(hs, ft, zt) for cfm, hs in zip(old, h)])
+    want, _ = hcd_fast.reference.sub_logit_loss(zf, zs, zt, y, cfg)
+    assert torch.allclose(crit(feats, zs, ft, zt, y), want, rtol=1e-6, atol=1e-7)
+    round_trip = HCDLoss(CHANNELS, TEACHER_DIM, K, cfg)
+    round_trip.load_state_dict(crit.state_dict())
+    assert torch.equal(round_trip.cfms.fc1.weight, crit.cfms.fc1.weight)
+    partial = {k: v for k, v in crit.state_dict().items() if not k.startswith("cfms.1.")}
+    with pytest.raises(RuntimeError, match="cfms.fc1.weight"):  # an incomplete set is reported, not half-loaded
+        HCDLoss(CHANNELS, TEACHER_DIM, K, cfg).load_state_dict(partial)
+
+
+def test_stacked_cfm_biases_stay_out_of_weight_decay():
+    """The stacked CFM biases are 2-d (S, out) but keep the '.bias' suffix, by which timm's optimizer factory (what
+    hcd-distill uses) exempts biases from weight decay, as it did the per-stage nn.Linear biases."""
+    from timm.optim._param_groups import param_groups_weight_decay
+
+    crit = HCDLoss(CHANNELS, TEACHER_DIM, K)
+    assert {n for n, _ in crit.named_parameters() if n.startswith("cfms.")} == {
+        "cfms.fc1.weight", "cfms.fc1.bias", "cfms.fc2.weight", "cfms.fc2.bias"}
+    groups = param_groups_weight_decay(crit, weight_decay=0.1)
+    no_decay = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert id(crit.cfms.fc1.bias) in no_decay and id(crit.cfms.fc2.bias) in no_decay
+    assert id(crit.cfms.fc1.weight) not in no_decay and id(crit.cfms.fc2.weight) not in no_decay
+
+
+@pytest.mark.parametrize("backend", backend_params(["cpu"]))
+def test_autocast_weight_casts_are_cached_per_parameter_version(backend):
+    """Under autocast the CFM weights are cast once per parameter version: two forwards share the casts, an
+    optimizer step makes the next forward cast again, and its loss equals a fresh module's with the new weights
+    (never a stale cast)."""
+    torch.manual_seed(14)
+    crit = HCDLoss(CHANNELS, TEACHER_DIM, K, backend=backend.name)
+    opt = torch.optim.SGD(crit.parameters(), lr=0.5)
+    inputs = make_inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        crit(*inputs).backward()
+        first = {k: v[3] for k, v in crit.cfms.casts._entries.items()}
+        assert len(first) == 4  # weight1, bias1, weight2, bias2 in bf16
+        crit(*inputs).backward()  # gradients accumulate through the shared casts
+        assert all(crit.cfms.casts._entries[k][3] is v for k, v in first.items())
+    grads = [p.grad.clone() for p in crit.cfms.parameters()]
+    crit.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        crit(*inputs).backward()
+    assert all(torch.allclose(2 * p.grad, g) for p, g in zip(crit.cfms.parameters(), grads))
+    opt.step()
+    fresh = HCDLoss(CHANNELS, TEACHER_DIM, K, backend=backend.name)
+    fresh.load_state_dict(crit.state_dict())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = crit(*inputs)
+        assert all(crit.cfms.casts._entries[k][3] is not v for k, v in first.items())
+        assert torch.equal(loss, fresh(*inputs))
+    copy.deepcopy(crit)  # the cache is not copied (a cast with history cannot be)
+
+
+def test_momentum_none_refuses_cuda_graph_capture(monkeypatch):
+    """BatchNorm momentum=None reads num_batches_tracked on the host: under capture, a clear error."""
+    import hcd_fast.modules as M
+
+    crit = HCDLoss(CHANNELS, TEACHER_DIM, K)
+    crit.projectors[0].blocks[-1].bn2.momentum = None
+    crit(*make_inputs())  # eager: a cumulative average, as nn.BatchNorm2d
+    monkeypatch.setattr(M, "capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="momentum=None.*CUDA graph"):
+        crit(*make_inputs())
+
+
 def test_autocast_bf16_cpu():
     torch.manual_seed(7)
     crit = HCDLoss(CHANNELS, TEACHER_DIM, K)
@@ -228,7 +340,7 @@ def test_validate_false_skips_range_check():
     with pytest.raises(Exception) as info:
         crit(feats, zs, ft, zt, bad)
     assert "[0, 7)" not in str(info.value)
-    # ... and makes a fused kernel's loss and every part NaN (issue 11: never an out-of-bounds read, never a
+    # ... and makes a fused kernel's loss and every part NaN (never an out-of-bounds read, never a
     # finite wrong loss; the trainer's non-finite check then stops).
     if hcd_fast.backends()["cpu"].available:
         crit = HCDLoss(CHANNELS, TEACHER_DIM, K, validate=False, backend="cpu")

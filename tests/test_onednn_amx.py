@@ -52,7 +52,7 @@ def pretend_amx(monkeypatch):
 def test_distill_warns_once_and_names_the_cause_of_a_nonfinite_loss(tmp_path, monkeypatch, pretend_amx):
     from test_distill_trust import _poison_loss_at, ce_args
 
-    from hcd_fast.distill.trainer import run
+    from hcd_fast.distill.engine.run import run
     _poison_loss_at(monkeypatch, 2)
     with pytest.warns(RuntimeWarning, match="ONEDNN_MAX_CPU_ISA=AVX512_CORE") as record, \
             pytest.raises(TrainingError, match=r"non-finite loss at step 2 .*Possible cause: .*AMX.*PyTorch/oneDNN bug"):
@@ -63,7 +63,7 @@ def test_distill_warns_once_and_names_the_cause_of_a_nonfinite_loss(tmp_path, mo
 def test_distill_fp32_on_amx_does_not_warn(tmp_path, monkeypatch, pretend_amx, recwarn):
     from test_distill_trust import _poison_loss_at, ce_args
 
-    from hcd_fast.distill.trainer import run
+    from hcd_fast.distill.engine.run import run
     _poison_loss_at(monkeypatch, 2)
     with pytest.raises(TrainingError) as info:
         run(ce_args(tmp_path / "o", "--amp", "off"))

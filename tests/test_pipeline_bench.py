@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from benchmarks.pipeline import synthetic_imagefolder
-from hcd_fast.distill.dali_loader import dali_status
+from hcd_fast.distill.data.dali import dali_status
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPONENTS = ["cache/build", "loader/timm", "loader/cache", "loader/dali", "loader/dali_cache", "teacher/published",
@@ -34,6 +34,7 @@ def quick(tmp_path_factory):
         return out, data, json.load(f)
 
 
+@pytest.mark.slow
 def test_outputs_and_rows(quick):
     out, _, res = quick
     assert res["complete"] is True and res["suite"] == "pipeline" and res["profile"] == "quick"
@@ -52,6 +53,7 @@ def test_outputs_and_rows(quick):
         assert by[name]["median_ms"] > 0 and by[name]["first_call_s"] > 0
 
 
+@pytest.mark.slow
 def test_ratios_and_breakdown_follow_the_rows(quick):
     _, _, res = quick
     by = {r["component"]: r for r in res["rows"] if r["status"] == "ok"}
@@ -79,6 +81,7 @@ def test_ratios_and_breakdown_follow_the_rows(quick):
         assert b["teacher_ms_per_img"] + b["student_head_ms_per_img"] >= b["step_ms_per_img"] - 1e-9
 
 
+@pytest.mark.slow
 def test_synthetic_imagefolder_is_deterministic_and_reused(quick, tmp_path):
     _, data, res = quick
     folder = res["data"]["root"]

@@ -151,18 +151,132 @@ def test_logits_in_the_hundreds_are_stable(backend, device, scale, T):
 
 
 def test_k_loop_triton(monkeypatch):
-    """Triton with BLOCK_K = 16 < K = 100 in both kernels: every K loop runs several blocks, ragged tail."""
+    """Triton with small K blocks (16 in the backward and the large-n forward, one warp of 32 lanes x 1 in the
+    one-pass forward) < K = 100: every K loop runs several blocks, ragged tail."""
     if "cpu" not in REPORT["triton"].devices:
         pytest.skip("Triton on CPU tensors needs the interpreter")
     from hcd_fast.kernels import sub_logit_loss as kmod
     for name in ("_fwd_heuristic", "_bwd_heuristic"):
         orig = getattr(kmod, name)
         monkeypatch.setattr(kmod, name, lambda n, k, bk=None, _orig=orig: _orig(n, k, 16))
+    orig_lane = kmod._fwd_lane_heuristic
+    monkeypatch.setattr(kmod, "_fwd_lane_heuristic",
+                        lambda n, k, e, bk=None, fp64=False: orig_lane(n, k, e, 16, fp64))
     for mode in ("zero", "none", "large_negative"):
         cfg = config(3, 4.0, mode, ortho_threshold=0.0)
         inputs = make_inputs(2, 3, 3, 100, seed=11)
         check(run("triton", *inputs, cfg, 0.37), truth(*inputs, cfg, 0.37))
 
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_aligned_rows(backend, device, dtype):
+    """Contiguous rows with K = 1000 (a multiple of 4 and 8): the one-pass forwards take their vector-load
+    paths (Triton: K and the strides passed divided by 4, ALIGN = 4, 4 warps x 4 elements = 512 per step, so
+    two steps with a ragged tail; CUDA: 16-byte vectors, 4 fp32 / 8 bf16 per thread and step). The other tests
+    use non-contiguous views (scalar loads in Triton)."""
+    cfg = config(4, 2.0, "zero", ortho_threshold=0.1)
+    sub_leaf, zs_leaf, zt, y = make_inputs(2, 3, 4, 1000, dtype=dtype, device=device, seed=17)
+    sub = sub_leaf.detach().permute(3, 2, 1, 0).contiguous().requires_grad_()
+    zs = zs_leaf.detach().t().contiguous().requires_grad_()
+    if backend == "triton":
+        from hcd_fast.kernels import sub_logit_loss as kmod
+        vec = kmod._fwd_lane_heuristic(4, 1000, sub.element_size())[1]
+        assert kmod._alignment(vec, 1000, (sub, zs, zt), (*sub.stride()[:3], zs.stride(0), zt.stride(0))) == 4
+    loss, parts = HF.sub_logit_loss(sub, zs, zt, y, cfg, backend=backend)
+    gs, gz = torch.autograd.grad(loss, (sub, zs))
+    s64, z64 = sub.detach().double().requires_grad_(), zs.detach().double().requires_grad_()
+    want_loss, want_parts = R.sub_logit_loss(s64, z64, zt.double(), y, cfg)
+    want = torch.autograd.grad(want_loss, (s64, z64))
+    assert_close("loss", loss, want_loss, 1e-5)
+    for k in PARTS:
+        assert_close(k, parts[k], want_parts[k], 1e-5)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the gradients are rounded to bf16 (2^-9 relative)
+    assert_close("grad sub_logits", gs, want[0], tol)
+    assert_close("grad student_logits", gz, want[1], tol)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_no_stages_gives_ce_and_kd(backend, device):
+    """S = 0 (no tapped stage; allowed by the public boundary): the reference's loss is w_gt CE + w_kd KD, the
+    stage parts 0, and d/d student_logits their gradient -- on every backend (the CUDA one returned NaN, and its
+    backward left d/d student_logits uninitialised)."""
+    cfg = config(3, 2.0, "zero", w_gt=0.7, w_kd=1.3)
+    sub_leaf, zs_leaf, zt, y = make_inputs(0, 5, 3, 37, device=device, seed=19)
+
+    def grads(backend, sub_leaf, zs_leaf, zt):
+        sub, zs = views(sub_leaf, zs_leaf)
+        loss, parts = HF.sub_logit_loss(sub, zs, zt, y, cfg, backend=backend)
+        gz, = torch.autograd.grad(loss, (zs_leaf,), torch.tensor(0.37, dtype=loss.dtype, device=device))
+        return loss.detach(), parts, gz
+
+    loss, parts, gz = grads(backend, sub_leaf, zs_leaf, zt)
+    want = grads("reference", sub_leaf.detach().double(), zs_leaf.detach().double().requires_grad_(), zt.double())
+    assert_close("loss", loss, want[0], 1e-5)
+    for k in PARTS:
+        assert_close(k, parts[k], want[1][k], 1e-5, atol=0.0 if k in ("ce", "kd") else 1e-12)
+    for k in ("sub_ce", "sub_kl", "ortho"):
+        assert want[1][k] == 0.0
+    assert_close("grad student_logits", gz, want[2], 1e-5)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_norm_at_eps(backend, device):
+    """A row with ||v|| == eps exactly (v = (0.5, 0, ...), eps = 0.5): r = max(||v||, eps) has the minimum-norm
+    subgradient 0 in ||v|| there (the reference, on every torch version), so M_ii's norm term is off at equality
+    on every backend (the C++ CPU and CUDA kernels had it on: ||v|| >= eps, the Triton ones off)."""
+    cfg = HCDConfig(num_sub_logits=2, temperature=1.0, gt_mask="none", ortho_eps=0.5, ortho_threshold=0.2,
+                    w_ol=5.0)
+    S, B, n, K = 1, 2, 2, 5
+    base = torch.zeros(K, n, B, S, dtype=torch.float64)
+    base[0, 0, :, 0] = 0.5    # row 0 of every sample: ||v|| = 0.5 = eps
+    base[0, 1, :, 0] = 1.0    # row 1: parallel to it, so the pair's hinge is active
+    base[1, 1, :, 0] = 0.25
+    sub_leaf = base.to(device, torch.float32).requires_grad_()
+    zs_leaf = torch.linspace(-1.0, 1.0, K * B, dtype=torch.float32).reshape(K, B).to(device).requires_grad_()
+    zt = torch.linspace(1.0, -1.0, B * K, dtype=torch.float32).reshape(B, K).to(device)
+    y = torch.tensor([2, 4], device=device)
+    got, want = run(backend, sub_leaf, zs_leaf, zt, y, cfg, 1.0), truth(sub_leaf, zs_leaf, zt, y, cfg, 1.0)
+    check(got, want)
+    zf = sub_leaf.detach().permute(3, 2, 1, 0)
+    coef = _stats(backend, device, zf, zs_leaf.detach().t(), zt, y, cfg)[3]
+    want_coef = reference_stats(zf, zs_leaf.detach().t(), zt, y, cfg)[1]
+    assert want_coef[0, 0, 0, 0] == 0 and want_coef[0, 0, 0, 1] != 0  # off at equality; the pair's hinge is on
+    assert_close("ortho_coef", coef, want_coef, 1e-5)
+
+
+@pytest.mark.slow
+def test_stage_offset_past_2_31_elements_triton():
+    """The Triton backward's stage offset s * stride_s in 64 bits: sub_logits is a view whose stage 2 lies
+    3 * 2^30 fp16 elements past stage 0 (int32 would wrap to -2^30). The storage is 2^32 + small elements (8 GiB
+    of address space) of which only the few pages holding the view are ever touched; the view starts 2^30
+    elements in, so a wrapped offset reads zeros inside the allocation and the gradient is wrong, not a crash."""
+    if "cpu" not in REPORT["triton"].devices:
+        pytest.skip("Triton on CPU tensors needs the interpreter")
+    S, B, n, K = 3, 2, 2, 8
+    stride_s = 3 * 2 ** 29  # stage s at s * 1.5 * 2^30; s = 2: 3 * 2^30 > 2^31
+    start = 2 ** 30
+    cfg = HCDConfig(num_sub_logits=n, temperature=2.0)
+    small, zs_leaf, zt, y = make_inputs(S, B, n, K, dtype=torch.float16, seed=23)
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.utils.deterministic.fill_uninitialized_memory = False  # untouched pages stay unallocated
+    try:
+        storage = torch.empty(start + (S - 1) * stride_s + B * n * K, dtype=torch.float16)
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+    sub = storage.as_strided((S, B, n, K), (stride_s, n * K, K, 1), start)
+    with torch.no_grad():
+        sub.copy_(small.detach().permute(3, 2, 1, 0))
+    sub.requires_grad_()
+    zs = zs_leaf.detach().t().requires_grad_()
+    loss, _ = HF.sub_logit_loss(sub, zs, zt, y, cfg, backend="triton")
+    gs, gz = torch.autograd.grad(loss, (sub, zs))
+    want = truth(small, zs_leaf, zt, y, cfg, 1.0)
+    assert_close("loss", loss, want[0], 1e-3)
+    assert_close("grad sub_logits", gs, want[2].permute(3, 2, 1, 0), 1e-2)
+    assert_close("grad student_logits", gz, want[3].t(), 1e-2)
+    del storage, sub
 
 # ---------------------------------------------------------------------------------------------- precision
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -188,7 +302,7 @@ def test_gradcheck_fp64(backend, device, mode):
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_fp64_scalars_are_exact(backend, device):
     """fp64 inputs: temperature 3.3, ls 0.1, weights and lambdas that are not fp32 numbers reach the kernel
-    exactly (issue 9): loss, parts and gradients match the fp64 reference to 1e-12."""
+    exactly: loss, parts and gradients match the fp64 reference to 1e-12."""
     cfg = HCDConfig(num_sub_logits=4, temperature=3.3, label_smoothing=0.1, ortho_threshold=0.1, w_gt=0.7,
                     w_kd=1.3, w_kl=2.9, w_ol=3.1, ortho_on="raw", lambda_teacher=0.3)
     inputs = make_inputs(2, 5, 4, 37, dtype=torch.float64, device=device, seed=13)
@@ -230,12 +344,13 @@ def reference_stats(zf, zs, zt, y, cfg):
         fill = 0.0 if cfg.gt_mask == "zero" else LARGE_NEGATIVE
         v = v.masked_fill(torch.nn.functional.one_hot(y, K).bool()[None, :, None, :], fill)
     norm = v.norm(dim=-1)
-    r = norm.clamp_min(cfg.ortho_eps)
+    r = torch.where(norm > cfg.ortho_eps, norm, cfg.ortho_eps)
     gram = (v @ v.transpose(-1, -2)) / (r[..., :, None] * r[..., None, :])
     off = 1.0 - torch.eye(n, dtype=torch.float64)
     a = cfg.w_ol * 4.0 / (B * n * (n - 1)) * torch.relu(gram - cfg.ortho_threshold) * off if n > 1 else \
         torch.zeros_like(gram)
     m = a / (r[..., :, None] * r[..., None, :])
+    # the norm term is active where ||v|| > eps (the minimum-norm subgradient of max(||v||, eps) at equality)
     diag = torch.where(norm > cfg.ortho_eps, (a * gram).sum(-1) / r ** 2, torch.zeros_like(norm))
     return row, m - torch.diag_embed(diag), sample
 
@@ -321,7 +436,7 @@ def test_teacher_gets_no_gradient(backend, device):
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_out_of_range_target_gives_nan_not_a_stray_read(backend, device):
     """validate=False and a target outside [0, K): loss and every part NaN, that sample's gradient rows NaN,
-    the other samples' rows the reference's (issue 9: same on every backend, no device assert, no clamping)."""
+    the other samples' rows the reference's (the same on every backend, no device assert, no clamping)."""
     cfg = HCDConfig(num_sub_logits=2, temperature=2.0)
     sub_leaf, zs_leaf, zt, y = make_inputs(2, 4, 2, 7, device=device)
     want = truth(sub_leaf, zs_leaf, zt, y, cfg, 0.5)

@@ -1,4 +1,4 @@
-"""Teacher feature cache (hcd_fast.distill.teacher_cache) and teacher speed switches (teacher_speed).
+"""Teacher feature cache (hcd_fast.distill.teacher.cache, teacher.build) and teacher speed switches (teacher.speed).
 
 The replayed view is checked against timm's own RandomResizedCrop given the stored window, the stored f_t
 against a fresh teacher forward on that view, the recomputed logits against the teacher's forward_head;
@@ -17,13 +17,13 @@ import torch
 
 from benchmarks.pipeline import synthetic_imagefolder
 from hcd_fast.distill.cli import main, parse_args
-from hcd_fast.distill.data import BadSample, DataConfig, build_data, collate_skip_bad
-from hcd_fast.distill.taps import TeacherTap, probe_teacher
-from hcd_fast.distill.teacher_cache import (RATIO, SCALE, CachedViewDataset, RawSource, TeacherCache,
+from hcd_fast.distill.data.datasets import BadSample, DataConfig, build_data, collate_skip_bad
+from hcd_fast.distill.teacher.tap import TeacherTap, probe_teacher
+from hcd_fast.distill.teacher.cache import (RATIO, SCALE, CachedViewDataset, RawSource, TeacherCache,
                                             open_for_training, replay_choice, sample_view)
-from hcd_fast.distill.teacher_speed import (TeacherSpeed, apply_teacher_speed, is_cnn,
+from hcd_fast.distill.teacher.speed import (TeacherSpeed, apply_teacher_speed, is_cnn,
                                             resolve_teacher_speed)
-from hcd_fast.distill.trainer import seed_everything
+from hcd_fast.distill.engine.state import seed_everything
 
 TKW = '{"img_size": 16, "patch_size": 4, "depth": 1, "embed_dim": 16, "num_heads": 2}'
 TEACHER = ["--teacher", "vit_tiny_patch16_224", "--teacher-kwargs", TKW]
@@ -80,7 +80,11 @@ def _replay(folder, cache, *extra, teacher_stats=TEACHER_CFG.stats()):
                                                      "--data-dir", folder, "--teacher-cache", cache, *extra])
     data = build_data("imagefolder", folder, 16, cfg=STUDENT_CFG)
     tap, dim = _teacher(data.num_classes, teacher_stats=teacher_stats)
-    return open_for_training(args, data.train, tap, dim, STUDENT_CFG), tap, data
+    ds = open_for_training(args.teacher_cache, data.train, tap, dim, STUDENT_CFG, seed=args.seed, dataset=args.dataset,
+                           img_size=args.img_size, no_aug=args.no_aug, digits_aug=args.digits_aug,
+                           val_fraction=args.val_fraction, teacher_name=args.teacher,
+                           teacher_kwargs=args.teacher_kwargs)
+    return ds, tap, data
 
 
 def test_sample_view_is_a_random_resized_crop():
@@ -324,18 +328,15 @@ def test_compiled_teacher_forward_equals_eager():
 def test_digits_aug_fresh_views_per_epoch():
     """--digits-aug online: a fresh crop + flip per image and epoch, a pure function of (seed, epoch, index)."""
     from hcd_fast.distill.errors import UserError
-    from hcd_fast.distill.teacher_cache import online_views
-    args = parse_args(STUDENT + COMMON + ["--digits-aug"])
+    from hcd_fast.distill.teacher.cache import online_views
     data = build_data("digits", None, 16)
-    ds = online_views(args, data.train, STUDENT_CFG)
+    ds = online_views(data.train, STUDENT_CFG, dataset="digits", img_size=16, no_aug=False, seed=0)
     ds.set_epoch(0)
     x0, y0 = ds[3]
     assert x0.shape == (3, 16, 16) and y0 == int(data.train[3][1])
     assert torch.equal(ds[3][0], x0)
     ds.set_epoch(1)
     assert not torch.equal(ds[3][0], x0)
-    assert online_views(parse_args(STUDENT + COMMON + ["--digits-aug", "--no-aug"]), data.train,
-                        STUDENT_CFG) is data.train
+    assert online_views(data.train, STUDENT_CFG, dataset="digits", img_size=16, no_aug=True, seed=0) is data.train
     with pytest.raises(UserError, match="only for --dataset digits"):
-        online_views(parse_args(STUDENT + COMMON + ["--digits-aug", "--dataset", "cifar100"]), data.train,
-                     STUDENT_CFG)
+        online_views(data.train, STUDENT_CFG, dataset="cifar100", img_size=16, no_aug=False, seed=0)

@@ -53,6 +53,10 @@ def _capture_launches():
             (2, 2, 8, 100, torch.bfloat16, (True, 0.0), 0.0, False, (True, False)),
             (2, 2, 2, 5000, torch.bfloat16, (True, 0.0), 0.0, False, (True, True)),
             (2, 2, 4, 1000, torch.bfloat16, (True, 0.0), 1.0, False, (True, True)),
+            (4, 2, 4, 1000, torch.float32, (True, 0.0), 0.0, False, (True, True)),
+            (4, 2, 4, 1000, torch.bfloat16, (True, 0.0), 0.0, False, (True, True)),
+            (4, 2, 2, 1000, torch.bfloat16, (False, 0.0), 0.0, False, (True, True)),
+            (4, 2, 3, 1000, torch.float16, (True, 0.0), 1.0, False, (True, True)),
             (2, 2, 4, 100, torch.float32, (True, 0.0), 0.0, False, (True, True)),
             (2, 2, 4, 37, torch.float64, (True, 0.0), 0.0, False, (True, True))]:
         zf, zs, zt, y = logits(S, B, n, K, dtype)
@@ -71,19 +75,23 @@ def _capture_launches():
         out = pool.bn_relu_pool_forward(x, *p, training, 0.1, 1e-5)
         pool.bn_relu_pool_backward(torch.zeros(B, C, dtype=dtype), x, p[0], p[1], *out[1:], training)
         pool.spatial_mean(x, torch.float64 if dtype == torch.float64 else torch.float32)
-    for (B, D, Dt, hidden, n, K, dtype) in [(256, 768, 768, 768, 4, 100, torch.float32),
-                                            (256, 512, 384, 384, 4, 1000, torch.bfloat16),
-                                            (7, 64, 48, None, 2, 37, torch.float16),
-                                            (3, 8, 8, 8, 2, 5, torch.float64)]:
-        h, f, zt = torch.zeros(B, D, dtype=dtype), torch.zeros(B, Dt, dtype=dtype), torch.zeros(B, K, dtype=dtype)
+    # S = (): one stage; S = (4,): the stacked stages of HCDLoss (a third grid axis, stage strides).
+    for (S, B, D, Dt, hidden, n, K, dtype) in [((), 256, 768, 768, 768, 4, 100, torch.float32),
+                                               ((), 256, 512, 384, 384, 4, 1000, torch.bfloat16),
+                                               ((), 7, 64, 48, None, 2, 37, torch.float16),
+                                               ((), 3, 8, 8, 8, 2, 5, torch.float64),
+                                               ((4,), 256, 768, 768, 768, 4, 1000, torch.bfloat16),
+                                               ((4,), 128, 512, 384, 384, 4, 100, torch.float32),
+                                               ((3,), 7, 64, 48, None, 2, 37, torch.float16)]:
+        h, f, zt = torch.zeros(*S, B, D, dtype=dtype), torch.zeros(B, Dt, dtype=dtype), torch.zeros(B, K, dtype=dtype)
         width = hidden or n * K
-        w1, b1 = torch.zeros(width, D + Dt, dtype=dtype), torch.zeros(width, dtype=dtype)
+        w1, b1 = torch.zeros(*S, width, D + Dt, dtype=dtype), torch.zeros(*S, width, dtype=dtype)
         if hidden is None:
             cfm.cfm_gemm(h, f, w1, b1, zt, 1.0, 1.0, cfm.EPILOGUE_FUSE, dtype)
         else:
             a = cfm.cfm_gemm(h, f, w1, b1, None, 1.0, 0.0, cfm.EPILOGUE_RELU, dtype)
-            cfm.cfm_gemm(a, None, torch.zeros(n * K, hidden, dtype=dtype), torch.zeros(n * K, dtype=dtype), zt,
-                         1.0, 1.0, cfm.EPILOGUE_FUSE, dtype)
+            cfm.cfm_gemm(a, None, torch.zeros(*S, n * K, hidden, dtype=dtype), torch.zeros(*S, n * K, dtype=dtype),
+                         zt, 1.0, 1.0, cfm.EPILOGUE_FUSE, dtype)
     # The projector blocks of the head at their real channel counts and maps (B = 2: the batch only changes the
     # grid): dwconv stride 2 without a prologue (a projector's first block) and stride 1 with one; pwconv
     # 64 -> 64, 128 -> 256, 256 -> 768 in bf16 (training and eval), fp32, fp16 and fp64.
@@ -110,25 +118,38 @@ def _capture_launches():
 
 
 def _signature(fn, args, kwargs):
+    """The signature, constexprs and attributes the JIT would compile this launch with: it specialises an int
+    argument equal to 1 as a constexpr, and marks a pointer to 16-byte aligned memory and an int divisible by 16
+    with tt.divisibility 16 (what lets the compiler vectorise loads; without these the ahead-of-time compile
+    would see less than the GPU does)."""
     params = [p.name for p in fn.params]
     annotated = {p.name: p.annotation_type for p in fn.params if p.annotation_type}  # e.g. "fp64" scalars
     constexprs = {name: kwargs[name] for name in params if name in kwargs}
-    signature = {}
+    signature, attrs = {}, {}
     for name, value in zip([p for p in params if p not in constexprs], args):
+        aligned = False
         if name in annotated:
             signature[name] = annotated[name]
         elif isinstance(value, torch.Tensor):
             signature[name] = "*" + _DTYPES[value.dtype]
+            aligned = value.data_ptr() % 16 == 0
         elif isinstance(value, bool):
             signature[name] = "i1"
         elif isinstance(value, int):
+            if value == 1:
+                constexprs[name] = 1
+                continue
             signature[name] = "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
+            aligned = value % 16 == 0
         elif isinstance(value, float):
             signature[name] = "fp32"
         else:
             raise TypeError(f"{fn.__name__}.{name}: unexpected {type(value).__name__}")
+        if aligned:
+            attrs[(params.index(name),)] = [["tt.divisibility", 16]]
     signature.update({name: "constexpr" for name in constexprs})
-    return signature, constexprs
+    signature = {name: signature[name] for name in params}  # in parameter order
+    return signature, constexprs, attrs
 
 
 def main():
@@ -144,13 +165,14 @@ def main():
     ptxas = getattr(ptxas, "path", ptxas)
     results, seen = [], set()
     for fn, args, kwargs in _capture_launches():
-        signature, constexprs = _signature(fn, args, kwargs)
+        signature, constexprs, attrs = _signature(fn, args, kwargs)
         num_warps = kwargs.get("num_warps", 4)
-        key = (fn.__name__, tuple(sorted(signature.items())), repr(sorted(constexprs.items())), num_warps)
+        key = (fn.__name__, tuple(sorted(signature.items())), repr(sorted(constexprs.items())),
+               repr(sorted(attrs)), num_warps)
         if key in seen:
             continue
         seen.add(key)
-        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
                                   target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
         with tempfile.TemporaryDirectory() as tmp:
             ptx = os.path.join(tmp, "k.ptx")
@@ -161,8 +183,10 @@ def main():
         spills = sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", info))
         regs = int(re.search(r"Used (\d+) registers", info).group(1))
         fp64 = any(v == "*fp64" for v in signature.values())
+        # global loads by width: "ld.global.v4.b32" is one 16-byte vector per thread
+        loads = sorted(set(re.findall(r"ld\.global[\w.:]*", compiled.asm["ptx"])))
         results.append(dict(kernel=fn.__name__, constexprs={k: str(v) for k, v in constexprs.items()},
-                            num_warps=num_warps, registers=regs, spill_bytes=spills, fp64=fp64))
+                            num_warps=num_warps, registers=regs, spill_bytes=spills, fp64=fp64, loads=loads))
     print(json.dumps(results))
 
 
@@ -175,7 +199,8 @@ def test_kernels_compile_for_sm90_without_spills():
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     kernels = {r["kernel"] for r in results}
-    assert kernels == {"sub_logit_loss_fwd_kernel", "sub_logit_loss_reduce_kernel", "sub_logit_loss_bwd_kernel",
+    assert kernels == {"sub_logit_loss_fwd_kernel", "sub_logit_loss_fwd_large_n_kernel",
+                       "sub_logit_loss_reduce_kernel", "sub_logit_loss_bwd_kernel",
                        "row_stats_kernel",
                        "bn_stats_kernel", "bn_relu_pool_fwd_kernel", "bn_relu_pool_bwd_partial_kernel",
                        "bn_relu_pool_bwd_reduce_kernel", "bn_relu_pool_bwd_dx_kernel",
@@ -186,6 +211,12 @@ def test_kernels_compile_for_sm90_without_spills():
     # counts; real register-pressure spills are hundreds of bytes and fail here.
     spilling = [r for r in results if r["spill_bytes"] > 8 and not r["fp64"]]
     assert not spilling, spilling
+    # The one-pass forward reads 16-byte vectors where its rows are aligned (ALIGN > 1: K = 1000 and the other
+    # multiples of 4 / 8 above), scalars otherwise.
+    aligned = [r for r in results if r["kernel"] == "sub_logit_loss_fwd_kernel" and r["constexprs"]["ALIGN"] != "1"]
+    assert len(aligned) >= 4, [r["constexprs"] for r in results if r["kernel"] == "sub_logit_loss_fwd_kernel"]
+    scalar_only = [r for r in aligned if not any(".v2." in ld or ".v4." in ld for ld in r["loads"])]
+    assert not scalar_only, scalar_only
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-// CPU cfm: the Complementary Feature Mapper without materialising u = [h ; f_t]:
+// CPU cfm: the Complementary Feature Mapper without materialising u = [h ; f_t], for one stage (B, D) or the S
+// stages stacked (S, B, D) with stacked weights (hcd_fast/ops/cfm.py), as batched GEMMs:
 //   a  = h W1[:, :D]^T + f_t W1[:, D:]^T + b1   (two GEMMs accumulating into one output)
 //   z  = relu(a) W2^T + b2                       (or z = a without a hidden layer)
 //   zf = lambda_s z + lambda_t z_t               (broadcast over the n sub-logits, in place)
@@ -23,26 +24,34 @@ Tensor2 cfm(HCD_CFM_ARGS) {
   const auto out_dtype = at::promote_types(at::promote_types(student_feat.scalar_type(), teacher_feat.scalar_type()),
                                            at::promote_types(weight1.scalar_type(), teacher_logits.scalar_type()));
   const auto dt = compute_dtype({out_dtype});
-  const int64_t B = student_feat.size(0), D = student_feat.size(1), Dt = teacher_feat.size(1);
+  // Stacked stages (S, B, D) with weights (S, ...): batched GEMMs; one stage is the stacked form with S = 1.
+  const bool stacked = student_feat.dim() == 3;
+  const auto stage = [stacked](const Tensor& t) { return stacked ? t : t.unsqueeze(0); };
+  const Tensor h = stage(student_feat), w1 = stage(weight1).to(gemm_dtype(student_feat, dt));
+  const int64_t S = h.size(0), B = h.size(1), D = h.size(2), Dt = teacher_feat.size(1);
   const int64_t K = teacher_logits.size(1);
-  const auto gemm = gemm_dtype(student_feat, dt);
-  const Tensor w1 = weight1.to(gemm);
-  // Two GEMMs over the two halves of W1 (the concat [h ; f_t] is never built), summed in dt.
-  Tensor a = at::mm(student_feat.to(gemm), w1.narrow(1, 0, D).t()).to(dt);
-  a.add_(at::mm(teacher_feat.to(gemm), w1.narrow(1, D, Dt).t())).add_(bias1.to(dt));
+  const auto gemm = w1.scalar_type();
+  // Two GEMMs over the two halves of W1 (the concat [h ; f_t] is never built), summed in dt; the teacher half
+  // is one GEMM broadcast over the stages.
+  Tensor a = at::bmm(h.to(gemm), w1.narrow(2, 0, D).transpose(1, 2)).to(dt);
+  a.add_(at::matmul(teacher_feat.to(gemm), w1.narrow(2, D, Dt).transpose(1, 2)))
+      .add_(stage(bias1).to(dt).unsqueeze(1));
   Tensor z, hidden;
   if (weight2.has_value() && weight2->defined()) {
     // The hidden activation is kept (for backward) and fed to the second GEMM in the output dtype, as the
     // reference's F.linear chain rounds it.
     hidden = a.relu_().to(out_dtype);
-    z = at::mm(hidden.to(gemm), weight2->to(gemm).t()).to(dt).add_(bias2->to(dt));
+    z = at::bmm(hidden.to(gemm), stage(*weight2).to(gemm).transpose(1, 2)).to(dt)
+            .add_(stage(*bias2).to(dt).unsqueeze(1));
+    if (!stacked) hidden = hidden.squeeze(0);
   } else {
     hidden = at::empty({0}, a.options().dtype(out_dtype));
     z = a;
   }
-  Tensor zf = z.view({B, num_sub_logits, K});
+  Tensor zf = z.view({S, B, num_sub_logits, K});
   zf.mul_(lambda_student).add_(teacher_logits.to(dt).unsqueeze(1), lambda_teacher);
-  return {zf.to(out_dtype), hidden};
+  zf = zf.to(out_dtype);
+  return {stacked ? zf : zf.squeeze(0), hidden};
 }
 
 }  // namespace hcd_fast::cpu

@@ -28,7 +28,7 @@
 
 namespace hcd_fast::cpu::CPU_CAPABILITY {
 
-namespace sll {
+namespace sub_logit_loss_math {
 
 template <typename T>
 inline T nan() {
@@ -83,7 +83,7 @@ inline void kl_sums(const T* x, const T* zs, int64_t K, T mx, T ms, T invT, T& z
   acc = s;
 }
 
-}  // namespace sll
+}  // namespace sub_logit_loss_math
 
 // Forward phase 1: per sample, the student and teacher rows. sample_aux keeps (max z_s, log Z_T(z_s)) so the
 // phase-2 rows form log P_s without cancellation.
@@ -99,24 +99,24 @@ void sub_logit_loss_samples_kernel(const SubLogitLossFwdArgs<T>& a, int64_t begi
     const T* zt = load_row<T>(a.teacher_logits, a.teacher_dtype, b * K, K, buf.get() + K);
     T ms, sum_s, z1s, zTs;
     row_max_sum(zs, K, ms, sum_s);
-    sll::exp_sums(zs, K, ms, invT, unit_T, z1s, zTs);
+    sub_logit_loss_math::exp_sums(zs, K, ms, invT, unit_T, z1s, zTs);
     const T mt = row_max(zt, K);
     T zTt, kd_acc;
-    sll::kl_sums(zt, zs, K, mt, ms, invT, zTt, kd_acc);
+    sub_logit_loss_math::kl_sums(zt, zs, K, mt, ms, invT, zTt, kd_acc);
     const T log_zTs = std::log(zTs), log_zTt = std::log(zTt), lse1s = ms + std::log(z1s);  // lse1s: for ce
     const int64_t y = a.target[b];
     const bool valid = y >= 0 && y < K;
     // A sample with an out-of-range target has NaN statistics (as on the CUDA backend).
     // The statistics are fp64 (the op's contract): max + log-sum, each computed in T, added in fp64.
     double* st = a.sample_stats + b * 3;
-    st[0] = valid ? double(ms) + double(std::log(z1s)) : sll::nan<double>();
-    st[1] = valid ? double(ms) / a.temperature + double(log_zTs) : sll::nan<double>();
-    st[2] = valid ? double(mt) / a.temperature + double(log_zTt) : sll::nan<double>();
+    st[0] = valid ? double(ms) + double(std::log(z1s)) : sub_logit_loss_math::nan<double>();
+    st[1] = valid ? double(ms) / a.temperature + double(log_zTs) : sub_logit_loss_math::nan<double>();
+    st[2] = valid ? double(mt) / a.temperature + double(log_zTt) : sub_logit_loss_math::nan<double>();
     a.sample_aux[b * 2] = ms;
     a.sample_aux[b * 2 + 1] = log_zTs;
     T* part = a.sample_partials + b * 2;
-    part[0] = valid ? lse1s - (T(1) - ls) * zs[valid ? y : 0] - lsK * sum_s : sll::nan<T>();
-    part[1] = valid ? T2 * (kd_acc / zTt - log_zTt + log_zTs) : sll::nan<T>();
+    part[0] = valid ? lse1s - (T(1) - ls) * zs[valid ? y : 0] - lsK * sum_s : sub_logit_loss_math::nan<T>();
+    part[1] = valid ? T2 * (kd_acc / zTt - log_zTt + log_zTs) : sub_logit_loss_math::nan<T>();
   }
 }
 
@@ -124,7 +124,7 @@ void sub_logit_loss_samples_kernel(const SubLogitLossFwdArgs<T>& a, int64_t begi
 // the orthogonality hinge with its gradient coefficients M (n x n):
 //   v_i = x_i - shift z_t (target entry = fill when masked), r_i = max(|v_i|, eps), G_ij = v_i.v_j / (r_i r_j),
 //   c4 = 4 w_ol / (B n (n-1)), h_ij = relu(G_ij - theta),
-//   M_ij = c4 h_ij / (r_i r_j) (i != j),  M_ii = -[|v_i| >= eps] c4 sum_{j != i} h_ij G_ij / r_i^2.
+//   M_ij = c4 h_ij / (r_i r_j) (i != j),  M_ii = -[|v_i| > eps] c4 sum_{j != i} h_ij G_ij / r_i^2.
 template <typename T>
 void sub_logit_loss_rows_kernel(const SubLogitLossFwdArgs<T>& a, int64_t begin, int64_t end) {
   const int64_t B = a.B, n = a.n, K = a.K;
@@ -148,9 +148,9 @@ void sub_logit_loss_rows_kernel(const SubLogitLossFwdArgs<T>& a, int64_t begin, 
     T* M = a.ortho_coef + r * n * n;
     T* part = a.row_partials + r * 3;
     if (!(y >= 0 && y < K)) {
-      std::fill(rs, rs + n * 3, sll::nan<double>());
-      std::fill(M, M + n * n, sll::nan<T>());
-      std::fill(part, part + 3, sll::nan<T>());
+      std::fill(rs, rs + n * 3, sub_logit_loss_math::nan<double>());
+      std::fill(M, M + n * n, sub_logit_loss_math::nan<T>());
+      std::fill(part, part + 3, sub_logit_loss_math::nan<T>());
       continue;
     }
     const T* zs = load_row<T>(a.student_logits, a.student_dtype, b * K, K, zs_buf);
@@ -178,12 +178,12 @@ void sub_logit_loss_rows_kernel(const SubLogitLossFwdArgs<T>& a, int64_t begin, 
       const T* x = xr[i];
       T m, sum_x, z1, zT, kl_acc;
       row_max_sum(x, K, m, sum_x);
-      sll::kl_sums(x, zs, K, m, ms, invT, zT, kl_acc);
+      sub_logit_loss_math::kl_sums(x, zs, K, m, ms, invT, zT, kl_acc);
       if (unit_T) {
         z1 = zT;  // P == p
       } else {
         T unused;
-        sll::exp_sums(x, K, m, invT, /*unit_T=*/true, z1, unused);
+        sub_logit_loss_math::exp_sums(x, K, m, invT, /*unit_T=*/true, z1, unused);
       }
       const T lse1 = m + std::log(z1), log_zT = std::log(zT);
       const T kl = kl_acc / zT - log_zT + log_zTs;
@@ -216,8 +216,8 @@ void sub_logit_loss_rows_kernel(const SubLogitLossFwdArgs<T>& a, int64_t begin, 
           M[i * n + j] = c4 * h / (rn[i] * rn[j]);
           diag += h * G;
         }
-        // d max(|v|, eps) / dv = v / |v| where |v| >= eps (torch's clamp_min passes the gradient at equality).
-        M[i * n + i] = nrm[i] < eps ? T(0) : -c4 * diag / (rn[i] * rn[i]);
+        // d max(|v|, eps) / dv = v / |v| where |v| > eps, 0 at equality (the reference's minimum-norm subgradient).
+        M[i * n + i] = nrm[i] > eps ? -c4 * diag / (rn[i] * rn[i]) : T(0);
       }
     } else {
       M[0] = T(0);
@@ -265,7 +265,7 @@ void sub_logit_loss_bwd_kernel(const SubLogitLossBwdArgs<T>& a, int64_t begin, i
     if (!(y >= 0 && y < K)) {
       if (need_zs) {
         T* o = out_row<T>(a.grad_student_logits, a.grad_student_dtype, b * K, ozs);
-        std::fill(o, o + K, sll::nan<T>());
+        std::fill(o, o + K, sub_logit_loss_math::nan<T>());
         store_row<T>(a.grad_student_logits, a.grad_student_dtype, b * K, o, K);
       }
       if (need_sub)
@@ -273,7 +273,7 @@ void sub_logit_loss_bwd_kernel(const SubLogitLossBwdArgs<T>& a, int64_t begin, i
           for (int64_t i = 0; i < n; ++i) {
             const int64_t off = ((s * B + b) * n + i) * K;
             T* o = out_row<T>(a.grad_sub_logits, a.grad_sub_dtype, off, osub);
-            std::fill(o, o + K, sll::nan<T>());
+            std::fill(o, o + K, sub_logit_loss_math::nan<T>());
             store_row<T>(a.grad_sub_logits, a.grad_sub_dtype, off, o, K);
           }
       continue;
@@ -281,7 +281,7 @@ void sub_logit_loss_bwd_kernel(const SubLogitLossBwdArgs<T>& a, int64_t begin, i
     const T* zs = load_row<T>(a.student_logits, a.student_dtype, b * K, K, zs_buf);
     const T ms = row_max(zs, K);
     T z1s, zTs;
-    sll::exp_sums(zs, K, ms, invT, unit_T, z1s, zTs);
+    sub_logit_loss_math::exp_sums(zs, K, ms, invT, unit_T, z1s, zTs);
     const T log_zTs = std::log(zTs);
     {
       const V vms(ms), vinvT(invT);
@@ -294,7 +294,7 @@ void sub_logit_loss_bwd_kernel(const SubLogitLossBwdArgs<T>& a, int64_t begin, i
       const T* zt = load_row<T>(a.teacher_logits, a.teacher_dtype, b * K, K, zt_buf);
       const T mt = row_max(zt, K);
       T z1t_unused, zTt;
-      sll::exp_sums(zt, K, mt, invT, unit_T, z1t_unused, zTt);
+      sub_logit_loss_math::exp_sums(zt, K, mt, invT, unit_T, z1t_unused, zTt);
       const T inv_z1s = T(1) / z1s, inv_zTs = T(1) / zTs, inv_zTt = T(1) / zTt;
       const V vms(ms), vmt(mt), vinvT(invT), vinv_z1s(inv_z1s), vinv_zTs(inv_zTs), vinv_zTt(inv_zTt), vace(a_ce),
           vlsK(a_ce * lsK), vcq(cq), vakd(a_kd);

@@ -11,7 +11,8 @@
 //               xhat d w) / N); NCHW: one block per channel; NHWC: partials and totals as for the statistics,
 //               then an elementwise dx pass; dx has x's memory format
 // No per-element 64-bit division: flat indices advance with FlatCursor, NHWC rows are the flat (b, hw) index.
-// The running-statistic update (as nn.BatchNorm2d: momentum, unbiased variance) is a few (C,) tensor ops.
+// The running-statistic update (as nn.BatchNorm2d: momentum, unbiased variance) and invstd: one small kernel
+// (running_stats_kernel; the same arithmetic as bn_update_running_stats in ops.h, which took ~8 ATen launches).
 #include "cuda/common.cuh"
 #include "ops.h"
 
@@ -216,6 +217,53 @@ void launch_column_total(const acc_t* partial, acc_t* out, int64_t R, int64_t C,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// running <- (1 - momentum) running + momentum * batch statistic (the variance unbiased), computed in acc_t and
+// rounded once into the statistics' dtype, and invstd = 1 / sqrt(var + eps): one launch for every channel. The
+// scalars come in as the ATen form (ops.h: bn_update_running_stats) rounds them: 1 - momentum and
+// momentum * unbias formed in double, then cast.
+template <typename stat_t, typename acc_t>
+__global__ void running_stats_kernel(const acc_t* __restrict__ mean, const acc_t* __restrict__ var,
+                                     stat_t* __restrict__ running_mean, stat_t* __restrict__ running_var,
+                                     acc_t* __restrict__ invstd, int64_t C, acc_t keep, acc_t momentum,
+                                     acc_t momentum_unbias, acc_t eps) {
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  running_mean[c] = stat_t(acc_t(running_mean[c]) * keep + mean[c] * momentum);
+  running_var[c] = stat_t(acc_t(running_var[c]) * keep + var[c] * momentum_unbias);
+  invstd[c] = acc_t(1) / sqrt(var[c] + eps);
+}
+
+// The training-mode update of running_mean/running_var and invstd (see running_stats_kernel); the ATen form for
+// statistics that are not dense vectors.
+Tensor update_running_stats(const Tensor& mean, const Tensor& var, Tensor& running_mean, Tensor& running_var,
+                            int64_t count, double momentum, double eps, at::ScalarType dt, cudaStream_t stream) {
+  if (!running_mean.is_contiguous() || !running_var.is_contiguous() ||
+      running_mean.scalar_type() != running_var.scalar_type())
+    return bn_update_running_stats(mean, var, running_mean, running_var, count, momentum, eps, dt);
+  const int64_t C = mean.numel();
+  Tensor invstd = at::empty_like(mean);
+  if (C == 0) return invstd;
+  const double unbias = double(count) / double(count - 1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running_mean.scalar_type(), "hcd_fast_bn_running_stats", [&] {
+    using stat_t = scalar_t;
+    const int threads = 256;
+    const unsigned blocks = unsigned((C + threads - 1) / threads);
+    auto launch = [&](auto zero) {
+      using acc_t = decltype(zero);
+      running_stats_kernel<stat_t, acc_t><<<blocks, threads, 0, stream>>>(
+          mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(), running_mean.data_ptr<stat_t>(),
+          running_var.data_ptr<stat_t>(), invstd.data_ptr<acc_t>(), C, acc_t(1.0 - momentum), acc_t(momentum),
+          acc_t(momentum * unbias), acc_t(eps));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (dt == at::kDouble)
+      launch(double(0));
+    else
+      launch(float(0));
+  });
+  return invstd;
+}
+
 }  // namespace
 
 Tensor3 bn_relu_pool_fwd(HCD_BN_FWD_ARGS) {
@@ -259,7 +307,7 @@ Tensor3 bn_relu_pool_fwd(HCD_BN_FWD_ARGS) {
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         launch_column_total(partial.data_ptr<acc_t>(), var.data_ptr<acc_t>(), R, C, N, stream);
       }
-      invstd = bn_update_running_stats(mean, var, running_mean, running_var, N, momentum, eps, dt);
+      invstd = update_running_stats(mean, var, running_mean, running_var, N, momentum, eps, dt, stream);
     } else {
       std::tie(mean, invstd) = bn_eval_stats(running_mean, running_var, eps, dt);
     }

@@ -11,21 +11,30 @@
 //     lo = acc(lse - hi) and forms (x - hi) - lo, so an fp32 lse's rounding (2^-24 |lse|) never reaches P),
 //   ortho_coef M (n x n per (s, b)): d(w_ol OL)/d v_i = sum_j M_ij v_j, v_i = x_i - shift z_t (target entry =
 //     fill when masked), r_i = max(|v_i|, eps), G = v v^T / (r r^T), h = relu(G - theta), c4 = 4 w_ol / (B n (n-1)),
-//     M_ij = c4 h_ij / (r_i r_j) (i != j), M_ii = -[|v_i| >= eps] c4 sum_{j != i} h_ij G_ij / r_i^2.
+//     M_ij = c4 h_ij / (r_i r_j) (i != j), M_ii = -[|v_i| > eps] c4 sum_{j != i} h_ij G_ij / r_i^2.
 //   dz_s[b, k]   = g (w_gt/B (p_s - (1-ls)[k==y] - ls/K) + w_kd T/B (P_s - P_t) + w_kl T/(B n) sum_{s,i} (P_s - P_i))
 //   dzf[s,b,i,k] = g (w_gt/(B n) (p_i - (1-ls)[k==y] - ls/K) + [!detach] w_kl T/(B n) P_i (log P_i - log P_s - kl_i)
 //                     + [!(masked and k == y)] sum_j M_ij v_j,k)
 //
-// Kernels:
-//   sll_fwd_kernel     grid S*B blocks, block r = b * S + s (the S blocks of one sample are adjacent, so z_s is
-//                      read from DRAM once and from L2 by the others): the n rows of (s, b) (max/sum pass, then
-//                      exp/KL pass, then the Gram dot products; the repeated passes over the block's own rows hit
-//                      L1/L2), the student's lse(z_s / T); the s == 0 block also does CE/KD and sample_stats.
-//                      Writes row_stats, ortho_coef and 5 partial sums per block.
-//   sll_reduce_kernel  one block: the (S*B, 5) partials summed in a fixed order -> parts and the loss.
-//   sll_bwd_kernel     grid (B, K-blocks), kPerThread columns per thread: loads z_s, z_t of its columns, then for
-//                      every (s, i) the zf column (the n values of a (s, b) in registers when n <= kRegRows), writes
-//                      dzf, and accumulates dz_s in registers; writes dz_s last.
+// Kernels (P = max(S, 1) blocks per sample; S = 0 leaves one block per sample for CE and KD):
+//   sub_logit_loss_fwd_kernel          n <= 4 (kLaneRows), the one-pass forward. Grid P*B blocks, block
+//       r = b * P + s (a sample's stage blocks adjacent: z_s read from DRAM once, from L2 by the others).
+//       ONE pass over K: each thread owns kVec consecutive elements of every row per step (16-byte vectors of
+//       zf, 8-byte for 16-bit zf with fp32 sides, where the rows are 16-byte aligned and K % kVec == 0; all the
+//       step's loads issued before its arithmetic: n + 1 vectors in flight, n + 2 with ortho_shift) and keeps
+//       its own online state in registers: per row the max, sum exp at T = 1 and at T, the KL numerator, the
+//       row sum, the upper triangle of the n x n Gram; z_s / T's (max, sum). Then ONE block reduction: the
+//       block max of the n + 1 maxima (one barrier), each thread's sums rescaled to it, a reduce-scatter of the
+//       <= 32 sums inside each warp (31 shuffles; lane l ends with value l), one barrier, value t's warp
+//       partials added in warp order by thread t. The n x n tail is spread over n threads (thread i: row i's
+//       statistics, CE, KL and row i of M). The s == 0 block then reads z_s, z_t once more (L2) for CE, KD and
+//       sample_stats.
+//   sub_logit_loss_fwd_large_n_kernel  n > 4: the multi-pass forward (max/sum pass, exp/KL pass, one Gram dot
+//       product per pair; the repeated passes over the block's own rows hit L1/L2), D in shared memory.
+//   sub_logit_loss_reduce_kernel       one block: the (P*B, 5) partials summed in a fixed order -> parts, loss.
+//   sub_logit_loss_bwd_kernel          grid (B, K-blocks), kPerThread columns per thread: loads z_s, z_t of its
+//       columns, then for every (s, i) the zf column (the n values of a (s, b) in registers when n <= kRegRows),
+//       writes dzf, and accumulates dz_s in registers; writes dz_s last. Runs whenever B K > 0 (S = 0 too).
 // A target outside [0, K) (validate=False) gives NaN partials, statistics and gradient rows for that sample;
 // nothing is read at that index (no device assert, no clamping).
 //
@@ -38,11 +47,14 @@
 //             = (3 R + 5 Z) e + 2 (24 S B n + 4 S B n^2 + 24 B) + 40 S B + 16 B        (acc = fp32)
 //   i.e. zf crosses DRAM 3 times against the essential 2 (1.5x); the S - 1 re-reads of z_s per sample (and of
 //   z_t with ortho_shift != 0) and the per-row repeated passes of the forward hit L2/L1 and are not counted.
-//   S = 4, n = 4 (decimal MB):
+//   S = 4, n = 4 (decimal MB; benchmarks.cases.sub_logit_loss_bytes):
 //     ImageNet-like B = 256,  K = 1000: fp32 essential  35.84, moved  54.66 (1.53x); bf16  17.92 /  27.52 (1.54x)
 //     CIFAR-like    B = 128,  K = 100:  fp32 essential   1.79, moved   2.91 (1.62x); bf16   0.90 /   1.55 (1.73x)
-//     large batch   B = 4096, K = 1000: fp32 essential 573.44, moved 874.51 (1.53x); bf16 286.72 / 440.34 (1.54x)
+//     large batch   B = 4096, K = 1000: fp32 essential 573.47, moved 874.51 (1.53x); bf16 286.75 / 440.34 (1.54x)
 //   (the small terms are 0.39 MB at ImageNet-like, 0.19 MB at CIFAR-like, where they dominate the excess).
+//   The forward alone at B = 4096, K = 1000: fp32 294.94 MB read + 3.05 MB of statistics written, bf16
+//   147.49 + 3.05; its target, read against a GPU results file (never asserted): >= 75% of the measured copy
+//   bandwidth. Not yet run on a GPU.
 // Mixed dtypes: z_s / z_t of another dtype than zf are read as fp32 (converted once on the host side, B K
 // elements); with fp64 anywhere everything runs in fp64; a gradient whose dtype the kernel cannot write directly
 // (those two cases) is converted once after the kernel.
@@ -78,18 +90,22 @@ __device__ __forceinline__ void split_stat(double v, acc_t& hi, acc_t& lo) {
   lo = acc_t(v - double(hi));
 }
 
-// One block per (stage, sample). Dynamic shared memory: 3 * 32 reduction values, then D (n x n) and the norms
-// (n) unless `scratch` (a global slice per block) is given for large n.
+// n > kLaneRows: one block per (stage, sample), several passes over the block's rows (max/sum, exp/KL, then
+// one Gram dot product per pair; the repeated passes hit L1/L2). Dynamic shared memory: 3 * 32 reduction values,
+// then D (n x n) and the norms (n) unless `scratch` (a global slice per block) is given for large n.
+// P = max(S, 1) blocks per sample: with S = 0 the one block per sample does CE and KD only (n_rows = 0).
 template <typename scalar_t, typename side_t, typename acc_t>
 __global__ void __launch_bounds__(kMaxRowThreads)
-    sll_fwd_kernel(const scalar_t* __restrict__ sub, const side_t* __restrict__ zs, const side_t* __restrict__ zt,
-                   const int64_t* __restrict__ target, double* __restrict__ row_stats, acc_t* __restrict__ ortho_coef,
-                   double* __restrict__ sample_stats, acc_t* __restrict__ partials, acc_t* __restrict__ scratch,
-                   int64_t S, int64_t B, int64_t n, int64_t K, FwdParams p) {
-  extern __shared__ unsigned char smem_raw[];
+    sub_logit_loss_fwd_large_n_kernel(const scalar_t* __restrict__ sub, const side_t* __restrict__ zs,
+                   const side_t* __restrict__ zt, const int64_t* __restrict__ target, double* __restrict__ row_stats,
+                   acc_t* __restrict__ ortho_coef, double* __restrict__ sample_stats, acc_t* __restrict__ partials,
+                   acc_t* __restrict__ scratch, int64_t S, int64_t B, int64_t n_all, int64_t K, FwdParams p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];  // read as acc_t (double): 16-byte aligned
   acc_t* ws = reinterpret_cast<acc_t*>(smem_raw);
-  const int64_t r = blockIdx.x, b = int64_t(blockIdx.x / unsigned(S)), s = int64_t(blockIdx.x % unsigned(S));
-  acc_t* D = scratch != nullptr ? scratch + r * (n * n + n) : ws + 3 * kWarp;
+  const unsigned P = S > 0 ? unsigned(S) : 1u;
+  const int64_t r = blockIdx.x, b = int64_t(blockIdx.x / P), s = int64_t(blockIdx.x % P);
+  const int64_t n = S > 0 ? n_all : 0;  // rows of this block
+  acc_t* D = scratch != nullptr ? scratch + r * (n_all * n_all + n_all) : ws + 3 * kWarp;
   acc_t* nrm = D + n * n;
   const int tid = threadIdx.x, nt = blockDim.x;
   const int64_t row0 = (s * B + b) * n;  // first row of (s, b) in the (S, B, n) row order of the outputs
@@ -233,11 +249,11 @@ __global__ void __launch_bounds__(kMaxRowThreads)
           M[i * n + j] = c4 * h / (ri * rj);
           diag += h * G;
         }
-        // d max(|v|, eps) / dv = v / |v| where |v| >= eps (torch's clamp_min passes the gradient at equality).
-        M[i * n + i] = nrm[i] < eps ? acc_t(0) : -c4 * diag / (ri * ri);
+        // d max(|v|, eps) / dv = v / |v| where |v| > eps, 0 at equality (the reference's minimum-norm subgradient).
+        M[i * n + i] = nrm[i] > eps ? -c4 * diag / (ri * ri) : acc_t(0);
       }
     }
-  } else if (tid == 0) {
+  } else if (tid == 0 && n == 1) {
     M[0] = 0;
   }
   if (tid == 0) {
@@ -249,9 +265,324 @@ __global__ void __launch_bounds__(kMaxRowThreads)
   }
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// n <= kLaneRows: the one-pass forward. One block per (stage, sample), P = max(S, 1) blocks per sample.
+constexpr int kLaneRows = 4;          // rows kept in registers (n = 1 has its own instantiation)
+constexpr int kLaneMaxThreads = 256;
+constexpr int kLaneValues = kWarp;    // values of the block reduction (padded to one per lane)
+
+// Threads per one-pass block: about two vectors per thread and row over K, 64 to 256 threads.
+inline int lane_threads(int64_t K, int vec) {
+  const int64_t per = 2 * int64_t(vec);
+  int t = 64;
+  while (t < kLaneMaxThreads && int64_t(t) * per < K) t *= 2;
+  return t;
+}
+
+// kVec consecutive elements from p (16-byte vectors when kVec * sizeof(T) >= 16 and p is aligned: the host
+// picks kVec > 1 only for 16-byte aligned rows with K a multiple of kVec).
+template <typename T, int kVec>
+struct alignas(sizeof(T) * kVec >= 16 ? 16 : sizeof(T) * kVec) VecPack {
+  T v[kVec];
+};
+
+template <int kVec, typename T, typename acc_t>
+__device__ __forceinline__ void load_vec(const T* __restrict__ p, acc_t (&out)[kVec]) {
+  if constexpr (kVec == 1) {
+    out[0] = acc_t(p[0]);
+  } else {
+    const VecPack<T, kVec> pk = *reinterpret_cast<const VecPack<T, kVec>*>(p);
+#pragma unroll
+    for (int c = 0; c < kVec; ++c) out[c] = acc_t(pk.v[c]);
+  }
+}
+
+// Sum of 32 values over a warp, reduce-scatter style: after 5 halving steps lane l holds the warp total of the
+// value with index l (31 shuffles instead of 32 x 5). Step kHalf: the live values are v[0, 2 kHalf); a lane
+// with bit kHalf set keeps the upper half (into v[0, kHalf)) and sends the lower half to its partner, which
+// does the opposite. Every index is a compile-time constant (template recursion), so v stays in registers.
+// The order of every sum is fixed by the lane pattern: deterministic.
+template <int kHalf, typename T>
+__device__ __forceinline__ void reduce_scatter_step(T (&v)[kLaneValues], int lane) {
+  if constexpr (kHalf >= 1) {
+    const bool upper = (lane & kHalf) != 0;
+#pragma unroll
+    for (int j = 0; j < kHalf; ++j) {
+      const T send = upper ? v[j] : v[j + kHalf];
+      const T keep = upper ? v[j + kHalf] : v[j];
+      v[j] = keep + __shfl_xor_sync(0xffffffffu, send, kHalf);
+    }
+    reduce_scatter_step<kHalf / 2>(v, lane);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_reduce_scatter(T (&v)[kLaneValues]) {
+  reduce_scatter_step<kLaneValues / 2>(v, int(threadIdx.x % kWarp));
+  return v[0];
+}
+
+// The value index lane `lane` holds after warp_reduce_scatter: bit h of the lane chose the upper half at
+// step h, so the index is the lane itself.
+__device__ __forceinline__ int scatter_index(int lane) { return lane; }
+
+// One-pass forward. Per thread, over its vectors of the K axis: for each of the rows (kRows in registers, n of
+// them live) the online max m, sum exp(x - m), sum exp((x - m) / T), the KL numerator
+// sum exp((x - m) / T) (x - z_s), the row sum, and the upper triangle of the Gram sum v_i v_j; for z_s / T its
+// online (max, sum). Then ONE block reduction: a block max of the n + 1 maxima (one barrier), each thread's
+// sums rescaled to it, a reduce-scatter of the <= 32 sums per warp (one value per lane), one barrier, the
+// per-warp partials added in warp order by thread t for value t. The n x n tail is spread over n threads
+// (thread i: row i's statistics, CE, KL, and row i of M); the s = 0 block then reads z_s and z_t once more
+// (L2) for CE, KD and sample_stats.
+template <typename scalar_t, typename side_t, typename acc_t, int kRows, int kVec>
+__global__ void __launch_bounds__(kLaneMaxThreads)
+    sub_logit_loss_fwd_kernel(const scalar_t* __restrict__ sub, const side_t* __restrict__ zs,
+                              const side_t* __restrict__ zt, const int64_t* __restrict__ target,
+                              double* __restrict__ row_stats, acc_t* __restrict__ ortho_coef,
+                              double* __restrict__ sample_stats, acc_t* __restrict__ partials, int64_t S, int64_t B,
+                              int64_t n_all, int64_t K, FwdParams p) {
+  static_assert(kRows == 1 || kRows == kLaneRows, "kRows: 1 or kLaneRows");
+  constexpr int kGram = kRows > 1 ? kRows * (kRows + 1) / 2 : 0;
+  constexpr int kSums = 4 * kRows + kGram + 1;  // s1, sT, w, sum per row; the Gram; the student's sum
+  static_assert(kSums <= kLaneValues, "the block reduction holds one value per lane");
+  __shared__ acc_t red_max[kLaneMaxThreads / kWarp][kRows + 1];
+  __shared__ acc_t red_sum[kLaneMaxThreads / kWarp][kLaneValues];
+  __shared__ acc_t tot[kLaneValues + kRows + 1];  // the block's sums, then the maxima
+  __shared__ acc_t ws[4 * kWarp];                 // block_sum<4> / block_max scratch of the s = 0 pass
+  const unsigned P = S > 0 ? unsigned(S) : 1u;
+  const int64_t r = blockIdx.x, b = int64_t(blockIdx.x / P), s = int64_t(blockIdx.x % P);
+  const int64_t n = S > 0 ? n_all : 0;  // live rows of this block (S = 0: CE and KD only)
+  const int tid = threadIdx.x, nt = blockDim.x, lane = tid % kWarp, warp = tid / kWarp, warps = nt / kWarp;
+  const int64_t row0 = (s * B + b) * n_all;
+  double* rs = row_stats + row0 * 3;
+  acc_t* M = ortho_coef + row0 * n_all;
+  acc_t* part = partials + r * 5;
+  const int64_t y = target[b];
+  if (!(y >= 0 && y < K)) {  // uniform over the block: no barrier below is reached by anyone
+    for (int64_t q = tid; q < n * 3; q += nt) rs[q] = dev_nan<double>();
+    for (int64_t q = tid; q < n * n; q += nt) M[q] = dev_nan<acc_t>();
+    if (tid < 5) part[tid] = dev_nan<acc_t>();
+    if (s == 0 && tid == 0)
+      for (int q = 0; q < 3; ++q) sample_stats[b * 3 + q] = dev_nan<double>();
+    return;
+  }
+  const acc_t invT = acc_t(p.inv_t), T2 = acc_t(p.t2), ls = acc_t(p.label_smoothing), lsK = acc_t(p.ls_k);
+  const bool unit_T = p.unit_t, shifted = p.shift != 0.0, masked = p.masked;
+  const acc_t shift = acc_t(p.shift), fill = acc_t(p.fill);
+  const side_t* xs = zs + b * K;
+  const side_t* xt = zt + b * K;
+  const scalar_t* x0 = sub + row0 * K;
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+
+  acc_t m[kRows], s1[kRows], sT[kRows], w[kRows], sx[kRows], g[kGram > 0 ? kGram : 1];
+#pragma unroll
+  for (int i = 0; i < kRows; ++i) m[i] = kNegInf, s1[i] = 0, sT[i] = 0, w[i] = 0, sx[i] = 0;
+#pragma unroll
+  for (int q = 0; q < (kGram > 0 ? kGram : 1); ++q) g[q] = 0;
+  acc_t ms = kNegInf, ss = 0;  // z_s / T
+
+  for (int64_t k0 = int64_t(tid) * kVec; k0 < K; k0 += int64_t(nt) * kVec) {
+    // Every load of the step first (kRows + 1 or + 2 vectors in flight), then the arithmetic.
+    acc_t x[kRows][kVec], vs[kVec], vt[kVec];
+#pragma unroll
+    for (int i = 0; i < kRows; ++i)
+      if (i < n) load_vec<kVec>(x0 + i * K + k0, x[i]);
+    load_vec<kVec>(xs + k0, vs);
+    if (shifted && kGram > 0) load_vec<kVec>(xt + k0, vt);
+    // student at T
+    acc_t vmax = kNegInf;
+#pragma unroll
+    for (int c = 0; c < kVec; ++c) vmax = max(vmax, vs[c] * invT);
+    if (vmax > ms) {
+      ss *= dev_exp(ms - vmax);
+      ms = vmax;
+    }
+#pragma unroll
+    for (int c = 0; c < kVec; ++c) ss += dev_exp(vs[c] * invT - ms);
+    // rows
+#pragma unroll
+    for (int i = 0; i < kRows; ++i) {
+      if (i >= n) break;
+      acc_t rmax = kNegInf;
+#pragma unroll
+      for (int c = 0; c < kVec; ++c) rmax = max(rmax, x[i][c]);
+      // T = 1 (the default) takes one exp per element: two branches, uniform over the grid, rather than a
+      // select the compiler could if-convert into computing both exps. At T = 1, sT is s1 (set after the loop).
+      if (unit_T) {
+        if (rmax > m[i]) {  // rescale to the new max (m = -inf: the sums are 0 and exp(-inf) = 0)
+          const acc_t a1 = dev_exp(m[i] - rmax);
+          s1[i] *= a1, w[i] *= a1;
+          m[i] = rmax;
+        }
+#pragma unroll
+        for (int c = 0; c < kVec; ++c) {
+          const acc_t e1 = dev_exp(x[i][c] - m[i]);
+          s1[i] += e1, w[i] += e1 * (x[i][c] - vs[c]), sx[i] += x[i][c];
+        }
+      } else {
+        if (rmax > m[i]) {
+          const acc_t a1 = dev_exp(m[i] - rmax), aT = dev_exp((m[i] - rmax) * invT);
+          s1[i] *= a1, sT[i] *= aT, w[i] *= aT;
+          m[i] = rmax;
+        }
+#pragma unroll
+        for (int c = 0; c < kVec; ++c) {
+          const acc_t d = x[i][c] - m[i];
+          const acc_t e1 = dev_exp(d), eT = dev_exp(d * invT);
+          s1[i] += e1, sT[i] += eT, w[i] += eT * (x[i][c] - vs[c]), sx[i] += x[i][c];
+        }
+      }
+    }
+    // Gram of the orthogonality rows v = x - shift z_t, fill at the target
+    if constexpr (kGram > 0) {
+#pragma unroll
+      for (int c = 0; c < kVec; ++c) {
+        const bool at_y = masked && k0 + c == y;
+        acc_t v[kRows];
+#pragma unroll
+        for (int i = 0; i < kRows; ++i) {
+          v[i] = i < n ? (shifted ? x[i][c] - shift * vt[c] : x[i][c]) : acc_t(0);
+          if (at_y && i < n) v[i] = fill;
+        }
+        int q = 0;
+#pragma unroll
+        for (int i = 0; i < kRows; ++i)
+#pragma unroll
+          for (int j = i; j < kRows; ++j) g[q++] += v[i] * v[j];
+      }
+    }
+  }
+
+  if (unit_T)
+#pragma unroll
+    for (int i = 0; i < kRows; ++i) sT[i] = s1[i];
+  // Block max of the row maxima and the student's (one barrier).
+  acc_t mx[kRows + 1];
+#pragma unroll
+  for (int i = 0; i < kRows; ++i) mx[i] = warp_max(m[i]);
+  mx[kRows] = warp_max(ms);
+  if (lane == 0)
+#pragma unroll
+    for (int i = 0; i <= kRows; ++i) red_max[warp][i] = mx[i];
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i <= kRows; ++i) {
+    acc_t t = red_max[0][i];
+    for (int q = 1; q < warps; ++q) t = max(t, red_max[q][i]);
+    mx[i] = t;
+  }
+  // This thread's sums rescaled to the block maxima, packed; then the reduce-scatter and the warp partials.
+  acc_t v[kLaneValues];
+#pragma unroll
+  for (int q = 0; q < kLaneValues; ++q) v[q] = 0;
+#pragma unroll
+  for (int i = 0; i < kRows; ++i) {
+    const acc_t ref = mx[i] == kNegInf ? acc_t(0) : mx[i];
+    const acc_t a1 = dev_exp(m[i] - ref), aT = unit_T ? a1 : dev_exp((m[i] - ref) * invT);
+    v[4 * i] = s1[i] * a1, v[4 * i + 1] = sT[i] * aT, v[4 * i + 2] = w[i] * aT, v[4 * i + 3] = sx[i];
+  }
+#pragma unroll
+  for (int q = 0; q < kGram; ++q) v[4 * kRows + q] = g[q];
+  {
+    const acc_t ref = mx[kRows] == kNegInf ? acc_t(0) : mx[kRows];
+    v[kSums - 1] = ss * dev_exp(ms - ref);
+  }
+  const acc_t mine = warp_reduce_scatter(v);
+  red_sum[warp][scatter_index(lane)] = mine;
+  __syncthreads();
+  if (tid < kLaneValues) {  // value tid: the warp partials in warp order
+    acc_t t = red_sum[0][tid];
+    for (int q = 1; q < warps; ++q) t += red_sum[q][tid];
+    tot[tid] = t;
+  }
+  if (tid == 0)
+#pragma unroll
+    for (int i = 0; i <= kRows; ++i) tot[kLaneValues + i] = mx[i];
+  __syncthreads();
+
+  // The tail: thread i < n does row i.
+  const acc_t msT = tot[kLaneValues + kRows], log_ss = dev_log(tot[kSums - 1]);  // lse(z_s / T) = msT + log_ss
+  acc_t ce_i = 0, kl_i = 0, hinge_i = 0;
+  if (tid < n) {
+    const int i = tid;
+    const acc_t mi = tot[kLaneValues + i], S1 = tot[4 * i], ST = tot[4 * i + 1], W = tot[4 * i + 2];
+    const acc_t SX = tot[4 * i + 3];
+    const acc_t log_z1 = dev_log(S1), log_zT = dev_log(ST);
+    const acc_t kl = W / ST * invT - (mi * invT - msT) - log_zT + log_ss;
+    rs[i * 3] = double(mi) + double(log_z1);
+    rs[i * 3 + 1] = double(mi) * p.inv_t + double(log_zT);
+    rs[i * 3 + 2] = double(kl);
+    ce_i = (mi + log_z1) - (acc_t(1) - ls) * acc_t(x0[i * K + y]) - lsK * SX;
+    kl_i = T2 * kl;
+    if constexpr (kGram > 0) {
+      // Gram entry (i, j) of the packed upper triangle
+      auto gram = [&](int a, int c) {
+        const int lo = a < c ? a : c, hi = a < c ? c : a;
+        return tot[4 * kRows + lo * kRows - lo * (lo - 1) / 2 + (hi - lo)];
+      };
+      const acc_t eps = acc_t(p.ortho_eps), theta = acc_t(p.ortho_threshold), c4 = acc_t(p.c4);
+      const acc_t nrm_i = sqrt(gram(i, i)), ri = max(nrm_i, eps);
+      acc_t diag = 0;
+      for (int j = 0; j < n; ++j) {
+        if (j == i) continue;
+        const acc_t rj = max(sqrt(gram(j, j)), eps);
+        const acc_t G = gram(i, j) / (ri * rj);
+        const acc_t h = max(G - theta, acc_t(0));
+        hinge_i += h * h;
+        M[i * n + j] = c4 * h / (ri * rj);
+        diag += h * G;
+      }
+      // d max(|v|, eps) / dv = v / |v| where |v| > eps, 0 at equality (the reference's minimum-norm subgradient).
+      M[i * n + i] = nrm_i > eps ? -c4 * diag / (ri * ri) : acc_t(0);
+    } else {
+      M[0] = 0;
+    }
+  }
+  // The rows' partials, summed over the n <= 4 lanes of warp 0 in a fixed order.
+  if (warp == 0) {
+#pragma unroll
+    for (int o = 1; o < kRows; o *= 2) {
+      ce_i += __shfl_xor_sync(0xffffffffu, ce_i, o);
+      kl_i += __shfl_xor_sync(0xffffffffu, kl_i, o);
+      hinge_i += __shfl_xor_sync(0xffffffffu, hinge_i, o);
+    }
+  }
+
+  acc_t ce_b = 0, kd_b = 0;
+  if (s == 0) {  // uniform per block: CE of z_s, KD, sample_stats
+    acc_t mloc = kNegInf, tloc = kNegInf;
+    for (int64_t k = tid; k < K; k += nt) mloc = max(mloc, acc_t(xs[k])), tloc = max(tloc, acc_t(xt[k]));
+    const acc_t m1s = block_max(mloc, ws);
+    const acc_t mt = block_max(tloc, ws);
+    acc_t q[4] = {0, 0, 0, 0};  // sum exp(z_s - m1s), sum z_s, sum exp((z_t - mt) / T), its KD numerator
+    for (int64_t k = tid; k < K; k += nt) {
+      const acc_t a = acc_t(xs[k]), c = acc_t(xt[k]);
+      const acc_t dt = (c - mt) * invT, e = dev_exp(dt);
+      q[0] += dev_exp(a - m1s), q[1] += a, q[2] += e, q[3] += e * (dt - (a - m1s) * invT);
+    }
+    block_sum<4>(q, ws);
+    const acc_t log_z1s = dev_log(q[0]), log_zTt = dev_log(q[2]);
+    // KD = T^2 (E_Pt[(z_t - mt) / T - (z_s - m1s) / T] - log Z_t + lse(z_s / T) - m1s / T)
+    kd_b = T2 * (q[3] / q[2] - log_zTt + (msT - m1s * invT) + log_ss);
+    if (tid == 0) {
+      ce_b = (m1s + log_z1s) - (acc_t(1) - ls) * acc_t(xs[y]) - lsK * q[1];
+      sample_stats[b * 3] = double(m1s) + double(log_z1s);
+      sample_stats[b * 3 + 1] = double(msT) + double(log_ss);
+      sample_stats[b * 3 + 2] = double(mt) * p.inv_t + double(log_zTt);
+    }
+  }
+  if (tid == 0) {
+    part[0] = ce_b;
+    part[1] = ce_i;
+    part[2] = kd_b;
+    part[3] = kl_i;
+    part[4] = hinge_i;
+  }
+}
+
 // The (R, 5) partials summed in a fixed order (strided per thread, then the deterministic block_sum).
 template <typename acc_t>
-__global__ void sll_reduce_kernel(const acc_t* __restrict__ partials, acc_t* __restrict__ loss,
+__global__ void sub_logit_loss_reduce_kernel(const acc_t* __restrict__ partials, acc_t* __restrict__ loss,
                                   acc_t* __restrict__ parts, int64_t R, int64_t B, int64_t n, double w_gt,
                                   double w_kd, double w_kl, double w_ol) {
   __shared__ acc_t ws[5 * kWarp];
@@ -286,7 +617,7 @@ inline int bwd_threads(int64_t K) {
 // Grid (B, ceil(K / (kPerThread * blockDim.x))). Thread columns k_c = k0 + c * blockDim.x (coalesced per c).
 template <typename scalar_t, typename side_t, typename acc_t>
 __global__ void __launch_bounds__(kBwdMaxThreads)
-    sll_bwd_kernel(const acc_t* __restrict__ grad_loss, const scalar_t* __restrict__ sub,
+    sub_logit_loss_bwd_kernel(const acc_t* __restrict__ grad_loss, const scalar_t* __restrict__ sub,
                    const side_t* __restrict__ zs, const side_t* __restrict__ zt, const int64_t* __restrict__ target,
                    const double* __restrict__ row_stats, const acc_t* __restrict__ ortho_coef,
                    const double* __restrict__ sample_stats, scalar_t* __restrict__ gsub, side_t* __restrict__ gzs,
@@ -410,7 +741,7 @@ at::ScalarType side_dtype(at::ScalarType zf, at::ScalarType zs, at::ScalarType z
 // Dispatch over (zf storage, side storage) with side in {zf, acc}: fp32/fp32, fp64/fp64, bf16/bf16, bf16/fp32,
 // fp16/fp16, fp16/fp32.
 template <typename F>
-void dispatch_sll(at::ScalarType zf, at::ScalarType side, F&& f) {
+void dispatch_sub_logit_loss(at::ScalarType zf, at::ScalarType side, F&& f) {
   using BF = at::BFloat16;
   using H = at::Half;
   if (zf == at::kFloat) f(float{}, float{});
@@ -461,40 +792,64 @@ SubLogitLossOut sub_logit_loss(HCD_SUB_LOGIT_LOSS_ARGS) {
   Tensor sample_stats = at::empty({B, 3}, opts.dtype(at::kDouble));
   Tensor parts = at::empty({5}, opts);
   Tensor loss = at::empty({}, opts);
-  if (S * B * n * K == 0) {  // nothing to launch; the means over an empty batch are NaN, as in the reference
+  if (B * K == 0) {  // nothing to launch; the means over an empty batch are NaN, as in the reference
     parts.fill_(std::numeric_limits<double>::quiet_NaN());
     loss.fill_(std::numeric_limits<double>::quiet_NaN());
     return {loss, parts, row_stats, ortho_coef, sample_stats};
   }
-  Tensor partials = at::empty({S * B, 5}, opts);
+  const int64_t P = std::max<int64_t>(S, 1);  // blocks per sample (S = 0: one, for CE and KD)
+  Tensor partials = at::empty({P * B, 5}, opts);
   FwdParams p{};
   p.inv_t = 1.0 / temperature, p.t2 = temperature * temperature, p.unit_t = temperature == 1.0;
   p.label_smoothing = label_smoothing, p.ls_k = label_smoothing / double(K);
   p.ortho_threshold = ortho_threshold, p.ortho_eps = ortho_eps, p.fill = mask_fill, p.shift = ortho_shift;
   p.c4 = n > 1 ? 4.0 * w_ol / (double(B) * double(n) * double(n - 1)) : 0.0;  // 4 w_ol / (B n (n-1))
   p.masked = mask_target;
-  TORCH_CHECK(S * B <= int64_t(INT32_MAX), "sub_logit_loss (cuda): S * B too large for one launch");
-  const int threads = row_threads(K);
+  TORCH_CHECK(P * B <= int64_t(INT32_MAX), "sub_logit_loss (cuda): S * B too large for one launch");
   auto stream = at::cuda::getCurrentCUDAStream();
-  dispatch_sll(zf_st, side_st, [&](auto zf_tag, auto side_tag) {
+  dispatch_sub_logit_loss(zf_st, side_st, [&](auto zf_tag, auto side_tag) {
     using scalar_t = decltype(zf_tag);
     using side_t = decltype(side_tag);
     using acc_t = at::opmath_type<scalar_t>;
-    // D (n x n) and the norms in shared memory up to the default 48 KB, else in a global slice per block.
-    const size_t per_block = size_t(n * n + n) * sizeof(acc_t);
-    size_t smem = 3 * kWarp * sizeof(acc_t) + per_block;
-    Tensor scratch;
-    if (smem > 48 * 1024) {
-      scratch = at::empty({S * B, n * n + n}, opts);
-      smem = 3 * kWarp * sizeof(acc_t);
+    if (n <= kLaneRows) {
+      // 16-byte vectors of zf where every row is 16-byte aligned: K a multiple of the vector, aligned bases
+      // (the side rows then start on 16 bytes too: K * sizeof(side_t) is a multiple of 16).
+      // fp64: scalar (the fp64 state already takes twice the registers); 16-bit zf with fp32 sides: 8-byte zf
+      // vectors, 16-byte side vectors (8 elements spilled at 128 registers under ptxas 13).
+      constexpr int kVec = sizeof(scalar_t) == 8 ? 1 : sizeof(side_t) > sizeof(scalar_t) ? 4 : 16 / sizeof(scalar_t);
+      const bool aligned = kVec > 1 && K % kVec == 0 && reinterpret_cast<uintptr_t>(sub.data_ptr()) % 16 == 0 &&
+                           reinterpret_cast<uintptr_t>(zs.data_ptr()) % 16 == 0 &&
+                           reinterpret_cast<uintptr_t>(zt.data_ptr()) % 16 == 0;
+      const int threads = lane_threads(K, aligned ? kVec : 1);
+      auto launch = [&](auto kernel) {
+        kernel<<<unsigned(P * B), threads, 0, stream>>>(
+            sub.data_ptr<scalar_t>(), zs.data_ptr<side_t>(), zt.data_ptr<side_t>(), y.data_ptr<int64_t>(),
+            row_stats.data_ptr<double>(), ortho_coef.data_ptr<acc_t>(), sample_stats.data_ptr<double>(),
+            partials.data_ptr<acc_t>(), S, B, n, K, p);
+      };
+      if (n == 1)
+        aligned ? launch(sub_logit_loss_fwd_kernel<scalar_t, side_t, acc_t, 1, kVec>)
+                : launch(sub_logit_loss_fwd_kernel<scalar_t, side_t, acc_t, 1, 1>);
+      else
+        aligned ? launch(sub_logit_loss_fwd_kernel<scalar_t, side_t, acc_t, kLaneRows, kVec>)
+                : launch(sub_logit_loss_fwd_kernel<scalar_t, side_t, acc_t, kLaneRows, 1>);
+    } else {
+      // D (n x n) and the norms in shared memory up to the default 48 KB, else in a global slice per block.
+      const size_t per_block = size_t(n * n + n) * sizeof(acc_t);
+      size_t smem = 3 * kWarp * sizeof(acc_t) + per_block;
+      Tensor scratch;
+      if (smem > 48 * 1024) {
+        scratch = at::empty({P * B, n * n + n}, opts);
+        smem = 3 * kWarp * sizeof(acc_t);
+      }
+      sub_logit_loss_fwd_large_n_kernel<scalar_t, side_t, acc_t><<<unsigned(P * B), row_threads(K), smem, stream>>>(
+          sub.data_ptr<scalar_t>(), zs.data_ptr<side_t>(), zt.data_ptr<side_t>(), y.data_ptr<int64_t>(),
+          row_stats.data_ptr<double>(), ortho_coef.data_ptr<acc_t>(), sample_stats.data_ptr<double>(),
+          partials.data_ptr<acc_t>(), scratch.defined() ? scratch.data_ptr<acc_t>() : nullptr, S, B, n, K, p);
     }
-    sll_fwd_kernel<scalar_t, side_t, acc_t><<<unsigned(S * B), threads, smem, stream>>>(
-        sub.data_ptr<scalar_t>(), zs.data_ptr<side_t>(), zt.data_ptr<side_t>(), y.data_ptr<int64_t>(),
-        row_stats.data_ptr<double>(), ortho_coef.data_ptr<acc_t>(), sample_stats.data_ptr<double>(),
-        partials.data_ptr<acc_t>(), scratch.defined() ? scratch.data_ptr<acc_t>() : nullptr, S, B, n, K, p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    sll_reduce_kernel<acc_t><<<1, 256, 0, stream>>>(partials.data_ptr<acc_t>(), loss.data_ptr<acc_t>(),
-                                                    parts.data_ptr<acc_t>(), S * B, B, n, w_gt, w_kd, w_kl, w_ol);
+    sub_logit_loss_reduce_kernel<acc_t><<<1, 256, 0, stream>>>(partials.data_ptr<acc_t>(), loss.data_ptr<acc_t>(),
+                                                    parts.data_ptr<acc_t>(), P * B, B, n, w_gt, w_kd, w_kl, w_ol);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {loss, parts, row_stats, ortho_coef, sample_stats};
@@ -523,7 +878,9 @@ SubLogitLossBwdOut sub_logit_loss_backward(HCD_SUB_LOGIT_LOSS_BWD_ARGS) {
   // The kernel writes dzf as zf_st and dz_s as side_st: the inputs' own dtypes except in the mixed cases.
   Tensor gsub = need_grad_sub ? at::empty(sub.sizes(), sub.options()) : at::empty({0}, sub_logits.options());
   Tensor gzs = need_grad_student ? at::empty(zs.sizes(), zs.options()) : at::empty({0}, student_logits.options());
-  if (S * B * n * K > 0 && (need_grad_sub || need_grad_student)) {
+  // S = 0 (or n = 0) still has the CE and KD gradient of z_s: the kernel runs whenever B K > 0, so no output
+  // element is left as at::empty returned it.
+  if (B * K > 0 && (need_grad_sub || need_grad_student)) {
     const int threads = bwd_threads(K);
     const int64_t kblocks = (K + int64_t(kPerThread) * threads - 1) / (int64_t(kPerThread) * threads);
     TORCH_CHECK(kblocks <= 65535 && B <= int64_t(INT32_MAX), "sub_logit_loss_backward: K or B too large");
@@ -537,11 +894,11 @@ SubLogitLossBwdOut sub_logit_loss_backward(HCD_SUB_LOGIT_LOSS_BWD_ARGS) {
     p.cq = p.a_kd + double(S) * double(n) * p.a_skl;
     p.shift = ortho_shift, p.masked = mask_target;
     auto stream = at::cuda::getCurrentCUDAStream();
-    dispatch_sll(zf_st, side_st, [&](auto zf_tag, auto side_tag) {
+    dispatch_sub_logit_loss(zf_st, side_st, [&](auto zf_tag, auto side_tag) {
       using scalar_t = decltype(zf_tag);
       using side_t = decltype(side_tag);
       using acc_t = at::opmath_type<scalar_t>;
-      sll_bwd_kernel<scalar_t, side_t, acc_t><<<dim3(unsigned(B), unsigned(kblocks)), threads, 0, stream>>>(
+      sub_logit_loss_bwd_kernel<scalar_t, side_t, acc_t><<<dim3(unsigned(B), unsigned(kblocks)), threads, 0, stream>>>(
           gl.data_ptr<acc_t>(), sub.data_ptr<scalar_t>(), zs.data_ptr<side_t>(), zt.data_ptr<side_t>(),
           y.data_ptr<int64_t>(), rs.data_ptr<double>(), oc.data_ptr<acc_t>(), ss.data_ptr<double>(),
           need_grad_sub ? gsub.data_ptr<scalar_t>() : nullptr, need_grad_student ? gzs.data_ptr<side_t>() : nullptr,

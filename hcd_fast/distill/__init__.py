@@ -1,20 +1,18 @@
 """hcd_fast.distill: heterogeneous distillation of any timm teacher into any timm student.
 
-- ``StudentTap`` / ``TeacherTap``: logits and stage maps of the student in one forward; the frozen
-  teacher's penultimate feature and logits under inference mode.
-- ``Distiller``: student + criterion (HCDLoss or a baseline), the trainable part; returns
-  (student_logits, loss, parts).
-- ``DistillTask``: the same as a timm ``TrainingTask`` (``{"loss", "output", ...}``).
-- ``baselines``: ce, kd, dkd, ofa (SPEC section 9).
-- ``hcd-distill`` / ``python -m hcd_fast.distill``: the trainer CLI (``cli.main``, ``trainer.run``);
-  ``checkpoint``: safe loading (weights_only), atomic writes, run folders.
+The library: taps (``StudentTap``, ``TeacherTap``), ``Distiller`` (student + criterion, the trainable part)
+and ``DistillTask`` (timm's ``TrainingTask`` contract), the methods registry (``build_criterion``: hcd and
+the ce, kd, dkd, ofa baselines) and ``TrainStep``, the one training step. The application: ``hcd-distill``
+(``cli``, ``config``, ``engine.run``), with ``data``, ``teacher`` (tap, speed, cache) and ``engine``.
 """
-from hcd_fast.distill.baselines import METHODS, CELoss, DKDLoss, KDLoss, OFALoss
-from hcd_fast.distill.distiller import (HAS_TIMM_TASK, Distiller, DistillTask, HCDTask, LossOptions,
-                                       build_criterion)
+from hcd_fast.distill.distiller import HAS_TIMM_TASK, Distiller, DistillTask, HCDTask
+from hcd_fast.distill.engine.step import StepOutput, TrainStep
+from hcd_fast.distill.methods import (METHODS, CELoss, DKDLoss, DKDOptions, KDLoss, OFALoss, OFAOptions,
+                                      build_criterion, get_method)
 from hcd_fast.distill.errors import TrainingError, UserError
-from hcd_fast.distill.taps import StudentTap, TeacherTap, probe_student, probe_teacher
+from hcd_fast.distill.taps import StudentTap, probe_student
+from hcd_fast.distill.teacher.tap import TeacherTap, probe_teacher
 
-__all__ = ["METHODS", "CELoss", "KDLoss", "DKDLoss", "OFALoss", "Distiller", "DistillTask", "HCDTask", "LossOptions",
-           "build_criterion", "HAS_TIMM_TASK", "StudentTap", "TeacherTap", "probe_student", "probe_teacher",
+__all__ = ["METHODS", "CELoss", "KDLoss", "DKDLoss", "OFALoss", "Distiller", "DistillTask", "HCDTask", "DKDOptions",
+           "OFAOptions", "build_criterion", "get_method", "TrainStep", "StepOutput", "HAS_TIMM_TASK", "StudentTap", "TeacherTap", "probe_student", "probe_teacher",
            "UserError", "TrainingError"]

@@ -1,15 +1,7 @@
-"""Safe checkpoint files and run folders for hcd-distill.
-
-- ``safe_load``: ``torch.load(weights_only=True)`` with exactly one extra allowed type,
-  ``argparse.Namespace`` (timm's train.py stores its arguments with the weights), or a ``.safetensors``
-  file. Nothing else is ever unpickled and there is no unsafe fallback: a file that needs other types, a
-  truncated file or a foreign one is a ``UserError`` naming the flag and the file.
-- ``read_state_dict`` / ``load_weights``: a model's weights from a plain, timm or hcd-distill checkpoint.
-- ``atomic_save`` / ``atomic_write_text``: a temporary file in the same folder, fsync, ``os.replace``; the
-  temporary file is removed when the write fails or is interrupted.
-- ``RunFolder``: a run refuses a folder holding another run's results (unless resuming it or
-  ``--overwrite``), holds a lock file while it runs, and removes temporary files of interrupted saves.
-"""
+"""Checkpoint files and run folders of hcd-distill: ``safe_load`` never unpickles arbitrary objects
+(``weights_only=True`` plus ``argparse.Namespace``, which timm stores, or .safetensors); ``load_weights``
+reads plain, timm and hcd-distill checkpoints; writes are atomic (temporary file, fsync, ``os.replace``);
+``RunFolder`` refuses another run's folder, holds a lock while running and removes interrupted writes."""
 from __future__ import annotations
 
 import argparse

@@ -1,23 +1,20 @@
 """Distiller (the trainable part) and DistillTask (timm ``TrainingTask`` contract).
 
 ``Distiller`` owns the student (through ``StudentTap``) and the criterion (``HCDLoss`` or a baseline of
-``hcd_fast.distill.baselines``); its forward is everything that has gradient, so DDP wraps exactly it.
+``hcd_fast.distill.methods``); its forward is everything that has gradient, so DDP wraps exactly it.
 The teacher lives outside it (``DistillTask.teacher``): frozen, never wrapped, never checkpointed.
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 from contextlib import nullcontext
-from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from hcd_fast import HCDConfig, HCDLoss
-from hcd_fast.distill.baselines import METHODS, CELoss, DKDLoss, KDLoss, OFALoss
-from hcd_fast.distill.taps import Indices, StudentTap, TeacherTap
+from hcd_fast.distill.taps import Indices, StudentTap
+from hcd_fast.distill.teacher.tap import TeacherTap
 
 # timm.task (TrainingTask) arrived in timm 1.0.2x; older timm gets a plain nn.Module base with the same API.
 HAS_TIMM_TASK = importlib.util.find_spec("timm.task") is not None
@@ -30,56 +27,6 @@ else:  # pragma: no cover - depends on the installed timm
             self.device = device if device is not None else torch.device("cpu")
             self.dtype = dtype if dtype is not None else torch.get_default_dtype()
             self.verbose = verbose
-
-
-@dataclass
-class LossOptions:
-    """Every loss option of every method (defaults: SPEC sections 2 and 9)."""
-
-    temperature: float = 1.0
-    label_smoothing: float = 0.1
-    w_gt: float = 1.0
-    w_kd: float = 1.0
-    w_kl: float = 6.0
-    w_ol: float = 1.0
-    num_sub_logits: int = 4
-    ortho_threshold: float = 0.5
-    ortho_eps: float = 1e-12
-    ortho_on: str = "fused"
-    gt_mask: str = "zero"
-    detach_sub_targets: bool = False
-    lambda_student: float = 1.0
-    lambda_teacher: float = 1.0
-    cfm_hidden: object = "teacher"
-    embed_dim: Optional[int] = None
-    dkd_alpha: float = 1.0
-    dkd_beta: float = 2.0
-    dkd_warmup: float = 20.0
-    ofa_eps: float = 1.0
-    w_ofa: float = 1.0
-    backend: str = "auto"
-
-    def hcd_config(self) -> HCDConfig:
-        """The HCDConfig of these options (every HCDConfig field has a field of the same name here)."""
-        return HCDConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(HCDConfig)})
-
-
-def build_criterion(method: str, student_channels: Sequence[int], teacher_dim: int, num_classes: int,
-                    opts: LossOptions = LossOptions()) -> nn.Module:
-    """The criterion of ``method`` (one of METHODS); all share HCDLoss's call signature."""
-    if method == "hcd":
-        return HCDLoss(tuple(student_channels), teacher_dim, num_classes, opts.hcd_config(), backend=opts.backend)
-    if method == "ce":
-        return CELoss(opts.label_smoothing)
-    if method == "kd":
-        return KDLoss(opts.temperature, opts.label_smoothing, opts.w_gt, opts.w_kd)
-    if method == "dkd":
-        return DKDLoss(opts.temperature, opts.label_smoothing, opts.w_gt, opts.dkd_alpha, opts.dkd_beta,
-                       opts.dkd_warmup)
-    if method == "ofa":
-        return OFALoss(tuple(student_channels), teacher_dim, num_classes, opts.temperature, opts.label_smoothing,
-                       opts.ofa_eps, opts.w_gt, opts.w_kd, opts.w_ofa, opts.embed_dim, opts.backend)
-    raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
 
 
 class Distiller(nn.Module):
@@ -161,7 +108,7 @@ class DistillTask(_TaskBase):
         the teacher's with ``teacher_mode`` (e.g. "reduce-overhead": CUDA graphs), unless already compiled."""
         distiller = unwrap(self.trainable_module)
         distiller.student.compile(backend=backend, mode=mode, **kwargs)
-        if teacher and self.teacher is not None and self.teacher._fwd == self.teacher._forward:
+        if teacher and self.teacher is not None and not self.teacher.compiled:
             # The teacher forward on its own graph (static shapes: training drops the last batch).
             self.teacher.compile_forward(mode=teacher_mode, backend=backend, **kwargs)
         return distiller.model

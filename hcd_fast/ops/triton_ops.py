@@ -25,7 +25,7 @@ try:
     from hcd_fast.kernels import cfm as _k_cfm
     from hcd_fast.kernels import pool as _k_pool
     from hcd_fast.kernels import projector as _k_proj
-    from hcd_fast.kernels import sub_logit_loss as _k_sll
+    from hcd_fast.kernels import sub_logit_loss as _k_sub_logit_loss
     _IMPORT_ERROR: Optional[BaseException] = None
 except Exception as exc:  # reported by status(), never raised at import
     _IMPORT_ERROR = exc
@@ -33,7 +33,7 @@ except Exception as exc:  # reported by status(), never raised at import
 
 def _interpreting() -> bool:
     """Whether the kernels were built for the interpreter (TRITON_INTERPRET=1 when they were imported)."""
-    return _IMPORT_ERROR is None and type(_k_sll.sub_logit_loss_fwd_kernel).__name__ == "InterpretedFunction"
+    return _IMPORT_ERROR is None and type(_k_sub_logit_loss.sub_logit_loss_fwd_kernel).__name__ == "InterpretedFunction"
 
 
 def status(name: str) -> Tuple[bool, str]:
@@ -59,12 +59,12 @@ def _guard(t: torch.Tensor):
 # Kernels: each adapts a kernels/ launcher to its op's contract (hcd_fast/ops/<op>.py).
 def _sub_logit_loss_kernel(sub_logits, student_logits, teacher_logits, target, *args):
     with _guard(sub_logits):
-        return _k_sll.sub_logit_loss_forward(sub_logits, student_logits, teacher_logits, target, *args)
+        return _k_sub_logit_loss.sub_logit_loss_forward(sub_logits, student_logits, teacher_logits, target, *args)
 
 
 def _sub_logit_loss_backward_kernel(grad_loss, sub_logits, *args):
     with _guard(sub_logits):
-        return _k_sll.sub_logit_loss_backward(grad_loss, sub_logits, *args)
+        return _k_sub_logit_loss.sub_logit_loss_backward(grad_loss, sub_logits, *args)
 
 
 def _bn_relu_pool_fwd_kernel(x, weight, bias, running_mean, running_var, training, momentum, eps):
@@ -107,8 +107,10 @@ def _pool_linear_kernel(x, weight, bias):
 
 def _cfm_kernel(student_feat, teacher_feat, weight1, bias1, weight2, bias2, teacher_logits, num_sub_logits,
                 lambda_student, lambda_teacher):
+    """One stage (B, D), or the S stages stacked (S, B, D): one launch per GEMM for all of them."""
     dt = _cfm.out_dtype(student_feat, teacher_feat, weight1, teacher_logits)
     batch, num_classes = teacher_logits.shape
+    stages = tuple(student_feat.shape[:-2])
     with _guard(student_feat):
         if weight2 is None:
             hidden = student_feat.new_empty((0,), dtype=dt)
@@ -119,7 +121,7 @@ def _cfm_kernel(student_feat, teacher_feat, weight1, bias1, weight2, bias2, teac
                                      _k_cfm.EPILOGUE_RELU, dt)
             zf = _k_cfm.cfm_gemm(hidden, None, weight2, bias2, teacher_logits, lambda_student, lambda_teacher,
                                  _k_cfm.EPILOGUE_FUSE, dt)
-    return zf.view(batch, num_sub_logits, num_classes), hidden
+    return zf.view(stages + (batch, num_sub_logits, num_classes)), hidden
 
 
 if _IMPORT_ERROR is None:

@@ -1,43 +1,11 @@
 """NVIDIA DALI input pipeline of hcd-distill (``--loader dali``; ``pip install hcd_fast[dali]``).
 
-JPEGs are decoded by DALI ("mixed" device on CUDA: nvJPEG and the hardware JPEG decoder where the GPU has
-one; "cpu" device otherwise) and resized, colour-jittered, flipped and normalised on the same device. The
-*random choices* are made on the host, per sample, by the very transforms the timm loader applies, so the
-DALI loader shows each image the view the timm loader would have shown:
-
-- training, online: under ``seeded_rngs(sample_seed(seed, epoch, index))`` (what ``SampleDataset`` does
-  before the timm transform runs) the timm train transform's own ``get_params`` draw the RandomResizedCrop
-  window (``RandomResizedCropAndInterpolation.get_params``: its scale and ratio), the flip
-  (``torch.rand(1) < p``, as ``RandomHorizontalFlip``) and the colour jitter's order and factors
-  (``ColorJitter.get_params``), in the order the transform draws them; only the image size is needed,
-  read from the JPEG header (PIL's lazy open, no decode).
-- training under ``--teacher-cache``: the stored window and flip of view
-  ``k = CachedViewDataset.view_index(n)`` (the same function the timm path's ``__getitem__`` uses).
-- evaluation and ``--no-aug``: timm's Resize (shorter side, torchvision's output-size rule) + CenterCrop
-  (torchvision's rounding), the sizes and offsets computed on the host.
-
-The host work per sample (read the file, parse its header, draw the view) runs in ``--workers`` DataLoader
-processes (``HostInputs``), beside the training loop; DALI gets ``--workers`` threads. The device then does:
-``decoders.image_slice`` of the window (ROI decoding) -> ``resize`` to S x S with the run's interpolation
-(antialiased, rounded to uint8 as PIL's resize is) -> for each stage of the jitter order, PIL's
-``ImageEnhance`` on uint8: ``x <- trunc(clamp(d + f (x - d), 0, 255))`` with d = 0 (brightness),
-round(mean(L)) (contrast) or L (saturation), L = round(ITU-R 601 luma) as PIL's "L" -> ``crop_mirror_normalize``
-(flip, (x / 255 - mean) / std, CHW). Evaluation decodes the whole image, resizes to the host-computed size
-and slices the centre crop. There is no randomness inside DALI, so the output is a function of (seed,
-epoch, index) whatever the worker or thread count, device or batch composition.
-
-Order and sharding are the trainer's: the loader reads the indices of its sampler
-(``ResumableDistributedSampler``: permutation from seed + epoch, rank r of ``world`` takes every world-th
-index, resumes mid-epoch), so ``shard_id = rank, num_shards = world`` and every rank sees its shard once
-per epoch, as with the timm loader. Files whose header is not a readable JPEG become ``BadSample`` and are
-dropped from their batch (as ``collate_skip_bad`` does); a JPEG that passes the header check but fails to
-decode stops the run with DALI's error. A new DALI pipeline is built per epoch (~0.1 s on the CPU).
-
-What differs from the PIL path (the tests bound it; see tests/test_dali_loader.py): the resamplers'
-arithmetic (PIL fixed point, DALI float: +-1 grey level at rounding boundaries, up to 2 at the window's
-borders), which the jitter's truncating stages can grow to 4; on CUDA, nvJPEG's IDCT differs from
-libjpeg-turbo's (chroma upsampling is set to libjpeg-turbo's; the CPU backend decodes with libjpeg-turbo, as
-PIL does).
+DALI decodes the JPEGs (nvJPEG on CUDA, libjpeg-turbo on the CPU) and resizes, colour-jitters, flips and
+normalises on the same device. The random choices are drawn on the host, per sample, by the very timm
+transforms the timm loader applies, seeded with (seed, epoch, index) (or, under ``--teacher-cache``, the
+stored view), so each image gets the view the timm loader would have given it, whatever the thread count.
+Order, sharding and resume are the sampler's. The views differ from PIL's only by the resamplers' rounding
+(a few grey levels; tests/test_dali_loader.py bounds it). Unreadable headers become ``BadSample``.
 """
 from __future__ import annotations
 
@@ -50,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from hcd_fast.distill.data import BadSample, SampleDataset, sample_seed, seeded_rngs
+from hcd_fast.distill.data.datasets import BadSample, SampleDataset, sample_seed, seeded_rngs
 from hcd_fast.distill.errors import UserError
 
 INSTALL_HINT = "pip install 'hcd_fast[dali]' (NVIDIA DALI, the nvidia-dali-cuda130 package)"
@@ -240,18 +208,19 @@ def image_folder_of(dataset):
     return base if hasattr(base, "samples") and hasattr(base, "loader") else None
 
 
-def check_dali_run(args, datasets: Sequence) -> None:
+def check_dali_run(datasets: Sequence, *, dataset: str, aa: Optional[str] = None, reprob: float = 0.0,
+                   digits_aug: bool = False) -> None:
     """Everything ``--loader dali`` needs, before the first step: DALI importable, an ImageFolder of JPEGs
     (every file name, and the first file's header), no option DALI cannot honour."""
     ok, why = dali_status()
     if not ok:
         raise UserError(f"--loader dali: {why}; install it with {INSTALL_HINT}, or use --loader timm")
-    if args.dataset != "imagefolder":
+    if dataset != "imagefolder":
         raise UserError(f"--loader dali decodes an ImageFolder of JPEGs (--dataset imagefolder); --dataset "
-                        f"{args.dataset} is not one (use --loader timm)")
-    if getattr(args, "digits_aug", False):
+                        f"{dataset} is not one (use --loader timm)")
+    if digits_aug:
         raise UserError("--loader dali: --digits-aug is for the digits dataset (use --loader timm)")
-    for flag, on in (("--aa", args.aa), ("--reprob", args.reprob)):
+    for flag, on in (("--aa", aa), ("--reprob", reprob)):
         if on:
             raise UserError(f"--loader dali cannot apply {flag} {on!r} (not in the DALI pipeline); drop it or "
                             f"use --loader timm")

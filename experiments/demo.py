@@ -1,4 +1,4 @@
-"""``make demo`` / ``python -m hcd_fast.distill.demo``: heterogeneous distillation on real data, on a CPU.
+"""``make demo`` / ``python -m experiments.demo``: heterogeneous distillation on real data, on a CPU.
 
 1. Train a small ViT teacher (timm vit, 16x16 input, patch 4, depth 4, width 64) on scikit-learn's embedded
    8x8 digits (upsampled), with hcd-distill's own trainer (``--method ce``); cached as runs/demo/teacher.pt.
@@ -6,7 +6,7 @@
    the same budget and hyper-parameters each, over several seeds; print top-1 (mean and spread), wall time
    per run, and ms per training step measured interleaved (robust to other jobs on the machine).
 
-Every run goes through ``hcd_fast.distill.trainer.run`` with CLI flags, exactly as ``hcd-distill`` would.
+Every run goes through ``hcd_fast.distill.engine.run.run`` with CLI flags, exactly as ``hcd-distill`` would.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import torch
 
 from hcd_fast.distill.checkpoint import safe_load
 from hcd_fast.distill.cli import parse_args
-from hcd_fast.distill.trainer import run
+from hcd_fast.distill.engine.run import run
 
 TEACHER = ["--student", "vit_tiny_patch16_224", "--student-kwargs",
            '{"img_size": 16, "patch_size": 4, "depth": 4, "embed_dim": 64, "num_heads": 4}']
@@ -35,7 +35,7 @@ def step_times(methods, batch_size: int, rounds: int = 8, steps: int = 10) -> di
 
     import timm
 
-    from hcd_fast.distill import Distiller, DistillTask, LossOptions, TeacherTap, build_criterion, probe_student
+    from hcd_fast.distill import Distiller, DistillTask, TeacherTap, TrainStep, build_criterion, probe_student
     torch.manual_seed(0)
     teacher = TeacherTap(timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=16, patch_size=4,
                                            depth=4, embed_dim=64, num_heads=4))
@@ -43,19 +43,16 @@ def step_times(methods, batch_size: int, rounds: int = 8, steps: int = 10) -> di
     for method in methods:
         student = timm.create_model("resnet10t", num_classes=10, channels=(16, 32, 64, 128), stem_width=16)
         channels, _ = probe_student(student, 4, (3, 16, 16))
-        distiller = Distiller(student, build_criterion(method, channels, 64, 10, LossOptions()))
-        runs[method] = (DistillTask(distiller, teacher if method != "ce" else None).train(),
-                        torch.optim.SGD(distiller.parameters(), lr=0.01, momentum=0.9))
+        distiller = Distiller(student, build_criterion(method, channels, 64, 10))
+        task = DistillTask(distiller, teacher if method != "ce" else None).train()
+        runs[method] = TrainStep(task, torch.optim.SGD(distiller.parameters(), lr=0.01, momentum=0.9))
     x, y = torch.randn(batch_size, 3, 16, 16), torch.randint(0, 10, (batch_size,))
     times = {m: [] for m in runs}
     for r in range(rounds + 1):  # round 0 warms up
-        for method, (task, opt) in runs.items():
+        for method, step in runs.items():
             t = time.perf_counter()
             for _ in range(steps):
-                out = task(x, y)
-                opt.zero_grad()
-                out["loss"].backward()
-                opt.step()
+                step(x, y)
             if r:
                 times[method].append((time.perf_counter() - t) / steps * 1e3)
     return {m: st.median(v) for m, v in times.items()}
@@ -71,7 +68,7 @@ def _usable_teacher(path: str) -> bool:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hcd_fast.distill.demo", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m experiments.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="output folder (runs/demo)")
     p.add_argument("--methods", default="ce,kd,hcd", help="comma list of methods (ce,kd,hcd)")

@@ -1,21 +1,8 @@
-"""Datasets and resumable, distributed samplers for hcd-distill.
-
-- ``digits``: scikit-learn's embedded 8x8 handwritten digits (1797 images, 10 classes, no download),
-  scaled to [0, 1], bilinearly upsampled to ``img_size``, replicated to 3 channels and normalised; held in
-  memory as tensors. A fixed permutation (seed 0) holds out ``val_fraction`` of it for validation.
-- ``cifar100``: torchvision's CIFAR100 from ``data_dir`` (never downloaded), timm transforms.
-- ``imagefolder``: ``data_dir/<train_split>/<class>/*.jpg`` and ``data_dir/<val_split>/...`` (ImageNet layout).
-
-Images are normalised with the student's timm data config (mean, std, interpolation, crop_pct; see
-``DataConfig``). ``SampleDataset`` wraps the image datasets: each sample's augmentation draws from RNGs
-seeded by (seed, epoch, sample index), so the data are the same whatever ``--workers`` and wherever a run
-resumes; an image file that cannot be read becomes a ``BadSample`` that ``collate_skip_bad`` drops and
-reports (the trainer warns once per file and counts them).
-
-``ResumableDistributedSampler`` is ``DistributedSampler`` (same permutation: seed + epoch) that can start
-mid-epoch, so a resumed run sees exactly the samples the killed one had not yet seen.
-``ShardSampler`` splits the validation set without padding, so metrics summed over ranks are exact.
-"""
+"""Datasets of hcd-distill: ``digits`` (scikit-learn's embedded 8x8 digits, upsampled, in memory, no
+download), ``cifar100`` (torchvision, from ``--data-dir``, never downloaded) and ``imagefolder`` (ImageNet
+layout), normalised with the student's timm data config (``DataConfig``). Each sample's augmentation is a
+pure function of (seed, epoch, index) whatever the worker (``SampleDataset``), so runs resume exactly; an
+unreadable file becomes a ``BadSample`` that ``collate_skip_bad`` drops and the loop reports."""
 from __future__ import annotations
 
 import hashlib
@@ -23,12 +10,12 @@ import os
 import random
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset, DistributedSampler, Sampler, TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 from torch.utils.data import default_collate
 
 from hcd_fast.distill.errors import UserError
@@ -192,7 +179,7 @@ class BadSample(NamedTuple):
 
 
 # What PIL and torchvision raise for a truncated, corrupt or non-image file.
-_READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError)
+READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -245,7 +232,7 @@ class SampleDataset(Dataset):
         with seeded_rngs(sample_seed(self.seed, self.epoch, index)):
             try:
                 return self.base[index]
-            except _READ_ERRORS as exc:
+            except READ_ERRORS as exc:
                 return BadSample(self.path(index), f"{type(exc).__name__}: {exc}")
 
     def check_readable(self) -> None:
@@ -265,39 +252,3 @@ def collate_skip_bad(batch: list) -> tuple:
         return None, None, bad
     x, y, *extra = default_collate(good)
     return (x, y, bad, *extra)
-
-
-class ResumableDistributedSampler(DistributedSampler):
-    """DistributedSampler (permutation from seed + epoch, rank r takes every world-th index) that skips
-    the first ``start`` of this rank's indices; ``set_start`` is reset by ``set_epoch``."""
-
-    def __init__(self, dataset, num_replicas: int, rank: int, seed: int, drop_last: bool = True):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
-                         drop_last=drop_last)
-        self.start = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
-        self.start = 0
-
-    def set_start(self, start: int) -> None:
-        self.start = start
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(list(super().__iter__())[self.start:])
-
-    def __len__(self) -> int:
-        return self.num_samples - self.start
-
-
-class ShardSampler(Sampler):
-    """Indices rank, rank + world, ... in order: every sample exactly once over all ranks, no padding."""
-
-    def __init__(self, dataset, num_replicas: int = 1, rank: int = 0):
-        self.n, self.world, self.rank = len(dataset), num_replicas, rank
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.n, self.world))
-
-    def __len__(self) -> int:
-        return len(range(self.rank, self.n, self.world))

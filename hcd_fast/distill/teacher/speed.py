@@ -1,20 +1,7 @@
-"""Teacher speed switches of hcd-distill: the frozen teacher's forward is most of an ImageNet distillation
-step (a ViT-B/Swin-T teacher vs a ResNet18 student), so it gets its own settings.
-
-- ``weights_bf16``: the teacher's parameters and buffers cast to bf16 (not only autocast: no per-step
-  weight casts, half the weight traffic); the input is cast to bf16 and f_t, z_t come back in fp32. The
-  function computed is the same model; its rounding is bf16's, as under bf16 autocast. Default: on where
-  the run trains under bf16 autocast on CUDA (``--amp auto``/``bf16``), off elsewhere.
-- ``channels_last``: NHWC weights and input for CNN teachers (cuDNN's fast layout); a ViT/Swin teacher
-  has one patch-embedding conv, so it is left alone. Default: on for CNN teachers on CUDA. On the CPU
-  channels_last was slower for ResNets on the development machine (benchmarks/steps.py), so it is off.
-- ``compile``: ``torch.compile`` of the teacher forward on its own graph (features, pre-logits and
-  classifier), static shapes; ``reduce-overhead`` (CUDA graphs) on CUDA, where the training batch shape
-  is static (the last partial batch is dropped). Default: follows ``--compile``.
-
-``resolve_teacher_speed`` turns the CLI's auto/on/off switches into a ``TeacherSpeed``;
-``apply_teacher_speed`` applies one to a ``TeacherTap`` (after ``probe_teacher``, which runs in fp32).
-"""
+"""Speed switches of the frozen teacher, whose forward is most of an ImageNet distillation step: weights in
+bf16 (under bf16 autocast on CUDA by default; fp32 outputs), channels_last (CNN teachers on CUDA), and its
+forward compiled on its own graph (CUDA graphs on CUDA; follows ``--compile``). ``resolve_teacher_speed``
+turns the auto/on/off switches into a ``TeacherSpeed``; ``apply_teacher_speed`` applies it after probing."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from hcd_fast.distill.errors import UserError
-from hcd_fast.distill.taps import TeacherTap
+from hcd_fast.distill.teacher.tap import TeacherTap
 
 SWITCHES = ("auto", "on", "off")
 

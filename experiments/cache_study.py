@@ -1,6 +1,6 @@
 """Accuracy of the teacher cache against online teaching on the digits demo.
 
-    python -m hcd_fast.distill.cache_study [--out runs/cache_study] [--views 1,4,16] [--seeds 3]
+    python -m experiments.cache_study [--out runs/cache_study] [--views 1,4,16] [--seeds 3]
 
 The demo's ViT teacher (trained like ``make demo``, or reused from ``--teacher``), the demo's resnet10t
 student and recipe (hcd, 6 epochs, lr 0.01), with ``--digits-aug`` (RandomResizedCrop + flip) so that
@@ -25,12 +25,12 @@ import time
 
 from hcd_fast.distill.cli import main as cli_main
 from hcd_fast.distill.cli import parse_args
-from hcd_fast.distill.demo import STUDENT, TEACHER
-from hcd_fast.distill.trainer import run
+from experiments.demo import STUDENT, TEACHER
+from hcd_fast.distill.engine.run import run
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hcd_fast.distill.cache_study", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m experiments.cache_study", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/cache_study", help="output folder (runs/cache_study)")
     p.add_argument("--teacher", default=None, help="teacher checkpoint (default: OUT/teacher.pt, trained like "

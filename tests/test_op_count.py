@@ -1,0 +1,43 @@
+"""Ops dispatched per HCDLoss forward+backward on CPU tensors (benchmarks/op_count.py: a TorchDispatchMode), the
+CPU proxy of the head's GPU kernel launches, recorded per backend against a documented budget. The count is
+deterministic (the same code dispatches the same ops), so a budget is a fair test: a change that adds launches
+to the head fails here and must raise the budget on purpose.
+
+Measured on the 4-stage head of benchmarks/op_count.py (default HCDConfig, training mode, fp32), before the CFM
+batching (stage-stacked CFM weights, one batched GEMM per layer, batched backward; this test's first commit):
+every op 1009 (reference) / 308 (cpu, triton), kernel ops (no views, detach, empty) 617 / 160. About 110 of the
+fused backends' kernel ops are the SepConv projector blocks (convolutions, BatchNorms, ReLUs and their
+backwards), which only a fused projector removes.
+"""
+import pytest
+
+from benchmarks.op_count import OpCounter, count_head_ops, launch_ops
+from helpers import backend_params
+
+# (every op dispatched, kernel ops) per HCDLoss forward+backward: the budgets (measured + a small margin of 0).
+BUDGETS = {"reference": (1012, 623), "cpu": (245, 126), "triton": (245, 126)}
+
+
+@pytest.mark.parametrize("backend", backend_params(["cpu", "triton"], reference=True))
+def test_head_op_count_within_budget(backend):
+    total, counts = count_head_ops(backend.name)
+    kernels = launch_ops(counts)
+    print(f"{backend.name}: {total} ops dispatched, {kernels} kernel ops")
+    budget_total, budget_kernels = BUDGETS[backend.name]
+    assert kernels <= budget_kernels, (kernels, sorted(counts.items(), key=lambda kv: -kv[1]))
+    assert total <= budget_total, (total, sorted(counts.items(), key=lambda kv: -kv[1]))
+    if backend.name != "reference":
+        # The S CFMs are one op forward, and their backward is batched: one bmm per product for all stages.
+        assert sum(n for op, n in counts.items() if op.endswith(".cfm")) == 1
+        assert counts.get("aten.stack", 0) == 1  # the projector outputs (S, B, D); no stack of the sub-logits
+        assert counts.get("aten.bmm", 0) == 4
+
+
+def test_counter_counts_what_runs():
+    import torch
+
+    with OpCounter() as counter:
+        a = torch.ones(3)
+        (a + a).sum()
+    assert counter.counts["aten.add"] == 1 and counter.counts["aten.sum"] == 1 and counter.total >= 3
+    assert launch_ops({"aten.view": 3, "aten.mm": 2, "aten.detach": 5}) == 2
