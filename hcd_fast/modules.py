@@ -1,10 +1,10 @@
 """Thin nn.Module wrappers: the projectors and the CFM (SPEC section 2), computing through the fused ops.
 
 Parameters live in ordinary ``nn.Conv2d`` / ``nn.BatchNorm2d`` / ``nn.Linear`` submodules so checkpoints
-look like the published code's; only the hot tails (BN+ReLU+GAP, conv1x1+GAP, the CFM) go through the fused
-ops. The S CFMs of ``HCDLoss`` are one ``StageCFMs`` module with stage-stacked weights (one batched GEMM per layer
-for all stages), whose state_dict keeps the per-stage ``nn.Linear`` keys (``cfms.<s>.fc1.weight``, ...). Called on
-their own, the modules validate their input through ``hcd_fast.functional``; ``HCDLoss`` validates once and calls
+look like the published code's; the hot tails (BN+ReLU+GAP, conv1x1+GAP, the CFM), and on the triton backend the
+SepConv blocks (projector_dwconv, projector_pwconv), go through the fused ops. The S CFMs of ``HCDLoss`` are one
+``StageCFMs`` module with stage-stacked weights (one batched GEMM per layer for all stages), whose state_dict keeps
+the per-stage ``nn.Linear`` keys (``cfms.<s>.fc1.weight``, ...). Called on their own, the modules validate their input through ``hcd_fast.functional``; ``HCDLoss`` validates once and calls
 ``run(..., ops)`` with its op table.
 """
 from __future__ import annotations
@@ -75,6 +75,14 @@ def count_batch_momentum(bn: nn.BatchNorm2d) -> float:
     return 0.0 if bn.momentum is None else bn.momentum
 
 
+def _bn_args(bn: nn.BatchNorm2d) -> tuple:
+    """The BatchNorm's arguments of projector_pwconv: parameters, running statistics and num_batches_tracked
+    (counted on the device by the op in training), mode, momentum (None: cumulative average, read on the device),
+    eps."""
+    return (bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.training, bn.momentum,
+            bn.eps)
+
+
 def capturing() -> bool:
     """Whether the current CUDA stream is being captured into a CUDA graph (False without CUDA)."""
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
@@ -82,7 +90,9 @@ def capturing() -> bool:
 
 class ConvProjector(nn.Module):
     """Projector of a non-deepest stage: ``num_blocks`` SepConv blocks (channels doubling, the last one
-    emitting ``out_dim``), then global average pooling. The last BN+ReLU+GAP is the ``bn_relu_pool`` op."""
+    emitting ``out_dim``), then global average pooling. The last BN+ReLU+GAP is the ``bn_relu_pool`` op. On a
+    backend with fused projector ops (``OpTable.fused_projector``: triton) the blocks run through them; elsewhere
+    through their nn modules (cuDNN/ATen). The parameters and buffers are the modules' either way."""
 
     def __init__(self, in_channels: int, num_blocks: int, out_dim: int, backend: str = "auto"):
         super().__init__()
@@ -95,12 +105,37 @@ class ConvProjector(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x, None)
 
+    def fusable(self) -> bool:
+        """Whether the fused projector ops compute exactly what the blocks' modules would: plain affine
+        nn.BatchNorm2d with running statistics (SyncBatchNorm's statistics are global across ranks: module path)."""
+        return all(type(bn) is nn.BatchNorm2d and bn.affine and bn.track_running_stats
+                   for block in self.blocks for bn in (block.bn1, block.bn2))
+
+    def run_fused_blocks(self, x: torch.Tensor, ops: OpTable) -> torch.Tensor:
+        """Every SepConv block through projector_dwconv / projector_pwconv; returns the last pointwise conv's
+        output (the input of the last BN, which bn_relu_pool applies). A BN's apply+ReLU is the prologue of the
+        dwconv that reads its output; its statistics are the epilogue of the pwconv that writes its input."""
+        scale = shift = None  # the raw stage map: no BN in front of the first dwconv
+        last = len(self.blocks) - 1
+        for j, block in enumerate(self.blocks):
+            a = ops.projector_dwconv(x, block.dw1.weight, scale, shift, 2)
+            y, scale, shift = ops.projector_pwconv(a, block.pw1.weight, *_bn_args(block.bn1))
+            a = ops.projector_dwconv(y, block.dw2.weight, scale, shift, 1)
+            if j < last:
+                x, scale, shift = ops.projector_pwconv(a, block.pw2.weight, *_bn_args(block.bn2))
+            else:  # a plain GEMM: bn_relu_pool computes the last BN's statistics with its pooling
+                x = F.conv2d(a, block.pw2.weight.to(a.dtype))
+        return x
+
     def run(self, x: torch.Tensor, ops: Optional[OpTable]) -> torch.Tensor:
         """forward with a resolved op table (inputs already validated), or None: through hcd_fast.functional."""
-        for block in self.blocks[:-1]:
-            x = block(x)
         last = self.blocks[-1]
-        x = last.forward_pre_bn(x)
+        if ops is not None and ops.fused_projector and self.fusable():
+            x = self.run_fused_blocks(x, ops)
+        else:
+            for block in self.blocks[:-1]:
+                x = block(x)
+            x = last.forward_pre_bn(x)
         bn = last.bn2
         if isinstance(bn, nn.SyncBatchNorm):
             # After convert_sync_batchnorm the statistics are global across ranks: the module computes

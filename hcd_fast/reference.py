@@ -2,6 +2,8 @@
 
 One function per fused op, under the op's name in every backend:
 
+- ``projector_dwconv``, ``projector_pwconv``: one SepConv projector block as depthwise conv (with the previous
+  BatchNorm's apply + ReLU in front) and pointwise conv (with the next BatchNorm's statistics after it).
 - ``bn_relu_pool``: GAP(ReLU(BN(x))), the tail of a SepConv projector.
 - ``pool_linear``: GAP(conv1x1(x) + b), the deepest-stage projector, computed literally.
 - ``cfm``: the Complementary Feature Mapper and the teacher fusion, -> fused sub-logits (B, n, K).
@@ -45,6 +47,46 @@ def bn_relu_pool(
     """
     y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
     return F.relu(y).mean(dim=(2, 3))
+
+
+def projector_dwconv(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] = None,
+                     shift: Optional[torch.Tensor] = None, stride: int = 1) -> torch.Tensor:
+    """conv3x3(z, weight, stride, padding 1, groups C), z = ReLU(x * scale + shift) (a BatchNorm's apply with
+    scale = w / sqrt(var + eps), shift = b - mean * scale) or z = x when scale is None. x (B, C, H, W), weight
+    (C, 1, 3, 3), scale/shift (C,) -> (B, C, HO, WO) in x's dtype (conv weight cast to it, as under autocast)."""
+    if scale is not None:
+        x = F.relu(x * scale[:, None, None] + shift[:, None, None]).to(x.dtype)
+    return F.conv2d(x, weight.to(x.dtype), stride=stride, padding=1, groups=x.shape[1])
+
+
+def projector_pwconv(a: torch.Tensor, weight: torch.Tensor, bn_weight: torch.Tensor, bn_bias: torch.Tensor,
+                     running_mean: torch.Tensor, running_var: torch.Tensor, num_batches_tracked: torch.Tensor,
+                     training: bool, momentum: Optional[float] = 0.1, eps: float = 1e-5
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y = conv1x1(a, weight) and the (scale, shift) of the BatchNorm2d that follows it: (B, C_in, H, W),
+    weight (C_out, C_in[, 1, 1]) -> y (B, C_out, H, W) in a's dtype, scale, shift (C_out,).
+
+    Exactly nn.BatchNorm2d's statistics: in training the batch mean and biased variance of y normalise,
+    num_batches_tracked += 1, and the running statistics move by the momentum (None: the cumulative average,
+    factor 1 / num_batches_tracked) with the unbiased variance; in eval the running statistics normalise.
+    BN(y) = y * scale + shift with scale = bn_weight / sqrt(var + eps), shift = bn_bias - mean * scale.
+    """
+    y = F.conv2d(a, weight.reshape(weight.shape[0], -1, 1, 1).to(a.dtype))
+    stats_dtype = torch.float64 if torch.float64 in (a.dtype, bn_weight.dtype) else torch.float32
+    if training:
+        num_batches_tracked.add_(1)
+        yc = y.to(stats_dtype)
+        mean = yc.mean(dim=(0, 2, 3))
+        var = yc.var(dim=(0, 2, 3), unbiased=False)
+        n = y.numel() // y.shape[1]
+        with torch.no_grad():
+            f = 1.0 / num_batches_tracked.to(stats_dtype) if momentum is None else momentum
+            running_mean.copy_((1 - f) * running_mean.to(stats_dtype) + f * mean)
+            running_var.copy_((1 - f) * running_var.to(stats_dtype) + f * var * (n / (n - 1)))
+    else:
+        mean, var = running_mean.to(stats_dtype), running_var.to(stats_dtype)
+    scale = bn_weight.to(stats_dtype) * torch.rsqrt(var + eps)
+    return y, scale, bn_bias.to(stats_dtype) - mean * scale
 
 
 def pool_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

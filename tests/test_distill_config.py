@@ -72,7 +72,7 @@ def test_help_states_defaults_and_ranges():
     text = " ".join(build_parser().format_help().split())
     assert "--val-fraction VAL_FRACTION digits: held-out fraction (0: no validation) (default 0.2; >= 0.0 and < 1.0)" \
         in text
-    assert "(default 16; >= 1)" in " ".join(build_cache_parser().format_help().split())
+    assert "(default 16; >= 1 and <= 1024)" in " ".join(build_cache_parser().format_help().split())
 
 
 def test_methods_and_loaders_come_from_their_registries():

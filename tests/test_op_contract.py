@@ -98,7 +98,27 @@ def _op_args(ns):
             _, _, row_stats, ortho_coef, sample_stats = ns.sub_logit_loss(*args)
         sll_bwd.append((torch.tensor(0.7, device=DEV), zf.detach(), zs.detach(), zt_, y_, row_stats, ortho_coef,
                         sample_stats, T, ls, shift, mask, detach, w_gt, w_kd, w_kl, *need))
+    ops = {}
+    if hasattr(ns, "projector_dwconv"):  # the fused projector ops (triton only; see tests/test_projector.py)
+        cl = x.detach().contiguous(memory_format=torch.channels_last)
+        dw_w, sc, sh = r(4, 1, 3, 3), r(4), r(4)
+        m4 = r(3, 4, 5, 3)
+        ops["projector_dwconv"] = [(m4, dw_w, None, None, 2), (m4, dw_w, sc, sh, 1)]
+        ops["projector_dwconv_backward"] = [(r(3, 4, 3, 2, grad=False), m4.detach(), dw_w.detach(), None, None, 2),
+                                            (r(3, 4, 5, 3, grad=False), m4.detach(), dw_w.detach(), sc.detach(),
+                                             sh.detach(), 1)]
+        nbt = torch.tensor(2, device=DEV)
+        ops["projector_pwconv"] = [(cl, r(6, 5, grad=False), r(6, grad=False), r(6, grad=False),
+                                    torch.zeros(6, device=DEV), torch.ones(6, device=DEV), nbt, training, 0.1,
+                                    cumulative, 1e-5)
+                                   for training, cumulative in ((True, False), (True, True), (False, False))]
+        y6 = r(3, 6, 4, 3, grad=False).contiguous(memory_format=torch.channels_last)
+        ops["projector_pwconv_backward"] = [(r(3, 6, 4, 3, grad=False), r(6, grad=False), r(6, grad=False), xx,
+                                             r(6, 5, grad=False), y6, r(6, grad=False), mean.new_zeros(6),
+                                             invstd.new_ones(6), training)
+                                            for training in (True, False) for xx in (x.detach(), cl)]
     return {
+        **ops,
         "sub_logit_loss": sll,
         "sub_logit_loss_backward": sll_bwd,
         "cfm": [(r(3, 4), r(3, 5, grad=False), r(6, 9), r(6), r(14, 6), r(14), zt, 2, 0.5, 2.0),
@@ -113,6 +133,9 @@ def _op_args(ns):
     }
 
 
+MUTATING = ("bn_relu_pool_fwd", "projector_pwconv")  # ops that update running statistics in place
+
+
 def _storages(ts):
     return {t.untyped_storage().data_ptr() for t in ts if isinstance(t, torch.Tensor) and t.numel() > 0}
 
@@ -122,10 +145,10 @@ def test_no_output_aliases_an_input_or_another_output(backend):
     ns = _registered(backend)
     for name, arg_sets in _op_args(ns).items():
         for args in arg_sets:
-            args = tuple(a.clone() if isinstance(a, torch.Tensor) and name == "bn_relu_pool_fwd" else a
-                         for a in args)
+            args = tuple(a.clone() if isinstance(a, torch.Tensor) and name in MUTATING else a for a in args)
             with torch.no_grad():
                 outs = getattr(ns, name)(*args)
+            outs = (outs,) if isinstance(outs, torch.Tensor) else outs  # a single-output op
             inputs = _storages(args)
             seen = set()
             for i, o in enumerate(outs):
@@ -143,7 +166,7 @@ def test_opcheck(backend):
     ns = _registered(backend)
     for name, arg_sets in _op_args(ns).items():
         for args in arg_sets:
-            if name == "bn_relu_pool_fwd":
+            if name in MUTATING:
                 args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
             torch.library.opcheck(getattr(ns, name).default, args)
 

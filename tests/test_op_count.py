@@ -7,7 +7,10 @@ Measured on the 4-stage head of benchmarks/op_count.py (default HCDConfig, train
 batching (stage-stacked CFM weights, one batched GEMM per layer, batched backward; this test's first commit):
 every op 1009 (reference) / 308 (cpu, triton), kernel ops (no views, detach, empty) 617 / 160. About 110 of the
 fused backends' kernel ops are the SepConv projector blocks (convolutions, BatchNorms, ReLUs and their
-backwards), which only a fused projector removes.
+backwards), which only a fused projector removes. With the fused projector ops (triton backend), triton is at
+209 / 81; each projector op launches 1-3 Triton kernels, which this count sees as one op (about 98 Triton launches
+per forward+backward at these shapes). The reference went 1012 -> 1016 / 623 -> 627 with the orthogonality
+norm written as where(norm > eps, norm, eps) (one more op per stage than clamp_min).
 """
 import pytest
 
@@ -15,7 +18,7 @@ from benchmarks.op_count import OpCounter, count_head_ops, launch_ops
 from helpers import backend_params
 
 # (every op dispatched, kernel ops) per HCDLoss forward+backward: the budgets (measured + a small margin of 0).
-BUDGETS = {"reference": (1012, 623), "cpu": (245, 126), "triton": (245, 126)}
+BUDGETS = {"reference": (1016, 627), "cpu": (245, 126), "triton": (209, 81)}
 
 
 @pytest.mark.parametrize("backend", backend_params(["cpu", "triton"], reference=True))

@@ -248,7 +248,7 @@ def test_other_data_and_missing_cache_refused(tmp_path, cache32, capsys):
 def test_cache_teacher_never_overwrites(cache32, capsys):
     before = os.path.getmtime(os.path.join(cache32, "feats.npy"))
     rc = main(["cache-teacher", *TEACHER, *COMMON, "--allow-random-teacher", "--output", cache32])
-    assert rc == 2 and "never overwritten" in capsys.readouterr().err
+    assert rc == 2 and "already holds a teacher cache" in capsys.readouterr().err
     assert os.path.getmtime(os.path.join(cache32, "feats.npy")) == before
 
 

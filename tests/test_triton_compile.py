@@ -34,7 +34,7 @@ def _capture_launches():
         return record
 
     JITFunction.__getitem__ = getitem
-    from hcd_fast.kernels import cfm, pool, sub_logit_loss
+    from hcd_fast.kernels import cfm, pool, projector, sub_logit_loss
 
     def logits(S, B, n, K, dtype):
         return (torch.zeros(S, B, n, K, dtype=dtype), torch.zeros(B, K, dtype=dtype),
@@ -92,6 +92,28 @@ def _capture_launches():
             a = cfm.cfm_gemm(h, f, w1, b1, None, 1.0, 0.0, cfm.EPILOGUE_RELU, dtype)
             cfm.cfm_gemm(a, None, torch.zeros(*S, n * K, hidden, dtype=dtype), torch.zeros(*S, n * K, dtype=dtype),
                          zt, 1.0, 1.0, cfm.EPILOGUE_FUSE, dtype)
+    # The projector blocks of the head at their real channel counts and maps (B = 2: the batch only changes the
+    # grid): dwconv stride 2 without a prologue (a projector's first block) and stride 1 with one; pwconv
+    # 64 -> 64, 128 -> 256, 256 -> 768 in bf16 (training and eval), fp32, fp16 and fp64.
+    for (C, H, stride, prologue, dtype) in [(64, 56, 2, False, torch.bfloat16), (128, 14, 1, True, torch.bfloat16),
+                                            (256, 7, 1, True, torch.float32), (37, 13, 2, True, torch.float16),
+                                            (5, 7, 2, True, torch.float64)]:
+        x = torch.zeros(2, C, H, H, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        sc = torch.ones(C, dtype=acc) if prologue else None
+        w = torch.zeros(C, 1, 3, 3, dtype=dtype)
+        a = projector.projector_dwconv_forward(x, w, sc, sc, stride)
+        projector.projector_dwconv_backward(a, x, w, sc, sc, stride)
+    for (ci, co, H, dtype, training) in [(64, 64, 28, torch.bfloat16, True), (128, 256, 14, torch.bfloat16, True),
+                                         (256, 768, 7, torch.bfloat16, False), (256, 768, 7, torch.float32, True),
+                                         (37, 5, 13, torch.float16, True), (5, 37, 7, torch.float64, True)]:
+        a = torch.zeros(2, ci, H, H, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        p = [torch.ones(co, dtype=acc) for _ in range(4)]
+        w = torch.zeros(co, ci, dtype=dtype)
+        nbt = torch.ones((), dtype=torch.int64)
+        y, sc, sh, mean, rstd = projector.projector_pwconv_forward(a, w, *p, nbt, training, 0.1, False, 1e-5)
+        projector.projector_pwconv_backward(y, sc, sh, a, w, y, p[0], mean, rstd, training)
     return launches
 
 
@@ -183,7 +205,9 @@ def test_kernels_compile_for_sm90_without_spills():
                        "row_stats_kernel",
                        "bn_stats_kernel", "bn_relu_pool_fwd_kernel", "bn_relu_pool_bwd_partial_kernel",
                        "bn_relu_pool_bwd_reduce_kernel", "bn_relu_pool_bwd_dx_kernel",
-                       "cfm_gemm_kernel"}
+                       "cfm_gemm_kernel", "projector_dwconv_fwd_kernel", "projector_dwconv_bwd_kernel",
+                       "projector_partials_reduce_kernel", "projector_pwconv_fwd_kernel", "projector_bn_stats_kernel",
+                       "projector_pwconv_dgrad_kernel", "projector_pwconv_wgrad_kernel"}
     # ptxas places a few bytes (<= 8) in local memory at some small sub_logit_loss tiles even at low register
     # counts; real register-pressure spills are hundreds of bytes and fail here.
     spilling = [r for r in results if r["spill_bytes"] > 8 and not r["fp64"]]

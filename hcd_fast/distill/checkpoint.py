@@ -50,10 +50,36 @@ def safe_load(path: str, flag: str):
             raise UserError(f"{flag} {path!r}: holds Python objects beyond tensors, containers and "
                             f"argparse.Namespace{extra}; hcd-distill never unpickles arbitrary objects. Re-save "
                             f"it as a plain state_dict (torch.save(model.state_dict(), ...)) or .safetensors") from None
-        raise UserError(f"{flag} {path!r}: cannot be read, truncated or not a PyTorch checkpoint ({exc})") from None
+        raise UserError(f"{flag} {path!r}: cannot be read, truncated or not a PyTorch checkpoint "
+                        f"({load_error_reason(exc)})") from None
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as exc:
         raise UserError(f"{flag} {path!r}: cannot be read, truncated or not a PyTorch checkpoint "
-                        f"({type(exc).__name__}: {str(exc)[:200]})") from None
+                        f"({load_error_reason(exc)})") from None
+
+
+def load_error_reason(exc: BaseException) -> str:
+    """One line on why torch.load failed, without PyTorch's advice to retry with ``weights_only=False``
+    (which would run any code the file holds): the unpickler's own reason when it gave one."""
+    text = str(exc)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if "WeightsUnpickler error:" in line:
+            reason = line.split("WeightsUnpickler error:", 1)[1].strip() or (lines[i + 1] if i + 1 < len(lines) else "")
+            return f"{type(exc).__name__}: {reason[:200]}"
+    first = lines[0] if lines else ""
+    if "weights_only" in first:
+        first = "not a checkpoint of tensors and containers"
+    return f"{type(exc).__name__}: {first[:200]}"
+
+
+def check_finite(state: Dict[str, torch.Tensor], path: str, flag: str) -> None:
+    """UserError naming the file and the first tensor holding NaN or Inf: such weights would only fail later,
+    at the first step, as a non-finite loss."""
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+            raise UserError(f"{flag} {path!r}: the weight {name!r} holds {bad} values; the file is damaged or "
+                            f"from a run that diverged")
 
 
 def read_state_dict(path: str, flag: str) -> Tuple[Dict[str, torch.Tensor], dict]:
@@ -98,6 +124,7 @@ def load_weights(model: nn.Module, path: str, num_classes: int, flag: str) -> di
         raise UserError(f"{flag} {path!r} does not fit the model: missing keys "
                         f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected keys "
                         f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    check_finite(state, path, flag)
     model.load_state_dict(state)
     return meta
 
@@ -114,6 +141,13 @@ def _tmp_name(path: str) -> str:
     return f"{path}.tmp{os.getpid()}"
 
 
+def write_error(path: str, exc: OSError) -> UserError:
+    """A failed write (full disk, quota, read-only folder) as one line naming the file; the previous version of
+    the file, if any, is intact (writes are atomic)."""
+    return UserError(f"--output: cannot write {path!r} ({exc.strerror or exc}); the previous version of it, if "
+                     f"any, is intact. Free space (or fix the folder) and continue with --resume auto")
+
+
 def atomic_save(obj, path: str) -> None:
     """torch.save to a temporary file in the same folder, fsync, then os.replace (never a torn file)."""
     tmp = _tmp_name(path)
@@ -123,9 +157,23 @@ def atomic_save(obj, path: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         _remove(tmp)
+        cause = _os_error(exc)
+        if cause is not None:
+            raise write_error(path, cause) from None
         raise
+
+
+def _os_error(exc: BaseException) -> Optional[OSError]:
+    """The OSError behind a failed write: torch.save's zip writer reports a short write (full disk) as an
+    OSError, or as a RuntimeError raised while handling one."""
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(exc, OSError):
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
 
 
 def atomic_write_bytes(data: bytes, path: str) -> None:
@@ -134,8 +182,10 @@ def atomic_write_bytes(data: bytes, path: str) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         _remove(tmp)
+        if isinstance(exc, OSError):
+            raise write_error(path, exc) from None
         raise
 
 
@@ -167,21 +217,30 @@ def _pid_alive(pid: int) -> bool:
 
 
 class RunFolder:
-    """The output folder of one run: result checks, lock file, stale temporary files.
+    """The output folder of one run: lock file, result checks, stale temporary files.
 
-    ``check`` (any rank, before anything is written) refuses a folder holding another run's results unless
-    the run resumes that folder's last.pt or ``overwrite`` is set. ``acquire`` (rank 0, just before
-    training) creates the folder, takes the lock (which also proves the folder writable), removes temporary
-    files of interrupted saves and, with ``overwrite``, the previous results. ``release`` drops the lock.
+    ``open`` (rank 0, before any model is built) creates the folder, takes the lock (which also proves the
+    folder writable) and only then refuses a folder holding another run's results, unless the run resumes a
+    checkpoint of that folder or ``overwrite`` is set: lock first, then check, so a run started while another
+    builds its models cannot finish in the folder and be overwritten. ``prepare`` (just before training)
+    removes temporary files of interrupted saves and, with ``overwrite``, the previous results. ``release``
+    drops the lock and removes the folder again when this run created it and left it empty.
     """
 
     def __init__(self, path: str):
         self.path = path
         self.lock = os.path.join(path, LOCK_NAME)
         self.locked = False
+        self.created = False
 
     def results(self) -> list:
         return [n for n in RESULT_FILES if os.path.isfile(os.path.join(self.path, n))]
+
+    def holds(self, checkpoint: Optional[str]) -> bool:
+        """Whether ``checkpoint`` is one of this folder's own result checkpoints (last.pt, best.pt)."""
+        if checkpoint is None or os.path.basename(checkpoint) not in ("last.pt", "best.pt"):
+            return False
+        return os.path.realpath(os.path.dirname(os.path.abspath(checkpoint))) == os.path.realpath(self.path)
 
     def check(self, resuming_here: bool, overwrite: bool) -> None:
         if os.path.exists(self.path) and not os.path.isdir(self.path):
@@ -192,12 +251,27 @@ class RunFolder:
                             f"pass --resume auto to continue that run, --overwrite to replace it, or choose "
                             f"another --output")
 
-    def acquire(self, overwrite: bool) -> None:
+    def open(self, resume: Optional[str], overwrite: bool) -> None:
+        """Lock, then check the results (see the class docstring); UserError (lock released) when refused."""
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise UserError(f"--output {self.path!r}: exists and is not a folder")
         try:
-            os.makedirs(self.path, exist_ok=True)
+            if not os.path.isdir(self.path):
+                os.makedirs(self.path)
+                self.created = True
+            self._take_lock()
+        except FileExistsError:  # made by another run between the two calls: take its lock the normal way
             self._take_lock()
         except OSError as exc:
+            self.release()
             raise UserError(f"--output {self.path!r}: cannot write there ({exc.strerror or exc})") from None
+        try:
+            self.check(resuming_here=self.holds(resume), overwrite=overwrite)
+        except UserError:
+            self.release()
+            raise
+
+    def prepare(self, overwrite: bool) -> None:
         for name in os.listdir(self.path):
             if _TMP_RE.match(name) or (overwrite and name in RESULT_FILES):
                 _remove(os.path.join(self.path, name))
@@ -229,3 +303,9 @@ class RunFolder:
         if self.locked:
             _remove(self.lock)
             self.locked = False
+        if self.created:
+            try:
+                os.rmdir(self.path)  # only when empty: a run that failed before writing anything
+            except OSError:
+                pass
+            self.created = False

@@ -11,8 +11,8 @@ import sys
 from typing import List, Optional
 
 from hcd_fast.config import HCDConfig
-from hcd_fast.distill.config import PRESETS, CacheConfig, TrainConfig, hcd_config
-from hcd_fast.distill.errors import TrainingError, UserError
+from hcd_fast.distill.config import HCD_FLAG_BOUNDS, PRESETS, CacheConfig, TrainConfig, hcd_config
+from hcd_fast.distill.errors import Interrupted, TrainingError, UserError, interrupted_message
 from hcd_fast.distill.methods import REGISTRY
 from hcd_fast.distill.options import describe_bounds, flag_name
 
@@ -61,6 +61,8 @@ def add_hcd_config_flags(group) -> None:
     for f in dataclasses.fields(HCDConfig):
         flag = "--" + f.name.replace("_", "-")
         text = ("" if f.name in _SHARED_LOSS_FLAGS else "hcd: ") + f.metadata["help"]
+        if f.name in HCD_FLAG_BOUNDS:
+            text += f"; on the command line {describe_bounds(HCD_FLAG_BOUNDS[f.name])}"
         if isinstance(f.default, bool):
             group.add_argument(flag, action="store_true", help=text)
         elif f.name == "cfm_hidden":  # 'teacher', an int or 'none': parsed in parse_args
@@ -212,4 +214,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except TrainingError as exc:
         print(f"hcd-distill: error: {exc}", file=sys.stderr)
         return 1
+    except Interrupted as exc:  # Ctrl-C in training: one line (rank 0's under torchrun), no traceback
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(interrupted_message(exc, argv), file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # Ctrl-C before training: nothing was written
+        print("hcd-distill: interrupted before training started; nothing was written", file=sys.stderr)
+        return 130
     return 0

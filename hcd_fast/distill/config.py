@@ -12,7 +12,7 @@ from hcd_fast.distill.data.datasets import DATASETS
 from hcd_fast.distill.data.loaders import LOADERS
 from hcd_fast.distill.errors import UserError
 from hcd_fast.distill.methods import METHODS, get_method
-from hcd_fast.distill.options import check_ranges, flag_name, option
+from hcd_fast.distill.options import check_ranges, check_value, flag_name, option
 
 SWITCH = ("auto", "on", "off")
 
@@ -58,7 +58,7 @@ def _split(default: str, what: str):
 
 
 def _img_size(help: str):
-    return option(32, help, ge=1, group="data")
+    return option(32, help, ge=1, le=8192, group="data")
 
 
 def _val_fraction():
@@ -74,7 +74,7 @@ def _digits_aug(help: str):
 
 
 def _workers(help: str):
-    return option(4, help, ge=0, group="data")
+    return option(4, help, ge=0, le=1024, group="data")
 
 
 def _seed(help: str):
@@ -86,7 +86,7 @@ def _device():
 
 
 def _threads():
-    return option(None, "torch CPU threads (default torch's)", ge=1, group="speed")
+    return option(None, "torch CPU threads (default torch's)", ge=1, le=1024, group="speed")
 
 
 def _teacher_bf16(help: str):
@@ -166,13 +166,15 @@ class TrainConfig:
     epochs: int = option(10, "epochs", ge=1, group="optim")
     batch_size: int = option(64, "GLOBAL batch size, split evenly over processes", ge=1, group="optim")
     opt: str = option("sgd", "timm optimizer name", group="optim")
-    lr: float = option(0.05, "peak learning rate", ge=0.0, group="optim")
-    momentum: float = option(0.9, "SGD momentum", ge=0.0, group="optim")
-    weight_decay: float = option(2e-3, "weight decay, not applied to biases and norms", ge=0.0, group="optim")
+    lr: float = option(0.05, "peak learning rate", ge=0.0, le=100.0, group="optim")
+    momentum: float = option(0.9, "SGD momentum (--opt sgd is Nesterov's: > 0 there)", ge=0.0, lt=1.0,
+                             group="optim")
+    weight_decay: float = option(2e-3, "weight decay, not applied to biases and norms", ge=0.0, le=10.0,
+                                 group="optim")
     sched: str = option("cosine", "timm scheduler name, stepped every update, or 'none'", group="optim")
-    min_lr: float = option(1e-3, "final learning rate of the schedule", ge=0.0, group="optim")
+    min_lr: float = option(1e-3, "final learning rate of the schedule", ge=0.0, le=100.0, group="optim")
     warmup_epochs: int = option(1, "linear warm-up epochs", ge=0, group="optim")
-    warmup_lr: float = option(1e-5, "learning rate at the start of warm-up", ge=0.0, group="optim")
+    warmup_lr: float = option(1e-5, "learning rate at the start of warm-up", ge=0.0, le=100.0, group="optim")
     clip_grad: Optional[float] = option(None, "clip the gradient norm to this (off)", gt=0.0, group="optim")
     # speed
     device: Optional[str] = _device()
@@ -264,10 +266,20 @@ class TrainConfig:
 
 
 _HCD_FIELDS = frozenset(f.name for f in dataclasses.fields(HCDConfig))
+# Bounds the command line adds to HCDConfig's own checks (signs and open ranges, which hold for the library
+# too): values past them are typing mistakes that would only overflow, exhaust memory or wreck the run.
+_WEIGHT = {"ge": 0.0, "le": 1000.0}
+HCD_FLAG_BOUNDS = {"num_sub_logits": {"le": 64}, "embed_dim": {"le": 16384}, "cfm_hidden": {"le": 16384},
+                   "temperature": {"le": 100.0}, "lambda_student": {"ge": -1000.0, "le": 1000.0},
+                   "lambda_teacher": {"ge": -1000.0, "le": 1000.0}, "w_gt": _WEIGHT, "w_kd": _WEIGHT,
+                   "w_kl": _WEIGHT, "w_ol": _WEIGHT}
 
 
 def hcd_config(values: Dict[str, Any]) -> HCDConfig:
     """HCDConfig from flag values; its own validation's error names the flag."""
+    for name, bounds in HCD_FLAG_BOUNDS.items():
+        if name in values:
+            check_value(name, values[name], bounds)
     try:
         return HCDConfig(**values)
     except (ValueError, TypeError) as exc:
@@ -296,10 +308,12 @@ class CacheConfig:
                                    "never augmented)")
     interpolation: str = option("bicubic", "resize interpolation (must be the training run's: its --interpolation, "
                                 "or by default the student's timm data config)", group="data")
-    views: int = option(16, "K augmented views per image", ge=1, group="cache")
+    views: int = option(16, "K augmented views per image", ge=1, le=1024, group="cache")
     cache_dtype: str = option("fp16", "storage of f_t", group="cache", choices=("fp16", "fp32"))
-    output: Optional[str] = option(None, "cache folder (must not hold a cache)", group="cache", required=True,
-                                   metavar="DIR")
+    output: Optional[str] = option(None, "cache folder: new or empty, unless --overwrite", group="cache",
+                                   required=True, metavar="DIR")
+    overwrite: bool = option(False, "build into a non-empty --output, replacing meta.json, views.npy and feats.npy "
+                             "there (other files are left alone)", group="cache")
     seed: int = _seed("seed of the views")
     batch_size: int = option(128, "teacher batch", ge=1, group="cache")
     workers: int = _workers("data-loader workers (digits uses 0)")

@@ -15,6 +15,7 @@ from hcd_fast.ops import bn_relu_pool as _bn_relu_pool
 from hcd_fast.ops import cfm as _cfm
 from hcd_fast.ops import pool_linear as _pool_linear
 from hcd_fast.ops import sub_logit_loss as _sub_logit_loss
+from hcd_fast.reference import projector_dwconv, projector_pwconv  # noqa: F401  (no C++ kernels: see below)
 
 try:
     from hcd_fast import _C  # noqa: F401  (loads the library: registers the kernels of torch.ops.hcd_fast)
@@ -59,6 +60,13 @@ def status(name: str) -> Tuple[bool, str]:
 
 def devices(name: str) -> tuple:
     return {"cpu": ("cpu",), "cuda": ("cuda",)}.get(name, ())
+
+
+# The SepConv projector blocks have no C++ kernels: on the cpu and cuda backends ConvProjector runs them as
+# nn.Conv2d / nn.BatchNorm2d modules (ATen on the CPU, cuDNN on the GPU); projector_dwconv/projector_pwconv above
+# are the reference functions. dispatch.backends() reports this per backend.
+FUSED_PROJECTOR = False
+PROJECTOR_NOTE = "projector blocks: nn.Conv2d/BatchNorm2d modules (ATen/cuDNN), no fused kernels"
 
 
 if _C is not None:

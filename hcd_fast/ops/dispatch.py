@@ -1,6 +1,6 @@
 """Backend dispatch: one place that maps (backend, device) to an op table.
 
-Each backend is a module exposing the four ops under their SPEC names (``sub_logit_loss``,
+Each backend is a module exposing the ops under their SPEC names (``sub_logit_loss``,
 ``bn_relu_pool``, ``pool_linear``, ``cfm``) with the signatures of ``hcd_fast.reference``, and a
 ``status() -> (available: bool, reason: str)`` function. A backend whose module fails to import (a
 missing compiled extension, no triton) is reported as unavailable with the import error as its reason;
@@ -21,7 +21,7 @@ from typing import Callable, Dict, NamedTuple, Optional, Tuple
 import torch
 
 BACKENDS = ("reference", "triton", "cuda", "cpu")
-OPS = ("sub_logit_loss", "bn_relu_pool", "pool_linear", "cfm")
+OPS = ("sub_logit_loss", "bn_relu_pool", "pool_linear", "cfm", "projector_dwconv", "projector_pwconv")
 
 _MODULES = {
     "reference": "hcd_fast.reference",
@@ -74,6 +74,9 @@ def _load(name: str) -> BackendStatus:
             devices = ("cpu", "cuda", "mps", "xpu", "meta")
         else:
             available, reason = module.status(name)
+            note = getattr(module, "PROJECTOR_NOTE", None)
+            if available and note:
+                reason = f"{reason}; {note}"
             devices = module.devices(name) if available else ()
         if available:
             _IMPL[name] = module
@@ -118,12 +121,16 @@ def resolve(backend: str, device: torch.device, op: Optional[str] = None) -> str
 
 
 class OpTable(NamedTuple):
-    """The four ops of one resolved backend (signatures of ``hcd_fast.reference``)."""
+    """The ops of one resolved backend (signatures of ``hcd_fast.reference``); ``fused_projector``: whether the
+    projector ops are fused kernels (the SepConv blocks then run through them instead of their modules)."""
     backend: str
     sub_logit_loss: Callable
     bn_relu_pool: Callable
     pool_linear: Callable
     cfm: Callable
+    projector_dwconv: Callable
+    projector_pwconv: Callable
+    fused_projector: bool = False
 
 
 _TABLES: Dict[Tuple[str, str], OpTable] = {}
@@ -137,7 +144,8 @@ def op_table(backend: str, device: torch.device) -> OpTable:
         names = [resolve(backend, device, op) for op in OPS]
         label = names[0] if len(set(names)) == 1 else "auto(" + ", ".join(
             f"{op}={n}" for op, n in zip(OPS, names)) + ")"
-        table = OpTable(label, *(getattr(_IMPL[n], op) for op, n in zip(OPS, names)))
+        fused = bool(getattr(_IMPL[names[OPS.index("projector_pwconv")]], "FUSED_PROJECTOR", False))
+        table = OpTable(label, *(getattr(_IMPL[n], op) for op, n in zip(OPS, names)), fused)
         _TABLES[key] = table
     return table
 

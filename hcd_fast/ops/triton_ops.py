@@ -15,6 +15,7 @@ import torch
 from hcd_fast.ops import bn_relu_pool as _bn_relu_pool
 from hcd_fast.ops import cfm as _cfm
 from hcd_fast.ops import pool_linear as _pool_linear
+from hcd_fast.ops import projector as _projector
 from hcd_fast.ops import sub_logit_loss as _sub_logit_loss
 from hcd_fast.ops.library import acc_dtype
 
@@ -23,6 +24,7 @@ try:
 
     from hcd_fast.kernels import cfm as _k_cfm
     from hcd_fast.kernels import pool as _k_pool
+    from hcd_fast.kernels import projector as _k_proj
     from hcd_fast.kernels import sub_logit_loss as _k_sub_logit_loss
     _IMPORT_ERROR: Optional[BaseException] = None
 except Exception as exc:  # reported by status(), never raised at import
@@ -75,6 +77,26 @@ def _bn_relu_pool_bwd_kernel(grad_out, x, weight, bias, save_mean, save_invstd, 
         return _k_pool.bn_relu_pool_backward(grad_out, x, weight, bias, save_mean, save_invstd, training)
 
 
+def _projector_dwconv_kernel(x, weight, scale, shift, stride):
+    with _guard(x):
+        return _k_proj.projector_dwconv_forward(x, weight, scale, shift, stride)
+
+
+def _projector_dwconv_backward_kernel(grad, x, weight, scale, shift, stride):
+    with _guard(x):
+        return _k_proj.projector_dwconv_backward(grad, x, weight, scale, shift, stride)
+
+
+def _projector_pwconv_kernel(a, weight, *args):
+    with _guard(a):
+        return _k_proj.projector_pwconv_forward(a, weight, *args)
+
+
+def _projector_pwconv_backward_kernel(grad_y, *args):
+    with _guard(grad_y):
+        return _k_proj.projector_pwconv_backward(grad_y, *args)
+
+
 def _pool_linear_kernel(x, weight, bias):
     with _guard(x):
         pooled = _k_pool.spatial_mean(x, acc_dtype(x.dtype, weight.dtype, bias.dtype))
@@ -109,3 +131,10 @@ if _IMPORT_ERROR is None:
                                       _bn_relu_pool.BWD.define("hcd_triton", _bn_relu_pool_bwd_kernel))
     pool_linear = _pool_linear.bind(_pool_linear.OP.define("hcd_triton", _pool_linear_kernel))
     cfm = _cfm.bind(_cfm.OP.define("hcd_triton", _cfm_kernel))
+    projector_dwconv, projector_pwconv = _projector.bind(
+        _projector.DWCONV.define("hcd_triton", _projector_dwconv_kernel, _projector_dwconv_backward_kernel),
+        _projector.PWCONV.define("hcd_triton", _projector_pwconv_kernel),
+        _projector.PWCONV_BACKWARD.define("hcd_triton", _projector_pwconv_backward_kernel))
+# ConvProjector runs its SepConv blocks through projector_dwconv / projector_pwconv (not the module path).
+FUSED_PROJECTOR = True
+PROJECTOR_NOTE = "projector blocks: fused kernels (projector_dwconv, projector_pwconv)"

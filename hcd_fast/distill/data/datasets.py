@@ -81,7 +81,12 @@ def digits_tensors(img_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Tuple
 def build_digits(img_size: int, val_fraction: float = 0.2, cfg: DataConfig = DataConfig()) -> DataBundle:
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"--val-fraction {val_fraction}: expected a fraction in [0, 1) (0: no validation)")
-    x, y = digits_tensors(img_size, cfg.mean, cfg.std)
+    try:
+        x, y = digits_tensors(img_size, cfg.mean, cfg.std)
+    except (RuntimeError, MemoryError) as exc:  # the 1797 upsampled digits are held in memory
+        gib = 1797 * 3 * img_size * img_size * 4 / 2 ** 30
+        raise UserError(f"--img-size {img_size}: the digits upsampled to {img_size} px need {gib:.1f} GiB in memory "
+                        f"({type(exc).__name__}); use a smaller --img-size") from None
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     n_val = int(round(len(y) * val_fraction))
     val_idx, train_idx = perm[:n_val], perm[n_val:]
@@ -127,10 +132,65 @@ def check_imagefolder_dir(data_dir: Optional[str], train_split: str, val_split: 
                              f"{data_dir}/{val_split}/<class>/*.jpg)")
 
 
+def _warn(text: str) -> None:
+    import sys
+    print(f"hcd-distill: warning: {text}", file=sys.stderr, flush=True)
+
+
+def scan_image_folder(directory: str, class_to_idx: dict, extensions) -> list:
+    """(path, class index) of every image under ``directory/<class>/``, following directory symlinks but each
+    real folder and each real file once: a symlink loop (``ln -s . loop``) or a second path to the same file
+    (another link) is skipped with a warning, where torchvision's walk would list it up to 40 times."""
+    from torchvision.datasets.folder import has_file_allowed_extension
+    samples, seen_dirs, seen_files = [], set(), {}
+    loops, duplicates = [], []
+    for name in sorted(class_to_idx):
+        top = os.path.join(directory, name)
+        if not os.path.isdir(top):
+            continue
+        for root, dirs, files in os.walk(top, followlinks=True):
+            real = os.path.realpath(root)
+            if real in seen_dirs:  # reached again through a link: a loop, or the same folder twice
+                loops.append(root)
+                dirs[:] = []
+                continue
+            seen_dirs.add(real)
+            dirs.sort()
+            for fname in sorted(files):
+                path = os.path.join(root, fname)
+                if not has_file_allowed_extension(path, extensions):
+                    continue
+                real_file = os.path.realpath(path)
+                if real_file in seen_files:
+                    duplicates.append((path, seen_files[real_file]))
+                    continue
+                seen_files[real_file] = path
+                samples.append((path, class_to_idx[name]))
+    if loops:
+        _warn(f"{directory}: {len(loops)} folder(s) reached again through a symlink (a loop, or a second link "
+              f"to a folder already read) were not followed: {', '.join(loops[:3])}{'...' if len(loops) > 3 else ''}")
+    if duplicates:
+        _warn(f"{directory}: {len(duplicates)} duplicate path(s) of files already counted were ignored, e.g. "
+              f"{duplicates[0][0]!r} (same file as {duplicates[0][1]!r})")
+    return samples
+
+
 def _image_folder(root: str, transform):
     from torchvision.datasets import ImageFolder
+
+    class LinkSafeImageFolder(ImageFolder):
+        @staticmethod
+        def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+            from torchvision.datasets.folder import IMG_EXTENSIONS
+            samples = scan_image_folder(os.path.expanduser(directory), class_to_idx, extensions or IMG_EXTENSIONS)
+            found = {t for _, t in samples}
+            empty = sorted(n for n, i in class_to_idx.items() if i not in found)
+            if empty and not allow_empty:
+                raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)}")
+            return samples
+
     try:
-        return ImageFolder(root, transform=transform)
+        return LinkSafeImageFolder(root, transform=transform)
     except (FileNotFoundError, OSError) as exc:  # no class folder, or a class folder without images
         raise UserError(f"--data-dir: the split {root!r} cannot be used: {exc}") from None
 
@@ -160,14 +220,23 @@ def build_data(dataset: str, data_dir: Optional[str], img_size: int, *, val_frac
         train = _image_folder(os.path.join(data_dir, train_split), train_tf)
         val = _image_folder(os.path.join(data_dir, val_split), val_tf)
         if train.classes != val.classes:
-            raise UserError(f"--data-dir {data_dir!r}: {train_split} has {len(train.classes)} classes, "
-                             f"{val_split} has {len(val.classes)}; they must list the same class folders")
+            raise UserError(f"--data-dir {data_dir!r}: {train_split} and {val_split} must list the same class "
+                            f"folders; {_class_difference(train.classes, val.classes, train_split, val_split)}")
         bundle = DataBundle(SampleDataset(train, seed), SampleDataset(val, seed), len(train.classes),
                             (3, img_size, img_size), False)
         for split in (bundle.train, bundle.val):
             split.check_readable()
         return bundle
     raise UserError(f"--dataset: expected one of {DATASETS}, got {dataset!r}")
+
+
+def _class_difference(a: list, b: list, name_a: str, name_b: str) -> str:
+    """Which class folders differ between two splits, named (a few), for the error message."""
+    only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+    show = lambda names: ", ".join(repr(n) for n in names[:5]) + (" ..." if len(names) > 5 else "")  # noqa: E731
+    parts = [f"only in {name_a}: {show(only_a)}" if only_a else "",
+             f"only in {name_b}: {show(only_b)}" if only_b else ""]
+    return "; ".join(p for p in parts if p) or f"{name_a} has {len(a)} classes, {name_b} has {len(b)}"
 
 
 # ------------------------------------------------------------------------------ per-sample datasets

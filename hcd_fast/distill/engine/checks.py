@@ -5,11 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
-from hcd_fast.distill.checkpoint import CKPT_FORMAT, safe_load
+from hcd_fast.distill.checkpoint import CKPT_FORMAT, RunFolder, safe_load
 from hcd_fast.distill.config import IDENTITY_ARGS, OPERATIONAL_ARGS, TrainConfig
 from hcd_fast.distill.data.loaders import LOADERS
 from hcd_fast.distill.engine.report import warn
@@ -27,6 +28,9 @@ def check_optim(opt: str, sched: str, *, lr: float, weight_decay: float, momentu
         optimizer = timm.optim.create_optimizer_v2(nn.Linear(1, 1), opt=opt, lr=lr, weight_decay=weight_decay,
                                                    momentum=momentum)
     except (ValueError, AssertionError, KeyError, TypeError) as exc:
+        if "momentum" in str(exc).lower():  # a known optimizer that rejects this momentum (Nesterov needs > 0)
+            raise UserError(f"--momentum {momentum}: --opt {opt!r} rejects it ({exc}); give a --momentum in (0, 1), "
+                            f"or --opt momentum for SGD without Nesterov") from None
         raise UserError(f"--opt {opt!r}: not a timm optimizer ({exc}); see timm.optim.list_optimizers()") from None
     if sched != "none":
         try:
@@ -114,7 +118,17 @@ def check_resume(ckpt: dict, cfg: TrainConfig, path: str) -> None:
              f"from the checkpoint)")
 
 
-def load_checkpoint(path: str, cfg: TrainConfig) -> dict:
-    ckpt = safe_load(path, "--resume")
+def load_checkpoint(path: str, cfg: TrainConfig, folder: Optional[RunFolder] = None) -> dict:
+    try:
+        ckpt = safe_load(path, "--resume")
+    except UserError as exc:  # a damaged last.pt: point to a checkpoint that can continue, never in a loop
+        raise UserError(f"{exc}{_resume_advice(path, folder)}") from None
     check_resume(ckpt, cfg, path)
     return ckpt
+
+
+def _resume_advice(path: str, folder: Optional[RunFolder]) -> str:
+    best = os.path.join(folder.path, "best.pt") if folder is not None else None
+    if best and folder.holds(path) and os.path.basename(path) == "last.pt" and os.path.isfile(best):
+        return f". Continue from the best epoch with --resume {best}, or start afresh with --overwrite"
+    return ". Start afresh with --overwrite (or another --output)"

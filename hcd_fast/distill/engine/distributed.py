@@ -21,6 +21,7 @@ class DistContext:
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.enabled = self.world > 1
         self.owns_group = False
+        self.host_group = None  # a gloo group for host-side flags (any_rank), made in init
 
     @property
     def is_main(self) -> bool:
@@ -30,6 +31,17 @@ class DistContext:
         if self.enabled and not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
             self.owns_group = True
+        if self.enabled:  # host-side flags (a CPU tensor): no device sync, whatever the backend
+            self.host_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+
+    def any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any rank: every rank calls this at the same point and gets the same answer
+        (one small all-reduce of a CPU tensor over gloo, no device sync), so no rank goes on alone."""
+        if not self.enabled:
+            return flag
+        t = torch.tensor([int(flag)], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.host_group)
+        return bool(t.item())
 
     def all_reduce(self, t: torch.Tensor, op=None) -> torch.Tensor:
         if self.enabled:

@@ -46,27 +46,43 @@ class Trainer:
         return state
 
     def save(self, state: TrainState, path: str) -> None:
-        """Every rank's RNG state and unreadable files gathered; rank 0 writes ``path`` atomically."""
+        """Every rank's RNG state and unreadable files gathered; rank 0 writes ``path`` atomically. A failed
+        write (full disk) stops every rank with the same error line, none waiting alone."""
         rngs = self.ctx.gather_object(rng_state())
         for files in self.ctx.gather_object(state.bad_files):
             state.bad_files.update(files)
-        if self.ctx.is_main:
-            p = self.parts
-            atomic_save({"format": CKPT_FORMAT, "args": self.cfg.flat(), "data_config": p.data_cfg.to_dict(),
-                         **state.to_dict(), "distiller": unwrap(p.task.trainable_module).state_dict(),
-                         "optimizer": p.optimizer.state_dict(),
-                         "scheduler": p.scheduler.state_dict() if p.scheduler is not None else None,
-                         "scaler": p.scaler.state_dict() if p.scaler is not None else None, "rng": rngs,
-                         "part_names": list(p.part_names), "num_classes": p.num_classes,
-                         "student_channels": list(p.channels)}, path)
+        ckpt = self._checkpoint(state, rngs) if self.ctx.is_main else None
+        self.ctx.raise_any(self._main_writes(lambda: atomic_save(ckpt, path)))
         state.saved_step = state.global_step
         self.last_save_time = time.monotonic()
-        self.ctx.barrier()
+
+    def _checkpoint(self, state: TrainState, rngs: list) -> dict:
+        """What last.pt holds: tensors and plain values only (loadable with weights_only=True)."""
+        p = self.parts
+        return {"format": CKPT_FORMAT, "args": self.cfg.flat(), "data_config": p.data_cfg.to_dict(),
+                **state.to_dict(), "distiller": unwrap(p.task.trainable_module).state_dict(),
+                "optimizer": p.optimizer.state_dict(),
+                "scheduler": p.scheduler.state_dict() if p.scheduler is not None else None,
+                "scaler": p.scaler.state_dict() if p.scaler is not None else None, "rng": rngs,
+                "part_names": list(p.part_names), "num_classes": p.num_classes,
+                "student_channels": list(p.channels)}
+
+    def _main_writes(self, write) -> Optional[UserError]:
+        """Run ``write`` on rank 0; its UserError (a failed write) is returned for ``ctx.raise_any``."""
+        if not self.ctx.is_main:
+            return None
+        try:
+            write()
+        except UserError as exc:
+            return exc
+        return None
 
     def save_mid_epoch(self, state: TrainState, sums: torch.Tensor, count: int, t_epoch: float) -> float:
         self.raise_if_nonfinite(state)
-        state.train_seconds += time.perf_counter() - t_epoch
-        state.accum = {"sums": sums.cpu(), "count": count}
+        elapsed = time.perf_counter() - t_epoch
+        state.train_seconds += elapsed
+        self.epoch_seconds_before += elapsed
+        state.accum = {"sums": sums.cpu(), "count": count, "seconds": self.epoch_seconds_before}
         self.save(state, os.path.join(self.out, "last.pt"))
         state.accum = None
         return time.perf_counter()
@@ -147,14 +163,19 @@ class Trainer:
         self.parts.loader_gen.manual_seed(cfg.seed * 100003 + state.epoch)
         sums = torch.zeros(2 + len(self.parts.part_names), dtype=torch.float64, device=self.device)
         count = 0
+        # The epoch's training seconds before the current stretch (mid-epoch checkpoints and a resume cut the
+        # time in stretches; epoch_seconds and the epoch's img/s cover them all).
+        self.epoch_seconds_before = 0.0
         if state.accum is not None and state.step_in_epoch > 0:
             sums.copy_(state.accum["sums"].to(self.device))
             count = state.accum["count"]
+            self.epoch_seconds_before = float(state.accum.get("seconds", 0.0))
         state.accum = None
         return sums, count
 
     def train_one_epoch(self, state: TrainState):
-        """The rest of the current epoch; returns (sums, count, seconds), or None when --stop-after-steps hit."""
+        """The rest of the current epoch; returns (sums, count, seconds since the last mid-epoch checkpoint,
+        the epoch's seconds before it), or None when --stop-after-steps hit."""
         from tqdm import tqdm
         cfg = self.cfg
         sums, count = self._start_epoch(state)
@@ -171,10 +192,13 @@ class Trainer:
             state.step_in_epoch += 1
             state.global_step += 1
             out = None
-            if x is not None and (x.shape[0] >= 2 or self.parts.local_bs < 2):
+            # Too few readable images for BatchNorm: every rank skips the step when any rank must (a rank that
+            # skipped alone would leave the others waiting in DDP's gradient all-reduce).
+            too_few = x is None or (x.shape[0] < 2 and self.parts.local_bs >= 2)
+            if self.ctx.any_rank(too_few):
+                state.skipped_steps += 1
+            else:
                 out = self._step(state, x, y, cached[0] if cached else None)
-            elif x is None or x.shape[0] < 2:
-                state.skipped_steps += 1  # too few readable images for BatchNorm
             if out is not None:
                 b = y.shape[0]
                 sums += torch.cat([out[0][:1] * b, out[1].double().view(1), out[0][1:] * b])
@@ -192,7 +216,7 @@ class Trainer:
                 bar.close()
                 return None
         bar.close()
-        return sums, count, time.perf_counter() - t_epoch
+        return sums, count, time.perf_counter() - t_epoch, self.epoch_seconds_before
 
     def _log(self, state: TrainState, bar, sums: torch.Tensor, count: int) -> bool:
         """The one host sync per log interval: progress bar, non-finite check, and whether a time-based
@@ -211,11 +235,15 @@ class Trainer:
         bar.set_postfix(post, refresh=False)
         return bool(flags[1])
 
-    def end_epoch(self, state: TrainState, sums: torch.Tensor, count: int, epoch_seconds: float) -> None:
-        """Epoch metrics (summed over ranks), validation, last.pt / best.pt, metrics files."""
+    def end_epoch(self, state: TrainState, sums: torch.Tensor, count: int, last_stretch: float,
+                  seconds_before: float = 0.0) -> None:
+        """Epoch metrics (summed over ranks), validation, last.pt / best.pt, metrics files. ``last_stretch``:
+        seconds since the last mid-epoch checkpoint (or the epoch's start); ``seconds_before``: the epoch's
+        seconds before it (already in ``state.train_seconds``); epoch_seconds and img/s cover both."""
         cfg, ctx = self.cfg, self.ctx
         self.raise_if_nonfinite(state)
-        state.train_seconds += epoch_seconds
+        state.train_seconds += last_stretch
+        epoch_seconds = seconds_before + last_stretch
         state.images_seen += count * ctx.world
         totals = ctx.all_reduce(torch.cat([sums, torch.tensor([count], dtype=torch.float64, device=self.device)]))
         totals = totals.tolist()
@@ -236,12 +264,15 @@ class Trainer:
         state.epoch += 1
         state.step_in_epoch = 0
         self.save(state, os.path.join(self.out, "last.pt"))
-        if ctx.is_main:
+
+        def write_results():
             if improved:
                 atomic_copy(os.path.join(self.out, "last.pt"), os.path.join(self.out, "best.pt"))
             write_metrics(state.history, self.out)
             if not cfg.no_plots and n:
                 write_plots(state.history, self.parts.part_names, self.out)
+        ctx.raise_any(self._main_writes(write_results))
+        if ctx.is_main:
             val = "" if row["val_top1"] is None else f" val top-1 {row['val_top1']:.2f}"
             loss = "n/a" if row["train_loss"] is None else f"{row['train_loss']:.4f}"
             print(f"epoch {state.epoch}/{cfg.epochs} loss {loss}{val} ({epoch_seconds:.1f} s, "

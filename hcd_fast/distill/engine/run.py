@@ -21,7 +21,7 @@ from hcd_fast.distill.engine.distributed import DistContext, resolve_device
 from hcd_fast.distill.engine.loop import Trainer
 from hcd_fast.distill.engine.report import info
 from hcd_fast.distill.engine.state import TrainState
-from hcd_fast.distill.errors import UserError
+from hcd_fast.distill.errors import Interrupted, UserError
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -53,20 +53,22 @@ def _run(cfg: TrainConfig, ctx: DistContext) -> dict:
     out = cfg.output or default_output(cfg)
     folder = RunFolder(out)
     ckpt_path = resume_path(cfg.resume, out)
-    here = ckpt_path is not None and os.path.abspath(ckpt_path) == os.path.abspath(os.path.join(out, "last.pt"))
-    folder.check(resuming_here=here, overwrite=cfg.overwrite)
-    ckpt = load_checkpoint(ckpt_path, cfg) if ckpt_path else None
-    trainer = Trainer(cfg, ctx, device, out)
-    state = trainer.load(ckpt) if ckpt is not None else TrainState()
-    del ckpt
     error = None
-    if ctx.is_main:  # the lock proves the folder writable; only now is anything written
+    if ctx.is_main:  # lock, then check the results, before anything is built (no window for another run)
         try:
-            folder.acquire(cfg.overwrite)
+            folder.open(ckpt_path, cfg.overwrite)
         except UserError as exc:
             error = exc
     ctx.raise_any(error)
+    state = None
     try:
+        ckpt = load_checkpoint(ckpt_path, cfg, folder) if ckpt_path else None
+        trainer = Trainer(cfg, ctx, device, out)
+        state = trainer.load(ckpt) if ckpt is not None else TrainState()
+        del ckpt
+        if ctx.is_main:
+            folder.prepare(cfg.overwrite)  # only now is anything removed or written
+        ctx.barrier()
         if ckpt_path:
             info(ctx.is_main, f"resuming {ckpt_path}: epoch {state.epoch + 1}, step {state.step_in_epoch} of "
                               f"{trainer.parts.steps_per_epoch} (global step {state.global_step})")
@@ -75,5 +77,9 @@ def _run(cfg: TrainConfig, ctx: DistContext) -> dict:
         else:
             info(ctx.is_main, f"starting a new run in {out}")
         return trainer.fit(state)
+    except KeyboardInterrupt:  # Ctrl-C: the CLI prints one line with the last checkpoint and the resume command
+        last = os.path.join(out, "last.pt")
+        saved = state is not None and state.saved_step is not None and os.path.isfile(last)
+        raise Interrupted(out, last if saved else None, state.saved_step if saved else None) from None
     finally:
         folder.release()

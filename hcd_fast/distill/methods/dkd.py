@@ -16,8 +16,8 @@ from hcd_fast.distill.options import option
 class DKDOptions:
     """dkd's own options (defaults: OFA-KD's CIFAR setting); each is the CLI flag of the same name."""
 
-    dkd_alpha: float = option(1.0, "dkd: TCKD weight", ge=0.0)
-    dkd_beta: float = option(2.0, "dkd: NCKD weight (8 is common on ImageNet)", ge=0.0)
+    dkd_alpha: float = option(1.0, "dkd: TCKD weight", ge=0.0, le=1000.0)
+    dkd_beta: float = option(2.0, "dkd: NCKD weight (8 is common on ImageNet)", ge=0.0, le=1000.0)
     dkd_warmup: float = option(20.0, "dkd: epochs of linear ramp-up of the KD terms", ge=0.0)
 
 

@@ -19,8 +19,8 @@ from hcd_fast.modules import ConvProjector, LinearProjector, init_weights
 class OFAOptions:
     """ofa's own options; each is the CLI flag of the same name."""
 
-    ofa_eps: float = option(1.0, "ofa: exponent eps (1 CIFAR, 1.5 ImageNet)", gt=0.0)
-    w_ofa: float = option(1.0, "ofa: weight of the per-stage OFA terms", ge=0.0)
+    ofa_eps: float = option(1.0, "ofa: exponent eps (1 CIFAR, 1.5 ImageNet)", gt=0.0, le=10.0)
+    w_ofa: float = option(1.0, "ofa: weight of the per-stage OFA terms", ge=0.0, le=1000.0)
 
 
 def ofa_term(logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0,

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from hcd_fast.distill.teacher.files import check_output, remove_partials
 from hcd_fast.distill.config import CacheConfig
 from hcd_fast.distill.data.datasets import DataBundle, DataConfig, build_data
 from hcd_fast.distill.engine.distributed import DistContext
@@ -26,6 +27,7 @@ from hcd_fast.distill.teacher.tap import TeacherTap, probe_teacher
 
 def build_cache(cfg: CacheConfig) -> dict:
     """Build the cache ``cfg.output``; returns its metadata (also ``cfg.output/meta.json``)."""
+    cfg.check()  # the flags' ranges, before any of them is used
     ctx = DistContext()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -43,7 +45,13 @@ def build_cache(cfg: CacheConfig) -> dict:
         except UserError as exc:  # raised on every rank: none is left waiting at a barrier
             error = exc
         ctx.raise_any(error)
-        return _build(cfg, ctx, device, prepared)
+        created = not os.path.isdir(cfg.output)
+        try:
+            return _build(cfg, ctx, device, prepared)
+        except BaseException:
+            if ctx.is_main:  # a refused or failed build leaves no *.partial file behind
+                remove_partials(cfg.output, created)
+            raise
     finally:
         ctx.close()
 
@@ -70,9 +78,7 @@ def _check(cfg: CacheConfig) -> None:
                         "--allow-random-teacher for a smoke test)")
     if cfg.teacher_checkpoint is not None and not os.path.isfile(cfg.teacher_checkpoint):
         raise UserError(f"--teacher-checkpoint {cfg.teacher_checkpoint!r}: no such file")
-    if os.path.exists(os.path.join(cfg.output, "meta.json")):
-        raise UserError(f"--output {cfg.output!r} already holds a teacher cache; it is never overwritten "
-                        f"(remove it or choose another folder)")
+    check_output(cfg.output, cfg.overwrite)  # a file, a cache or other files: refused without --overwrite
 
 
 def _prepare(cfg: CacheConfig, device: torch.device) -> _Prepared:

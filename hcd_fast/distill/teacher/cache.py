@@ -4,7 +4,8 @@ train many epochs without a teacher forward.
 A cache folder holds ``views.npy`` (int32 (N, K, 5): the RandomResizedCrop window top, left, height, width
 and the flip; view k of image n drawn from a generator seeded with (seed, n, k)), ``feats.npy`` (fp16/fp32
 (N, K, D_t) pre-logit features f_t) and ``meta.json`` (written last, so a cache without it is never read:
-teacher, weights hash, the teacher's input statistics, data hash, transform, K, D_t). Training replays, for
+teacher, weights hash, the teacher's input statistics, data hashes (file list; each image file's size and
+mtime), transform, K, D_t). Training replays, for
 image n in epoch e, view ``replay_choice(seed, e, n)`` through the same crop and flip, normalised with the
 student's statistics, and takes z_t = classifier(f_t). A cache whose metadata differ from the run, or a run
 whose augmentations cannot be replayed (auto-augment, random erasing), is refused.
@@ -12,7 +13,6 @@ whose augmentations cannot be replayed (auto-augment, random erasing), is refuse
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 from typing import Optional, Tuple
@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from hcd_fast.distill.data.datasets import READ_ERRORS, BadSample, DataConfig, SampleDataset, sample_path
+from hcd_fast.distill.teacher.files import files_stat_hash, open_array, read_meta
 from hcd_fast.distill.errors import UserError
 
 FORMAT = "hcd-distill-teacher-cache/1"
@@ -235,12 +236,7 @@ class TeacherCache:
 
     def __init__(self, folder: str):
         self.folder = folder
-        meta_path = os.path.join(folder, "meta.json")
-        if not os.path.isfile(meta_path):
-            raise UserError(f"--teacher-cache {folder!r}: no meta.json there (not a finished cache; make one "
-                            f"with `hcd-distill cache-teacher ... --output {folder}`)")
-        with open(meta_path) as f:
-            self.meta = json.load(f)
+        self.meta = read_meta(folder)  # a damaged meta.json: UserError naming it
         if self.meta.get("format") != FORMAT:
             raise UserError(f"--teacher-cache {folder!r}: format {self.meta.get('format')!r}, expected {FORMAT!r}")
         self._views = self._feats = None
@@ -248,13 +244,13 @@ class TeacherCache:
     @property
     def views(self) -> np.ndarray:
         if self._views is None:
-            self._views = np.load(os.path.join(self.folder, "views.npy"), mmap_mode="r")
+            self._views = open_array(self.folder, "views.npy")
         return self._views
 
     @property
     def feats(self) -> np.ndarray:
         if self._feats is None:
-            self._feats = np.load(os.path.join(self.folder, "feats.npy"), mmap_mode="r")
+            self._feats = open_array(self.folder, "feats.npy")
         return self._feats
 
     def __getstate__(self):  # memory maps are reopened in each worker, never pickled
@@ -354,6 +350,10 @@ def run_identity(source: RawSource, *, dataset: str, img_size: int, interpolatio
     teacher's input is normalised with."""
     out = {"dataset": dataset, "num_images": len(source),
            "files_sha256": files_hash(source, dataset, img_size, val_fraction),
+           # imagefolder: each file's size and mtime too (a file rewritten under its name); in-memory data
+           # are hashed by their pixels already
+           "files_size_mtime_sha256": (files_stat_hash(source.dataset.root, source.dataset.samples)
+                                       if source.kind == "imagefolder" else None),
            "transform": transform_spec(dataset, img_size, interpolation, no_aug, digits_aug)}
     if teacher_model is not None:
         out.update(teacher=teacher, teacher_kwargs=dict(teacher_kwargs or {}),
