@@ -9,7 +9,6 @@ import os
 import pickle
 import re
 import socket
-import zipfile
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -52,7 +51,7 @@ def safe_load(path: str, flag: str):
                             f"it as a plain state_dict (torch.save(model.state_dict(), ...)) or .safetensors") from None
         raise UserError(f"{flag} {path!r}: cannot be read, truncated or not a PyTorch checkpoint "
                         f"({load_error_reason(exc)})") from None
-    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001 - damaged bytes reach the unpickler as any error (IndexError, KeyError...)
         raise UserError(f"{flag} {path!r}: cannot be read, truncated or not a PyTorch checkpoint "
                         f"({load_error_reason(exc)})") from None
 
