@@ -10,7 +10,8 @@ fused backends' kernel ops are the SepConv projector blocks (convolutions, Batch
 backwards), which only a fused projector removes. With the fused projector ops (triton backend), triton is at
 209 / 81; each projector op launches 1-3 Triton kernels, which this count sees as one op (about 98 Triton launches
 per forward+backward at these shapes). The reference went 1012 -> 1016 / 623 -> 627 with the orthogonality
-norm written as where(norm > eps, norm, eps) (one more op per stage than clamp_min).
+norm written as where(norm > eps, norm, eps) (one more op per stage than clamp_min); torch 2.11 (the compat lane)
+dispatches 4 more there (1020 / 631), so the reference's budget is the larger of the two.
 """
 import pytest
 
@@ -18,7 +19,7 @@ from benchmarks.op_count import OpCounter, count_head_ops, launch_ops
 from helpers import backend_params
 
 # (every op dispatched, kernel ops) per HCDLoss forward+backward: the budgets (measured + a small margin of 0).
-BUDGETS = {"reference": (1016, 627), "cpu": (245, 126), "triton": (209, 81)}
+BUDGETS = {"reference": (1020, 631), "cpu": (245, 126), "triton": (209, 81)}
 
 
 @pytest.mark.parametrize("backend", backend_params(["cpu", "triton"], reference=True))
