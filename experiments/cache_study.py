@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
 import time
 
 from hcd_fast.distill.cli import main as cli_main
 from hcd_fast.distill.cli import parse_args
-from experiments.demo import STUDENT, TEACHER
+from experiments.demo import STUDENT, TEACHER, train_teacher
 from hcd_fast.distill.engine.run import run
 
 
@@ -56,12 +55,7 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     teacher_ckpt = a.teacher or os.path.join(a.out, "teacher.pt")
     if not os.path.isfile(teacher_ckpt):
-        out = os.path.join(a.out, "teacher_run")
-        s = run(parse_args(TEACHER + common + [
-            "--method", "ce", "--indices", "1", "--epochs", str(a.teacher_epochs), "--opt", "adamw", "--lr", "2e-3",
-            "--weight-decay", "0.05", "--min-lr", "1e-5", "--warmup-epochs", "2", "--output", out]))
-        shutil.copyfile(os.path.join(out, "best.pt"), teacher_ckpt + ".tmp")
-        os.replace(teacher_ckpt + ".tmp", teacher_ckpt)
+        s = train_teacher(a.out, teacher_ckpt, common, a.teacher_epochs)
         print(f"[cache_study] teacher val top-1 {s['best_top1']:.2f}%", flush=True)
     teacher = ["--teacher", "vit_tiny_patch16_224", "--teacher-kwargs", TEACHER[3], "--teacher-checkpoint",
                teacher_ckpt]

@@ -58,6 +58,18 @@ def step_times(methods, batch_size: int, rounds: int = 8, steps: int = 10) -> di
     return {m: st.median(v) for m, v in times.items()}
 
 
+def train_teacher(out_dir: str, teacher_ckpt: str, common: list, epochs: int) -> dict:
+    """Train the demo's ViT teacher with ce under OUT_DIR/teacher_run and publish its best.pt as teacher_ckpt
+    (written to a temporary name, then moved); returns the run's summary."""
+    out = os.path.join(out_dir, "teacher_run")
+    s = run(parse_args(TEACHER + common + [
+        "--method", "ce", "--indices", "1", "--epochs", str(epochs), "--opt", "adamw", "--lr", "2e-3",
+        "--weight-decay", "0.05", "--min-lr", "1e-5", "--warmup-epochs", "2", "--output", out]))
+    shutil.copyfile(os.path.join(out, "best.pt"), teacher_ckpt + ".tmp")
+    os.replace(teacher_ckpt + ".tmp", teacher_ckpt)
+    return s
+
+
 def _usable_teacher(path: str) -> bool:
     """A cached teacher written by this version of the trainer (it records its input normalisation)."""
     from hcd_fast.distill.errors import UserError
@@ -88,12 +100,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     if a.retrain_teacher or not _usable_teacher(teacher_ckpt):
         print(f"[demo] training the ViT teacher on digits ({a.teacher_epochs} epochs) ...", flush=True)
-        out = os.path.join(a.out, "teacher_run")
-        s = run(parse_args(TEACHER + common + [
-            "--method", "ce", "--indices", "1", "--epochs", str(a.teacher_epochs), "--opt", "adamw", "--lr", "2e-3",
-            "--weight-decay", "0.05", "--min-lr", "1e-5", "--warmup-epochs", "2", "--output", out]))
-        shutil.copyfile(os.path.join(out, "best.pt"), teacher_ckpt + ".tmp")
-        os.replace(teacher_ckpt + ".tmp", teacher_ckpt)
+        s = train_teacher(a.out, teacher_ckpt, common, a.teacher_epochs)
         print(f"[demo] teacher: val top-1 {s['best_top1']:.2f}% ({time.perf_counter() - t0:.0f} s), cached "
               f"at {teacher_ckpt}", flush=True)
     else:
