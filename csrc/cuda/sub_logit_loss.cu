@@ -20,8 +20,8 @@
 //   sub_logit_loss_fwd_kernel          n <= 4 (kLaneRows), the one-pass forward. Grid P*B blocks, block
 //       r = b * P + s (a sample's stage blocks adjacent: z_s read from DRAM once, from L2 by the others).
 //       ONE pass over K: each thread owns kVec consecutive elements of every row per step (16-byte vectors of
-//       zf, 8-byte for 16-bit zf with fp32 sides, where the rows are 16-byte aligned and K % kVec == 0; all the
-//       step's loads issued before its arithmetic: n + 1 vectors in flight, n + 2 with ortho_shift) and keeps
+//       zf, 8-byte for fp16 and for 16-bit zf with fp32 sides, where the rows are 16-byte aligned and
+//       K % kVec == 0; all the step's loads issued before its arithmetic: n + 1 vectors in flight, n + 2 with ortho_shift) and keeps
 //       its own online state in registers: per row the max, sum exp at T = 1 and at T, the KL numerator, the
 //       row sum, the upper triangle of the n x n Gram; z_s / T's (max, sum). Then ONE block reduction: the
 //       block max of the n + 1 maxima (one barrier), each thread's sums rescaled to it, a reduce-scatter of the
@@ -30,7 +30,8 @@
 //       statistics, CE, KL and row i of M). The s == 0 block then reads z_s, z_t once more (L2) for CE, KD and
 //       sample_stats.
 //   sub_logit_loss_fwd_large_n_kernel  n > 4: the multi-pass forward (max/sum pass, exp/KL pass, one Gram dot
-//       product per pair; the repeated passes over the block's own rows hit L1/L2), D in shared memory.
+//       product per pair; the repeated passes over the block's own rows hit L1/L2), D in shared memory; the
+//       n x n tail one row per thread.
 //   sub_logit_loss_reduce_kernel       one block: the (P*B, 5) partials summed in a fixed order -> parts, loss.
 //   sub_logit_loss_bwd_kernel          grid (B, K-blocks), kPerThread columns per thread: loads z_s, z_t of its
 //       columns, then for every (s, i) the zf column (the n values of a (s, b) in registers when n <= kRegRows),
@@ -59,6 +60,7 @@
 // elements); with fp64 anywhere everything runs in fp64; a gradient whose dtype the kernel cannot write directly
 // (those two cases) is converted once after the kernel.
 #include <limits>
+#include <type_traits>
 
 #include "cuda/common.cuh"
 #include "ops.h"
@@ -94,8 +96,10 @@ __device__ __forceinline__ void split_stat(double v, acc_t& hi, acc_t& lo) {
 // one Gram dot product per pair; the repeated passes hit L1/L2). Dynamic shared memory: 3 * 32 reduction values,
 // then D (n x n) and the norms (n) unless `scratch` (a global slice per block) is given for large n.
 // P = max(S, 1) blocks per sample: with S = 0 the one block per sample does CE and KD only (n_rows = 0).
+// __launch_bounds__(.., 1): ptxas may use up to 128 registers (fp64: 87, no spills); with the thread count
+// alone it aimed at 64 and spilled 80 bytes in the fp64 instantiation.
 template <typename scalar_t, typename side_t, typename acc_t>
-__global__ void __launch_bounds__(kMaxRowThreads)
+__global__ void __launch_bounds__(kMaxRowThreads, 1)
     sub_logit_loss_fwd_large_n_kernel(const scalar_t* __restrict__ sub, const side_t* __restrict__ zs,
                    const side_t* __restrict__ zt, const int64_t* __restrict__ target, double* __restrict__ row_stats,
                    acc_t* __restrict__ ortho_coef, double* __restrict__ sample_stats, acc_t* __restrict__ partials,
@@ -205,7 +209,7 @@ __global__ void __launch_bounds__(kMaxRowThreads)
     }
   }
 
-  // Orthogonality: Gram matrix of the (shifted, masked) rows, then the hinge and M on thread 0.
+  // Orthogonality: Gram matrix of the (shifted, masked) rows, then the hinge and M, one row per thread.
   acc_t hinge2 = 0;
   if (n > 1) {
     const bool shifted = p.shift != 0.0;
@@ -233,26 +237,29 @@ __global__ void __launch_bounds__(kMaxRowThreads)
           D[j * n + i] = d;
         }
       }
-    if (tid == 0) {  // n x n work: thread 0 alone (D was written by thread 0: no barrier needed)
-      const acc_t eps = acc_t(p.ortho_eps), theta = acc_t(p.ortho_threshold);
-      const acc_t c4 = acc_t(p.c4);
-      for (int64_t i = 0; i < n; ++i) nrm[i] = sqrt(D[i * n + i]);
-      for (int64_t i = 0; i < n; ++i) {
-        const acc_t ri = max(nrm[i], eps);
-        acc_t diag = 0;
-        for (int64_t j = 0; j < n; ++j) {
-          if (j == i) continue;
-          const acc_t rj = max(nrm[j], eps);
-          const acc_t G = D[i * n + j] / (ri * rj);
-          const acc_t h = max(G - theta, acc_t(0));
-          hinge2 += h * h;
-          M[i * n + j] = c4 * h / (ri * rj);
-          diag += h * G;
-        }
-        // d max(|v|, eps) / dv = v / |v| where |v| > eps, 0 at equality (the reference's minimum-norm subgradient).
-        M[i * n + i] = nrm[i] > eps ? -c4 * diag / (ri * ri) : acc_t(0);
+    // The n x n tail spread over the block: thread t does rows t, t + nt, ... (norms, then the hinge row and
+    // row i of M); the hinge sum is one block_sum (fixed order). D was written by thread 0: one barrier.
+    __syncthreads();
+    for (int64_t i = tid; i < n; i += nt) nrm[i] = sqrt(D[i * n + i]);
+    __syncthreads();
+    const acc_t eps = acc_t(p.ortho_eps), theta = acc_t(p.ortho_threshold);
+    const acc_t c4 = acc_t(p.c4);
+    for (int64_t i = tid; i < n; i += nt) {
+      const acc_t ri = max(nrm[i], eps);
+      acc_t diag = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        if (j == i) continue;
+        const acc_t rj = max(nrm[j], eps);
+        const acc_t G = D[i * n + j] / (ri * rj);
+        const acc_t h = max(G - theta, acc_t(0));
+        hinge2 += h * h;
+        M[i * n + j] = c4 * h / (ri * rj);
+        diag += h * G;
       }
+      // d max(|v|, eps) / dv = v / |v| where |v| > eps, 0 at equality (the reference's minimum-norm subgradient).
+      M[i * n + i] = nrm[i] > eps ? -c4 * diag / (ri * ri) : acc_t(0);
     }
+    hinge2 = block_sum1(hinge2, ws);
   } else if (tid == 0 && n == 1) {
     M[0] = 0;
   }
@@ -334,8 +341,17 @@ __device__ __forceinline__ int scatter_index(int lane) { return lane; }
 // per-warp partials added in warp order by thread t for value t. The n x n tail is spread over n threads
 // (thread i: row i's statistics, CE, KL, and row i of M); the s = 0 block then reads z_s and z_t once more
 // (L2) for CE, KD and sample_stats.
+// Register budget (ptxas -v, sm_90, CUDA 13.0): with the thread count alone ptxas aimed at 64 or 128 registers
+// and spilled in the fp64 instantiations (88-164 bytes) and the fp16 8-wide one (4 bytes). Declared here: at
+// least 2 blocks of 256 threads per SM (<= 128 registers) for fp32 accumulation, 1 for fp64 (146 registers at
+// kRows = 4); with the fp16 vectors 4 wide (below) no instantiation spills.
+template <typename acc_t>
+constexpr int lane_min_blocks() {
+  return sizeof(acc_t) == 8 ? 1 : 2;
+}
+
 template <typename scalar_t, typename side_t, typename acc_t, int kRows, int kVec>
-__global__ void __launch_bounds__(kLaneMaxThreads)
+__global__ void __launch_bounds__(kLaneMaxThreads, lane_min_blocks<acc_t>())
     sub_logit_loss_fwd_kernel(const scalar_t* __restrict__ sub, const side_t* __restrict__ zs,
                               const side_t* __restrict__ zt, const int64_t* __restrict__ target,
                               double* __restrict__ row_stats, acc_t* __restrict__ ortho_coef,
@@ -615,8 +631,9 @@ inline int bwd_threads(int64_t K) {
 }
 
 // Grid (B, ceil(K / (kPerThread * blockDim.x))). Thread columns k_c = k0 + c * blockDim.x (coalesced per c).
+// (.., 2): up to 128 registers; with the thread count alone ptxas aimed at 128 and spilled 4 bytes in fp64.
 template <typename scalar_t, typename side_t, typename acc_t>
-__global__ void __launch_bounds__(kBwdMaxThreads)
+__global__ void __launch_bounds__(kBwdMaxThreads, 2)
     sub_logit_loss_bwd_kernel(const acc_t* __restrict__ grad_loss, const scalar_t* __restrict__ sub,
                    const side_t* __restrict__ zs, const side_t* __restrict__ zt, const int64_t* __restrict__ target,
                    const double* __restrict__ row_stats, const acc_t* __restrict__ ortho_coef,
@@ -815,8 +832,12 @@ SubLogitLossOut sub_logit_loss(HCD_SUB_LOGIT_LOSS_ARGS) {
       // 16-byte vectors of zf where every row is 16-byte aligned: K a multiple of the vector, aligned bases
       // (the side rows then start on 16 bytes too: K * sizeof(side_t) is a multiple of 16).
       // fp64: scalar (the fp64 state already takes twice the registers); 16-bit zf with fp32 sides: 8-byte zf
-      // vectors, 16-byte side vectors (8 elements spilled at 128 registers under ptxas 13).
-      constexpr int kVec = sizeof(scalar_t) == 8 ? 1 : sizeof(side_t) > sizeof(scalar_t) ? 4 : 16 / sizeof(scalar_t);
+      // vectors, 16-byte side vectors (8 elements spilled at 128 registers under ptxas 13); fp16 throughout:
+      // 8-byte vectors (8 wide spilled 4 bytes at 128 registers, their fp16 -> fp32 unpacking); bf16: 16 bytes.
+      constexpr int kVec = sizeof(scalar_t) == 8                                ? 1
+                           : sizeof(side_t) > sizeof(scalar_t)                  ? 4
+                           : std::is_same_v<scalar_t, at::Half>                 ? 4
+                                                                                : 16 / sizeof(scalar_t);
       const bool aligned = kVec > 1 && K % kVec == 0 && reinterpret_cast<uintptr_t>(sub.data_ptr()) % 16 == 0 &&
                            reinterpret_cast<uintptr_t>(zs.data_ptr()) % 16 == 0 &&
                            reinterpret_cast<uintptr_t>(zt.data_ptr()) % 16 == 0;
