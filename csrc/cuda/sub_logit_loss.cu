@@ -19,16 +19,15 @@
 // Kernels (P = max(S, 1) blocks per sample; S = 0 leaves one block per sample for CE and KD):
 //   sub_logit_loss_fwd_kernel          n <= 4 (kLaneRows), the one-pass forward. Grid P*B blocks, block
 //       r = b * P + s (a sample's stage blocks adjacent: z_s read from DRAM once, from L2 by the others).
-//       ONE pass over K: each thread owns kVec consecutive elements of every row per step (16-byte vectors of
-//       zf, 8-byte for fp16 and for 16-bit zf with fp32 sides, where the rows are 16-byte aligned and
-//       K % kVec == 0; all the step's loads issued before its arithmetic: n + 1 vectors in flight, n + 2 with
-//       ortho_shift) and keeps its own online state in registers: per row the max, sum exp at T = 1 and at T,
-//       the KL numerator, the row sum, the upper triangle of the n x n Gram; z_s / T's (max, sum). Then ONE
-//       block reduction: the block max of the n + 1 maxima (one barrier), each thread's sums rescaled to it, a reduce-scatter of the
-//       <= 32 sums inside each warp (31 shuffles; lane l ends with value l), one barrier, value t's warp
-//       partials added in warp order by thread t. The n x n tail is spread over n threads (thread i: row i's
-//       statistics, CE, KL and row i of M). The s == 0 block then reads z_s, z_t once more (L2) for CE, KD and
-//       sample_stats.
+//       ONE pass over K: each thread owns kVec consecutive elements of every row per step (16-byte vectors of zf,
+//       8-byte for fp16 and for 16-bit zf with fp32 sides, where the rows are 16-byte aligned and K % kVec == 0; all
+//       the step's loads issued before its arithmetic: n + 1 vectors in flight, n + 2 with ortho_shift) and keeps its
+//       own online state in registers: per row the max, sum exp at T = 1 and at T, the KL numerator, the row sum, the
+//       upper triangle of the n x n Gram; z_s / T's (max, sum). Then ONE block reduction: the block max of the n + 1
+//       maxima (one barrier), each thread's sums rescaled to it, a reduce-scatter of the <= 32 sums inside each warp
+//       (31 shuffles; lane l ends with value l), one barrier, value t's warp partials added in warp order by thread t.
+//       The n x n tail is spread over n threads (thread i: row i's statistics, CE, KL and row i of M). The s == 0 block
+//       then reads z_s, z_t once more (L2) for CE, KD and sample_stats.
 //   sub_logit_loss_fwd_large_n_kernel  n > 4: the multi-pass forward (max/sum pass, exp/KL pass, one Gram dot
 //       product per pair; the repeated passes over the block's own rows hit L1/L2), D in shared memory; the
 //       n x n tail one row per thread.
