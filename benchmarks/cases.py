@@ -1,7 +1,9 @@
 """Benchmark cases of the four fused ops and the whole HCD head: shapes, profiles and the byte/FLOP models.
 
 A case is one op at one shape and dtype, timed forward + backward ("fwd+bwd"), since training is what HCD is
-for. How each provider runs a case: ``benchmarks/ops.py`` (the four ops) and ``benchmarks/head.py``.
+for; the ``fwd`` cases time sub_logit_loss's forward alone (no autograd), whose bandwidth target is read
+against the forward design's bytes (``sub_logit_loss_fwd_bytes``). How each provider runs a case:
+``benchmarks/ops.py`` (the four ops) and ``benchmarks/head.py``.
 
 Shapes: CIFAR-like (B=128, K=100, teacher dim 384, so D=512) and ImageNet-like
 (B=256, K=1000, teacher dim 768, so D=768), S=4 stages, n=4 sub-logits, ResNet18 stage channels
@@ -40,6 +42,8 @@ class Case:
 
     @property
     def id(self) -> str:
+        if self.mode == "fwd":
+            return f"{self.op}/fwd/B={self.shape['B']}/{self.dtype}"
         if self.group == "sweep":
             return f"sweep/{self.op}/B={self.shape['B']}/{self.dtype}"
         return f"{self.op}/{self.group}/{self.dtype}"
@@ -92,6 +96,13 @@ CPU_TARGET = "cpu backend >= 5x eager and >= 3x torch.compile"
 GPU_HEAD_TARGET = "H100: >= 5x eager, >= 2x the best stock baseline (faster of compile, compile-ro)"
 CPU_HEAD_TARGET = "CPU head case (no numeric target): fused vs eager and compile"
 GPU_BW_TARGET = "fused >= 70% of copy bandwidth (B >= 4096, L2 flushed)"
+GPU_FWD_BW_TARGET = "forward >= 75% of copy bandwidth (B >= 4096, the forward design's bytes)"
+
+
+def forward_cases(batches, dtypes, K: int = 1000, target: Optional[str] = None) -> List[Case]:
+    """sub_logit_loss forward alone (S = 4, n = 4): the bandwidth of its one-pass forward kernels."""
+    return [Case("sub_logit_loss", "fwd", dt, {"S": 4, "B": b, "n": 4, "K": K}, target=target, mode="fwd")
+            for b in batches for dt in dtypes]
 
 
 def profile_cases(profile: str) -> List[Case]:
@@ -100,7 +111,9 @@ def profile_cases(profile: str) -> List[Case]:
     cpu: pruned to fit ``make bench`` in 10 minutes on 2 cores, compile time included: the CPU target case
     (sub_logit_loss S=4, B=256, n=4, K=1000 fp32), the head at B=128, K=100 on 32x32 maps, the other ops
     at both shape families in one dtype each, and a short batch sweep.
-    gpu: both families, fp32 and bf16, the head on 224x224 maps, the sweep from 8 to 8192.
+    gpu: both families, fp32 and bf16, the head on 224x224 maps, the sweep from 8 to 8192, and sub_logit_loss's
+    forward alone at B = 4096, K = 1000 in fp32 and bf16 (its bandwidth target; eager and the fused backends
+    only: no compile, to stay inside gpu_check's budget).
     quick: tiny shapes for the smoke test.
     """
     if profile == "cpu":
@@ -116,6 +129,7 @@ def profile_cases(profile: str) -> List[Case]:
     if profile == "gpu":
         cases = [Case("head", "imagenet", "bf16", _head_shape("imagenet", 224), target=GPU_HEAD_TARGET),
                  Case("head", "imagenet", "fp32", _head_shape("imagenet", 224))]
+        cases += forward_cases((4096,), ("bf16", "fp32"), target=GPU_FWD_BW_TARGET)
         cases += _family_cases("imagenet", ["fp32", "bf16"], ["sub_logit_loss", "bn_relu_pool", "pool_linear",
                                                               "cfm"], 224, 224)
         cases += _family_cases("cifar", ["fp32", "bf16"], ["sub_logit_loss", "bn_relu_pool", "pool_linear",
@@ -132,7 +146,7 @@ def profile_cases(profile: str) -> List[Case]:
                 Case("cfm", "quick", "fp32", {"B": 5, "D": 12, "Dt": 10, "hidden": 10, "n": 3, "K": 37}),
                 Case("head", "quick", "fp32", {"B": 3, "K": 37, "Dt": 24, "n": 3, "img": 32,
                                                "channels": 4}),
-                *sweep_cases((2, 7), K=37)]
+                *sweep_cases((2, 7), K=37), *forward_cases((5,), ("fp32",), K=37)]
     raise ValueError(f"unknown profile {profile!r}; expected cpu, gpu or quick")
 
 
@@ -151,13 +165,28 @@ def sub_logit_loss_bytes(S: int, B: int, n: int, K: int, elem: int) -> Tuple[int
     return essential, design
 
 
+def sub_logit_loss_fwd_bytes(S: int, B: int, n: int, K: int, elem: int) -> Tuple[int, int]:
+    """(essential, design) bytes of one sub_logit_loss forward alone. essential: read zf, z_s, z_t and the
+    targets once = RE + 2ZE + 8B. design: that plus the statistics the forward writes (row_stats S B n 3 and
+    sample_stats B 3 float64, ortho_coef S B n n and the partial sums 5 S B in the accumulation dtype); the
+    reduce kernel's read of the partials (written just before, L2-resident) is not counted. S = 4, n = 4,
+    B = 4096, K = 1000: fp32 294.94 + 3.05 MB, bf16 147.49 + 3.05 MB (decimal; kernels/sub_logit_loss.py)."""
+    rows, z = S * B * n * K, B * K
+    acc = 8 if elem == 8 else 4
+    essential = rows * elem + 2 * z * elem + 8 * B
+    stats = 8 * (S * B * n * 3 + B * 3) + acc * (S * B * n * n + 5 * max(S, 1) * B)
+    return essential, essential + stats
+
+
 def essential_bytes(case: Case) -> Optional[int]:
-    """Bytes a fwd+bwd must move at the least (each input read once, each gradient written once), for the
-    memory-bound ops; None for the GEMM-bound cfm and the head. The roofline floor uses these."""
+    """Bytes a fwd+bwd (a ``fwd`` case: its forward) must move at the least (each input read once, each
+    gradient written once), for the memory-bound ops; None for the GEMM-bound cfm and the head. The roofline
+    floor uses these."""
     es = torch.tensor([], dtype=DTYPES[case.dtype]).element_size()
     s = case.shape
     if case.op == "sub_logit_loss":
-        return sub_logit_loss_bytes(s["S"], s["B"], s["n"], s["K"], es)[0]
+        model = sub_logit_loss_fwd_bytes if case.mode == "fwd" else sub_logit_loss_bytes
+        return model(s["S"], s["B"], s["n"], s["K"], es)[0]
     if case.op == "bn_relu_pool":
         # fwd reads x; bwd reads x again and writes dx.
         return 3 * s["B"] * s["C"] * s["H"] * s["W"] * es
@@ -168,12 +197,14 @@ def essential_bytes(case: Case) -> Optional[int]:
 
 
 def design_bytes(case: Case) -> Optional[int]:
-    """Bytes the fused kernels' design moves in a fwd+bwd (sub_logit_loss: ``sub_logit_loss_bytes``; the other
-    memory-bound ops: their essential bytes, no separate model). Achieved bandwidth = this / time."""
+    """Bytes the fused kernels' design moves in a fwd+bwd (sub_logit_loss: ``sub_logit_loss_bytes``, a ``fwd``
+    case: ``sub_logit_loss_fwd_bytes``; the other memory-bound ops: their essential bytes, no separate model).
+    Achieved bandwidth = this / time."""
     if case.op == "sub_logit_loss":
         s = case.shape
         es = torch.tensor([], dtype=DTYPES[case.dtype]).element_size()
-        return sub_logit_loss_bytes(s["S"], s["B"], s["n"], s["K"], es)[1]
+        model = sub_logit_loss_fwd_bytes if case.mode == "fwd" else sub_logit_loss_bytes
+        return model(s["S"], s["B"], s["n"], s["K"], es)[1]
     return essential_bytes(case)
 
 
@@ -193,8 +224,8 @@ H100_PEAK_FLOPS = {"bf16": 990e12, "fp16": 990e12, "fp32": 67e12, "fp64": 67e12}
 
 
 def roofline_floor_ms(case: Case) -> Optional[float]:
-    """The least time a fwd+bwd can take on an H100: max(essential bytes / HBM bandwidth, FLOPs / peak), in ms;
-    None where neither is modelled (the whole head)."""
+    """The least time a fwd+bwd (a ``fwd`` case: its forward) can take on an H100: max(essential bytes / HBM
+    bandwidth, FLOPs / peak), in ms; None where neither is modelled (the whole head)."""
     nbytes, nflops = essential_bytes(case), flops(case)
     if nbytes is None and nflops is None:
         return None

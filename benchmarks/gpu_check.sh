@@ -47,7 +47,7 @@ SUMMARY="$OUTDIR/summary.txt"
 DRY="${HCD_GPU_CHECK_DRY:-0}"
 BUDGET="${HCD_GPU_CHECK_BUDGET:-340}"
 STAGES="${HCD_GPU_CHECK_STAGES:-}"     # e.g. "backends,bench" to re-run a subset; empty = all
-BENCH_CASES="${HCD_GPU_CHECK_BENCH_CASES:-head/imagenet,step,sweep,sub_logit_loss/imagenet,bn_relu_pool/imagenet,pool_linear/imagenet,cfm/imagenet}"
+BENCH_CASES="${HCD_GPU_CHECK_BENCH_CASES:-head/imagenet,step,sweep,sub_logit_loss/imagenet,sub_logit_loss/fwd,bn_relu_pool/imagenet,pool_linear/imagenet,cfm/imagenet}"
 START=$SECONDS
 : > "$SUMMARY"
 FAILED=()

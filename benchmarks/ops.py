@@ -5,7 +5,8 @@
   the whole batch sweep)
 - a fused backend name: the public API with ``backend=name``.
 
-Every provider of a case sees the same inputs. The head case is ``benchmarks/head.py``'s.
+Every provider of a case sees the same inputs. The head case is ``benchmarks/head.py``'s. A ``fwd`` case
+(sub_logit_loss's forward alone) calls the forward under ``torch.no_grad()``: no graph, no backward.
 """
 from __future__ import annotations
 
@@ -111,7 +112,8 @@ class OpRunner(Inputs):
         raise ValueError(f"unknown op {op!r}")
 
     def fn(self, provider: str) -> Callable[[], torch.Tensor]:
-        """One fwd+bwd of the case by ``provider`` (eager, compile or a backend name); returns the output."""
+        """One fwd+bwd (a ``fwd`` case: one forward) of the case by ``provider`` (eager, compile or a backend
+        name); returns the output."""
         if provider == "compile":
             impl, kw = torch.compile(getattr(R, self.case.op), dynamic=bool(self.case.dynamic)), {}
         else:
@@ -119,6 +121,12 @@ class OpRunner(Inputs):
             kw = {"backend": "reference" if provider == "eager" else provider}
             if self.case.op == "sub_logit_loss":
                 kw["validate"] = False  # reading targets is a host sync; left out of every provider
+
+        if self.case.mode == "fwd":
+            def forward():
+                with torch.no_grad():
+                    return self._call(impl, kw)[0]
+            return forward
 
         def run():
             for t in self.leaves:

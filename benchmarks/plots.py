@@ -103,7 +103,7 @@ def plots(result: dict, out_dir: str) -> List[str]:
     rows = _ok(result["rows"])
     title = result["env"]["device_name"]
     sweep = [r for r in rows if r["suite"] == "ops" and r["group"] == "sweep"]
-    ops = [r for r in rows if r["suite"] == "ops" and r["group"] != "sweep"]
+    ops = [r for r in rows if r["suite"] == "ops" and r["group"] not in ("sweep", "fwd")]
     steps = [r for r in rows if r["suite"] == "steps"]
     written = []
     if sweep:

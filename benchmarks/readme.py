@@ -33,7 +33,7 @@ def render(path: str) -> str:
            "|---|---|---|" + "---|" * len(stock + fused)]
     cases: "OrderedDict[str, dict]" = OrderedDict()
     for r in rows:
-        if r["suite"] == "ops" and r["status"] == "ok" and not r["case"].startswith("sweep/"):
+        if r["suite"] == "ops" and r["status"] == "ok" and r["group"] not in ("sweep", "fwd"):
             cases.setdefault(r["case"], {})[r["provider"]] = r
     for case, by in cases.items():
         if "eager" not in by:

@@ -230,6 +230,8 @@ def over_budget(run: Run, provider: str) -> Optional[str]:
 
 def op_case(run: Run, case: C.Case, policy: Policy) -> List[dict]:
     providers = [p for p in run.args.providers if case.op == "head" or not is_head_only(p)]
+    if case.mode == "fwd":  # the forward's bandwidth: eager and the fused backends (no compile: gpu_check's budget)
+        providers = [p for p in providers if not is_compiled(p)]
     runner = make_runner(case, run.args.device)
     rows, factories = [], {}
     key = (case.op, case.dtype) if case.dynamic else None

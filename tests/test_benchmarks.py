@@ -103,7 +103,16 @@ def test_derived_numbers(quick_run):
     for r in rows:
         eager = next(e for e in rows if e["case"] == r["case"] and e["provider"] == "eager")
         assert r["speedup_vs_eager"] == pytest.approx(eager["median_ms"] / r["median_ms"])
-        if r["op"] == "sub_logit_loss":
+        if r["op"] == "sub_logit_loss" and r["mode"] == "fwd":
+            s = r["shape"]
+            R, Z, B = s["S"] * s["B"] * s["n"] * s["K"], s["B"] * s["K"], s["B"]
+            # the forward alone: read zf, z_s, z_t and the targets once; the design adds the statistics it
+            # writes (fp64 row/sample statistics, fp32 M and partials)
+            nbytes = 4 * (R + 2 * Z) + 8 * B
+            stats = 8 * (3 * s["S"] * B * s["n"] + 3 * B) + 4 * (s["S"] * B * s["n"] ** 2 + 5 * s["S"] * B)
+            assert (r["essential_bytes"], r["bytes"]) == (nbytes, nbytes + stats)
+            assert r["floor_ms"] == pytest.approx(1e3 * nbytes / 3.35e12)
+        elif r["op"] == "sub_logit_loss":
             s = r["shape"]
             R, Z, B = s["S"] * s["B"] * s["n"] * s["K"], s["B"] * s["K"], s["B"]
             # essential: read zf, write d zf; read z_s, z_t, write d z_s (fp32: 4 bytes); int64 targets
@@ -139,6 +148,7 @@ def test_markdown_and_plots(quick_run):
     assert "| case | shape | provider | median ms |" in md
     assert "H100 floor ms (computed, not this device)" in md  # the floor column, marked on a CPU run
     assert "## Whole distillation steps" in md and "## sub_logit_loss batch sweep" in md
+    assert "## sub_logit_loss forward alone" in md
     for c in C.profile_cases("quick"):
         assert c.id in md
     names = sorted(os.path.basename(p) for p in result["plots"])
@@ -157,6 +167,21 @@ def test_compile_provider(tmp_path):
     assert rows["compile"]["status"] == "ok", rows["compile"]["reason"]
     assert rows["compile"]["speedup_vs_eager"] == pytest.approx(rows["eager"]["median_ms"] / rows["compile"]["median_ms"])
     assert rows["eager"]["speedup_vs_compile"] == pytest.approx(rows["compile"]["median_ms"] / rows["eager"]["median_ms"])
+
+
+def test_bandwidth_targets_read_their_own_threshold():
+    """The bandwidth targets name their goal: 72% of copy bandwidth meets the fwd+bwd sweep's 70% and misses the
+    forward's 75%; the gpu profile has the forward cases at B >= 4096, K = 1000 with that target."""
+    from benchmarks import report
+    fwd = [c for c in C.profile_cases("gpu") if c.mode == "fwd"]
+    assert fwd and all(c.shape["B"] >= 4096 and c.shape["K"] == 1000 and c.target == C.GPU_FWD_BW_TARGET
+                       for c in fwd)
+    row = {"case": fwd[0].id, "provider": "cuda", "copy_fraction": 0.72}
+    assert report._op_target(C.GPU_FWD_BW_TARGET, row, "cuda")["verdict"] == "not met"
+    assert report._op_target(C.GPU_BW_TARGET, row, "cuda")["verdict"] == "met"
+    # B = 4096, K = 1000, S = n = 4, bf16: 147.49 MB read + 3.05 MB of statistics (the kernels' headers)
+    essential, design = C.sub_logit_loss_fwd_bytes(4, 4096, 4, 1000, 2)
+    assert round(essential / 1e4) / 100 == 147.49 and round((design - essential) / 1e4) / 100 == 3.05
 
 
 def test_selection():
