@@ -47,10 +47,18 @@ def _op_target(target: str, r: dict, device: str) -> dict:
             "verdict": verdict}
 
 
+TEACHER_LINE = "teacher compiled+bf16 vs eager teacher (hcd_tc vs hcd step; decides --teacher-compile's CUDA default)"
+
+
 def _step_targets(ok: List[dict], device: str) -> List[dict]:
-    """The step targets, read on the Swin-T -> ResNet18 step's ``hcd`` row."""
+    """The step targets, read on the Swin-T -> ResNet18 step's ``hcd`` row; the teacher line on every step
+    case's ``hcd_tc`` row (informational: the speedup of the compiled bf16 teacher's step over ``hcd``)."""
     out = []
     for r in ok:
+        if r.get("suite") == "steps" and r.get("speedup_vs_eager_teacher") is not None:
+            out.append({"target": TEACHER_LINE, "case": r["case"], "provider": r["provider"],
+                        "measured": _x(r["speedup_vs_eager_teacher"]),
+                        "verdict": "info" if device == "cuda" else "n/a (not on a GPU)"})
         if r.get("suite") != "steps" or r["provider"] != "hcd" or r["case"] != "step/swin_t->resnet18":
             continue
         ov, sp = r.get("overhead_vs_kd"), r.get("speedup_vs_hcd_ref")
@@ -162,7 +170,9 @@ def _step_table(steps: List[dict]) -> List[str]:
     return out + ["", "Every variant is one call of hcd-distill's training step in a configuration (see "
                   "benchmarks/steps.py): ce = student alone; kd = plain KD; *_ref = as the published code runs it "
                   "(reference backend, fp32 on CPU / fp16 autocast on CUDA, loss.item() every step); hcd = "
-                  "backend='auto', no host sync, in the precision shown. Overhead: hcd vs kd, hcd_ref vs kd_ref.", ""]
+                  "backend='auto', no host sync, in the precision shown; hcd_tc = hcd with the teacher compiled "
+                  "(CUDA graphs on CUDA) and in bf16 weights, its compile in the first call, outside the timed "
+                  "region. Overhead: hcd vs kd, hcd_ref vs kd_ref.", ""]
 
 
 def markdown(result: dict) -> str:

@@ -72,7 +72,7 @@ def parse_args(argv: Optional[List[str]]):
         ap.error(str(exc))
     args.profile = "quick" if args.quick else (args.profile or ("gpu" if args.device.type == "cuda" else "cpu"))
     args.budget = DEFAULT_BUDGET_S[args.profile] if args.budget_s < 0 else (args.budget_s or None)
-    args.variants = args.variants.split(",") if args.variants else list(ST.VARIANTS)
+    args.variants = args.variants.split(",") if args.variants else ST.default_variants(args.profile)
     bad = [v for v in args.variants if v not in ST.VARIANTS]
     if bad:
         ap.error(f"--variants: unknown variant {bad[0]!r}; expected some of {', '.join(ST.VARIANTS)}")
@@ -223,7 +223,8 @@ def time_case(run: Run, rows: List[dict], factories: Dict[str, Callable], policy
 def over_budget(run: Run, provider: str) -> Optional[str]:
     """Why a compiled provider is dropped now (the run's time budget is spent), else None."""
     budget = run.args.budget
-    if is_compiled(provider) and budget is not None and run.elapsed() > budget:
+    compiles = is_compiled(provider) or provider in ST.COMPILED_VARIANTS
+    if compiles and budget is not None and run.elapsed() > budget:
         return f"time budget ({budget:.0f} s) spent before this provider: compiled providers dropped"
     return None
 
@@ -292,6 +293,8 @@ def step_case(run: Run, case, policy: Policy) -> List[dict]:
             r["overhead_vs_kd"] = r["median_ms"] / base["median_ms"] - 1
         if "hcd_ref" in ok:
             r["speedup_vs_hcd_ref"] = ok["hcd_ref"]["median_ms"] / r["median_ms"]
+        if r["provider"].endswith("_tc") and r["provider"][:-3] in ok:  # teacher compiled+bf16 vs eager teacher
+            r["speedup_vs_eager_teacher"] = ok[r["provider"][:-3]]["median_ms"] / r["median_ms"]
     return rows
 
 

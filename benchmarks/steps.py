@@ -8,6 +8,12 @@ defaults) and times one ``TrainStep`` call: forward, loss, backward, optimizer s
 - ``ce``: the student alone with CE_ls; ``kd``: plain Hinton KD; ``hcd``: HCD with ``backend="auto"``.
   Fast settings: hcd-distill's defaults on the device (CUDA: bf16 autocast, channels_last student and
   input, the teacher at its speed defaults: bf16 weights, channels_last for CNNs); no host sync.
+- ``hcd_tc``: ``hcd`` with the teacher compiled and in bf16 weights (hcd-distill's ``--teacher-compile on
+  --teacher-bf16 on``: ``torch.compile`` with CUDA graphs on CUDA); read against ``hcd`` (the eager teacher at
+  hcd-distill's defaults) for the "teacher compiled+bf16 vs eager teacher" line, which decides
+  ``--teacher-compile``'s default on CUDA (``hcd_fast.distill.teacher.speed.teacher_compile_auto``). In the gpu
+  profile only (its compile, tens of seconds, is the first call: outside the timed region, dropped with the
+  other compiled rows once the run's time budget is spent).
 - ``kd_ref``, ``hcd_ref``: the published-style baseline, a configuration of the same step: reference
   backend, fp16 autocast + GradScaler on CUDA (fp32 on the CPU), the teacher as built (fp32),
   contiguous tensors, ``loss.item()`` every step (``sync_loss``).
@@ -34,7 +40,13 @@ from hcd_fast.distill import (Distiller, DistillTask, TeacherTap, TrainStep, bui
                               probe_teacher)
 from hcd_fast.distill.teacher.speed import apply_teacher_speed, resolve_teacher_speed
 
-VARIANTS = ("ce", "kd", "kd_ref", "hcd_ref", "hcd")
+VARIANTS = ("ce", "kd", "kd_ref", "hcd_ref", "hcd", "hcd_tc")
+COMPILED_VARIANTS = ("hcd_tc",)  # their first call compiles the teacher
+
+
+def default_variants(profile: str) -> List[str]:
+    """Every variant on the GPU; without the compiled-teacher ones on the CPU (a compile there costs minutes)."""
+    return [v for v in VARIANTS if profile == "gpu" or v not in COMPILED_VARIANTS]
 TEACHERS = {"vit_s": "vit_small_patch16_224", "swin_t": "swin_tiny_patch4_window7_224"}
 STUDENT = "resnet18"
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
@@ -43,7 +55,8 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 @dataclass(frozen=True)
 class StepConfig:
     """One configuration of hcd-distill's step. ``teacher``: "fast" (hcd-distill's speed defaults for this
-    amp), "published" (as built, fp32) or "cached" (f_t from the teacher cache: no teacher forward)."""
+    amp), "compiled" (those with bf16 weights and the forward compiled: ``--teacher-bf16 on --teacher-compile
+    on``), "published" (as built, fp32) or "cached" (f_t from the teacher cache: no teacher forward)."""
     method: str                 # ce | kd | hcd
     backend: str = "auto"       # of the HCD head
     amp: str = "off"            # bf16 | fp16 (with a GradScaler) | off
@@ -52,7 +65,8 @@ class StepConfig:
     teacher: str = "fast"
 
     def precision(self) -> str:
-        return ("fp32" if self.amp == "off" else f"{self.amp}-amp") + (" channels_last" if self.channels_last else "")
+        return (("fp32" if self.amp == "off" else f"{self.amp}-amp") + (" channels_last" if self.channels_last else "")
+                + (", teacher bf16 compiled" if self.teacher == "compiled" else ""))
 
 
 def fast_config(method: str, device: torch.device, amp: str = "auto", channels_last: str = "auto",
@@ -72,6 +86,8 @@ def variant_config(variant: str, device: torch.device, amp: str = "auto", channe
         raise ValueError(f"unknown step variant {variant!r}; expected one of {VARIANTS}")
     if variant.endswith("_ref"):
         return published_config(variant[:-4], device)
+    if variant.endswith("_tc"):
+        return fast_config(variant[:-3], device, amp, channels_last, teacher="compiled")
     return fast_config(variant, device, amp, channels_last)
 
 
@@ -103,10 +119,12 @@ class StepModels:
         self.criteria0: Dict[str, nn.Module] = {}
 
     def teacher_tap(self, kind: str, amp: str) -> TeacherTap:
-        """"published": the teacher as built; "fast": a copy at hcd-distill's speed defaults for ``amp``."""
+        """"published": the teacher as built; "fast": a copy at hcd-distill's speed defaults for ``amp``;
+        "compiled": a copy with bf16 weights and its forward compiled (``--teacher-bf16 on --teacher-compile on``)."""
         if kind == "published":
             return self.taps["published"]
-        speed = resolve_teacher_speed(self.teacher_model, self.device, amp)
+        forced = {"bf16": "on", "compile": "on"} if kind == "compiled" else {}
+        speed = resolve_teacher_speed(self.teacher_model, self.device, amp, **forced)
         key = f"fast/{speed}"
         if key not in self.taps:
             tap = TeacherTap(copy.deepcopy(self.teacher_model))
@@ -130,7 +148,7 @@ class StepModels:
         if config.channels_last:
             distiller = distiller.to(memory_format=torch.channels_last)
         teacher = None if config.method == "ce" else self.teacher_tap(
-            "published" if config.teacher == "published" else "fast", config.amp)
+            config.teacher if config.teacher in ("published", "compiled") else "fast", config.amp)
         task = DistillTask(distiller, teacher, device=self.device).train()
         opt = timm.optim.create_optimizer_v2(distiller, opt="sgd", lr=0.05, weight_decay=2e-3, momentum=0.9)
         scaler = torch.amp.GradScaler(self.device.type) if config.amp == "fp16" else None
@@ -204,5 +222,6 @@ class StepBench(StepModels):
         return super().fn(config)
 
 
-__all__ = ["VARIANTS", "StepConfig", "StepModels", "StepBench", "StepCase", "fast_config",
+__all__ = ["VARIANTS", "COMPILED_VARIANTS", "default_variants",
+           "StepConfig", "StepModels", "StepBench", "StepCase", "fast_config",
            "published_config", "variant_config", "variant_precision", "profile_step_cases"]

@@ -123,6 +123,36 @@ def test_step_variants_are_configurations_of_hcd_distills_step(monkeypatch):
     assert len(calls) == 1 and calls[0].task.teacher is not None  # the timed call is the trainer's step
 
 
+def test_teacher_compiled_variant_is_hcd_distills_switches():
+    """hcd_tc is the hcd step with hcd-distill's --teacher-bf16 on --teacher-compile on (the tap's forward
+    wrapped by torch.compile, weights in bf16; nothing compiles until its first call); hcd keeps the eager
+    teacher. The variant runs in the gpu profile only, and --teacher-compile auto still follows --compile
+    (hcd-distill's default waits for the GPU rows)."""
+    from benchmarks.steps import COMPILED_VARIANTS, default_variants
+    from hcd_fast.distill.teacher.speed import teacher_compile_auto
+    bench = tiny_step_models()
+    tc = variant_config("hcd_tc", CPU)
+    assert tc.teacher == "compiled" and tc.method == "hcd" and "teacher bf16 compiled" in tc.precision()
+    taps = {v: bench.train_step(variant_config(v, CPU)).task.teacher for v in ("hcd", "hcd_tc")}
+    assert taps["hcd_tc"].compiled and not taps["hcd"].compiled
+    assert next(taps["hcd_tc"].model.parameters()).dtype == torch.bfloat16
+    assert next(taps["hcd"].model.parameters()).dtype == torch.float32  # CPU default: fp32 teacher
+    assert "hcd_tc" in COMPILED_VARIANTS and "hcd_tc" in default_variants("gpu")
+    assert "hcd_tc" not in default_variants("cpu") and "hcd_tc" not in default_variants("quick")
+    for device in (CPU, torch.device("cuda")):
+        assert teacher_compile_auto(device, False) is False and teacher_compile_auto(device, True) is True
+
+
+def test_teacher_line_reads_the_compiled_teacher_rows():
+    """The results' "teacher compiled+bf16 vs eager teacher" line: hcd's median over hcd_tc's, per step case."""
+    from benchmarks import report
+    rows = [{"suite": "steps", "case": "step/vit_s->resnet18", "provider": p, "status": "ok", "median_ms": t,
+             "device": "cuda"} for p, t in (("hcd", 120.0), ("hcd_tc", 100.0))]
+    rows[1]["speedup_vs_eager_teacher"] = rows[0]["median_ms"] / rows[1]["median_ms"]
+    lines = [t for t in report.evaluate_targets(rows) if t["target"] == report.TEACHER_LINE]
+    assert [(t["case"], t["measured"], t["verdict"]) for t in lines] == [("step/vit_s->resnet18", "1.20x", "info")]
+
+
 def test_published_config_on_cuda_is_fp16_with_grad_scaling():
     cuda = torch.device("cuda")
     pub, fast = published_config("hcd", cuda), fast_config("hcd", cuda)

@@ -154,8 +154,9 @@ def build_components(cfg: TrainConfig, ctx: DistContext, device: torch.device) -
     """Every part of a run, checked (UserError) before the first step."""
     if cfg.cuda_graph:
         from hcd_fast.distill.engine.graph_step import problems
-        found = problems(device, ctx.enabled, cfg.skip_nonfinite, cfg.compile,
-                         cfg.teacher_compile == "on" or (cfg.teacher_compile == "auto" and cfg.compile))
+        from hcd_fast.distill.teacher.speed import teacher_compile_auto
+        found = problems(device, ctx.enabled, cfg.skip_nonfinite, cfg.compile, cfg.teacher_compile == "on" or (
+            cfg.teacher_compile == "auto" and teacher_compile_auto(device, cfg.compile)))
         if found:
             raise UserError("--cuda-graph: " + "; ".join(found))
     data_cfg, data = build_run_data(cfg)

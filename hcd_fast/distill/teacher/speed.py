@@ -37,6 +37,14 @@ def is_cnn(model: nn.Module) -> bool:
     return convs > 1 and not attention
 
 
+def teacher_compile_auto(device: torch.device, compile_all: bool) -> bool:
+    """What ``--teacher-compile auto`` means on ``device`` (``compile_all``: ``--compile``)."""
+    # The default is decided here. It follows --compile until the GPU step benchmarks (benchmarks/steps.py,
+    # hcd_tc vs hcd: "teacher compiled+bf16 vs eager teacher") measure the compiled bf16 teacher; where they show
+    # it wins, this becomes `compile_all or device.type == "cuda"`. No GPU row exists yet.
+    return compile_all
+
+
 def _switch(flag: str, value: str, auto: bool) -> bool:
     if value not in SWITCHES:
         raise UserError(f"{flag}: expected one of {SWITCHES}, got {value!r}")
@@ -59,7 +67,7 @@ def resolve_teacher_speed(model: nn.Module, device: torch.device, amp: str, bf16
     cuda = device.type == "cuda"
     weights_bf16 = _switch("--teacher-bf16", bf16, cuda and amp == "bf16")
     cl = _switch("--teacher-channels-last", channels_last, cuda and is_cnn(model))
-    comp = _switch("--teacher-compile", compile, compile_all)
+    comp = _switch("--teacher-compile", compile, teacher_compile_auto(device, compile_all))
     return TeacherSpeed(weights_bf16, cl, comp, "reduce-overhead" if (comp and cuda) else None)
 
 
