@@ -13,21 +13,22 @@ lse1 = logsumexp(.), lseT = logsumexp(./T)):
   d(w_ol OL)/dv_i = sum_j M_ij v_j with the n x n matrix M of the op's docstring: the forward needs only the
   Gram of the rows (dot products accumulated over K blocks), the backward applies M to the rows it reloads.
 
-Forward, one program per (stage s, sample b), pid = b S + s (a sample's stages adjacent: its z_s row is read from
-DRAM once and from L2 by the S - 1 later programs). ``sub_logit_loss_fwd_kernel`` (n <= 4) makes ONE pass over
-K in (BLOCK_N, LANES, VEC) tiles: each of the LANES = 32 num_warps threads owns VEC consecutive elements of every
-row per step (one vector load per row and one for z_s in flight per thread and step; 16-byte fp32 / 8-byte
-bf16-fp16 vectors where the rows are 16-byte aligned and K is a multiple of VEC, which the launcher tells the
-compiler by passing K and the row strides divided by VEC) and keeps its own online state in registers: per row
-the max and sum exp at T = 1 and at T, the KL numerator, the row sum, and the n x n Gram products; for z_s the
-(max, sum) at T. No block reduction inside the loop: after it ONE ``tl.reduce`` over the lanes (combine
-``_merge_rows4``) merges the row state and the Gram, one more the z_s pair; the s = 0 program then reads z_s and
-z_t once more (from L2) for CE, KD and sample_stats. The (n, n) orthogonality tail is a (BLOCK_N, BLOCK_N) tile,
-spread over the block's threads. ``sub_logit_loss_fwd_large_n_kernel`` (n > 4, where n x n Gram lanes would not
-fit in registers: n = 8 took 250 registers and spilled) reduces a (BLOCK_N, BLOCK_K) tile per step. Both write
-row_stats (S, B, n, 3) and sample_stats (B, 3) in fp64 (max + log-sum: an fp32 log-sum-exp of logits in the
-hundreds loses the probabilities' fp32 accuracy), ortho_coef (S, B, n, n) and 5 partial sums per program; a second
-one-program launch reduces the (B S, 5) partials in a fixed order (deterministic, no atomics).
+Forward, one program per (stage s, sample b), pid = b S + s (a sample's stages adjacent: its z_s row is read from DRAM
+once and from L2 by the S - 1 later programs). ``sub_logit_loss_fwd_kernel`` (n <= 8; fp64 n <= 4) makes ONE pass over K
+in (BLOCK_N, LANES, VEC) tiles: each of the LANES = 32 num_warps threads owns VEC consecutive elements of every row per
+step (one vector load per row and one for z_s in flight per thread and step; 16-byte fp32 / 8-byte bf16-fp16 vectors at
+n <= 4, half that at n = 5..8, where the rows are 16-byte aligned and K is a multiple of VEC, which the launcher tells
+the compiler by passing K and the row strides divided by VEC) and keeps its own online state in registers: per row the
+max and sum exp at T = 1 and at T, the KL numerator, the row sum, and the n x n Gram products; for z_s the (max, sum) at
+T. No block reduction inside the loop: after it ONE ``tl.reduce`` over the lanes (combine ``_merge_rows4``) merges the
+row state and the Gram (n = 5..8: the row state, then one ``tl.sum`` per Gram column), one more the z_s pair; the s = 0
+program then reads z_s and z_t once more (from L2) for CE, KD and sample_stats. The (n, n) orthogonality tail is a
+(BLOCK_N, BLOCK_N) tile, spread over the block's threads. ``sub_logit_loss_fwd_large_n_kernel`` (n > 8, fp64 n > 4: the
+n x n Gram lanes would not fit in registers; n = 8 takes ~250 in fp32, and spilled 4.4 KB in fp64) reduces a (BLOCK_N,
+BLOCK_K) tile per step. Both write row_stats (S, B, n, 3) and sample_stats (B, 3) in fp64 (max + log-sum: an fp32
+log-sum-exp of logits in the hundreds loses the probabilities' fp32 accuracy), ortho_coef (S, B, n, n) and 5 partial
+sums per program; a second one-program launch reduces the (B S, 5) partials in a fixed order (deterministic, no
+atomics).
 Backward, one program per (sample b, K block): loads z_s, z_t of the block and the sample's statistics, then for
 every stage s loads the (n, BLOCK_K) zf tile, writes d zf once in zf's dtype and adds the rows' P_zf to a
 register accumulator; at the end it writes d z_s once in z_s's dtype. grad_output is read from device memory
@@ -137,7 +138,8 @@ def _merge_lse2(m1a, s1a, mta, sta, wa, m1b, s1b, mtb, stb, wb):
 
 
 # Combines of the per-lane state of sub_logit_loss_fwd_kernel for its single block reduction: the two online
-# pairs and w (_merge_lse2), then plain sums (row sums, Gram columns); one per Gram width (0 or 4 columns).
+# pairs and w (_merge_lse2), then plain sums (row sums, Gram columns); one per Gram width (0 or 4 columns;
+# at 8 the Gram columns are summed one by one).
 @triton.jit
 def _merge_rows0(m1a, s1a, mta, sta, wa, xa, m1b, s1b, mtb, stb, wb, xb):
     m1, s1, mt, st, w = _merge_lse2(m1a, s1a, mta, sta, wa, m1b, s1b, mtb, stb, wb)
@@ -188,12 +190,12 @@ def sub_logit_loss_fwd_kernel(
     MASK_TARGET: tl.constexpr, SHIFT: tl.constexpr, UNIT_T: tl.constexpr, ACC: tl.constexpr,
     BLOCK_N: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr, ALIGN: tl.constexpr,
 ):
-    """One program per (stage s, sample b), pid = b max(S, 1) + s, n <= 4 (BLOCK_N <= 4). One pass over K in
-    tiles (BLOCK_N, LANES, VEC): every lane (LANES = 32 num_warps threads) owns VEC consecutive elements of each
-    row per step, so its loads are VEC-wide vectors when ALIGN = VEC, and it keeps its own online state (no
-    block reduction inside the loop): per row the max and sum exp at T = 1 and at T, the KL numerator, the row
-    sum, and the Gram columns v_i.v_j; for z_s the (max, sum) at T. After the loop ONE block reduction
-    (``tl.reduce`` over the lanes with ``_merge_rows4``) combines the row state and the Gram, one more the
+    """One program per (stage s, sample b), pid = b max(S, 1) + s, n <= 8 (BLOCK_N <= 8). One pass over K in tiles
+    (BLOCK_N, LANES, VEC): every lane (LANES = 32 num_warps threads) owns VEC consecutive elements of each row per step,
+    so its loads are VEC-wide vectors when ALIGN = VEC, and it keeps its own online state (no block reduction inside the
+    loop): per row the max and sum exp at T = 1 and at T, the KL numerator, the row sum, and the Gram columns v_i.v_j;
+    for z_s the (max, sum) at T. After the loop ONE block reduction (``tl.reduce`` over the lanes with ``_merge_rows4``;
+    at BLOCK_N = 8 the row state, then the Gram columns one by one) combines the row state and the Gram, one more the
     student's pair. The s = 0 program then makes a second, short pass over z_s and z_t (L2) for CE and KD.
     ALIGN > 1: K and the row strides were passed divided by ALIGN (stride_k == 1, 16-byte aligned rows), so
     the compiler sees them as multiples of ALIGN and vectorises the loads. coef_ol = w_ol / (B n (n-1)),
@@ -235,10 +237,14 @@ def sub_logit_loss_fwd_kernel(
     st = tl.zeros([BLOCK_N, LANES], ACC)       # sum exp((x - m1) / T)
     w = tl.zeros([BLOCK_N, LANES], ACC)        # sum exp((x - m1) / T) (x - z_s)
     sx = tl.zeros([BLOCK_N, LANES], ACC)       # sum x
-    g0 = tl.zeros([BLOCK_N, LANES], ACC)       # Gram column j: sum v_i v_j (j < BLOCK_N <= 4)
+    g0 = tl.zeros([BLOCK_N, LANES], ACC)       # Gram column j: sum v_i v_j (j < BLOCK_N <= 8)
     g1 = tl.zeros([BLOCK_N, LANES], ACC)
     g2 = tl.zeros([BLOCK_N, LANES], ACC)
     g3 = tl.zeros([BLOCK_N, LANES], ACC)
+    g4 = tl.zeros([BLOCK_N, LANES], ACC)
+    g5 = tl.zeros([BLOCK_N, LANES], ACC)
+    g6 = tl.zeros([BLOCK_N, LANES], ACC)
+    g7 = tl.zeros([BLOCK_N, LANES], ACC)
     ms = tl.full([1, LANES], neg, ACC)         # z_s / T: max and sum exp
     ss = tl.zeros([1, LANES], ACC)
     for k0 in range(0, K, BLOCK_K):
@@ -283,13 +289,27 @@ def sub_logit_loss_fwd_kernel(
             g1 = _gram_column(g1, v, _row(v, offs_n3, 1, BLOCK_N), offs_n3, 1, BLOCK_N)
             g2 = _gram_column(g2, v, _row(v, offs_n3, 2, BLOCK_N), offs_n3, 2, BLOCK_N)
             g3 = _gram_column(g3, v, _row(v, offs_n3, 3, BLOCK_N), offs_n3, 3, BLOCK_N)
+            g4 = _gram_column(g4, v, _row(v, offs_n3, 4, BLOCK_N), offs_n3, 4, BLOCK_N)
+            g5 = _gram_column(g5, v, _row(v, offs_n3, 5, BLOCK_N), offs_n3, 5, BLOCK_N)
+            g6 = _gram_column(g6, v, _row(v, offs_n3, 6, BLOCK_N), offs_n3, 6, BLOCK_N)
+            g7 = _gram_column(g7, v, _row(v, offs_n3, 7, BLOCK_N), offs_n3, 7, BLOCK_N)
 
     # The one block reduction of the row state (a fixed tree: deterministic), and the student's pair.
     if BLOCK_N == 1:
         m1, s1, mt, st, w, sx = tl.reduce((m1, s1, m1 * inv_t, st, w, sx), 1, _merge_rows0)
-    else:
+    elif BLOCK_N <= 4:
         m1, s1, mt, st, w, sx, g0, g1, g2, g3 = tl.reduce(
             (m1, s1, m1 * inv_t, st, w, sx, g0, g1, g2, g3), 1, _merge_rows4)
+    else:  # n = 5..8: the row state in one reduction, then the Gram columns one at a time (fewer live registers)
+        m1, s1, mt, st, w, sx = tl.reduce((m1, s1, m1 * inv_t, st, w, sx), 1, _merge_rows0)
+        g0 = tl.sum(g0, 1)
+        g1 = tl.sum(g1, 1)
+        g2 = tl.sum(g2, 1)
+        g3 = tl.sum(g3, 1)
+        g4 = tl.sum(g4, 1)
+        g5 = tl.sum(g5, 1)
+        g6 = tl.sum(g6, 1)
+        g7 = tl.sum(g7, 1)
     mts, sts = tl.reduce((ms, ss), 1, _merge_online)
     mts = tl.sum(mts, 0)  # (1,) -> scalar
     sts = tl.sum(sts, 0)
@@ -362,6 +382,10 @@ def sub_logit_loss_fwd_kernel(
         gram = _gram_entry(gram, g1, offs_n, 1, BLOCK_N)
         gram = _gram_entry(gram, g2, offs_n, 2, BLOCK_N)
         gram = _gram_entry(gram, g3, offs_n, 3, BLOCK_N)
+        gram = _gram_entry(gram, g4, offs_n, 4, BLOCK_N)
+        gram = _gram_entry(gram, g5, offs_n, 5, BLOCK_N)
+        gram = _gram_entry(gram, g6, offs_n, 6, BLOCK_N)
+        gram = _gram_entry(gram, g7, offs_n, 7, BLOCK_N)
     ol_b, mmat = _ortho_tail(gram, offs_n, row_ok, ortho_eps, ortho_threshold, coef_ol, ol_norm, ACC)
     coef = ortho_coef_ptr + (s * B + b) * N * N + offs_n[:, None] * N + offs_n[None, :]
     tl.store(coef, mmat, mask=row_ok[:, None] & row_ok[None, :])
@@ -648,10 +672,10 @@ def _warps(tile: int, least: int = 2) -> int:
 
 
 def _fwd_heuristic(n: int, num_classes: int, block_k=None):
-    """sub_logit_loss_fwd_large_n_kernel (n > 8): BLOCK_N = n rounded up to a power of two; BLOCK_K bounds the
-    (BLOCK_N, BLOCK_K) tile (1024 elements from n = 16 on, where the n x n Gram tiles take registers), so every K
-    is looped over; about 8 tile elements per thread (``_warps``).
-    tests/test_triton_compile.py checks with ptxas -v for sm_90 that these sizes do not spill."""
+    """sub_logit_loss_fwd_large_n_kernel (n > 8; fp64 n > 4): BLOCK_N = n rounded up to a power of two; BLOCK_K bounds
+    the (BLOCK_N, BLOCK_K) tile (1024 elements from n = 16 on, where the n x n Gram tiles take registers), so every
+    K is looped over; about 8 tile elements per thread (``_warps``). tests/test_triton_compile.py checks with ptxas
+    -v for sm_90 that these sizes do not spill."""
     block_n = triton.next_power_of_2(n)
     if block_k is None:
         budget = min(2048 // block_n, 1024) if block_n <= 8 else 1024 // block_n
@@ -659,18 +683,27 @@ def _fwd_heuristic(n: int, num_classes: int, block_k=None):
     return block_n, block_k, _warps(block_n * block_k, 2 if block_n == 1 else 4)
 
 
-LANE_MAX_N = 4  # sub_logit_loss_fwd_kernel keeps n x n Gram lanes in registers up to this n (n = 8: 250
-# registers and spills at sm_90; n > 4 runs sub_logit_loss_fwd_large_n_kernel)
+# sub_logit_loss_fwd_kernel keeps the n x n Gram lanes in registers up to n = 8 (fp32 accumulation: ~250
+# registers at sm_90, no spill under triton 3.6 and 3.8 with 2 elements per lane and row; 4 spilled 104 bytes
+# under 3.6) and n = 4 in fp64 (n = 8 spilled 4.4 KB); larger n runs sub_logit_loss_fwd_large_n_kernel.
+LANE_MAX_N = 8
+LANE_MAX_N_FP64 = 4
+
+
+def _lane_forward(n: int, fp64: bool) -> bool:
+    return n <= (LANE_MAX_N_FP64 if fp64 else LANE_MAX_N)
 
 
 def _fwd_lane_heuristic(n: int, num_classes: int, elem_bytes: int, block_k=None, fp64: bool = False):
-    """sub_logit_loss_fwd_kernel (n <= 4): (BLOCK_N, VEC, num_warps). VEC = 4 elements per lane and row: a
-    16-byte vector of fp32, 8 bytes of bf16/fp16 (8 bf16 elements, a 16-byte vector, need 128 registers and spill
-    at sm_90), 1 in fp64 (the fp64 state takes twice the registers). 1 to 4 warps, about two vectors per lane
-    and row over K (K = 1000: 4 warps, 2 steps). block_k (tests): one warp and VEC = block_k // 32 (at least 1),
-    to force the K loop."""
+    """sub_logit_loss_fwd_kernel (``_lane_forward``): (BLOCK_N, VEC, num_warps). VEC = 4 elements per lane and
+    row: a 16-byte vector of fp32, 8 bytes of bf16/fp16 (8 bf16 elements, a 16-byte vector, need 128 registers
+    and spill at sm_90), 2 at n = 5..8 (the 8 x 8 Gram lanes), 1 in fp64 (the fp64 state takes twice the
+    registers). 1 to 4 warps, about two vectors per lane and row over K (K = 1000: 4 warps, 2 steps). block_k
+    (tests): one warp and VEC = block_k // 32 (at least 1), to force the K loop."""
     block_n = triton.next_power_of_2(n)
     vec = 1 if fp64 else min(4, max(1, 16 // elem_bytes))
+    if block_n == 8:
+        vec = min(vec, 2)
     if block_k is not None:
         return block_n, max(1, block_k // 32), 1
     num_warps = min(4, max(1, triton.next_power_of_2(triton.cdiv(num_classes, 32 * vec)) // 2))
@@ -736,7 +769,7 @@ def sub_logit_loss_forward(
     scalars = (float(temperature), float(label_smoothing), float(ortho_threshold), float(ortho_eps),
                float(mask_fill), float(ortho_shift), w_ol / (batch * pairs) if pairs else 0.0,
                1.0 / pairs if pairs else 0.0)
-    if n <= LANE_MAX_N:
+    if _lane_forward(n, fp64):
         block_n, vec, num_warps = _fwd_lane_heuristic(n, num_classes, sub_logits.element_size(), block_k, fp64)
         row_strides = (*sub_logits.stride()[:3], student_logits.stride(0), teacher_logits.stride(0))
         align = _alignment(vec, num_classes, (sub_logits, student_logits, teacher_logits), row_strides)

@@ -202,6 +202,51 @@ def test_aligned_rows(backend, device, dtype):
     assert_close("grad student_logits", gz, want[1], tol)
 
 
+ONE_PASS_WIDE = [(1, 3, 5, 1000, torch.float32, True), (2, 3, 8, 1000, torch.bfloat16, True),
+                 (1, 2, 7, 1001, torch.float16, True), (0, 5, 8, 37, torch.float32, False),
+                 (2, 3, 6, 37, torch.float64, False)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("S,B,n,K,dtype,contiguous", ONE_PASS_WIDE,
+                         ids=[f"S{c[0]}-n{c[2]}-K{c[3]}-{str(c[4])[6:]}" for c in ONE_PASS_WIDE])
+def test_one_pass_forward_five_to_eight_sub_logits(backend, device, S, B, n, K, dtype, contiguous):
+    """n = 5..8 (the Triton one-pass forward's 8 x 8 Gram lanes, 2 elements per lane and row; vector loads where
+    the rows are contiguous and K even; fp64 takes the large-n kernel): loss, parts and both gradients against the
+    reference, with odd K, S = 0 and S = 1, every dtype."""
+    cfg = config(n, 2.0, "zero", ortho_threshold=0.1, w_ol=2.0)
+    sub_leaf, zs_leaf, zt, y = make_inputs(S, B, n, K, dtype=dtype, device=device, seed=29 + n)
+    if contiguous:
+        sub = sub_leaf.detach().permute(3, 2, 1, 0).contiguous().requires_grad_()
+        zs = zs_leaf.detach().t().contiguous().requires_grad_()
+    else:
+        sub, zs = views(sub_leaf, zs_leaf)
+    if backend == "triton":
+        from hcd_fast.kernels import sub_logit_loss as kmod
+        fp64 = dtype == torch.float64
+        assert kmod._lane_forward(n, fp64) == (not fp64)
+        vec = kmod._fwd_lane_heuristic(n, K, sub.element_size(), fp64=fp64)[1]
+        want_align = 2 if contiguous and K % 2 == 0 else 1
+        assert kmod._alignment(vec, K, (sub, zs, zt), (*sub.stride()[:3], zs.stride(0), zt.stride(0))) == want_align
+    loss, parts = HF.sub_logit_loss(sub, zs, zt, y, cfg, backend=backend)
+    gs, gz = torch.autograd.grad(loss, (sub, zs), torch.tensor(0.37, dtype=loss.dtype, device=device))
+    s64, z64 = sub.detach().double().requires_grad_(), zs.detach().double().requires_grad_()
+    want_loss, want_parts = R.sub_logit_loss(s64, z64, zt.double(), y, cfg)
+    want = torch.autograd.grad(want_loss, (s64, z64), torch.tensor(0.37, dtype=torch.float64),
+                               allow_unused=True)  # S = 0: the empty sub_logits take no part
+    tol = 1e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-5  # 16-bit gradients: rounded to 2^-9 / 2^-12
+    assert_close("loss", loss, want_loss, 1e-5)
+    for k in PARTS:
+        assert_close(k, parts[k], want_parts[k], 1e-5, atol=1e-12)
+    if S > 0:
+        assert want_parts["ortho"] > 0  # the correlated rows exercise the hinge
+        assert_close("grad sub_logits", gs, want[0], tol)
+    else:
+        assert gs.shape == sub.shape and gs.numel() == 0
+    assert_close("grad student_logits", gz, want[1], tol)
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_no_stages_gives_ce_and_kd(backend, device):
     """S = 0 (no tapped stage; allowed by the public boundary): the reference's loss is w_gt CE + w_kd KD, the
