@@ -42,7 +42,8 @@ def _capture_launches():
 
     # (mask_target, mask_fill, ortho_shift): gt_mask "zero" / "large_negative" / "none"; shift != 0: "raw";
     # need: which gradients the backward writes (sub_logits, student_logits). K = 100 and 1000 (the benchmark
-    # shapes) at n in {1, 2, 4, 8}, the longest rows, n = 16, fp64.
+    # shapes) at n in {1, 2, 4, 8}, the longest rows, n = 16, fp64; n = 5..8 on the one-pass forward (fp64: the
+    # large-n kernel).
     for (S, B, n, K, dtype, mask, shift, detach, need) in [
             (4, 2, 4, 32768, torch.float32, (True, 0.0), 0.0, False, (True, True)),
             (1, 2, 16, 1000, torch.bfloat16, (True, -1e6), 0.0, True, (True, True)),
@@ -58,7 +59,11 @@ def _capture_launches():
             (4, 2, 2, 1000, torch.bfloat16, (False, 0.0), 0.0, False, (True, True)),
             (4, 2, 3, 1000, torch.float16, (True, 0.0), 1.0, False, (True, True)),
             (2, 2, 4, 100, torch.float32, (True, 0.0), 0.0, False, (True, True)),
-            (2, 2, 4, 37, torch.float64, (True, 0.0), 0.0, False, (True, True))]:
+            (2, 2, 4, 37, torch.float64, (True, 0.0), 0.0, False, (True, True)),
+            (4, 2, 8, 1000, torch.float32, (True, 0.0), 0.0, False, (True, True)),
+            (4, 2, 6, 1000, torch.bfloat16, (True, 0.0), 1.0, False, (True, True)),
+            (2, 2, 5, 1000, torch.float16, (False, 0.0), 1.0, False, (True, True)),
+            (2, 2, 8, 37, torch.float64, (True, 0.0), 0.0, False, (True, True))]:
         zf, zs, zt, y = logits(S, B, n, K, dtype)
         _, _, row_stats, ortho_coef, sample_stats = sub_logit_loss.sub_logit_loss_forward(
             zf, zs, zt, y, 2.0, 0.1, 0.5, 1e-12, *mask, shift, detach, 1.0, 1.0, 6.0, 1.0)
@@ -183,10 +188,12 @@ def main():
         spills = sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", info))
         regs = int(re.search(r"Used (\d+) registers", info).group(1))
         fp64 = any(v == "*fp64" for v in signature.values())
+        half = any(v in ("*bf16", "*fp16") for v in signature.values())
         # global loads by width: "ld.global.v4.b32" is one 16-byte vector per thread
         loads = sorted(set(re.findall(r"ld\.global[\w.:]*", compiled.asm["ptx"])))
         results.append(dict(kernel=fn.__name__, constexprs={k: str(v) for k, v in constexprs.items()},
-                            num_warps=num_warps, registers=regs, spill_bytes=spills, fp64=fp64, loads=loads))
+                            num_warps=num_warps, registers=regs, spill_bytes=spills, fp64=fp64, half=half,
+                            loads=loads))
     print(json.dumps(results))
 
 
@@ -212,11 +219,13 @@ def test_kernels_compile_for_sm90_without_spills():
     # counts; real register-pressure spills are hundreds of bytes and fail here.
     spilling = [r for r in results if r["spill_bytes"] > 8 and not r["fp64"]]
     assert not spilling, spilling
-    # The one-pass forward reads 16-byte vectors where its rows are aligned (ALIGN > 1: K = 1000 and the other
-    # multiples of 4 / 8 above), scalars otherwise.
+    # The one-pass forward reads vectors where its rows are aligned (ALIGN > 1: K = 1000 and the other multiples
+    # of 2 / 4 above), scalars otherwise: .v2 / .v4 loads, or for 16-bit logits 2 wide (n = 5..8) one b32 load.
     aligned = [r for r in results if r["kernel"] == "sub_logit_loss_fwd_kernel" and r["constexprs"]["ALIGN"] != "1"]
     assert len(aligned) >= 4, [r["constexprs"] for r in results if r["kernel"] == "sub_logit_loss_fwd_kernel"]
-    scalar_only = [r for r in aligned if not any(".v2." in ld or ".v4." in ld for ld in r["loads"])]
+    assert any(r["constexprs"]["BLOCK_N"] == "8" for r in aligned)
+    scalar_only = [r for r in aligned if not any(".v2." in ld or ".v4." in ld or (r["half"] and ld == "ld.global.b32")
+                                                 for ld in r["loads"])]
     assert not scalar_only, scalar_only
 
 
