@@ -17,20 +17,21 @@
 //                     + [!(masked and k == y)] sum_j M_ij v_j,k)
 //
 // Kernels (P = max(S, 1) blocks per sample; S = 0 leaves one block per sample for CE and KD):
-//   sub_logit_loss_fwd_kernel          n <= 4 (kLaneRows), the one-pass forward. Grid P*B blocks, block
-//       r = b * P + s (a sample's stage blocks adjacent: z_s read from DRAM once, from L2 by the others).
+//   sub_logit_loss_fwd_kernel          n <= 8 (kLaneMaxRows; fp64 n <= 4), the one-pass forward. Grid P*B
+//       blocks, block r = b * P + s (a sample's stage blocks adjacent: z_s read from DRAM once, from L2 by the others).
 //       ONE pass over K: each thread owns kVec consecutive elements of every row per step (16-byte vectors of zf,
-//       8-byte for fp16 and for 16-bit zf with fp32 sides, where the rows are 16-byte aligned and K % kVec == 0; all
-//       the step's loads issued before its arithmetic: n + 1 vectors in flight, n + 2 with ortho_shift) and keeps its
-//       own online state in registers: per row the max, sum exp at T = 1 and at T, the KL numerator, the row sum, the
-//       upper triangle of the n x n Gram; z_s / T's (max, sum). Then ONE block reduction: the block max of the n + 1
-//       maxima (one barrier), each thread's sums rescaled to it, a reduce-scatter of the <= 32 sums inside each warp
-//       (31 shuffles; lane l ends with value l), one barrier, value t's warp partials added in warp order by thread t.
-//       The n x n tail is spread over n threads (thread i: row i's statistics, CE, KL and row i of M). The s == 0 block
-//       then reads z_s, z_t once more (L2) for CE, KD and sample_stats.
-//   sub_logit_loss_fwd_large_n_kernel  n > 4: the multi-pass forward (max/sum pass, exp/KL pass, one Gram dot
-//       product per pair; the repeated passes over the block's own rows hit L1/L2), D in shared memory; the
-//       n x n tail one row per thread.
+//       8-byte for fp16 and for 16-bit zf with fp32 sides, 2 elements at n = 5..8, where the rows are 16-byte aligned
+//       and K % kVec == 0; all the step's loads issued before its arithmetic: n + 1 vectors in flight, n + 2 with
+//       ortho_shift) and keeps its own online state in registers: per row the max, sum exp at T = 1 and at T, the KL
+//       numerator, the row sum, the upper triangle of the n x n Gram; z_s / T's (max, sum). Then ONE block reduction:
+//       the block max of the n + 1 maxima (one barrier), each thread's sums rescaled to it, reduce-scatters of the sums
+//       inside each warp, 32 at a time (31 shuffles; lane l ends with value l; 8 rows: 3 of them), one barrier, value
+//       t's warp partials added in warp order by thread t. The n x n tail is spread over n threads (thread i: row i's
+//       statistics, CE, KL and row i of M). The s == 0 block then reads z_s, z_t once more (L2) for CE, KD and
+//       sample_stats.
+//   sub_logit_loss_fwd_large_n_kernel  n > 8 (fp64 n > 4): the multi-pass forward (max/sum pass, exp/KL
+//       pass, one Gram dot product per pair; the repeated passes over the block's own rows hit L1/L2), D in shared
+//       memory; the n x n tail one row per thread.
 //   sub_logit_loss_reduce_kernel       one block: the (P*B, 5) partials summed in a fixed order -> parts, loss.
 //   sub_logit_loss_bwd_kernel          grid (B, K-blocks), kPerThread columns per thread: loads z_s, z_t of its
 //       columns, then for every (s, i) the zf column (the n values of a (s, b) in registers when n <= kRegRows),
@@ -91,9 +92,10 @@ __device__ __forceinline__ void split_stat(double v, acc_t& hi, acc_t& lo) {
   lo = acc_t(v - double(hi));
 }
 
-// n > kLaneRows: one block per (stage, sample), several passes over the block's rows (max/sum, exp/KL, then
-// one Gram dot product per pair; the repeated passes hit L1/L2). Dynamic shared memory: 3 * 32 reduction values,
-// then D (n x n) and the norms (n) unless `scratch` (a global slice per block) is given for large n.
+// n > kLaneMaxRows (fp64: n > kLaneRows): one block per (stage, sample), several passes over the block's rows
+// (max/sum, exp/KL, then one Gram dot product per pair; the repeated passes hit L1/L2). Dynamic shared memory:
+// 3 * 32 reduction values, then D (n x n) and the norms (n) unless `scratch` (a global slice per block) is given
+// for large n.
 // P = max(S, 1) blocks per sample: with S = 0 the one block per sample does CE and KD only (n_rows = 0).
 // __launch_bounds__(.., 1): ptxas may use up to 128 registers (fp64: 87, no spills); with the thread count
 // alone it aimed at 64 and spilled 80 bytes in the fp64 instantiation.
@@ -272,10 +274,12 @@ __global__ void __launch_bounds__(kMaxRowThreads, 1)
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// n <= kLaneRows: the one-pass forward. One block per (stage, sample), P = max(S, 1) blocks per sample.
+// n <= kLaneMaxRows: the one-pass forward. One block per (stage, sample), P = max(S, 1) blocks per sample.
 constexpr int kLaneRows = 4;          // rows kept in registers (n = 1 has its own instantiation)
+constexpr int kLaneMaxRows = 8;       // n = 5..8: the kLaneMaxRows instantiation (fp32 accumulation only)
+constexpr int kLaneMaxRowsVec = 2;    // its elements per thread and row (4 spilled 260 bytes at 128 registers)
 constexpr int kLaneMaxThreads = 256;
-constexpr int kLaneValues = kWarp;    // values of the block reduction (padded to one per lane)
+constexpr int kLaneValues = kWarp;    // values of one reduce-scatter (one per lane)
 
 // Threads per one-pass block: about two vectors per thread and row over K, 64 to 256 threads.
 inline int lane_threads(int64_t K, int vec) {
@@ -342,27 +346,29 @@ __device__ __forceinline__ int scatter_index(int lane) { return lane; }
 // (L2) for CE, KD and sample_stats.
 // Register budget (ptxas -v, sm_90, CUDA 13.0): with the thread count alone ptxas aimed at 64 or 128 registers
 // and spilled in the fp64 instantiations (88-164 bytes) and the fp16 8-wide one (4 bytes). Declared here: at
-// least 2 blocks of 256 threads per SM (<= 128 registers) for fp32 accumulation, 1 for fp64 (146 registers at
-// kRows = 4); with the fp16 vectors 4 wide (below) no instantiation spills.
-template <typename acc_t>
+// least 2 blocks of 256 threads per SM (<= 128 registers) for fp32 accumulation up to kLaneRows rows, 1 for fp64
+// (146 registers at kRows = 4) and for kLaneMaxRows rows (~155 registers: the 36 Gram sums and 8 rows of state;
+// at 128 it spilled 12-36 bytes); with the fp16 vectors 4 wide (below) no instantiation spills.
+template <typename acc_t, int kRows>
 constexpr int lane_min_blocks() {
-  return sizeof(acc_t) == 8 ? 1 : 2;
+  return sizeof(acc_t) == 8 || kRows > kLaneRows ? 1 : 2;
 }
 
 template <typename scalar_t, typename side_t, typename acc_t, int kRows, int kVec>
-__global__ void __launch_bounds__(kLaneMaxThreads, lane_min_blocks<acc_t>())
+__global__ void __launch_bounds__(kLaneMaxThreads, lane_min_blocks<acc_t, kRows>())
     sub_logit_loss_fwd_kernel(const scalar_t* __restrict__ sub, const side_t* __restrict__ zs,
                               const side_t* __restrict__ zt, const int64_t* __restrict__ target,
                               double* __restrict__ row_stats, acc_t* __restrict__ ortho_coef,
                               double* __restrict__ sample_stats, acc_t* __restrict__ partials, int64_t S, int64_t B,
                               int64_t n_all, int64_t K, FwdParams p) {
-  static_assert(kRows == 1 || kRows == kLaneRows, "kRows: 1 or kLaneRows");
+  static_assert(kRows == 1 || kRows == kLaneRows || kRows == kLaneMaxRows, "kRows: 1, kLaneRows or kLaneMaxRows");
   constexpr int kGram = kRows > 1 ? kRows * (kRows + 1) / 2 : 0;
   constexpr int kSums = 4 * kRows + kGram + 1;  // s1, sT, w, sum per row; the Gram; the student's sum
-  static_assert(kSums <= kLaneValues, "the block reduction holds one value per lane");
+  constexpr int kChunks = (kSums + kLaneValues - 1) / kLaneValues;  // reduce-scatters of 32 values (8 rows: 3)
+  constexpr int kPacked = kChunks * kLaneValues;
   __shared__ acc_t red_max[kLaneMaxThreads / kWarp][kRows + 1];
-  __shared__ acc_t red_sum[kLaneMaxThreads / kWarp][kLaneValues];
-  __shared__ acc_t tot[kLaneValues + kRows + 1];  // the block's sums, then the maxima
+  __shared__ acc_t red_sum[kLaneMaxThreads / kWarp][kPacked];
+  __shared__ acc_t tot[kPacked + kRows + 1];  // the block's sums, then the maxima
   __shared__ acc_t ws[4 * kWarp];                 // block_sum<4> / block_max scratch of the s = 0 pass
   const unsigned P = S > 0 ? unsigned(S) : 1u;
   const int64_t r = blockIdx.x, b = int64_t(blockIdx.x / P), s = int64_t(blockIdx.x % P);
@@ -487,9 +493,9 @@ __global__ void __launch_bounds__(kLaneMaxThreads, lane_min_blocks<acc_t>())
     mx[i] = t;
   }
   // This thread's sums rescaled to the block maxima, packed; then the reduce-scatter and the warp partials.
-  acc_t v[kLaneValues];
+  acc_t v[kPacked];
 #pragma unroll
-  for (int q = 0; q < kLaneValues; ++q) v[q] = 0;
+  for (int q = 0; q < kPacked; ++q) v[q] = 0;
 #pragma unroll
   for (int i = 0; i < kRows; ++i) {
     const acc_t ref = mx[i] == kNegInf ? acc_t(0) : mx[i];
@@ -502,25 +508,30 @@ __global__ void __launch_bounds__(kLaneMaxThreads, lane_min_blocks<acc_t>())
     const acc_t ref = mx[kRows] == kNegInf ? acc_t(0) : mx[kRows];
     v[kSums - 1] = ss * dev_exp(ms - ref);
   }
-  const acc_t mine = warp_reduce_scatter(v);
-  red_sum[warp][scatter_index(lane)] = mine;
+#pragma unroll
+  for (int c = 0; c < kChunks; ++c) {  // chunk c: values [32 c, 32 c + 32), every index a constant
+    acc_t chunk[kLaneValues];
+#pragma unroll
+    for (int q = 0; q < kLaneValues; ++q) chunk[q] = v[c * kLaneValues + q];
+    red_sum[warp][c * kLaneValues + scatter_index(lane)] = warp_reduce_scatter(chunk);
+  }
   __syncthreads();
-  if (tid < kLaneValues) {  // value tid: the warp partials in warp order
-    acc_t t = red_sum[0][tid];
-    for (int q = 1; q < warps; ++q) t += red_sum[q][tid];
-    tot[tid] = t;
+  for (int q = tid; q < kPacked; q += nt) {  // value q: the warp partials in warp order
+    acc_t t = red_sum[0][q];
+    for (int wp = 1; wp < warps; ++wp) t += red_sum[wp][q];
+    tot[q] = t;
   }
   if (tid == 0)
 #pragma unroll
-    for (int i = 0; i <= kRows; ++i) tot[kLaneValues + i] = mx[i];
+    for (int i = 0; i <= kRows; ++i) tot[kPacked + i] = mx[i];
   __syncthreads();
 
   // The tail: thread i < n does row i.
-  const acc_t msT = tot[kLaneValues + kRows], log_ss = dev_log(tot[kSums - 1]);  // lse(z_s / T) = msT + log_ss
+  const acc_t msT = tot[kPacked + kRows], log_ss = dev_log(tot[kSums - 1]);  // lse(z_s / T) = msT + log_ss
   acc_t ce_i = 0, kl_i = 0, hinge_i = 0;
   if (tid < n) {
     const int i = tid;
-    const acc_t mi = tot[kLaneValues + i], S1 = tot[4 * i], ST = tot[4 * i + 1], W = tot[4 * i + 2];
+    const acc_t mi = tot[kPacked + i], S1 = tot[4 * i], ST = tot[4 * i + 1], W = tot[4 * i + 2];
     const acc_t SX = tot[4 * i + 3];
     const acc_t log_z1 = dev_log(S1), log_zT = dev_log(ST);
     const acc_t kl = W / ST * invT - (mi * invT - msT) - log_zT + log_ss;
@@ -553,7 +564,7 @@ __global__ void __launch_bounds__(kLaneMaxThreads, lane_min_blocks<acc_t>())
       M[0] = 0;
     }
   }
-  // The rows' partials, summed over the n <= 4 lanes of warp 0 in a fixed order.
+  // The rows' partials, summed over the n <= kRows lanes of warp 0 in a fixed order.
   if (warp == 0) {
 #pragma unroll
     for (int o = 1; o < kRows; o *= 2) {
@@ -827,7 +838,7 @@ SubLogitLossOut sub_logit_loss(HCD_SUB_LOGIT_LOSS_ARGS) {
     using scalar_t = decltype(zf_tag);
     using side_t = decltype(side_tag);
     using acc_t = at::opmath_type<scalar_t>;
-    if (n <= kLaneRows) {
+    if (n <= kLaneRows || (sizeof(acc_t) == 4 && n <= kLaneMaxRows)) {
       // 16-byte vectors of zf where every row is 16-byte aligned: K a multiple of the vector, aligned bases
       // (the side rows then start on 16 bytes too: K * sizeof(side_t) is a multiple of 16).
       // fp64: scalar (the fp64 state already takes twice the registers); 16-bit zf with fp32 sides: 8-byte zf
@@ -840,19 +851,29 @@ SubLogitLossOut sub_logit_loss(HCD_SUB_LOGIT_LOSS_ARGS) {
       const bool aligned = kVec > 1 && K % kVec == 0 && reinterpret_cast<uintptr_t>(sub.data_ptr()) % 16 == 0 &&
                            reinterpret_cast<uintptr_t>(zs.data_ptr()) % 16 == 0 &&
                            reinterpret_cast<uintptr_t>(zt.data_ptr()) % 16 == 0;
-      const int threads = lane_threads(K, aligned ? kVec : 1);
+      int threads = lane_threads(K, aligned ? kVec : 1);
       auto launch = [&](auto kernel) {
         kernel<<<unsigned(P * B), threads, 0, stream>>>(
             sub.data_ptr<scalar_t>(), zs.data_ptr<side_t>(), zt.data_ptr<side_t>(), y.data_ptr<int64_t>(),
             row_stats.data_ptr<double>(), ortho_coef.data_ptr<acc_t>(), sample_stats.data_ptr<double>(),
             partials.data_ptr<acc_t>(), S, B, n, K, p);
       };
-      if (n == 1)
+      if (n == 1) {
         aligned ? launch(sub_logit_loss_fwd_kernel<scalar_t, side_t, acc_t, 1, kVec>)
                 : launch(sub_logit_loss_fwd_kernel<scalar_t, side_t, acc_t, 1, 1>);
-      else
+      } else if (n <= kLaneRows) {
         aligned ? launch(sub_logit_loss_fwd_kernel<scalar_t, side_t, acc_t, kLaneRows, kVec>)
                 : launch(sub_logit_loss_fwd_kernel<scalar_t, side_t, acc_t, kLaneRows, 1>);
+      } else if constexpr (sizeof(acc_t) == 4) {
+        constexpr int kVec8 = kVec < kLaneMaxRowsVec ? kVec : kLaneMaxRowsVec;
+        const bool aligned8 = aligned || (kVec8 > 1 && K % kVec8 == 0 &&
+                                          reinterpret_cast<uintptr_t>(sub.data_ptr()) % 16 == 0 &&
+                                          reinterpret_cast<uintptr_t>(zs.data_ptr()) % 16 == 0 &&
+                                          reinterpret_cast<uintptr_t>(zt.data_ptr()) % 16 == 0);
+        threads = lane_threads(K, aligned8 ? kVec8 : 1);
+        aligned8 ? launch(sub_logit_loss_fwd_kernel<scalar_t, side_t, acc_t, kLaneMaxRows, kVec8>)
+                 : launch(sub_logit_loss_fwd_kernel<scalar_t, side_t, acc_t, kLaneMaxRows, 1>);
+      }
     } else {
       // D (n x n) and the norms in shared memory up to the default 48 KB, else in a global slice per block.
       const size_t per_block = size_t(n * n + n) * sizeof(acc_t);
