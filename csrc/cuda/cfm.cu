@@ -404,13 +404,16 @@ Tensor2 cfm(HCD_CFM_ARGS) {
 // input (as under autocast); anything else (fp32/fp64 GEMMs, mixed dtypes, no hidden layer), and any GEMM
 // cuBLASLt has no algorithm for (odd sizes or alignments, B or H < 2), keeps the ATen sequence of
 // cfm_backward_aten, for the whole backward or for that GEMM.
+// Deterministic: the bias gradients are reduced by the epilogues of an algorithm chosen once per problem and kept,
+// with a fixed workspace (make_plan); the rest is plain GEMMs and one elementwise kernel.
 // Byte model (elementwise traffic besides the GEMMs' own operands; SB = S B rows, o = bytes of the output dtype,
 // 2 = bf16/fp16): the ATen sequence casts dz (6 SB nK with o = 4) and hidden (6 SB H), sums db2 (4 SB nK), masks
-// da (6 SB H), sums db1 (2 SB H) and concatenates u (4 SB (D + Dt)), plus 8 SB nK for lambda_s != 1: 11 launches
-// (12) for 58.3 MB (91.1 MB) at the ImageNet head (S 4, B 256, n K 4000, H = D = Dt = 768, o = 4). This path
-// reads the output gradient and hidden once and writes dz, hidden in g and the bit-mask (6 SB nK + 6.125 SB H):
-// 6 launches for 29.4 MB, the reductions and the mask riding on the GEMMs' epilogues (cuBLASLt may split a matmul
-// into more than one kernel; the GPU profile's kernel count is the measure).
+// da (6 SB H), sums db1 (2 SB H) and concatenates u (4 SB (D + Dt)), plus 8 SB nK for lambda_s != 1: 12 launches
+// (13), the two bias-gradient casts included, for 58.3 MB (91.0 MB) at the ImageNet head (S 4, B 256,
+// n K 4000, H = D = Dt = 768, o = 4). This path reads the output gradient and hidden once and writes dz, hidden
+// in g and the bit-mask (6 SB nK + 6.125 SB H): 6 launches for 29.4 MB, the masking and both reductions riding on
+// the GEMMs' epilogues (cuBLASLt may split a matmul into more than one kernel; the GPU profile's kernel count is
+// the measure). Compiled for sm_90, unverified on a GPU.
 Tensor5 cfm_backward(HCD_CFM_BWD_ARGS) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   TORCH_CHECK(student_feat.is_cuda(), "cfm_backward (cuda): expected CUDA tensors");
