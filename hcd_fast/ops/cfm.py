@@ -110,7 +110,7 @@ def _backward(ctx, grad_zf, grad_hidden):
     return gh, None, gw1, gb1, gw2, gb2, None, None, None, None
 
 
-def grad_dtypes(student_feat, weight1, weight2, bias1_dtype, bias2_dtype) -> tuple:
+def _grad_dtypes(student_feat, weight1, weight2, bias1_dtype, bias2_dtype) -> tuple:
     """The dtypes of cfm_backward's five outputs (an absent weight2/bias2: weight1's and bias1's)."""
     return (student_feat.dtype, weight1.dtype, bias1_dtype, (weight1 if weight2 is None else weight2).dtype,
             bias1_dtype if bias2_dtype is None else bias2_dtype)
@@ -118,7 +118,7 @@ def grad_dtypes(student_feat, weight1, weight2, bias1_dtype, bias2_dtype) -> tup
 
 def _fake_backward(grad_sub_logits, student_feat, teacher_feat, weight1, weight2, hidden, lambda_student,
                    bias1_dtype, bias2_dtype, output_mask):
-    dts = grad_dtypes(student_feat, weight1, weight2, bias1_dtype, bias2_dtype)
+    dts = _grad_dtypes(student_feat, weight1, weight2, bias1_dtype, bias2_dtype)
     shapes = (student_feat.shape, weight1.shape, weight1.shape[:-1],
               None if weight2 is None else weight2.shape, None if weight2 is None else weight2.shape[:-1])
     return tuple(student_feat.new_empty(shape if (need and shape is not None) else (0,), dtype=dt)
