@@ -185,6 +185,19 @@ def test_resume_across_cuda_graph_keeps_own_implementation(opt, saved_ready):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
 
 
+@pytest.mark.parametrize("opt", ["lookahead_sgd", "lamb"])
+def test_keep_own_implementation_leaves_other_optimizers_alone(opt):
+    """Every hcd-distill run registers the resume hook; optimizers that cannot be captured (timm's Lookahead
+    lacks torch's hook tables) are left as they are and still save and load."""
+    import timm.optim
+    model = _small_model()
+    o = timm.optim.create_optimizer_v2(model, opt=opt, lr=0.1, weight_decay=1e-3)
+    keep_own_implementation(o)
+    torch.nn.functional.cross_entropy(model(torch.randn(4, 6)), torch.tensor([0, 1, 2, 0])).backward()
+    o.step()
+    o.load_state_dict(copy.deepcopy(o.state_dict()))
+
+
 # ------------------------------------------------------------------ the wrapper's plumbing
 class _FakeGraph:
     """Stands in for torch.cuda.CUDAGraph on the CPU: capture records the callable (running nothing), replay

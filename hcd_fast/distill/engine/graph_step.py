@@ -119,7 +119,11 @@ def prepare_optimizer(optimizer: torch.optim.Optimizer) -> None:
 def keep_own_implementation(optimizer: torch.optim.Optimizer) -> None:
     """A loaded state_dict (``--resume``, possibly written by a run with or without ``--cuda-graph``) brings
     its hyper-parameters, but this optimizer keeps its own ``IMPLEMENTATION_KEYS`` (so Adam's step counters are
-    placed where this run's step reads them) and a float lr (``DeviceLR`` puts its tensor back)."""
+    placed where this run's step reads them) and a float lr (``DeviceLR`` puts its tensor back). Only the
+    optimizers --cuda-graph can build capture-ready need it (others, e.g. timm's Lookahead, lack torch's hooks)."""
+    if type(optimizer) not in _READY_TYPES:
+        return
+
     def pre_hook(opt: torch.optim.Optimizer, state_dict: dict):
         saved_groups = state_dict.get("param_groups")
         if not isinstance(saved_groups, list) or len(saved_groups) != len(opt.param_groups):
