@@ -316,7 +316,7 @@ CASES = {  # (method, --opt, fp16 GradScaler init scale or None, clip_grad)
 }
 
 
-def _graphed_vs_eager(device, case, monkeypatch=None):
+def _graphed_vs_eager(device, case, monkeypatch=None, rtol=1e-4, atol=1e-5):
     """GraphedTrainStep (capture-ready optimizer, DeviceLR) against TrainStep (timm's default optimizer) over
     8 steps of a warm-up + cosine schedule, the criterion's epoch moving after step 5 (DKD's ramp: a
     recapture): per-step outputs, the weights, BatchNorm statistics and the GradScaler's scale agree."""
@@ -357,7 +357,7 @@ def _graphed_vs_eager(device, case, monkeypatch=None):
         g = torch.Generator().manual_seed(step)
         x, y = torch.randn(6, 3, 16, 16, generator=g), torch.randint(0, 7, (6,), generator=g)
         got, want = graphed(x, y), ref(x, y)
-        assert torch.allclose(got.vals.cpu(), want.vals.cpu(), rtol=1e-4, atol=1e-5), step
+        assert torch.allclose(got.vals.cpu(), want.vals.cpu(), rtol=rtol, atol=atol), step
         assert int(got.correct) == int(want.correct) and bool(got.nonfinite) == bool(want.nonfinite)
         if previous is not None:
             assert got.vals.data_ptr() != previous.data_ptr()
@@ -372,7 +372,7 @@ def _graphed_vs_eager(device, case, monkeypatch=None):
         assert scalers[0].get_scale() == scalers[1].get_scale() < init_scale  # overflowed steps were skipped
     for (name, a), (_, b) in zip(task.state_dict().items(), ref_task.state_dict().items()):
         if a.is_floating_point():
-            assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), name
+            assert torch.allclose(a, b, rtol=rtol, atol=atol), name
     return graphed
 
 
@@ -395,8 +395,10 @@ def test_graphed_step_plumbing_equals_train_step_on_cpu(monkeypatch, case):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_graphed_step_equals_train_step_on_gpu(case):
     """The real capture on a GPU (fp32, no autocast): _graphed_vs_eager's per-step outputs, final weights,
-    lr read back from the device tensors, fp16 scale, and the DKD recapture."""
-    _graphed_vs_eager("cuda", case)
+    lr read back from the device tensors, fp16 scale, and the DKD recapture; the tolerance covers TF32
+    convolutions, atomics in the backward and the fused kernels' rounding (a frozen lr or a lost update moves
+    weights by lr * grad, far more)."""
+    _graphed_vs_eager("cuda", case, rtol=1e-3, atol=1e-5)
 
 
 def test_graphed_step_refuses_an_optimizer_that_is_not_capture_ready():
