@@ -694,19 +694,22 @@ def _lane_forward(n: int, fp64: bool) -> bool:
     return n <= (LANE_MAX_N_FP64 if fp64 else LANE_MAX_N)
 
 
-def _fwd_lane_heuristic(n: int, num_classes: int, elem_bytes: int, block_k=None, fp64: bool = False):
+def _fwd_lane_heuristic(n: int, num_classes: int, elem_bytes: int, block_k=None, fp64: bool = False,
+                        scalar: bool = False):
     """sub_logit_loss_fwd_kernel (``_lane_forward``): (BLOCK_N, VEC, num_warps). VEC = 4 elements per lane and
     row: a 16-byte vector of fp32, 8 bytes of bf16/fp16 (8 bf16 elements, a 16-byte vector, need 128 registers
     and spill at sm_90), 2 at n = 5..8 (the 8 x 8 Gram lanes), 1 in fp64 (the fp64 state takes twice the
-    registers). 1 to 4 warps, about two vectors per lane and row over K (K = 1000: 4 warps, 2 steps). block_k
-    (tests): one warp and VEC = block_k // 32 (at least 1), to force the K loop."""
+    registers). 1 to 4 warps, about two vectors per lane and row over K (K = 1000: 4 warps, 2 steps); at n = 5..8
+    at least 2 warps, and 1 element per lane where the loads are scalar (``scalar``: the rows are not aligned;
+    2 spilled 192 bytes under triton 3.8, a single warp 16 bytes under 3.6). block_k (tests): one warp and
+    VEC = block_k // 32 (at least 1), to force the K loop."""
     block_n = triton.next_power_of_2(n)
-    vec = 1 if fp64 else min(4, max(1, 16 // elem_bytes))
+    vec = 1 if fp64 or scalar else min(4, max(1, 16 // elem_bytes))
     if block_n == 8:
         vec = min(vec, 2)
     if block_k is not None:
         return block_n, max(1, block_k // 32), 1
-    num_warps = min(4, max(1, triton.next_power_of_2(triton.cdiv(num_classes, 32 * vec)) // 2))
+    num_warps = min(4, max(2 if block_n == 8 else 1, triton.next_power_of_2(triton.cdiv(num_classes, 32 * vec)) // 2))
     return block_n, vec, num_warps
 
 
@@ -773,6 +776,9 @@ def sub_logit_loss_forward(
         block_n, vec, num_warps = _fwd_lane_heuristic(n, num_classes, sub_logits.element_size(), block_k, fp64)
         row_strides = (*sub_logits.stride()[:3], student_logits.stride(0), teacher_logits.stride(0))
         align = _alignment(vec, num_classes, (sub_logits, student_logits, teacher_logits), row_strides)
+        if block_n == 8 and align == 1 and block_k is None:  # scalar loads: 1 element per lane (2 spilled)
+            block_n, vec, num_warps = _fwd_lane_heuristic(n, num_classes, sub_logits.element_size(), None, fp64,
+                                                          scalar=True)
         zf_s, zf_b, zf_n, zs_b, zt_b = (st // align for st in row_strides)
         sub_logit_loss_fwd_kernel[(programs,)](
             sub_logits, student_logits, teacher_logits, target,

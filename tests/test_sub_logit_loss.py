@@ -165,7 +165,7 @@ def test_k_loop_triton(monkeypatch):
         monkeypatch.setattr(kmod, name, lambda n, k, bk=None, _orig=orig: _orig(n, k, 16))
     orig_lane = kmod._fwd_lane_heuristic
     monkeypatch.setattr(kmod, "_fwd_lane_heuristic",
-                        lambda n, k, e, bk=None, fp64=False: orig_lane(n, k, e, 16, fp64))
+                        lambda n, k, e, bk=None, fp64=False, **kw: orig_lane(n, k, e, 16, fp64, **kw))
     for mode in ("zero", "none", "large_negative"):
         cfg = config(3, 4.0, mode, ortho_threshold=0.0)
         inputs = make_inputs(2, 3, 3, 100, seed=11)
