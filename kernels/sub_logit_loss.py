@@ -300,7 +300,7 @@ def sub_logit_loss_fwd_kernel(
     elif BLOCK_N <= 4:
         m1, s1, mt, st, w, sx, g0, g1, g2, g3 = tl.reduce(
             (m1, s1, m1 * inv_t, st, w, sx, g0, g1, g2, g3), 1, _merge_rows4)
-    else:  # n = 5..8: the row state in one reduction, then the Gram columns one at a time (fewer live registers)
+    else:  # n = 5..8: the row state in one reduction, then one sum per Gram column (no 14-tensor combine)
         m1, s1, mt, st, w, sx = tl.reduce((m1, s1, m1 * inv_t, st, w, sx), 1, _merge_rows0)
         g0 = tl.sum(g0, 1)
         g1 = tl.sum(g1, 1)
@@ -674,8 +674,8 @@ def _warps(tile: int, least: int = 2) -> int:
 def _fwd_heuristic(n: int, num_classes: int, block_k=None):
     """sub_logit_loss_fwd_large_n_kernel (n > 8; fp64 n > 4): BLOCK_N = n rounded up to a power of two; BLOCK_K bounds
     the (BLOCK_N, BLOCK_K) tile (1024 elements from n = 16 on, where the n x n Gram tiles take registers), so every
-    K is looped over; about 8 tile elements per thread (``_warps``). tests/test_triton_compile.py checks with ptxas
-    -v for sm_90 that these sizes do not spill."""
+    K is looped over; about 8 tile elements per thread (``_warps``). tests/test_triton_compile.py checks with
+    ``ptxas -v`` for sm_90 that these sizes do not spill."""
     block_n = triton.next_power_of_2(n)
     if block_k is None:
         budget = min(2048 // block_n, 1024) if block_n <= 8 else 1024 // block_n
