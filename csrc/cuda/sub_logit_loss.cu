@@ -341,9 +341,9 @@ __device__ __forceinline__ int scatter_index(int lane) { return lane; }
 // sum exp((x - m) / T) (x - z_s), the row sum, and the upper triangle of the Gram sum v_i v_j; for z_s / T its
 // online (max, sum). Then ONE block reduction: a block max of the n + 1 maxima (one barrier), each thread's
 // sums rescaled to it, reduce-scatters of the sums per warp, 32 at a time (one value per lane; kRows = 8: 69
-// sums, 3 of them), one barrier, the per-warp partials added in warp order by thread t for value t. The n x n tail is spread over n threads
-// (thread i: row i's statistics, CE, KL, and row i of M); the s = 0 block then reads z_s and z_t once more
-// (L2) for CE, KD and sample_stats.
+// sums, 3 of them), one barrier, the per-warp partials added in warp order by thread t for value t. The n x n
+// tail is spread over n threads (thread i: row i's statistics, CE, KL, and row i of M); the s = 0 block then
+// reads z_s and z_t once more (L2) for CE, KD and sample_stats.
 // Register budget (ptxas -v, sm_90, CUDA 13.0): with the thread count alone ptxas aimed at 64 or 128 registers
 // and spilled in the fp64 instantiations (88-164 bytes) and the fp16 8-wide one (4 bytes). Declared here: at
 // least 2 blocks of 256 threads per SM (<= 128 registers) for fp32 accumulation up to kLaneRows rows, 1 for fp64
