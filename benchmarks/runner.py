@@ -289,7 +289,7 @@ def step_case(run: Run, case, policy: Policy) -> List[dict]:
     ok = {r["provider"]: r for r in rows if r["status"] == "ok"}
     for r in ok.values():
         base = ok.get("kd_ref" if r["provider"].endswith("_ref") else "kd")
-        if r["provider"].startswith("hcd") and base is not None:
+        if r["provider"].startswith("hcd") and not r["provider"].endswith("_tc") and base is not None:
             r["overhead_vs_kd"] = r["median_ms"] / base["median_ms"] - 1
         if "hcd_ref" in ok:
             r["speedup_vs_hcd_ref"] = ok["hcd_ref"]["median_ms"] / r["median_ms"]
