@@ -47,6 +47,8 @@ COMPILED_VARIANTS = ("hcd_tc",)  # their first call compiles the teacher
 def default_variants(profile: str) -> List[str]:
     """Every variant on the GPU; without the compiled-teacher ones on the CPU (a compile there costs minutes)."""
     return [v for v in VARIANTS if profile == "gpu" or v not in COMPILED_VARIANTS]
+
+
 TEACHERS = {"vit_s": "vit_small_patch16_224", "swin_t": "swin_tiny_patch4_window7_224"}
 STUDENT = "resnet18"
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
