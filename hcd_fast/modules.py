@@ -730,7 +730,8 @@ def _stage_projectors_state_dict(module: StageProjectors, state_dict, prefix: st
     for gi, group in enumerate(module.groups):
         head = f"{prefix}groups.{gi}."
         grouped.append({k[len(head):]: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(head)]})
-    linear = {k: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(f"{prefix}{module.num_stages - 1}.")]}
+    deepest = f"{prefix}{module.num_stages - 1}."
+    linear = {k: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(deepest)]}
     for s in range(module.num_stages - 1):
         for j in range(module.num_stages - 1 - s):
             gi, i = module._where[(s, j)]

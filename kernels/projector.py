@@ -203,6 +203,12 @@ def projector_pwconv_fwd_kernel(
     pid_m = tl.program_id(0)
     n_tiles = tl.cdiv(N, BLOCK_N)
     g = tl.program_id(1) // n_tiles
+    # The group's operands: base pointers moved once (the loops below are the ungrouped GEMM's).
+    a_ptr += g * K * stride_ak
+    w_ptr += g * N * stride_wn
+    y_ptr += g * N * stride_yn
+    psum_ptr += g * N
+    pm2_ptr += g * N
     rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = (tl.program_id(1) % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -212,14 +218,13 @@ def projector_pwconv_fwd_kernel(
     for k0 in range(0, K, BLOCK_K):
         k = k0 + rk
         k_ok = k < K
-        a = tl.load(a_ptr + rm[:, None] * stride_am + (g * K + k)[None, :] * stride_ak,
-                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + (g * N + rn)[None, :] * stride_wn + k[:, None] * stride_wk,
-                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        a = tl.load(a_ptr + rm[:, None] * stride_am + k[None, :] * stride_ak, mask=m_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        w = tl.load(w_ptr + rn[None, :] * stride_wn + k[:, None] * stride_wk, mask=k_ok[:, None] & n_ok[None, :],
+                    other=0.0)
         acc = tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION, out_dtype=ACC)
     m = m_ok[:, None] & n_ok[None, :]
     y = acc.to(y_ptr.dtype.element_ty)
-    rn = g * N + rn  # the output channel among the G N
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, y, mask=m)
     if STATS:  # the statistics of the values the next op reads: y after rounding to its dtype
         if (pid_m == 0) & (tl.program_id(1) == 0):
@@ -345,18 +350,28 @@ def projector_pwconv_dgrad_kernel(
             gb, gw, _, _, _ = _bn_grads(gscale_ptr, gshift_ptr, bnw_ptr, mean_ptr, rstd_ptr, rn, n_ok, ACC)
             tl.store(gbnb_ptr + rn, gb.to(gbnb_ptr.dtype.element_ty), mask=n_ok)
             tl.store(gbnw_ptr + rn, gw.to(gbnw_ptr.dtype.element_ty), mask=n_ok)
+    # The group's operands: base pointers moved once (the loop below is the ungrouped GEMM's).
+    g_ptr += g * N * stride_gn
+    y_ptr += g * N * stride_yn
+    gscale_ptr += g * N
+    gshift_ptr += g * N
+    bnw_ptr += g * N
+    mean_ptr += g * N
+    rstd_ptr += g * N
+    w_ptr += g * N * stride_wn
+    da_ptr += g * K * stride_dk
     m_ok = rm < M
     k_ok = rk < K
     acc = tl.zeros([BLOCK_M, BLOCK_K], ACC)
     for n0 in range(0, N, BLOCK_N):
         rn = n0 + rn0
         n_ok = rn < N
-        gy = _grad_y(g_ptr, y_ptr, gscale_ptr, gshift_ptr, bnw_ptr, mean_ptr, rstd_ptr, rm, g * N + rn, m_ok, n_ok,
-                     M, stride_gm, stride_gn, stride_ym, stride_yn, RECOMPUTE, ACC)
-        w = tl.load(w_ptr + (g * N + rn)[:, None] * stride_wn + rk[None, :] * stride_wk,
-                    mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        gy = _grad_y(g_ptr, y_ptr, gscale_ptr, gshift_ptr, bnw_ptr, mean_ptr, rstd_ptr, rm, rn, m_ok, n_ok, M,
+                     stride_gm, stride_gn, stride_ym, stride_yn, RECOMPUTE, ACC)
+        w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :] * stride_wk, mask=n_ok[:, None] & k_ok[None, :],
+                    other=0.0)
         acc = tl.dot(gy.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION, out_dtype=ACC)
-    tl.store(da_ptr + rm[:, None] * stride_dm + (g * K + rk)[None, :] * stride_dk, acc.to(da_ptr.dtype.element_ty),
+    tl.store(da_ptr + rm[:, None] * stride_dm + rk[None, :] * stride_dk, acc.to(da_ptr.dtype.element_ty),
              mask=m_ok[:, None] & k_ok[None, :])
 
 
@@ -377,6 +392,16 @@ def projector_pwconv_wgrad_kernel(
     rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     split = tl.program_id(2).to(tl.int64)
     rm0 = tl.arange(0, BLOCK_M)
+    # The group's operands: base pointers moved once (the loop below is the ungrouped GEMM's).
+    g_ptr += g * N * stride_gn
+    y_ptr += g * N * stride_yn
+    gscale_ptr += g * N
+    gshift_ptr += g * N
+    bnw_ptr += g * N
+    mean_ptr += g * N
+    rstd_ptr += g * N
+    a_ptr += g * K * stride_ak
+    part_ptr += g * N * K
     n_ok = rn < N
     k_ok = rk < K
     acc = tl.zeros([BLOCK_N, BLOCK_K], ACC)
@@ -384,14 +409,14 @@ def projector_pwconv_wgrad_kernel(
     for m0 in range(0, ROWS_PER_SPLIT, BLOCK_M):
         rm = start + m0 + rm0
         m_ok = rm < M
-        gy = _grad_y(g_ptr, y_ptr, gscale_ptr, gshift_ptr, bnw_ptr, mean_ptr, rstd_ptr, rm, g * N + rn, m_ok, n_ok,
-                     M, stride_gm, stride_gn, stride_ym, stride_yn, RECOMPUTE, ACC)
-        a = tl.load(a_ptr + rm[:, None] * stride_am + (g * K + rk)[None, :] * stride_ak,
-                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        gy = _grad_y(g_ptr, y_ptr, gscale_ptr, gshift_ptr, bnw_ptr, mean_ptr, rstd_ptr, rm, rn, m_ok, n_ok, M,
+                     stride_gm, stride_gn, stride_ym, stride_yn, RECOMPUTE, ACC)
+        a = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak, mask=m_ok[:, None] & k_ok[None, :],
+                    other=0.0)
         acc = tl.dot(tl.trans(gy).to(DOT_DTYPE), a.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION,
                      out_dtype=ACC)
-    tl.store(part_ptr + split * (G * N) * K + (g * N + rn)[:, None] * K + rk[None, :],
-             acc.to(part_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
+    tl.store(part_ptr + split * (G * N) * K + rn[:, None] * K + rk[None, :], acc.to(part_ptr.dtype.element_ty),
+             mask=n_ok[:, None] & k_ok[None, :])
 
 
 # ------------------------------------------------------------------------------------------ launchers
