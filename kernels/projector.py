@@ -195,14 +195,13 @@ def projector_pwconv_fwd_kernel(
     STATS: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Grid (cdiv(M, BLOCK_M), G * cdiv(N, BLOCK_N)): y = a W^T as a grouped 1x1 conv of G groups, group g mapping
+    """Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), G): y = a W^T as a grouped 1x1 conv of G groups, group g mapping
     the columns [g K, (g + 1) K) of the (M, G K) row-major view of the channels_last map to the columns
     [g N, (g + 1) N) of y through the rows [g N, (g + 1) N) of W (G N, K); with STATS (training), per-tile sum and
-    M2 of the rounded y over the tile's rows, psum/pm2 (T, G N), and program (0, 0) counts the batch:
+    M2 of the rounded y over the tile's rows, psum/pm2 (T, G N), and program (0, 0, 0) counts the batch:
     num_batches_tracked += 1 (read by the statistics kernel, the next launch on the stream, for momentum None)."""
     pid_m = tl.program_id(0)
-    n_tiles = tl.cdiv(N, BLOCK_N)
-    g = tl.program_id(1) // n_tiles
+    g = tl.program_id(2)
     # The group's operands: base pointers moved once (the loops below are the ungrouped GEMM's).
     a_ptr += g * K * stride_ak
     w_ptr += g * N * stride_wn
@@ -210,7 +209,7 @@ def projector_pwconv_fwd_kernel(
     psum_ptr += g * N
     pm2_ptr += g * N
     rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = (tl.program_id(1) % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     m_ok = rm < M
     n_ok = rn < N
@@ -227,7 +226,7 @@ def projector_pwconv_fwd_kernel(
     y = acc.to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, y, mask=m)
     if STATS:  # the statistics of the values the next op reads: y after rounding to its dtype
-        if (pid_m == 0) & (tl.program_id(1) == 0):
+        if (pid_m == 0) & (tl.program_id(1) == 0) & (g == 0):
             tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
         v = tl.where(m, y.to(ACC), 0.0)
         cnt = tl.minimum(M - pid_m.to(tl.int64) * BLOCK_M, BLOCK_M).to(ACC)
@@ -334,16 +333,15 @@ def projector_pwconv_dgrad_kernel(
     RECOMPUTE: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Grid (cdiv(M, BLOCK_M), G * cdiv(K, BLOCK_K)): d a = g_y' W per group (group g: the columns [g K, (g + 1) K)
+    """Grid (cdiv(M, BLOCK_M), cdiv(K, BLOCK_K), G): d a = g_y' W per group (group g: the columns [g K, (g + 1) K)
     of d a from the columns [g N, (g + 1) N) of g_y' and the rows of W), g_y' recomputed per tile (_grad_y);
-    program (0, 0) also writes the BatchNorm parameter gradients d bn_weight, d bn_bias (_bn_grads) of all G N
+    program (0, 0, 0) also writes the BatchNorm parameter gradients d bn_weight, d bn_bias (_bn_grads) of all G N
     channels."""
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    g = tl.program_id(1) // k_tiles
+    g = tl.program_id(2)
     rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rk = (tl.program_id(1) % k_tiles) * BLOCK_K + tl.arange(0, BLOCK_K)
+    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     rn0 = tl.arange(0, BLOCK_N)
-    if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+    if (tl.program_id(0) == 0) & (tl.program_id(1) == 0) & (g == 0):
         for n0 in range(0, G * N, BLOCK_N):
             rn = n0 + rn0
             n_ok = rn < G * N
@@ -567,7 +565,7 @@ def projector_pwconv_forward(a, weight, bn_weight, bn_bias, running_mean, runnin
     psum = torch.empty((tiles if training else 0, c_out), device=dev, dtype=acc_dtype)
     pm2 = torch.empty_like(psum)
     if m > 0:
-        projector_pwconv_fwd_kernel[(tiles, groups * triton.cdiv(n_g, block_n))](
+        projector_pwconv_fwd_kernel[(tiles, triton.cdiv(n_g, block_n), groups)](
             a2, weight, y, psum if training else y, pm2 if training else y, num_batches_tracked, m, n_g, k_g, groups,
             sam, sak,
             *weight.stride(), c_out, 1, STATS=bool(training), ACC=acc,
@@ -614,7 +612,7 @@ def projector_pwconv_backward(grad_y, grad_scale, grad_shift, a, weight, y, bn_w
     block_m, block_k, block_n, warps = _gemm_blocks(a.dtype, m, k_g, n_g)  # d a: (M, C_in) tiles over C_out
     da_cl = da if da.is_contiguous(memory_format=torch.channels_last) else \
         torch.empty(a.shape, device=dev, dtype=a.dtype, memory_format=torch.channels_last)
-    projector_pwconv_dgrad_kernel[(triton.cdiv(m, block_m), groups * triton.cdiv(k_g, block_k))](
+    projector_pwconv_dgrad_kernel[(triton.cdiv(m, block_m), triton.cdiv(k_g, block_k), groups)](
         g2, y2, *stats, weight, da_cl, gweight, gbias, m, n_g, k_g, groups, sgm, sgn, sym, syn, *weight.stride(),
         c_in, 1,
         RECOMPUTE=bool(training), ACC=acc, DOT_PRECISION=prec, DOT_DTYPE=_dot_dtype(a.dtype), BLOCK_M=block_m,
