@@ -2,10 +2,13 @@
 
 Parameters live in ordinary ``nn.Conv2d`` / ``nn.BatchNorm2d`` / ``nn.Linear`` submodules so checkpoints
 look like the published code's; the hot tails (BN+ReLU+GAP, conv1x1+GAP, the CFM), and on the triton backend the
-SepConv blocks (projector_dwconv, projector_pwconv), go through the fused ops. The S CFMs of ``HCDLoss`` are one
-``StageCFMs`` module with stage-stacked weights (one batched GEMM per layer for all stages), whose state_dict keeps
-the per-stage ``nn.Linear`` keys (``cfms.<s>.fc1.weight``, ...). Called on their own, the modules validate their input through ``hcd_fast.functional``; ``HCDLoss`` validates once and calls
-``run(..., ops)`` with its op table.
+SepConv blocks (projector_dwconv, projector_pwconv), go through the fused ops. The S projectors of ``HCDLoss`` are
+one ``StageProjectors`` module that runs the same-shape SepConv blocks of different stages as one
+``GroupedSepConv`` (group-stacked parameters, grouped pointwise convs), and the S CFMs one ``StageCFMs`` module with
+stage-stacked weights (one batched GEMM per layer for all stages); both state_dicts keep the per-stage keys
+(``projectors.<s>.blocks.<j>.dw1.weight``, ``cfms.<s>.fc1.weight``, ...). Called on their own, the modules validate
+their input through ``hcd_fast.functional``; ``HCDLoss`` validates once and calls ``run(..., ops)`` with its op
+table.
 """
 from __future__ import annotations
 

@@ -308,14 +308,54 @@ def test_projector_pwconv_refuses_one_value_per_channel_in_training(backend):
     assert bn[-1].item() == 0
 
 
-def test_backends_report_the_projector_path():
-    """python -m hcd_fast says which backends run the SepConv blocks as modules."""
-    for name in ("cpu", "cuda"):
-        status = hcd_fast.backends()[name]
-        if status.available:
-            assert "projector blocks: nn.Conv2d/BatchNorm2d modules" in status.reason
+def test_backends_report_the_projector_path(capsys):
+    """python -m hcd_fast says which backends run the SepConv blocks as modules and which fuse them (cuda with the
+    triton backend's kernels where triton is available)."""
+    from hcd_fast.__main__ import main
+    from hcd_fast.ops.dispatch import fused_projector_backends
+
+    status = hcd_fast.backends()
+    if status["cpu"].available:
+        assert "projector blocks: grouped nn.Conv2d/BatchNorm2d modules" in status["cpu"].reason
+    if status["cuda"].available:
+        want = "the triton backend's fused kernels" if status["triton"].available else "grouped nn.Conv2d"
+        assert want in status["cuda"].reason
+    fused = fused_projector_backends()
+    assert ("triton" in fused) == status["triton"].available and "cpu" not in fused and "reference" not in fused
     table = op_table("reference", torch.device("cpu"))
     assert not table.fused_projector
+    main()
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("fused projector blocks:")]
+    assert len(line) == 1 and (("triton" in line[0]) == status["triton"].available)
+
+
+@pytest.mark.parametrize("backend", over_backends([()], names=["cpu"]))
+def test_projector_ops_borrowed_from_a_donor_backend(backend, monkeypatch):
+    """The mechanism that gives the cuda backend the Triton projector ops (dispatch.PROJECTOR_FROM), exercised on
+    the CPU: the cpu backend with triton as its donor runs its grouped blocks through the fused ops (interpreted)
+    and matches the per-member reference."""
+    from hcd_fast.modules import StageProjectors
+    from hcd_fast.ops import dispatch
+
+    if not hcd_fast.backends()["triton"].available:
+        pytest.skip("triton backend not available here")
+    monkeypatch.setattr(dispatch, "PROJECTOR_FROM", {"cpu": "triton"})
+    monkeypatch.setattr(dispatch, "_TABLES", {})
+    table = op_table("cpu", torch.device("cpu"))
+    triton_table = op_table("triton", torch.device("cpu"))
+    assert table.fused_projector and table.projector_pwconv is triton_table.projector_pwconv
+    assert table.bn_relu_pool is not triton_table.bn_relu_pool and table.backend == "cpu"
+    assert dispatch.fused_projector_backends()["cpu"] == "triton"
+    torch.manual_seed(3)
+    truth = StageProjectors((3, 6, 12), 12, "reference").double()
+    fast = copy.deepcopy(truth).float()
+    g = torch.Generator().manual_seed(2)
+    feats = [torch.randn(2, c, m, m, generator=g, dtype=torch.float64) for c, m in zip((3, 6, 12), (7, 4, 2))]
+    gout = torch.randn(3, 2, 12, generator=g, dtype=torch.float64)
+    want = proj_step(truth, feats, gout, op_table("reference", torch.device("cpu")))
+    got = proj_step(fast, [f.float() for f in feats], gout, table)
+    for name, gt, wt in zip(proj_names(truth, 3), got, want):
+        assert_close(name, gt, wt, 1e-4, atol=2e-6)
 
 
 def _gradcheck_inputs(seed):
