@@ -562,8 +562,9 @@ def test_hcd_loss_matches_reference_gpu_sizes(backend, sizes, B, floor, no_tf32)
 @pytest.mark.parametrize("backend", backend_params())
 def test_hcd_loss_compiled_fullgraph_matches_eager(backend):
     """torch.compile(fullgraph=True) of the whole criterion (inductor around the custom ops) gives the eager
-    loss, parts, gradients and running statistics (the in-place update survives functionalization)."""
-    channels, sizes, B, K, Dt = (8, 16), (4, 2), 3, 37, 12
+    loss, parts, gradients and running statistics (the in-place update survives functionalization). Three stages
+    of doubling widths: the last blocks of stages 0 and 1 run as one grouped block."""
+    channels, sizes, B, K, Dt = (8, 16, 32), (4, 2, 1), 3, 37, 12
     torch.manual_seed(1)
     eager = HCDLoss(channels, Dt, K, config=HCDConfig(num_sub_logits=3), backend=backend.name).to(backend.device)
     model = copy.deepcopy(eager)
