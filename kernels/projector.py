@@ -440,11 +440,17 @@ def _dot_dtype(dtype):
 
 
 def _channels_last_2d(t: torch.Tensor):
-    """A (B, C, H, W) map as (B*H*W, C) with its row and column strides (C, 1), copied to channels_last only when
-    it is not already dense channels_last. (The strides of size-1 dims say nothing: a (B, C, 1, 1) map with NCHW
-    strides is dense channels_last too, with stride(3) = 1.)"""
-    if not t.is_contiguous(memory_format=torch.channels_last):
-        t = t.contiguous(memory_format=torch.channels_last)
+    """A (B, C, H, W) map as (B*H*W, C) with its row and column strides, read in place when its channels are
+    contiguous and its positions equally spaced (dense channels_last, or a channel slice of a channels_last map:
+    a grouped block's members, whose gradients come back as slices of the concatenated input's), else copied to
+    channels_last. (The strides of size-1 dims say nothing: they are not checked.)"""
+    b, c, h, w = t.shape
+    sb, sc, sh, sw = t.stride()
+    row = sw if w > 1 else (sh if h > 1 else sb)
+    if ((c == 1 or sc == 1) and (h == 1 or sh == w * row) and (b == 1 or sb == h * w * row)
+            and (b * h * w == 1 or row >= c)):
+        return t, row, 1
+    t = t.contiguous(memory_format=torch.channels_last)
     return t, t.shape[1], 1
 
 

@@ -708,3 +708,32 @@ def test_stage_projectors_init_per_member():
         assert abs(pw2.std().item() - 0.125) < 0.01 and abs(dw1.std().item() - (2 / 576) ** 0.5) < 0.008
     assert all(torch.all(g_.bn1.weight == 1) and torch.all(g_.bn2.bias == 0) for g_ in sp.groups)
     assert abs(sp.linear.proj.weight.std().item() - (2 / 128) ** 0.5) < 0.01 and torch.all(sp.linear.proj.bias == 0)
+
+
+@pytest.mark.parametrize("backend", over_backends([()], names=TRITON))
+def test_projector_pwconv_reads_channel_slices_in_place(backend):
+    """A channel slice of a channels_last map (a grouped block's member, and the gradients that come back as slices
+    of a concatenated input) is read in place as a (B*H*W, C) matrix with a longer row stride: same values as the
+    reference, no copy."""
+    from hcd_fast.kernels import projector as kp
+
+    dev = backend.device
+    g = torch.Generator().manual_seed(8)
+    big = torch.randn(3, 11, 5, 7, generator=g, dtype=torch.float64)
+    t = pw_inputs(3, 6, 5, 5, 7, seed=8)
+    t["a"] = big[:, 3:9]
+    cl = layout(big.float().to(dev), "nhwc")[:, 3:9]
+    view, row, col = kp._channels_last_2d(cl)
+    assert view is cl and (row, col) == (11, 1)
+    assert kp._channels_last_2d(layout(big.float(), "strided")[:, 3:9])[1] == 6  # not equally spaced: a copy
+    got, _ = pw_run(_ops(backend).projector_pwconv, dev, t, 2, True, 0.1, "nhwc", torch.float32)
+    want, _ = pw_run(R.projector_pwconv, dev, t, 2, True, 0.1, "nchw", torch.float64)
+    for name, gt, wt in zip(PW_NAMES, got, want):
+        assert_close(name, gt, wt, 2e-5, atol=1e-7)
+    a = cl.clone()  # the op on the slice itself (pw_run copies its input): values equal to the dense map's
+    w = torch.randn(5, 6, generator=g).to(dev)
+    bn = [torch.ones(5, device=dev), torch.zeros(5, device=dev), torch.zeros(5, device=dev),
+          torch.ones(5, device=dev), torch.tensor(0, device=dev)]
+    y_slice, _, _ = _ops(backend).projector_pwconv(cl, w, *bn, False, 0.1, 1e-5)
+    y_dense, _, _ = _ops(backend).projector_pwconv(a.contiguous(), w, *bn, False, 0.1, 1e-5)
+    assert torch.equal(y_slice, y_dense)
