@@ -737,3 +737,23 @@ def test_projector_pwconv_reads_channel_slices_in_place(backend):
     y_slice, _, _ = _ops(backend).projector_pwconv(cl, w, *bn, False, 0.1, 1e-5)
     y_dense, _, _ = _ops(backend).projector_pwconv(a.contiguous(), w, *bn, False, 0.1, 1e-5)
     assert torch.equal(y_slice, y_dense)
+
+
+def test_stage_projectors_sync_batchnorm_needs_the_group_whole(tmp_path):
+    """Under a process group a training SyncBatchNorm reduces statistics across ranks over its channels, so a grouped
+    block runs whole; maps that cannot be grouped are a clear error naming the blocks, not a silent per-process
+    BatchNorm. (SyncBatchNorm refuses CPU tensors under a process group: the first group, whose BatchNorms would
+    synchronise, is put in eval mode here.)"""
+    import torch.distributed as dist
+
+    from hcd_fast.modules import StageProjectors
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        sp = nn.SyncBatchNorm.convert_sync_batchnorm(StageProjectors((3, 6, 12), 12, "cpu"))
+        sp.groups[0].eval()
+        feats = [torch.randn(2, c, 8, 8) for c in (3, 6, 12)]  # stage 0's second block sees 4x4, stage 1's first 8x8
+        with pytest.raises(RuntimeError, match=r"SyncBatchNorm projector blocks \(\(0, 1\), \(1, 0\)\)"):
+            sp.run(feats, op_table("reference", torch.device("cpu")))
+    finally:
+        dist.destroy_process_group()
