@@ -21,6 +21,7 @@ TORCH_LIBRARY_IMPL(hcd_fast, CPU, m) {
   m.impl("bn_relu_pool_bwd", &hcd_fast::cpu::bn_relu_pool_bwd);
   m.impl("pool_linear", &hcd_fast::cpu::pool_linear);
   m.impl("cfm", &hcd_fast::cpu::cfm);
+  m.impl("cfm_backward", &hcd_fast::cpu::cfm_backward);
 }
 
 #ifdef HCD_FAST_WITH_CUDA
@@ -31,6 +32,7 @@ TORCH_LIBRARY_IMPL(hcd_fast, CUDA, m) {
   m.impl("bn_relu_pool_bwd", &hcd_fast::cuda::bn_relu_pool_bwd);
   m.impl("pool_linear", &hcd_fast::cuda::pool_linear);
   m.impl("cfm", &hcd_fast::cuda::cfm);
+  m.impl("cfm_backward", &hcd_fast::cuda::cfm_backward);
 }
 #endif
 
@@ -43,6 +45,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return false;
 #endif
   }, "Whether the CUDA kernels were compiled in.");
+  m.def("cfm_backward_epilogue_calls", []() -> int64_t {
+#ifdef HCD_FAST_WITH_CUDA
+    return hcd_fast::cuda::cfm_backward_epilogue_calls();
+#else
+    return 0;
+#endif
+  }, "CUDA cfm backward calls whose ReLU- and bias-gradient GEMMs ran as cuBLASLt epilogues (tests).");
   m.def("cpu_capability", []() { return std::string(hcd_fast::cpu::kernels().name); },
         "The CPU kernel build in use: 'avx2' or 'default'.");
   m.def("set_cpu_capability", &hcd_fast::cpu::set_capability,

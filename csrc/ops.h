@@ -4,6 +4,7 @@
 #include <c10/core/DispatchKeySet.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
+#include <array>
 #include <optional>
 #include <tuple>
 
@@ -53,6 +54,19 @@ using Tensor2 = std::tuple<Tensor, Tensor>;
       const std::optional<Tensor> &weight2, const std::optional<Tensor> &bias2,                      \
       const Tensor &teacher_logits, int64_t num_sub_logits, double lambda_student, double lambda_teacher
 
+// cfm_backward (hcd_fast/ops/cfm.py, BWD_SCHEMA): (d student_feat, d weight1, d bias1, d weight2, d bias2), each
+// contiguous in its input's dtype (the biases: bias1_dtype, bias2_dtype); one not in output_mask, or d weight2 /
+// d bias2 without weight2, is a (0,) tensor of that dtype.
+#define HCD_CFM_BWD_ARGS                                                                                      \
+  const Tensor &grad_sub_logits, const Tensor &student_feat, const Tensor &teacher_feat, const Tensor &weight1, \
+      const std::optional<Tensor> &weight2, const Tensor &hidden, double lambda_student,                        \
+      at::ScalarType bias1_dtype, std::optional<at::ScalarType> bias2_dtype, std::array<bool, 5> output_mask
+using Tensor5 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+// cfm_backward as ATen ops on any device (csrc/cpu/cfm.cpp): the CPU kernel, and the CUDA kernel's path for what its
+// cuBLASLt epilogues do not cover.
+Tensor5 cfm_backward_aten(HCD_CFM_BWD_ARGS);
+
 namespace cpu {
 SubLogitLossOut sub_logit_loss(HCD_SUB_LOGIT_LOSS_ARGS);
 SubLogitLossBwdOut sub_logit_loss_backward(HCD_SUB_LOGIT_LOSS_BWD_ARGS);
@@ -60,6 +74,7 @@ Tensor3 bn_relu_pool_fwd(HCD_BN_FWD_ARGS);
 Tensor3 bn_relu_pool_bwd(HCD_BN_BWD_ARGS);
 Tensor2 pool_linear(HCD_POOL_LINEAR_ARGS);
 Tensor2 cfm(HCD_CFM_ARGS);
+Tensor5 cfm_backward(HCD_CFM_BWD_ARGS);
 const char* capability();
 }  // namespace cpu
 
@@ -71,6 +86,9 @@ Tensor3 bn_relu_pool_fwd(HCD_BN_FWD_ARGS);
 Tensor3 bn_relu_pool_bwd(HCD_BN_BWD_ARGS);
 Tensor2 pool_linear(HCD_POOL_LINEAR_ARGS);
 Tensor2 cfm(HCD_CFM_ARGS);
+Tensor5 cfm_backward(HCD_CFM_BWD_ARGS);
+// Backward calls (this process) whose two ReLU/bias-gradient GEMMs both ran as cuBLASLt epilogues (tests).
+int64_t cfm_backward_epilogue_calls();
 }  // namespace cuda
 #endif
 

@@ -399,3 +399,100 @@ def test_cfm_stacked_shape_errors():
         HF.cfm(t["h"], t["ft"], t["w1"], t["b1"], t["w2"], t["b2"][:1], t["zt"], 2)
     with pytest.raises(ValueError, match="student_feat: expected a 2-d"):
         HF.cfm(t["h"][None], t["ft"], t["w1"], t["b1"], t["w2"], t["b2"], t["zt"], 2)
+
+
+# ------------------------------------------------------------------ the backward op (cfm_backward)
+def _cfm_backward_args(device, S, B, D, Dt, H, n, K, dtype, seed=0):
+    """Inputs of torch.ops.hcd_fast.cfm_backward as the autograd of ``cfm`` passes them (hidden from the forward)."""
+    t = stacked_inputs(S, B, D, Dt, H, n, K, torch.float64, seed=seed)
+    c = {k: None if v is None else v.to(device, dtype) for k, v in t.items()}
+    _, hidden = torch.ops.hcd_fast.cfm(c["h"], c["ft"], c["w1"], c["b1"], c["w2"], c["b2"], c["zt"], n, 0.7, 1.3)
+    return c, hidden
+
+
+@pytest.mark.parametrize("backend", backend_params(["cpu", "cuda"]))
+@pytest.mark.parametrize("H", [None, 6])
+def test_cfm_backward_opcheck(backend, H):
+    """The backward op's schema, fake kernel and outputs (dtypes, (0,) for the gradients not asked for)."""
+    c, hidden = _cfm_backward_args(backend.device, 2, 3, 4, 5, H, 2, 7, torch.float32)
+    op = torch.ops.hcd_fast.cfm_backward.default
+    for mask in ([True] * 5, [True, False, True, False, True], [False, True, False, True, False]):
+        mask = mask if H is not None else mask[:3] + [False, False]
+        args = (c["gout"], c["h"], c["ft"], c["w1"], c["w2"], hidden, 0.7, torch.float32,
+                None if H is None else torch.float32, mask)
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+        out = op(*args)
+        for g, need in zip(out, mask):
+            assert g.is_contiguous() and g.dtype == torch.float32 and (g.numel() > 0) == need
+
+
+@pytest.mark.parametrize("backend", backend_params(["cpu", "triton", "cuda"]))
+@pytest.mark.parametrize("leaf", ["h", "w2", "b1"])
+def test_cfm_gradient_subsets(backend, leaf):
+    """Only some leaves require grad (frozen weights, or a frozen student): the asked-for gradient is right."""
+    t = cfm_inputs(5, 6, 7, 9, 2, 5, seed=4)
+    got, want = {}, {}
+    for name, dev, dt, into in ((backend.name, backend.device, torch.float32, got),
+                                ("reference", backend.device, torch.float64, want)):
+        a = {k: None if v is None else v.to(dev, dt) for k, v in t.items()}
+        a[leaf].requires_grad_()
+        out = HF.cfm(a["h"], a["ft"], a["w1"], a["b1"], a["w2"], a["b2"], a["zt"], 2, 0.7, 1.3, backend=name)
+        into[leaf], = torch.autograd.grad(out, [a[leaf]], grad_outputs=a["gout"].to(out.dtype))
+    assert_close(NAMES[leaf], got[leaf], want[leaf], 1e-5)
+
+
+# The CUDA backward (csrc/cuda/cfm.cu, cfm_backward) runs dW2/db2 and da/db1 as cuBLASLt GEMMs with the BGRADB and
+# DRELU_BGRAD epilogues for bf16/fp16 with a hidden layer; sizes cuBLASLt has no algorithm for keep the ATen
+# sequence, GEMM by GEMM. S, B, D, Dt, H, n, K, epilogue: aligned sizes (multiples of 8 elements) must take the
+# epilogues (True); odd ones (H = 37: 74-byte rows; B = 1 or H = 1: sizes cuBLASLt is not used for) may take
+# either path (None) and must be as right.
+EPILOGUE_CASES = [(4, 64, 64, 64, 128, 4, 16, True), (1, 32, 48, 16, 64, 2, 8, True), (4, 256, 64, 32, 200, 2, 8, True),
+                  (4, 37, 24, 16, 37, 3, 37, None), (3, 5, 9, 7, 33, 2, 5, None), (2, 1, 8, 8, 16, 2, 8, None),
+                  (2, 6, 8, 8, 1, 2, 8, None)]
+
+
+def epilogue_inputs(S, B, D, Dt, H, n, K, seed):
+    """Stacked inputs (float64) whose hidden pre-activations stay away from 0 (b1 = +-1, |u W1^T| < 0.5, as in
+    ``rounding_inputs``): the ReLU mask is the same in every precision, so the comparisons measure rounding."""
+    t = stacked_inputs(S, B, D, Dt, H, n, K, torch.float64, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    t["w1"] = t["w1"] * 0.1
+    t["b1"] = torch.randint(0, 2, t["b1"].shape, generator=g, dtype=torch.float64) * 2 - 1
+    return t
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("backend,S,B,D,Dt,H,n,K,epilogue", over_backends(EPILOGUE_CASES, names=["cuda"]))
+def test_cfm_backward_epilogues_match_reference(backend, S, B, D, Dt, H, n, K, epilogue, dtype):
+    """Stacked stages in bf16/fp16 (inputs, weights and biases: the epilogue path), against the float64 truth on
+    the same rounded values: within twice the reference's own error in that dtype, forward and every gradient."""
+    from hcd_fast import _C
+
+    t = {k: v.to(dtype) for k, v in epilogue_inputs(S, B, D, Dt, H, n, K, seed=S + B + H).items()}
+    before = _C.cfm_backward_epilogue_calls()
+    got = run_stacked(backend.name, backend.device, t, n, 0.7, 1.3)
+    calls = _C.cfm_backward_epilogue_calls() - before
+    if epilogue:
+        assert calls == 1, "the aligned bf16/fp16 backward must run its GEMMs with the cuBLASLt epilogues"
+    ref = run_stacked("reference", backend.device, t, n, 0.7, 1.3)
+    want = run_stacked("reference", backend.device, t, n, 0.7, 1.3, dtype=torch.float64)
+    for k in want:
+        assert got[k].dtype == dtype and got[k].shape == want[k].shape
+        within_twice(NAMES[k], got[k], ref[k], want[k], 1e-5)
+
+
+@pytest.mark.parametrize("backend", backend_params(["cuda"]))
+def test_cfm_backward_epilogues_autocast_deterministic(backend):
+    """The epilogue path under bf16 autocast (fp32 master weights: the op sees their bf16 casts) gives the same
+    bits run to run, bias gradients included, and the float64 truth within the bf16 bound of cfm_rtol."""
+    from hcd_fast import _C
+
+    t = {k: v.float() for k, v in epilogue_inputs(4, 64, 64, 64, 128, 4, 16, seed=7).items()}
+    before = _C.cfm_backward_epilogue_calls()
+    a, b = (run_stacked(backend.name, backend.device, t, 4, 0.7, 1.3, autocast=torch.bfloat16) for _ in range(2))
+    assert _C.cfm_backward_epilogue_calls() - before == 2
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    want = run_stacked("reference", backend.device, t, 4, 0.7, 1.3, dtype=torch.float64)
+    for k in want:
+        assert a[k].dtype == torch.float32
+        assert_close(NAMES[k], a[k], want[k], cfm_rtol(torch.bfloat16), atol=low_atol(torch.bfloat16))

@@ -183,10 +183,12 @@ class TrainConfig:
     channels_last: str = option("auto", "channels_last memory format (auto: on for CUDA)", group="speed",
                                 choices=SWITCH)
     compile: bool = option(False, "torch.compile the student and teacher forwards", group="speed")
-    cuda_graph: bool = option(False, "capture the training step (teacher forward unless cached, student, head, loss, "
-                              "backward) in one CUDA graph after 3 warm-up steps and replay it; the optimizer step "
-                              "runs after each replay. CUDA only, one process, fixed batch; not with --compile, "
-                              "--teacher-compile on or --skip-nonfinite", group="speed")
+    cuda_graph: bool = option(False, "capture the whole training step (teacher forward unless cached, student, head, "
+                              "loss, backward, --clip-grad, optimizer step, fp16 scale update) in one CUDA graph "
+                              "after 3 warm-up steps and replay it; the optimizer is PyTorch's fused one (--opt sgd, "
+                              "nesterov, momentum, adam or adamw) with the scheduled lr in a device tensor. CUDA "
+                              "only, one process, fixed batch; not with --compile, --teacher-compile on or "
+                              "--skip-nonfinite", group="speed")
     teacher_bf16: str = _teacher_bf16("teacher weights cast to bf16, fp32 outputs (auto: on under bf16 autocast "
                                       "on CUDA)")
     teacher_channels_last: str = _teacher_channels_last()

@@ -17,6 +17,13 @@ Backward (shared; f_t and z_t get no gradient), per stage, with dz = lambda_stud
 stage dimension (one launch per product for all stages):
     dW2 = dz^T relu(a),  db2 = sum_b dz,  da = (dz W2) [a > 0],  db1 = sum_b da,
     dW1 = da^T [h_s ; f_t],  dh_s = da W1[:, :D].
+Two autograd forms of the same math: ``OP`` runs that backward as ATen ops (``_backward``; the Triton backend),
+``NATIVE_OP`` as one torch op of its own, ``cfm_backward`` (BWD_SCHEMA), whose kernels the C++ backends register
+(csrc/cpu/cfm.cpp: the same ATen sequence; csrc/cuda/cfm.cu: cuBLASLt GEMMs with the ReLU-gradient and
+bias-gradient epilogues). Kernel contract of ``cfm_backward``: grad_sub_logits (.., B, n, K), the forward's inputs
+and its hidden output (0,) without weight2, lambda_student, the dtypes of bias1/bias2, output_mask (dh_s, dW1,
+db1, dW2, db2) -> those five gradients, contiguous, each in its input's dtype (biases: bias1_dtype, bias2_dtype);
+one not asked for (or dW2/db2 without weight2) is a (0,) tensor of that dtype.
 """
 from __future__ import annotations
 
@@ -29,6 +36,10 @@ from hcd_fast.ops.library import OpDef, acc_dtype, autocast_cast, autocast_dtype
 SCHEMA = ("(Tensor student_feat, Tensor teacher_feat, Tensor weight1, Tensor bias1, Tensor? weight2, "
           "Tensor? bias2, Tensor teacher_logits, int num_sub_logits, float lambda_student, float lambda_teacher) "
           "-> (Tensor sub_logits, Tensor hidden)")
+BWD_SCHEMA = ("(Tensor grad_sub_logits, Tensor student_feat, Tensor teacher_feat, Tensor weight1, Tensor? weight2, "
+              "Tensor hidden, float lambda_student, ScalarType bias1_dtype, ScalarType? bias2_dtype, "
+              "bool[5] output_mask) -> (Tensor grad_student_feat, Tensor grad_weight1, Tensor grad_bias1, "
+              "Tensor grad_weight2, Tensor grad_bias2)")
 
 
 def out_dtype(student_feat, teacher_feat, weight1, teacher_logits) -> torch.dtype:
@@ -99,7 +110,34 @@ def _backward(ctx, grad_zf, grad_hidden):
     return gh, None, gw1, gb1, gw2, gb2, None, None, None, None
 
 
+def _grad_dtypes(student_feat, weight1, weight2, bias1_dtype, bias2_dtype) -> tuple:
+    """The dtypes of cfm_backward's five outputs (an absent weight2/bias2: weight1's and bias1's)."""
+    return (student_feat.dtype, weight1.dtype, bias1_dtype, (weight1 if weight2 is None else weight2).dtype,
+            bias1_dtype if bias2_dtype is None else bias2_dtype)
+
+
+def _fake_backward(grad_sub_logits, student_feat, teacher_feat, weight1, weight2, hidden, lambda_student,
+                   bias1_dtype, bias2_dtype, output_mask):
+    dts = _grad_dtypes(student_feat, weight1, weight2, bias1_dtype, bias2_dtype)
+    shapes = (student_feat.shape, weight1.shape, weight1.shape[:-1],
+              None if weight2 is None else weight2.shape, None if weight2 is None else weight2.shape[:-1])
+    return tuple(student_feat.new_empty(shape if (need and shape is not None) else (0,), dtype=dt)
+                 for shape, dt, need in zip(shapes, dts, output_mask))
+
+
+def _backward_native(backward_op, ctx, grad_zf, grad_hidden):
+    student_feat, teacher_feat, weight1, weight2, hidden = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    mask = [needs[0], needs[2], needs[3], ctx.has_hidden and needs[4], ctx.has_hidden and needs[5]]
+    grads = backward_op(grad_zf, student_feat, teacher_feat, weight1, weight2 if ctx.has_hidden else None, hidden,
+                        ctx.lambda_student, ctx.dtypes[2], ctx.dtypes[4], mask)
+    gh, gw1, gb1, gw2, gb2 = (g if need else None for g, need in zip(grads, mask))
+    return gh, None, gw1, gb1, gw2, gb2, None, None, None, None
+
+
 OP = OpDef("cfm", SCHEMA, _fake, _setup_context, _backward)
+BWD = OpDef("cfm_backward", BWD_SCHEMA, _fake_backward)
+NATIVE_OP = OpDef("cfm", SCHEMA, _fake, _setup_context, _backward_native, backward_op=BWD)
 
 
 def bind(op) -> Callable:

@@ -3,7 +3,7 @@
 The extension registers only kernels (``TORCH_LIBRARY_IMPL(hcd_fast, CPU/CUDA)`` in csrc/hcd_fast.cpp); each
 op's schema, fake kernel and autograd are defined here from its op file (``hcd_fast/ops/<op>.py``) under the
 namespace ``hcd_fast``. The C++ entry points follow the kernel contract written in those files
-(``sub_logit_loss`` registers two kernels: ``sub_logit_loss`` and ``sub_logit_loss_backward``).
+(``sub_logit_loss`` and ``cfm`` register two kernels each: the op and its ``*_backward``).
 """
 from __future__ import annotations
 
@@ -73,4 +73,4 @@ if _C is not None:
     sub_logit_loss = _define("sub_logit_loss", _sub_logit_loss.OP, _sub_logit_loss.bind)
     bn_relu_pool = _bn_relu_pool.bind(_bn_relu_pool.FWD.define("hcd_fast"), _bn_relu_pool.BWD.define("hcd_fast"))
     pool_linear = _pool_linear.bind(_pool_linear.OP.define("hcd_fast"))
-    cfm = _cfm.bind(_cfm.OP.define("hcd_fast"))
+    cfm = _define("cfm", _cfm.NATIVE_OP, _cfm.bind)

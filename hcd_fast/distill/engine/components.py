@@ -137,11 +137,16 @@ def build_loaders(cfg: TrainConfig, ctx: DistContext, device: torch.device, data
 
 
 def build_optim(cfg: TrainConfig, distiller: nn.Module, steps_per_epoch: int):
-    """timm's optimizer and scheduler (stepped every update), or no scheduler for --sched none."""
+    """timm's optimizer and scheduler (stepped every update), or no scheduler for --sched none. Under
+    --cuda-graph the optimizer is built capture-ready (PyTorch's fused kernels; graph_step.CAPTURE_READY)."""
     import timm.optim
     import timm.scheduler
+
+    from hcd_fast.distill.engine.graph_step import build_optimizer_options, keep_own_implementation
+    extra = build_optimizer_options(cfg.opt) if cfg.cuda_graph else {}
     optimizer = timm.optim.create_optimizer_v2(distiller, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                               momentum=cfg.momentum)
+                                               momentum=cfg.momentum, **extra)
+    keep_own_implementation(optimizer)  # a checkpoint of a run with(out) --cuda-graph resumes either way
     scheduler = None
     if cfg.sched != "none":
         scheduler, _ = timm.scheduler.create_scheduler_v2(
@@ -155,7 +160,7 @@ def build_components(cfg: TrainConfig, ctx: DistContext, device: torch.device) -
     if cfg.cuda_graph:
         from hcd_fast.distill.engine.graph_step import problems
         found = problems(device, ctx.enabled, cfg.skip_nonfinite, cfg.compile,
-                         cfg.teacher_compile == "on" or (cfg.teacher_compile == "auto" and cfg.compile))
+                         cfg.teacher_compile == "on" or (cfg.teacher_compile == "auto" and cfg.compile), cfg.opt)
         if found:
             raise UserError("--cuda-graph: " + "; ".join(found))
     data_cfg, data = build_run_data(cfg)

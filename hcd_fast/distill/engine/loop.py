@@ -249,7 +249,8 @@ class Trainer:
         totals = totals.tolist()
         n = totals[-1]
         mean = (lambda v: v / n) if n else (lambda v: None)
-        row = {"epoch": state.epoch + 1, "step": state.global_step, "lr": self.parts.optimizer.param_groups[0]["lr"],
+        lr = float(self.parts.optimizer.param_groups[0]["lr"])  # a device tensor under --cuda-graph (DeviceLR)
+        row = {"epoch": state.epoch + 1, "step": state.global_step, "lr": lr,
                "train_loss": mean(totals[0]), "train_top1": mean(100.0 * totals[1])}
         row.update({f"train_{k}": mean(v) for k, v in zip(self.parts.part_names, totals[2:-1])})
         ctx.broadcast_buffers(unwrap(self.parts.task.trainable_module))
