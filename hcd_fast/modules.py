@@ -601,7 +601,7 @@ class StageProjectors(nn.Module):
                 group, _ = self.group_of(s, j)
                 for name in ("bn1", "bn2"):
                     src, dst = getattr(group, name), getattr(block, name)
-                    dst.momentum, dst.eps, dst.training = src.momentum, src.eps, src.training
+                    dst.momentum, dst.eps = src.momentum, src.eps
         proj = proj.to(device=ref.device, dtype=ref.dtype)
         own = {k[len(f"{s}."):]: v for k, v in self.state_dict().items() if k.startswith(f"{s}.")}
         proj.load_state_dict(own)
