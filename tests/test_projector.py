@@ -656,8 +656,8 @@ def test_stage_projectors_load_per_stage_checkpoints():
     assert sp.stage(0).blocks[0].dw1.weight.data_ptr() != sp.groups[0].dw1.weight.data_ptr()
     group, _ = sp.group_of(1, 1)
     group.bn2.momentum = None
-    group.bn1.eval()
     sp.train()
+    group.bn1.eval()  # a frozen BatchNorm stays frozen in the copy
     block = sp.stage(1).blocks[1]
     assert block.bn2.momentum is None and not block.bn1.training and block.bn2.training
 
