@@ -86,8 +86,10 @@ class Block:
 
 def head_blocks(channels: Sequence[int] = RESNET18_CHANNELS, maps: Sequence[int] = RESNET18_MAPS_224,
                 teacher_dim: int = TEACHER_DIM) -> List[Block]:
-    """The SepConv blocks of HCDLoss's projectors (hcd_fast/loss.py, hcd_fast/modules.ConvProjector): stage s of
-    S has S-1-s blocks, channels doubling, the last emitting D = max(C_last, D_t); the deepest stage has none."""
+    """The SepConv blocks of HCDLoss's projectors (hcd_fast/loss.py, hcd_fast/modules.StageProjectors): stage s of
+    S has S-1-s blocks, channels doubling, the last emitting D = max(C_last, D_t); the deepest stage has none. (The
+    projectors run same-shape blocks of different stages as one grouped block: the same bytes per block, plus the
+    copy that concatenates a group's input, which this model leaves out.)"""
     dim = max(channels[-1], teacher_dim)
     blocks = []
     for s, (c, size) in enumerate(zip(channels[:-1], maps[:-1])):

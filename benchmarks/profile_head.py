@@ -5,9 +5,12 @@ Profiles, each after warm-up, one call under ``torch.profiler``:
 
 - ``head/<provider>``: one forward+backward of ``HCDLoss`` on ResNet18 stage maps (channels_last, bf16 autocast on
   CUDA, as hcd-distill feeds them), for the reference and every fused backend available on the device. Ranges
-  (``record_function``): per stage its projector's depthwise convs (``stage<s>/projector/dw``), pointwise convs
-  (``/pw``), BatchNorms (``/bn``) and the rest of the projector (``stage<s>/projector``: the fused BN+ReLU+pool
-  or pool+linear tail), the CFMs (``cfm``: one op for all stages on the fused backends), ``sub_logit_loss``, and
+  (``record_function``): per grouped projector block (``projector/group<g>``: the same-shape SepConv blocks of
+  several stages, ``HCDLoss.projectors.groups[g]``) its depthwise convs (``projector/group<g>/dw``), pointwise
+  convs (``/pw``) and BatchNorms (``/bn``) where they run as modules (cpu/cuda; the fused ops and the reference's
+  per-member blocks count in ``projector/group<g>``), the BN+ReLU+pool tail of the last blocks
+  (``projector/pool``), the deepest stage's pool+linear (``projector/linear``), the groups' input concatenations
+  (``projector``), the CFMs (``cfm``: one op for all stages on the fused backends), ``sub_logit_loss``, and
   ``head/other`` (validation, stacking). Backward work is attributed to the forward range whose op created its
   autograd node (the profiler's sequence numbers), as ``<range> [bwd]``.
 - ``head/<provider>+graph`` (CUDA only): the same forward+backward captured in a CUDA graph, one replay
@@ -80,18 +83,22 @@ def wrap_in_range(fn: Callable, name: str) -> Callable:
 def head_ranges(crit):
     """Ranges on an ``HCDLoss`` (see the module docstring); removed on exit."""
     handles, patched = [], []
-    for s, projector in enumerate(crit.projectors):
+    projectors = crit.projectors
+    for g, group in enumerate(projectors.groups):
         leaves = {}
-        for i, m in enumerate(projector.modules()):
-            if isinstance(m, nn.Conv2d):
-                kind = "dw" if m.groups > 1 else ("pw" if m.kernel_size == (1, 1) else "conv")
-                leaves[f"stage{s}/projector/{kind}#{i}"] = m
+        for i, m in enumerate(group.modules()):
+            if isinstance(m, nn.Conv2d):  # the pointwise convs are grouped convs too: told apart by their kernel
+                leaves[f"projector/group{g}/{'pw' if m.kernel_size == (1, 1) else 'dw'}#{i}"] = m
             elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-                leaves[f"stage{s}/projector/bn#{i}"] = m
+                leaves[f"projector/group{g}/bn#{i}"] = m
         handles += range_hooks(leaves)
-        if hasattr(projector, "run"):
-            patched.append((projector, "run"))
-            projector.run = wrap_in_range(projector.run, f"stage{s}/projector")
+        for attr in ("run_modules", "run_fused", "run_members"):
+            patched.append((group, attr))
+            setattr(group, attr, wrap_in_range(getattr(group, attr), f"projector/group{g}"))
+    for obj, attr, name in ((projectors, "run", "projector"), (projectors, "_pool", "projector/pool"),
+                            (projectors.linear, "run", "projector/linear")):
+        patched.append((obj, attr))
+        setattr(obj, attr, wrap_in_range(getattr(obj, attr), name))
     if hasattr(crit.cfms, "run"):
         patched.append((crit.cfms, "run"))
         crit.cfms.run = wrap_in_range(crit.cfms.run, "cfm")

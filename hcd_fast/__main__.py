@@ -4,6 +4,7 @@ import platform
 import torch
 
 import hcd_fast
+from hcd_fast.ops.dispatch import fused_projector_backends
 
 
 def main() -> None:
@@ -11,6 +12,12 @@ def main() -> None:
     print(f"CUDA available: {torch.cuda.is_available()}")
     for status in hcd_fast.backends().values():
         print(f"  {status}")
+    fused = fused_projector_backends()
+    if fused:
+        print("fused projector blocks: " + ", ".join(
+            name if source == name else f"{name} (the {source} backend's kernels)" for name, source in fused.items()))
+    else:
+        print("fused projector blocks: none available here (the SepConv blocks run as grouped nn modules)")
 
 
 if __name__ == "__main__":

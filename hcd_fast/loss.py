@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from hcd_fast import functional as HF
 from hcd_fast.config import HCDConfig
-from hcd_fast.modules import ConvProjector, LinearProjector, StageCFMs, init_weights
+from hcd_fast.modules import StageCFMs, StageProjectors, init_weights
 from hcd_fast.ops.dispatch import OpTable, check_backend_name, op_table
 from hcd_fast.validation import (check_float, check_logits_and_target, check_same_device, check_shape,
                                  check_target_range, resolve_validate)
@@ -71,10 +71,10 @@ class HCDLoss(nn.Module):
         self.embed_dim = config.embed_dim if config.embed_dim is not None else max(channels[-1], teacher_dim)
         hidden = teacher_dim if config.cfm_hidden == "teacher" else config.cfm_hidden
         num_stages = len(channels)
-        self.projectors = nn.ModuleList(
-            ConvProjector(c, num_stages - 1 - s, self.embed_dim, backend) if s < num_stages - 1
-            else LinearProjector(c, self.embed_dim, backend)
-            for s, c in enumerate(channels))
+        # The S projectors, with the same-shape SepConv blocks of different stages grouped (one grouped block per
+        # distance from the end for ResNet-like widths); its state_dict keeps the per-stage keys
+        # projectors.<s>.blocks.<j>.dw1.weight, ..., projectors.<S-1>.proj.weight. projectors.stage(s) is stage s alone.
+        self.projectors = StageProjectors(channels, self.embed_dim, backend)
         # The S CFMs as one module with stage-stacked weights (one batched GEMM per layer); its state_dict keeps
         # the per-stage keys cfms.<s>.fc1.weight, ... of separate CFM modules.
         self.cfms = StageCFMs(num_stages, self.embed_dim, teacher_dim, num_classes, config.num_sub_logits, hidden,
@@ -120,9 +120,9 @@ class HCDLoss(nn.Module):
         ops = self.ops(student_logits.device)
         teacher_feat = HF.teacher_input(teacher_feat)  # the teacher is a constant: once here, for every op
         teacher_logits = HF.teacher_input(teacher_logits)
-        # h (S, B, D): the projector outputs stacked (S*B*D values); the CFMs of all stages then write the fused
-        # sub-logits (S, B, n, K) in one op.
-        projected = torch.stack([projector.run(f, ops) for f, projector in zip(student_feats, self.projectors)])
+        # h (S, B, D): the projector outputs of every stage (S*B*D values); the CFMs of all stages then write the
+        # fused sub-logits (S, B, n, K) in one op.
+        projected = self.projectors.run(student_feats, ops)
         sub_logits = self.cfms.run(projected, teacher_feat, teacher_logits, ops)
         loss, parts = ops.sub_logit_loss(sub_logits, student_logits, teacher_logits, target, self.config)
         return (loss, parts) if return_parts else loss

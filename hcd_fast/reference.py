@@ -53,25 +53,29 @@ def projector_dwconv(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torc
                      shift: Optional[torch.Tensor] = None, stride: int = 1) -> torch.Tensor:
     """conv3x3(z, weight, stride, padding 1, groups C), z = ReLU(x * scale + shift) (a BatchNorm's apply with
     scale = w / sqrt(var + eps), shift = b - mean * scale) or z = x when scale is None. x (B, C, H, W), weight
-    (C, 1, 3, 3), scale/shift (C,) -> (B, C, HO, WO) in x's dtype (conv weight cast to it, as under autocast)."""
+    (C, 1, 3, 3), scale/shift (P,) with P <= C -> (B, C, HO, WO) in x's dtype (conv weight cast to it, as under
+    autocast). With P < C only the first P channels get the BN apply and ReLU; the others are taken as they are
+    (a grouped projector block: the previous blocks' BN output followed by a raw stage map)."""
     if scale is not None:
-        x = F.relu(x * scale[:, None, None] + shift[:, None, None]).to(x.dtype)
+        p = scale.shape[0]
+        z = F.relu(x[:, :p] * scale[:, None, None] + shift[:, None, None]).to(x.dtype)
+        x = z if p == x.shape[1] else torch.cat([z, x[:, p:]], dim=1)
     return F.conv2d(x, weight.to(x.dtype), stride=stride, padding=1, groups=x.shape[1])
 
 
 def projector_pwconv(a: torch.Tensor, weight: torch.Tensor, bn_weight: torch.Tensor, bn_bias: torch.Tensor,
                      running_mean: torch.Tensor, running_var: torch.Tensor, num_batches_tracked: torch.Tensor,
-                     training: bool, momentum: Optional[float] = 0.1, eps: float = 1e-5
+                     training: bool, momentum: Optional[float] = 0.1, eps: float = 1e-5, groups: int = 1
                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """y = conv1x1(a, weight) and the (scale, shift) of the BatchNorm2d that follows it: (B, C_in, H, W),
-    weight (C_out, C_in[, 1, 1]) -> y (B, C_out, H, W) in a's dtype, scale, shift (C_out,).
+    """y = conv1x1(a, weight, groups) and the (scale, shift) of the BatchNorm2d that follows it: (B, C_in, H, W),
+    weight (C_out, C_in / groups[, 1, 1]) -> y (B, C_out, H, W) in a's dtype, scale, shift (C_out,).
 
     Exactly nn.BatchNorm2d's statistics: in training the batch mean and biased variance of y normalise,
     num_batches_tracked += 1, and the running statistics move by the momentum (None: the cumulative average,
     factor 1 / num_batches_tracked) with the unbiased variance; in eval the running statistics normalise.
     BN(y) = y * scale + shift with scale = bn_weight / sqrt(var + eps), shift = bn_bias - mean * scale.
     """
-    y = F.conv2d(a, weight.reshape(weight.shape[0], -1, 1, 1).to(a.dtype))
+    y = F.conv2d(a, weight.reshape(weight.shape[0], -1, 1, 1).to(a.dtype), groups=groups)
     stats_dtype = torch.float64 if torch.float64 in (a.dtype, bn_weight.dtype) else torch.float32
     if training:
         num_batches_tracked.add_(1)

@@ -155,7 +155,7 @@ def test_head_compiled_reduce_overhead(backend):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_momentum_none_refused_during_capture():
     crit = make(Backend("reference", "cuda"), "fp32")
-    crit.projectors[0].blocks[-1].bn2.momentum = None
+    crit.projectors.group_of(0, len(crit.projectors) - 2)[0].bn2.momentum = None  # the last blocks' grouped BN
     inputs = leaves(new_inputs(0, channels_last=False))
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

@@ -27,19 +27,29 @@ def make_inputs(B=3, channels=CHANNELS, sizes=SIZES, Dt=TEACHER_DIM, K=K, dtype=
 def test_structure_follows_spec():
     crit = HCDLoss((64, 128, 256, 512), 768, 100)
     assert crit.embed_dim == 768
-    assert [type(p) for p in crit.projectors] == [ConvProjector] * 3 + [LinearProjector]
-    assert [len(p.blocks) for p in crit.projectors[:3]] == [3, 2, 1]
-    first = crit.projectors[0].blocks
+    stages = [crit.projectors.stage(s) for s in range(4)]
+    assert len(crit.projectors) == 4
+    assert [type(p) for p in stages] == [ConvProjector] * 3 + [LinearProjector]
+    assert [len(p.blocks) for p in stages[:3]] == [3, 2, 1]
+    first = stages[0].blocks
     assert [(b.pw2.in_channels, b.pw2.out_channels) for b in first] == [(64, 128), (128, 256), (256, 768)]
     assert first[0].dw1.stride == (2, 2) and first[0].dw1.groups == 64 and first[0].dw1.bias is None
-    assert crit.projectors[3].proj.bias is not None
+    assert stages[3].proj.bias is not None
+    # ResNet widths: 6 blocks in 3 grouped blocks, one per distance from the end of the projector.
+    groups = crit.projectors.groups
+    assert [g.members for g in groups] == [((0, 0),), ((0, 1), (1, 0)), ((0, 2), (1, 1), (2, 0))]
+    assert [(g.c_in, g.c_out) for g in groups] == [(64, 128), (128, 256), (256, 768)]
+    last = groups[2]
+    assert (last.pw2.in_channels, last.pw2.out_channels, last.pw2.groups) == (768, 3 * 768, 3)
+    assert last.dw1.groups == 768 and tuple(last.bn2.weight.shape) == (3 * 768,)
+    assert crit.projectors.group_of(1, 0) == (groups[1], 1)
     cfm = crit.cfms.stage(0)  # the S CFMs are stacked: (S, out, in) weights
     assert (cfm.fc1.in_features, cfm.fc1.out_features, cfm.fc2.out_features) == (768 + 768, 768, 400)
     assert tuple(crit.cfms.fc1.weight.shape) == (4, 768, 1536) and tuple(crit.cfms.fc2.weight.shape) == (4, 400, 768)
     single = HCDLoss((8, 16), 12, 5, HCDConfig(cfm_hidden=None, embed_dim=20, num_sub_logits=2))
     assert single.cfms.stage(1).fc2 is None and single.cfms.stage(1).fc1.out_features == 10
     assert single.cfms.fc2 is None and tuple(single.cfms.fc1.weight.shape) == (2, 10, 32)
-    assert single.embed_dim == 20 and single.projectors[0].blocks[-1].pw2.out_channels == 20
+    assert single.embed_dim == 20 and single.projectors.stage(0).blocks[-1].pw2.out_channels == 20
 
 
 def test_init_follows_spec():
@@ -50,9 +60,9 @@ def test_init_follows_spec():
     assert crit.cfms.fc1.weight.abs().max() < 2
     for w in (crit.cfms.fc1.weight[0], crit.cfms.fc1.weight[1], crit.cfms.fc2.weight[1]):
         assert abs(w.std().item() - 0.02) < 0.003
-    bn = crit.projectors[0].blocks[0].bn1
+    bn = crit.projectors.stage(0).blocks[0].bn1
     assert torch.all(bn.weight == 1) and torch.all(bn.bias == 0)
-    pw = crit.projectors[0].blocks[0].pw2.weight  # kaiming fan_out: std = sqrt(2 / out_channels)
+    pw = crit.projectors.stage(0).blocks[0].pw2.weight  # kaiming fan_out: std = sqrt(2 / out_channels)
     assert abs(pw.std().item() - (2 / pw.shape[0]) ** 0.5) < 0.35 * (2 / pw.shape[0]) ** 0.5
 
 
@@ -110,7 +120,7 @@ def test_teacher_gets_no_gradient_and_student_does():
 
 def test_running_stats_update_in_train_not_eval():
     crit = HCDLoss(CHANNELS, TEACHER_DIM, K)
-    bn = crit.projectors[0].blocks[-1].bn2
+    bn = crit.projectors.group_of(0, 1)[0].bn2  # the last block of stage 0
     before = bn.running_mean.clone()
     crit(*make_inputs())
     assert not torch.equal(before, bn.running_mean) and bn.num_batches_tracked == 1
@@ -205,7 +215,7 @@ def test_state_dict_keeps_the_per_stage_cfm_layout(hidden):
             assert torch.equal(crit.cfms.fc2.weight[s], cfm.fc2.weight)
     feats, zs, ft, zt, y = make_inputs()
     crit.eval()
-    h = [p(f) for p, f in zip(crit.projectors, feats)]
+    h = [crit.projectors.stage(s)(f) for s, f in enumerate(feats)]
     zf = torch.stack([cfm(hs, ft, zt) for cfm, hs in zip(old, h)])
     want, _ = hcd_fast.reference.sub_logit_loss(zf, zs, zt, y, cfg)
     assert torch.allclose(crit(feats, zs, ft, zt, y), want, rtol=1e-6, atol=1e-7)
@@ -266,7 +276,7 @@ def test_momentum_none_refuses_cuda_graph_capture(monkeypatch):
     import hcd_fast.modules as M
 
     crit = HCDLoss(CHANNELS, TEACHER_DIM, K)
-    crit.projectors[0].blocks[-1].bn2.momentum = None
+    crit.projectors.group_of(0, 1)[0].bn2.momentum = None
     crit(*make_inputs())  # eager: a cumulative average, as nn.BatchNorm2d
     monkeypatch.setattr(M, "capturing", lambda: True)
     with pytest.raises(RuntimeError, match="momentum=None.*CUDA graph"):
@@ -386,7 +396,7 @@ def test_sync_batchnorm_conversion_keeps_the_loss(monkeypatch):
     a = HCDLoss(CHANNELS, TEACHER_DIM, K)
     b = nn.SyncBatchNorm.convert_sync_batchnorm(HCDLoss(CHANNELS, TEACHER_DIM, K))
     b.load_state_dict(a.state_dict())
-    assert isinstance(b.projectors[0].blocks[-1].bn2, nn.SyncBatchNorm)
+    assert isinstance(b.projectors.group_of(0, 1)[0].bn2, nn.SyncBatchNorm)
     inputs = make_inputs()
     expected = a(*inputs)
     calls = []
@@ -552,8 +562,9 @@ def test_hcd_loss_matches_reference_gpu_sizes(backend, sizes, B, floor, no_tf32)
 @pytest.mark.parametrize("backend", backend_params())
 def test_hcd_loss_compiled_fullgraph_matches_eager(backend):
     """torch.compile(fullgraph=True) of the whole criterion (inductor around the custom ops) gives the eager
-    loss, parts, gradients and running statistics (the in-place update survives functionalization)."""
-    channels, sizes, B, K, Dt = (8, 16), (4, 2), 3, 37, 12
+    loss, parts, gradients and running statistics (the in-place update survives functionalization). Three stages
+    of doubling widths: the last blocks of stages 0 and 1 run as one grouped block."""
+    channels, sizes, B, K, Dt = (8, 16, 32), (4, 2, 1), 3, 37, 12
     torch.manual_seed(1)
     eager = HCDLoss(channels, Dt, K, config=HCDConfig(num_sub_logits=3), backend=backend.name).to(backend.device)
     model = copy.deepcopy(eager)

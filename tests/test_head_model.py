@@ -120,8 +120,8 @@ def test_head_blocks_follow_hcd_loss():
     from hcd_fast import HCDLoss
 
     crit = HCDLoss(HM.RESNET18_CHANNELS, HM.TEACHER_DIM, 10)
-    want = [(blk.dw1.in_channels, blk.pw2.out_channels) for p in crit.projectors if hasattr(p, "blocks")
-            for blk in p.blocks]
+    want = [(blk.dw1.in_channels, blk.pw2.out_channels) for s in range(len(crit.projectors) - 1)
+            for blk in crit.projectors.stage(s).blocks]
     assert [(b.c_in, b.c_out) for b in HM.head_blocks()] == want
     assert [b.height for b in HM.head_blocks()] == [56, 28, 14, 28, 14, 14]
 

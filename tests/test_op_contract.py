@@ -103,20 +103,29 @@ def _op_args(ns):
         cl = x.detach().contiguous(memory_format=torch.channels_last)
         dw_w, sc, sh = r(4, 1, 3, 3), r(4), r(4)
         m4 = r(3, 4, 5, 3)
-        ops["projector_dwconv"] = [(m4, dw_w, None, None, 2), (m4, dw_w, sc, sh, 1)]
+        ops["projector_dwconv"] = [(m4, dw_w, None, None, 2), (m4, dw_w, sc, sh, 1),
+                                   (m4, dw_w, sc[:3], sh[:3], 2)]  # the prologue on the first 3 channels only
         ops["projector_dwconv_backward"] = [(r(3, 4, 3, 2, grad=False), m4.detach(), dw_w.detach(), None, None, 2),
                                             (r(3, 4, 5, 3, grad=False), m4.detach(), dw_w.detach(), sc.detach(),
                                              sh.detach(), 1)]
         nbt = torch.tensor(2, device=DEV)
         ops["projector_pwconv"] = [(cl, r(6, 5, grad=False), r(6, grad=False), r(6, grad=False),
                                     torch.zeros(6, device=DEV), torch.ones(6, device=DEV), nbt, training, 0.1,
-                                    cumulative, 1e-5)
+                                    cumulative, 1e-5, 1)
                                    for training, cumulative in ((True, False), (True, True), (False, False))]
+        m6 = r(3, 6, 4, 3, grad=False).contiguous(memory_format=torch.channels_last)
+        ops["projector_pwconv"].append((m6, r(4, 3, grad=False), r(4, grad=False), r(4, grad=False),  # 2 groups
+                                        torch.zeros(4, device=DEV), torch.ones(4, device=DEV), nbt, True, 0.1, False,
+                                        1e-5, 2))
         y6 = r(3, 6, 4, 3, grad=False).contiguous(memory_format=torch.channels_last)
         ops["projector_pwconv_backward"] = [(r(3, 6, 4, 3, grad=False), r(6, grad=False), r(6, grad=False), xx,
                                              r(6, 5, grad=False), y6, r(6, grad=False), mean.new_zeros(6),
-                                             invstd.new_ones(6), training)
+                                             invstd.new_ones(6), training, 1)
                                             for training in (True, False) for xx in (x.detach(), cl)]
+        y4 = r(3, 4, 4, 3, grad=False).contiguous(memory_format=torch.channels_last)
+        ops["projector_pwconv_backward"].append((r(3, 4, 4, 3, grad=False), r(4, grad=False), r(4, grad=False), m6,
+                                                 r(4, 3, grad=False), y4, r(4, grad=False), mean.new_zeros(4),
+                                                 invstd.new_ones(4), True, 2))
     return {
         **ops,
         "sub_logit_loss": sll,

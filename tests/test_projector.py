@@ -308,14 +308,54 @@ def test_projector_pwconv_refuses_one_value_per_channel_in_training(backend):
     assert bn[-1].item() == 0
 
 
-def test_backends_report_the_projector_path():
-    """python -m hcd_fast says which backends run the SepConv blocks as modules."""
-    for name in ("cpu", "cuda"):
-        status = hcd_fast.backends()[name]
-        if status.available:
-            assert "projector blocks: nn.Conv2d/BatchNorm2d modules" in status.reason
+def test_backends_report_the_projector_path(capsys):
+    """python -m hcd_fast says which backends run the SepConv blocks as modules and which fuse them (cuda with the
+    triton backend's kernels where triton is available)."""
+    from hcd_fast.__main__ import main
+    from hcd_fast.ops.dispatch import fused_projector_backends
+
+    status = hcd_fast.backends()
+    if status["cpu"].available:
+        assert "projector blocks: grouped nn.Conv2d/BatchNorm2d modules" in status["cpu"].reason
+    if status["cuda"].available:
+        want = "the triton backend's fused kernels" if status["triton"].available else "grouped nn.Conv2d"
+        assert want in status["cuda"].reason
+    fused = fused_projector_backends()
+    assert ("triton" in fused) == status["triton"].available and "cpu" not in fused and "reference" not in fused
     table = op_table("reference", torch.device("cpu"))
     assert not table.fused_projector
+    main()
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("fused projector blocks:")]
+    assert len(line) == 1 and (("triton" in line[0]) == status["triton"].available)
+
+
+@pytest.mark.parametrize("backend", over_backends([()], names=["cpu"]))
+def test_projector_ops_borrowed_from_a_donor_backend(backend, monkeypatch):
+    """The mechanism that gives the cuda backend the Triton projector ops (dispatch.PROJECTOR_FROM), exercised on
+    the CPU: the cpu backend with triton as its donor runs its grouped blocks through the fused ops (interpreted)
+    and matches the per-member reference."""
+    from hcd_fast.modules import StageProjectors
+    from hcd_fast.ops import dispatch
+
+    if not hcd_fast.backends()["triton"].available:
+        pytest.skip("triton backend not available here")
+    monkeypatch.setattr(dispatch, "PROJECTOR_FROM", {"cpu": "triton"})
+    monkeypatch.setattr(dispatch, "_TABLES", {})
+    table = op_table("cpu", torch.device("cpu"))
+    triton_table = op_table("triton", torch.device("cpu"))
+    assert table.fused_projector and table.projector_pwconv is triton_table.projector_pwconv
+    assert table.bn_relu_pool is not triton_table.bn_relu_pool and table.backend == "cpu"
+    assert dispatch.fused_projector_backends()["cpu"] == "triton"
+    torch.manual_seed(3)
+    truth = StageProjectors((3, 6, 12), 12, "reference").double()
+    fast = copy.deepcopy(truth).float()
+    g = torch.Generator().manual_seed(2)
+    feats = [torch.randn(2, c, m, m, generator=g, dtype=torch.float64) for c, m in zip((3, 6, 12), (7, 4, 2))]
+    gout = torch.randn(3, 2, 12, generator=g, dtype=torch.float64)
+    want = proj_step(truth, feats, gout, op_table("reference", torch.device("cpu")))
+    got = proj_step(fast, [f.float() for f in feats], gout, table)
+    for name, gt, wt in zip(proj_names(truth, 3), got, want):
+        assert_close(name, gt, wt, 1e-4, atol=2e-6)
 
 
 def _gradcheck_inputs(seed):
@@ -355,3 +395,371 @@ def test_triton_projector_gradcheck_float64(backend):
     assert torch.autograd.gradcheck(lambda *a: ops.projector_dwconv(*a, None, None, 1), (x, wd))
     a = x.detach().clone().contiguous(memory_format=torch.channels_last).requires_grad_()
     assert torch.autograd.gradcheck(_pw_fn(ops.projector_pwconv, True, None), (a, wp, bw, bb))
+
+
+# ------------------------------------------------------------------- grouped pointwise conv, partial prologue
+GROUPED_PW_CASES = [(2, 3, 3, 5, 7, 2, True, 0.1, "nhwc"), (3, 2, 5, 37, 5, 3, True, None, "nchw"),
+                    (2, 3, 37, 3, 4, 1, False, 0.1, "nhwc"), (1, 4, 6, 130, 3, 2, True, 0.2, "strided")]
+
+
+@pytest.mark.parametrize("backend,B,G,Ci,Co,H,steps,training,momentum,kind",
+                         over_backends(GROUPED_PW_CASES, names=TRITON))
+def test_projector_pwconv_groups_matches_reference(backend, B, G, Ci, Co, H, steps, training, momentum, kind):
+    """groups = G: a grouped 1x1 conv (weight (G C_out, C_in, 1, 1)), the BatchNorm per output channel: every output,
+    gradient and running statistic against the reference (F.conv2d(groups=G)) in float64; the groups differ (a
+    kernel that mixed them or read one group's weights for all would fail)."""
+    t = pw_inputs(B, G * Ci, G * Co, H, H + 2, seed=G * Ci + Co)
+    t["w"] = torch.randn(G * Co, Ci, 1, 1, generator=torch.Generator().manual_seed(G), dtype=torch.float64)
+    fn = lambda *a: _ops(backend).projector_pwconv(*a, groups=G)  # noqa: E731
+    ref = lambda *a: R.projector_pwconv(*a, groups=G)  # noqa: E731
+    got, y = pw_run(fn, backend.device, t, steps, training, momentum, kind, torch.float32)
+    want, _ = pw_run(ref, backend.device, t, steps, training, momentum, "nchw", torch.float64)
+    assert y.shape == (B, G * Co, H, H + 2) and got[4].shape == (G * Co, Ci, 1, 1)
+    for name, g, w in zip(PW_NAMES, got, want):
+        assert_close(name, g, w, 2e-5, atol=1e-7)
+    # The truth itself: each group alone is the plain conv on its channels.
+    a = t["a"].to(backend.device)
+    for g_ in range(G):
+        yg = F.conv2d(a[:, g_ * Ci:(g_ + 1) * Ci], t["w"][g_ * Co:(g_ + 1) * Co].to(backend.device))
+        assert_close(f"group {g_}", want[0][:, g_ * Co:(g_ + 1) * Co], yg, 1e-12)
+
+
+@pytest.mark.parametrize("backend", over_backends([()], names=TRITON))
+def test_projector_pwconv_groups_bf16_and_refusal(backend):
+    """bf16 grouped pwconv within twice the reference's own bf16 error; a weight that does not fit groups is a
+    ValueError naming groups."""
+    t = pw_inputs(3, 2 * 5, 2 * 7, 5, 5, seed=31)
+    t["w"] = torch.randn(14, 5, 1, 1, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    t = {k: (v.to(torch.bfloat16).double() if torch.is_tensor(v) and k in ("a", "w") else v) for k, v in t.items()}
+    fn = lambda *a: _ops(backend).projector_pwconv(*a, groups=2)  # noqa: E731
+    ref = lambda *a: R.projector_pwconv(*a, groups=2)  # noqa: E731
+    got, _ = pw_run(fn, backend.device, t, 2, True, 0.1, "nhwc", torch.bfloat16)
+    low, _ = pw_run(ref, backend.device, t, 2, True, 0.1, "nhwc", torch.bfloat16)
+    want, _ = pw_run(ref, backend.device, t, 2, True, 0.1, "nchw", torch.float64)
+    floor = 1e-3 + interpreter_rounding(backend, torch.bfloat16)
+    for name, g, r, w in zip(PW_NAMES, got, low, want):
+        within_twice(name, g, r, w, floor)
+    dev = backend.device
+    bn = [torch.ones(6, device=dev), torch.zeros(6, device=dev), torch.zeros(6, device=dev),
+          torch.ones(6, device=dev), torch.tensor(0, device=dev)]
+    with pytest.raises(ValueError, match="groups"):
+        _ops(backend).projector_pwconv(torch.randn(2, 6, 3, 3, device=dev), torch.randn(6, 4, device=dev), *bn,
+                                       True, 0.1, 1e-5, groups=2)
+
+
+PARTIAL_CASES = [(2, 7, 3, 13, 13, 2, "nhwc"), (1, 37, 20, 7, 7, 1, "nchw"), (2, 70, 64, 5, 7, 2, "sliced")]
+
+
+@pytest.mark.parametrize("backend,B,C,P,H,W,stride,kind", over_backends(PARTIAL_CASES, names=TRITON))
+def test_projector_dwconv_partial_prologue(backend, B, C, P, H, W, stride, kind):
+    """scale/shift of P < C channels: BN apply + ReLU on the first P channels, the others raw (a grouped block's
+    input: the continuing members' BN output, then a stage's raw map). Every output and gradient against the
+    reference; the raw channels' gradient passes through negative values (no ReLU there)."""
+    t = dw_inputs(B, C, H, W, seed=C + P)
+    t["scale"], t["shift"] = t["scale"][:P], t["shift"][:P]
+    got, _ = dw_run(_ops(backend).projector_dwconv, backend.device, t, stride, True, kind, torch.float32)
+    want, _ = dw_run(R.projector_dwconv, backend.device, t, stride, True, "nchw", torch.float64)
+    assert got[3].shape == (P,) and got[4].shape == (P,)
+    for name, g, w in zip(DW_NAMES, got, want):
+        assert_close(name, g, w, 1e-5, atol=1e-7)
+    # The raw channels are a plain depthwise conv of x (negative values included).
+    x = t["x"].to(backend.device)
+    raw = F.conv2d(x[:, P:], t["w"][P:].to(backend.device), stride=stride, padding=1, groups=C - P)
+    assert_close("raw channels", want[0][:, P:], raw, 1e-12)
+
+
+# ------------------------------------------------------------------------------ grouped stage projectors
+FUSED = ["cpu", "triton"]  # cpu: grouped nn modules (ATen grouped convs); triton: grouped fused ops
+
+
+def proj_step(sp, feats, gout, ops):
+    """One forward+backward of StageProjectors: h (S, B, D), every map's and parameter's gradient, every buffer."""
+    feats = [f.detach().clone().requires_grad_() for f in feats]  # clone keeps the layout
+    h = sp.run(feats, ops)
+    sp.zero_grad(set_to_none=True)
+    (h * gout.to(h.dtype)).sum().backward()
+    return [h.detach()] + [f.grad for f in feats] + [p.grad for p in sp.parameters()] + \
+        [b.clone() for b in sp.buffers()]
+
+
+def proj_names(sp, stages):
+    return (["h"] + [f"d feats[{s}]" for s in range(stages)] + [f"d {n}" for n, _ in sp.named_parameters()] +
+            [n for n, _ in sp.named_buffers()])
+
+
+def randomise_bns(sp, momentum, seed):
+    g = torch.Generator().manual_seed(seed)
+    for m in sp.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = momentum
+            with torch.no_grad():
+                m.weight.copy_(1 + 0.3 * torch.randn(m.weight.shape, generator=g))
+                m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=g))
+
+
+# channels, maps, D, B, momentum, layout, groups (the members of each grouped block; None: a runtime fallback)
+STAGE_CASES = [((3, 6, 12), (7, 4, 2), 12, 2, 0.1, "nhwc", 2)]  # ResNet-like: 3 blocks in 2 groups
+STAGE_SLOW_CASES = [
+    ((3, 6, 12, 24), (13, 7, 4, 2), 24, 2, 0.1, "nhwc", 3),      # odd maps: 6 blocks in 3 groups
+    ((5, 10, 20), (14, 7, 4), 13, 3, None, "nchw", 2),           # momentum None, odd D
+    ((3, 5, 7, 11), (13, 7, 4, 2), 11, 2, 0.2, "nhwc", 6),       # MobileNet-like widths: no two blocks grouped
+    ((3, 6, 12), (8, 8, 8), 12, 2, 0.1, "nhwc", None),           # ResNet widths, maps not halving: per member
+]
+
+
+@pytest.mark.parametrize("backend,channels,maps,D,B,momentum,kind,num_groups",
+                         over_backends(STAGE_CASES, names=FUSED, slow_cases=STAGE_SLOW_CASES))
+def test_stage_projectors_match_per_stage_reference(backend, channels, maps, D, B, momentum, kind, num_groups,
+                                                    monkeypatch):
+    """The grouped projectors of a fused backend (fp32) against the reference backend (each member on its own: the
+    per-stage SepConv blocks) in float64: h, every map's gradient, every parameter's gradient, running statistics
+    and num_batches_tracked after each of 3 training steps, then an eval step."""
+    from hcd_fast.modules import GroupedSepConv, StageProjectors
+
+    torch.manual_seed(len(channels) + D)
+    truth = StageProjectors(channels, D, "reference").double().to(backend.device)
+    randomise_bns(truth, momentum, seed=D)
+    fast = copy.deepcopy(truth).float()
+    fast.backend = backend.name
+    if num_groups is not None:
+        assert len(fast.groups) == num_groups
+    members = []
+    monkeypatch.setattr(GroupedSepConv, "run_members", lambda self, pieces, ops, fused, _f=GroupedSepConv.run_members:
+                        members.append(self.members) or _f(self, pieces, ops, fused))
+    ref_ops = op_table("reference", torch.device(backend.device))
+    g = torch.Generator().manual_seed(9)
+    for step in range(4):
+        training = step < 3
+        truth.train(training)
+        fast.train(training)
+        feats = [torch.randn(B, c, m, m, generator=g, dtype=torch.float64) * 1.3 + 0.2 for c, m in zip(channels, maps)]
+        gout = torch.randn(len(channels), B, D, generator=g, dtype=torch.float64).to(backend.device)
+        members.clear()
+        want = proj_step(truth, [f.to(backend.device) for f in feats], gout, ref_ops)
+        assert len(members) == sum(g_.num_members > 1 for g_ in truth.groups)  # the reference: every member alone
+        members.clear()
+        got = proj_step(fast, [layout(f.float().to(backend.device), kind) for f in feats], gout, _ops(backend))
+        if num_groups is None:
+            assert members  # maps of different sizes: members run alone
+        else:
+            assert not members  # grouped
+        for name, gt, wt in zip(proj_names(truth, len(channels)), got, want):
+            assert_close(f"step {step} {name}", gt, wt, 1e-4, atol=2e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", over_backends([()], names=FUSED))
+def test_stage_projectors_under_autocast(backend, monkeypatch):
+    """bf16 autocast on channels_last fp32 maps: h in bf16, gradients in the parameters' fp32, each value within twice
+    the per-member reference's own bf16 error of the float64 truth (BatchNorm over a few values per channel makes
+    that error large in the map gradients: ~30% here, for the reference as for the grouped backends)."""
+    from hcd_fast.modules import GroupedSepConv, StageProjectors
+
+    torch.manual_seed(2)
+    channels, maps, D = (3, 6, 12, 24), (13, 7, 4, 2), 24
+    truth = StageProjectors(channels, D, "reference").to(backend.device)
+    randomise_bns(truth, 0.1, seed=3)
+    g = torch.Generator().manual_seed(4)
+    feats = [torch.randn(2, c, m, m, generator=g).to(backend.device).contiguous(memory_format=torch.channels_last)
+             for c, m in zip(channels, maps)]
+    gout = torch.randn(4, 2, D, generator=g).to(backend.device)
+    ref_ops = op_table("reference", torch.device(backend.device))
+    want = proj_step(copy.deepcopy(truth).double(), [f.double() for f in feats], gout.double(), ref_ops)
+    outs = []
+    for ops in (ref_ops, _ops(backend)):
+        with torch.autocast(backend.device, dtype=torch.bfloat16):
+            outs.append(proj_step(copy.deepcopy(truth), feats, gout, ops))
+        # The fused backend groups under autocast too (the raw maps are cast to bf16 before the concatenation).
+        monkeypatch.setattr(GroupedSepConv, "run_members", lambda *a: pytest.fail("a group ran per member"))
+    assert outs[1][0].dtype == torch.bfloat16 and outs[1][1].dtype == torch.float32
+    floor = 1e-3 + interpreter_rounding(backend, torch.bfloat16)
+    for name, gt, r, w in zip(proj_names(truth, 4), outs[1], outs[0], want):
+        within_twice(name, gt, r, w, floor)
+
+
+@pytest.mark.parametrize("backend", over_backends([()], names=FUSED))
+def test_stage_projectors_sync_batchnorm_takes_the_module_path(backend):
+    """After convert_sync_batchnorm the grouped BatchNorms are SyncBatchNorm: the groups run through their modules
+    (statistics the module computes), never the fused projector ops, and equal the unconverted projectors."""
+    from hcd_fast.modules import StageProjectors
+
+    torch.manual_seed(5)
+    plain = StageProjectors((3, 6, 12), 12, backend.name).to(backend.device)
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(plain))
+    assert all(isinstance(g_.bn2, nn.SyncBatchNorm) for g_ in synced.groups)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a fused projector op ran on a SyncBatchNorm projector")
+
+    ops = _ops(backend)._replace(projector_dwconv=boom, projector_pwconv=boom)
+    feats = [torch.randn(2, c, m, m).to(backend.device) for c, m in zip((3, 6, 12), (9, 5, 3))]
+    gout = torch.randn(3, 2, 12).to(backend.device)
+    want = proj_step(plain, feats, gout, _ops(backend))
+    got = proj_step(synced, feats, gout, ops)
+    for name, gt, wt in zip(proj_names(plain, 3), got, want):
+        assert_close(name, gt, wt, 1e-5, atol=1e-6)
+
+
+def _per_stage(channels, D, seed):
+    """The per-stage modules of earlier versions (a ModuleList of ConvProjector / LinearProjector), trained a few
+    steps so that running statistics and num_batches_tracked are not the defaults."""
+    from hcd_fast.modules import ConvProjector, LinearProjector, init_weights
+
+    torch.manual_seed(seed)
+    S = len(channels)
+    old = nn.ModuleList(ConvProjector(c, S - 1 - s, D, "reference") if s < S - 1 else
+                        LinearProjector(c, D, "reference") for s, c in enumerate(channels))
+    init_weights(old)
+    randomise_bns(old, 0.1, seed)
+    return old
+
+
+def _maps(channels, sizes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, c, m, m, generator=g) for c, m in zip(channels, sizes)]
+
+
+def test_stage_projectors_load_per_stage_checkpoints():
+    """A state_dict of the per-stage modules loads (strict) and gives the same outputs and running statistics; the
+    new state_dict has exactly the old keys, order and shapes; it round-trips."""
+    from hcd_fast.modules import StageProjectors
+
+    channels, sizes, D = (3, 6, 12, 24), (13, 7, 4, 2), 24
+    old = _per_stage(channels, D, 0)
+    for s in range(3):  # different counts per stage would be an edited checkpoint; equal here (trained together)
+        old.train()
+        for p, f in zip(old, _maps(channels, sizes, seed=s)):
+            p(f)
+    old_state = old.state_dict()
+    sp = StageProjectors(channels, D, "reference")
+    sp.load_state_dict(old_state)  # strict
+    state = sp.state_dict()
+    assert [(k, tuple(v.shape)) for k, v in state.items()] == [(k, tuple(v.shape)) for k, v in old_state.items()]
+    for k, v in old_state.items():
+        assert torch.equal(state[k], v), k
+    for mode in (True, False):
+        old.train(mode)
+        sp.train(mode)
+        feats = _maps(channels, sizes, seed=7)
+        want = torch.stack([p(f) for p, f in zip(old, feats)])
+        assert torch.equal(sp(feats), want)
+        for k, v in old.state_dict().items():
+            assert torch.equal(sp.state_dict()[k], v), k
+    again = StageProjectors(channels, D, "reference")
+    again.load_state_dict(sp.state_dict())
+    for (k, v), (_, w) in zip(again.state_dict().items(), sp.state_dict().items()):
+        assert torch.equal(v, w), k
+    for s in range(4):  # stage(s) is a standalone copy of the stage's weights
+        stage = sp.stage(s)
+        for k, v in stage.state_dict().items():
+            assert torch.equal(v, old.state_dict()[f"{s}.{k}"]), (s, k)
+    assert sp.stage(0).blocks[0].dw1.weight.data_ptr() != sp.groups[0].dw1.weight.data_ptr()
+    group, _ = sp.group_of(1, 1)
+    group.bn2.momentum = None
+    sp.train()
+    group.bn1.eval()  # a frozen BatchNorm stays frozen in the copy
+    block = sp.stage(1).blocks[1]
+    assert block.bn2.momentum is None and not block.bn1.training and block.bn2.training
+
+
+def test_stage_projectors_load_errors_name_the_per_stage_keys():
+    from hcd_fast.modules import StageProjectors
+
+    channels, D = (3, 6, 12), 12
+    sp = StageProjectors(channels, D, "reference")
+    state = sp.state_dict()
+    missing = {k: v for k, v in state.items() if k != "1.blocks.0.bn1.running_mean"}
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"1\.blocks\.0\.bn1\.running_mean\""):
+        StageProjectors(channels, D, "reference").load_state_dict(missing)
+    other = StageProjectors(channels, D, "reference")
+    keep = other.group_of(1, 0)[0].bn1.running_mean.clone()
+    with torch.no_grad():
+        for v in missing.values():
+            if v.is_floating_point():
+                v.add_(1.0)
+    result = other.load_state_dict(missing, strict=False)
+    assert result.missing_keys == ["1.blocks.0.bn1.running_mean"] and result.unexpected_keys == []
+    group, i = other.group_of(1, 0)
+    assert torch.equal(group.bn1.running_mean[i * 6:(i + 1) * 6], keep[i * 6:(i + 1) * 6])  # kept
+    assert torch.equal(group.bn1.running_mean[:6], state["0.blocks.1.bn1.running_mean"])  # the other member loaded
+    wrong = dict(state)
+    wrong["0.blocks.1.pw2.weight"] = torch.zeros(12, 5, 1, 1)
+    with pytest.raises(RuntimeError, match=r"size mismatch for 0\.blocks\.1\.pw2\.weight"):
+        StageProjectors(channels, D, "reference").load_state_dict(wrong)
+    extra = dict(state)
+    extra["0.blocks.2.dw1.weight"] = torch.zeros(1)
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\) in state_dict: \"0\.blocks\.2\.dw1\.weight\""):
+        StageProjectors(channels, D, "reference").load_state_dict(extra)
+    # num_batches_tracked: one counter per grouped BatchNorm; members that disagree load as the largest.
+    counts = dict(state)
+    counts["0.blocks.1.bn2.num_batches_tracked"] = torch.tensor(3)
+    counts["1.blocks.0.bn2.num_batches_tracked"] = torch.tensor(5)
+    other.load_state_dict(counts)
+    assert int(other.group_of(0, 1)[0].bn2.num_batches_tracked) == 5
+    assert int(other.state_dict()["0.blocks.1.bn2.num_batches_tracked"]) == 5
+
+
+def test_stage_projectors_init_per_member():
+    """Each member's slice is initialised as its own conv (kaiming fan_out of the member's conv, not of the G times
+    larger grouped one), BatchNorm 1/0."""
+    from hcd_fast.modules import StageProjectors
+
+    torch.manual_seed(0)
+    sp = StageProjectors((16, 32, 64, 128), 128)
+    last = sp.groups[-1]
+    assert last.num_members == 3 and last.c_in == 64 and last.c_out == 128
+    for i in range(3):
+        pw2 = last.pw2.weight[i * 128:(i + 1) * 128]  # (128, 64): std sqrt(2 / 128) = 0.125 (grouped: 0.072)
+        dw1 = last.dw1.weight[i * 64:(i + 1) * 64]  # (64, 1, 3, 3): std sqrt(2 / 576) = 0.059 (grouped: 0.034)
+        assert abs(pw2.std().item() - 0.125) < 0.01 and abs(dw1.std().item() - (2 / 576) ** 0.5) < 0.008
+    assert all(torch.all(g_.bn1.weight == 1) and torch.all(g_.bn2.bias == 0) for g_ in sp.groups)
+    assert abs(sp.linear.proj.weight.std().item() - (2 / 128) ** 0.5) < 0.01 and torch.all(sp.linear.proj.bias == 0)
+
+
+@pytest.mark.parametrize("backend", over_backends([()], names=TRITON))
+def test_projector_pwconv_reads_channel_slices_in_place(backend):
+    """A channel slice of a channels_last map (a grouped block's member, and the gradients that come back as slices
+    of a concatenated input) is read in place as a (B*H*W, C) matrix with a longer row stride: same values as the
+    reference, no copy."""
+    from hcd_fast.kernels import projector as kp
+
+    dev = backend.device
+    g = torch.Generator().manual_seed(8)
+    big = torch.randn(3, 11, 5, 7, generator=g, dtype=torch.float64)
+    t = pw_inputs(3, 6, 5, 5, 7, seed=8)
+    t["a"] = big[:, 3:9]
+    cl = layout(big.float().to(dev), "nhwc")[:, 3:9]
+    view, row, col = kp._channels_last_2d(cl)
+    assert view is cl and (row, col) == (11, 1)
+    assert kp._channels_last_2d(layout(big.float(), "strided")[:, 3:9])[1] == 6  # not equally spaced: a copy
+    got, _ = pw_run(_ops(backend).projector_pwconv, dev, t, 2, True, 0.1, "nhwc", torch.float32)
+    want, _ = pw_run(R.projector_pwconv, dev, t, 2, True, 0.1, "nchw", torch.float64)
+    for name, gt, wt in zip(PW_NAMES, got, want):
+        assert_close(name, gt, wt, 2e-5, atol=1e-7)
+    a = cl.clone()  # the op on the slice itself (pw_run copies its input): values equal to the dense map's
+    w = torch.randn(5, 6, generator=g).to(dev)
+    bn = [torch.ones(5, device=dev), torch.zeros(5, device=dev), torch.zeros(5, device=dev),
+          torch.ones(5, device=dev), torch.tensor(0, device=dev)]
+    y_slice, _, _ = _ops(backend).projector_pwconv(cl, w, *bn, False, 0.1, 1e-5)
+    y_dense, _, _ = _ops(backend).projector_pwconv(a.contiguous(), w, *bn, False, 0.1, 1e-5)
+    assert torch.equal(y_slice, y_dense)
+
+
+def test_stage_projectors_sync_batchnorm_needs_the_group_whole(tmp_path):
+    """Under a process group a training SyncBatchNorm reduces statistics across ranks over its channels, so a grouped
+    block runs whole; maps that cannot be grouped are a clear error naming the blocks, not a silent per-process
+    BatchNorm. (SyncBatchNorm refuses CPU tensors under a process group: the first group, whose BatchNorms would
+    synchronise, is put in eval mode here.)"""
+    import torch.distributed as dist
+
+    from hcd_fast.modules import StageProjectors
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        sp = nn.SyncBatchNorm.convert_sync_batchnorm(StageProjectors((3, 6, 12), 12, "cpu"))
+        sp.groups[0].eval()
+        feats = [torch.randn(2, c, 8, 8) for c in (3, 6, 12)]  # stage 0's second block sees 4x4, stage 1's first 8x8
+        with pytest.raises(RuntimeError, match=r"SyncBatchNorm projector blocks \(\(0, 1\), \(1, 0\)\)"):
+            sp.run(feats, op_table("reference", torch.device("cpu")))
+    finally:
+        dist.destroy_process_group()

@@ -98,27 +98,33 @@ def _capture_launches():
             cfm.cfm_gemm(a, None, torch.zeros(*S, n * K, hidden, dtype=dtype), torch.zeros(*S, n * K, dtype=dtype),
                          zt, 1.0, 1.0, cfm.EPILOGUE_FUSE, dtype)
     # The projector blocks of the head at their real channel counts and maps (B = 2: the batch only changes the
-    # grid): dwconv stride 2 without a prologue (a projector's first block) and stride 1 with one; pwconv
-    # 64 -> 64, 128 -> 256, 256 -> 768 in bf16 (training and eval), fp32, fp16 and fp64.
+    # grid): dwconv stride 2 without a prologue (a projector's first block) and stride 1 with one, and the grouped
+    # blocks' first dwconv (the prologue on the continuing members' channels, then a stage's raw map: 128 of 256,
+    # 512 of 768); pwconv 64 -> 64, 128 -> 256, 256 -> 768 in bf16 (training and eval), fp32, fp16 and fp64, and
+    # the grouped 2 x (128 -> 256) and 3 x (256 -> 768) of ResNet18's head.
     for (C, H, stride, prologue, dtype) in [(64, 56, 2, False, torch.bfloat16), (128, 14, 1, True, torch.bfloat16),
                                             (256, 7, 1, True, torch.float32), (37, 13, 2, True, torch.float16),
-                                            (5, 7, 2, True, torch.float64)]:
+                                            (5, 7, 2, True, torch.float64), ((256, 128), 28, 2, True, torch.bfloat16),
+                                            ((768, 512), 14, 2, True, torch.bfloat16)]:
+        C, P = C if isinstance(C, tuple) else (C, C)
         x = torch.zeros(2, C, H, H, dtype=dtype).contiguous(memory_format=torch.channels_last)
         acc = torch.float64 if dtype == torch.float64 else torch.float32
-        sc = torch.ones(C, dtype=acc) if prologue else None
+        sc = torch.ones(P, dtype=acc) if prologue else None
         w = torch.zeros(C, 1, 3, 3, dtype=dtype)
         a = projector.projector_dwconv_forward(x, w, sc, sc, stride)
         projector.projector_dwconv_backward(a, x, w, sc, sc, stride)
-    for (ci, co, H, dtype, training) in [(64, 64, 28, torch.bfloat16, True), (128, 256, 14, torch.bfloat16, True),
-                                         (256, 768, 7, torch.bfloat16, False), (256, 768, 7, torch.float32, True),
-                                         (37, 5, 13, torch.float16, True), (5, 37, 7, torch.float64, True)]:
-        a = torch.zeros(2, ci, H, H, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    bf16 = torch.bfloat16
+    for (ci, co, H, dtype, training, G) in [(64, 64, 28, bf16, True, 1), (128, 256, 14, bf16, True, 1),
+                                            (256, 768, 7, bf16, False, 1), (256, 768, 7, torch.float32, True, 1),
+                                            (37, 5, 13, torch.float16, True, 1), (5, 37, 7, torch.float64, True, 1),
+                                            (128, 256, 14, bf16, True, 2), (256, 768, 7, bf16, True, 3)]:
+        a = torch.zeros(2, G * ci, H, H, dtype=dtype).contiguous(memory_format=torch.channels_last)
         acc = torch.float64 if dtype == torch.float64 else torch.float32
-        p = [torch.ones(co, dtype=acc) for _ in range(4)]
-        w = torch.zeros(co, ci, dtype=dtype)
+        p = [torch.ones(G * co, dtype=acc) for _ in range(4)]
+        w = torch.zeros(G * co, ci, dtype=dtype)
         nbt = torch.ones((), dtype=torch.int64)
-        y, sc, sh, mean, rstd = projector.projector_pwconv_forward(a, w, *p, nbt, training, 0.1, False, 1e-5)
-        projector.projector_pwconv_backward(y, sc, sh, a, w, y, p[0], mean, rstd, training)
+        y, sc, sh, mean, rstd = projector.projector_pwconv_forward(a, w, *p, nbt, training, 0.1, False, 1e-5, G)
+        projector.projector_pwconv_backward(y, sc, sh, a, w, y, p[0], mean, rstd, training, G)
     return launches
 
 

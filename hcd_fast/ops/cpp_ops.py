@@ -62,11 +62,11 @@ def devices(name: str) -> tuple:
     return {"cpu": ("cpu",), "cuda": ("cuda",)}.get(name, ())
 
 
-# The SepConv projector blocks have no C++ kernels: on the cpu and cuda backends ConvProjector runs them as
-# nn.Conv2d / nn.BatchNorm2d modules (ATen on the CPU, cuDNN on the GPU); projector_dwconv/projector_pwconv above
-# are the reference functions. dispatch.backends() reports this per backend.
+# The SepConv projector blocks have no C++ kernels: on the cpu and cuda backends the projectors (StageProjectors)
+# run them as grouped nn.Conv2d / nn.BatchNorm2d modules (ATen on the CPU, cuDNN on the GPU);
+# projector_dwconv/projector_pwconv above are the reference functions. dispatch.backends() reports this per backend.
 FUSED_PROJECTOR = False
-PROJECTOR_NOTE = "projector blocks: nn.Conv2d/BatchNorm2d modules (ATen/cuDNN), no fused kernels"
+PROJECTOR_NOTE = "projector blocks: grouped nn.Conv2d/BatchNorm2d modules (ATen/cuDNN), no fused kernels"
 
 
 if _C is not None:

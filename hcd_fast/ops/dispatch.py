@@ -42,6 +42,13 @@ _MODULES = {
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 _AUTO_OP_ORDER = {("cuda", "sub_logit_loss"): ("triton", "cuda", "reference")}
 
+# Backends without projector kernels of their own that run another backend's fused projector ops where that one
+# is available for the device: cuda takes the Triton projector_dwconv / projector_pwconv (kernels/projector.py)
+# when triton imports, else its grouped nn modules (cuDNN). The Triton projector kernels compile for sm_90 without
+# spills but are UNVERIFIED on a GPU (only run through the interpreter on CPU tensors).
+PROJECTOR_FROM = {"cuda": "triton"}
+_PROJECTOR_OPS = ("projector_dwconv", "projector_pwconv")
+
 ENV_VAR = "HCD_FAST_BACKEND"
 _ENV_BACKEND = os.environ.get(ENV_VAR, "").strip().lower() or None
 
@@ -75,6 +82,10 @@ def _load(name: str) -> BackendStatus:
         else:
             available, reason = module.status(name)
             note = getattr(module, "PROJECTOR_NOTE", None)
+            donor = PROJECTOR_FROM.get(name)
+            if available and donor is not None and _load(donor).available:
+                note = (f"projector blocks: the {donor} backend's fused kernels (projector_dwconv, projector_pwconv; "
+                        f"unverified on a GPU)")
             if available and note:
                 reason = f"{reason}; {note}"
             devices = module.devices(name) if available else ()
@@ -89,6 +100,20 @@ def _load(name: str) -> BackendStatus:
 def backends() -> Dict[str, BackendStatus]:
     """Every backend with whether it is available here and, if not, why."""
     return {name: _load(name) for name in BACKENDS}
+
+
+def fused_projector_backends() -> Dict[str, str]:
+    """Every available backend whose SepConv projector blocks run as fused kernels, with the backend whose kernels
+    they are (itself, or its PROJECTOR_FROM donor)."""
+    out = {}
+    for name in BACKENDS:
+        if not _load(name).available or name == "reference":
+            continue
+        donor = PROJECTOR_FROM.get(name)
+        source = donor if donor is not None and _load(donor).available else name
+        if getattr(_IMPL.get(source), "FUSED_PROJECTOR", False):
+            out[name] = source
+    return out
 
 
 def check_backend_name(backend: str) -> None:
@@ -144,6 +169,10 @@ def op_table(backend: str, device: torch.device) -> OpTable:
         names = [resolve(backend, device, op) for op in OPS]
         label = names[0] if len(set(names)) == 1 else "auto(" + ", ".join(
             f"{op}={n}" for op, n in zip(OPS, names)) + ")"
+        for i, op in enumerate(OPS):  # a backend without projector kernels borrows a donor's (PROJECTOR_FROM)
+            donor = PROJECTOR_FROM.get(names[i]) if op in _PROJECTOR_OPS else None
+            if donor is not None and _load(donor).available and device.type in _load(donor).devices:
+                names[i] = donor
         fused = bool(getattr(_IMPL[names[OPS.index("projector_pwconv")]], "FUSED_PROJECTOR", False))
         table = OpTable(label, *(getattr(_IMPL[n], op) for op, n in zip(OPS, names)), fused)
         _TABLES[key] = table

@@ -7,28 +7,32 @@ dwconv(stride 2) -> pwconv(bn1) -> dwconv(bn1 prologue, stride 1) -> pwconv(bn2)
 
 Kernel contracts (every map any strides; outputs dense channels_last; acc = ``acc_dtype`` of the inputs):
 
-projector_dwconv: x (B, C, H, W), weight (C, 1, 3, 3) in x's dtype, scale/shift (C,) in acc or both None,
-    stride -> a (B, C, HO, WO) in x's dtype, HO = (H - 1) // stride + 1:
-        a = conv3x3(z, weight, stride, padding 1, groups C), z = ReLU(x scale + shift) (z = x without scale).
+projector_dwconv: x (B, C, H, W), weight (C, 1, 3, 3) in x's dtype, scale/shift (P,) in acc with P <= C, or both
+    None, stride -> a (B, C, HO, WO) in x's dtype, HO = (H - 1) // stride + 1:
+        a = conv3x3(z, weight, stride, padding 1, groups C), z = ReLU(x scale + shift) on the first P channels and
+        z = x on the others (without scale: z = x). P < C is a grouped projector block whose input is the
+        previous blocks' BN output (P channels) followed by a raw stage map.
 projector_dwconv_backward: grad (B, C, HO, WO), x, weight, scale, shift, stride -> grad_x (dense in x's memory
-    format), grad_weight (weight's dtype), grad_scale, grad_shift ((C,) in scale's dtype; (0,) without scale):
-        gz = conv_transpose(grad), m = [x scale + shift > 0], grad_x = scale m gz,
-        grad_scale = sum m gz x, grad_shift = sum m gz, grad_weight[c, k] = sum_o grad[o] z[o s - 1 + k].
+    format), grad_weight (weight's dtype), grad_scale, grad_shift ((P,) in scale's dtype; (0,) without scale):
+        gz = conv_transpose(grad), m = [x scale + shift > 0] (1 on the raw channels), grad_x = scale m gz
+        (gz on the raw channels), grad_scale = sum m gz x, grad_shift = sum m gz,
+        grad_weight[c, k] = sum_o grad[o] z[o s - 1 + k].
 projector_pwconv (mutates running_mean, running_var, num_batches_tracked): a (B, C_in, H, W), weight
-    (C_out, C_in) in a's dtype, bn_weight/bn_bias/running stats (C_out,), num_batches_tracked (0-d int64; training
+    (C_out, C_in / groups) in a's dtype (a grouped 1x1 conv's: group g maps input channels [g C_in / groups, ...)
+    to output channels [g C_out / groups, ...); groups = 1 is the plain conv), bn_weight/bn_bias/running stats (C_out,), num_batches_tracked (0-d int64; training
     adds 1 on the device, before the running-statistics update, as nn.BatchNorm2d does),
-    training, momentum, cumulative, eps -> y (B, C_out, H, W) in a's dtype, scale, shift, save_mean,
+    training, momentum, cumulative, eps, groups -> y (B, C_out, H, W) in a's dtype, scale, shift, save_mean,
     save_invstd (C_out,) in acc:
-        y = conv1x1(a, weight); training: mean/var = the batch mean and biased variance of y (as rounded to its
+        y = conv1x1(a, weight, groups); the BatchNorm is per output channel, as for groups = 1; training: mean/var = the batch mean and biased variance of y (as rounded to its
         dtype), r <- (1 - f) r + f s with the unbiased variance, f = momentum, or 1 / num_batches_tracked (after
         the count) when cumulative (nn.BatchNorm2d's momentum=None); eval: mean/var = the running statistics;
         save_invstd = 1 / sqrt(var + eps), scale = bn_weight save_invstd, shift = bn_bias - mean scale.
 projector_pwconv_backward: grad_y, grad_scale, grad_shift, a, weight, y, bn_weight, save_mean, save_invstd,
-    training -> grad_a (dense in a's memory format), grad_weight, grad_bn_weight, grad_bn_bias:
+    training, groups -> grad_a (dense in a's memory format), grad_weight, grad_bn_weight, grad_bn_bias:
         grad_bn_bias = grad_shift, grad_bn_weight = invstd (grad_scale - grad_shift mean);
         training: g' = grad_y + d mean / N + 2 d var (y - mean) / N with d mean = -grad_shift scale,
         d var = -1/2 bn_weight (grad_scale - grad_shift mean) invstd^3 (N = B H W); eval: g' = grad_y;
-        grad_a = conv1x1(g', weight^T), grad_weight = sum over positions of g' a^T.
+        grad_a = conv1x1(g', weight^T), grad_weight = sum over positions of g' a^T (per group).
 
 ``projector_dwconv`` has a backward op (``register_autograd``); ``projector_pwconv`` mutates the running
 statistics, so its autograd is one ``torch.autograd.Function`` over the (forward, backward) pair, shared by every
@@ -53,9 +57,9 @@ DWCONV_BWD_SCHEMA = ("(Tensor grad, Tensor x, Tensor weight, Tensor? scale, Tens
                      "(Tensor grad_x, Tensor grad_weight, Tensor grad_scale, Tensor grad_shift)")
 PWCONV_SCHEMA = ("(Tensor a, Tensor weight, Tensor bn_weight, Tensor bn_bias, Tensor(a!) running_mean, "
                  "Tensor(b!) running_var, Tensor(c!) num_batches_tracked, bool training, float momentum, "
-                 "bool cumulative, float eps) -> (Tensor y, Tensor scale, Tensor shift, Tensor save_mean, Tensor save_invstd)")
+                 "bool cumulative, float eps, int groups) -> (Tensor y, Tensor scale, Tensor shift, Tensor save_mean, Tensor save_invstd)")
 PWCONV_BWD_SCHEMA = ("(Tensor grad_y, Tensor grad_scale, Tensor grad_shift, Tensor a, Tensor weight, Tensor y, "
-                     "Tensor bn_weight, Tensor save_mean, Tensor save_invstd, bool training) -> "
+                     "Tensor bn_weight, Tensor save_mean, Tensor save_invstd, bool training, int groups) -> "
                      "(Tensor grad_a, Tensor grad_weight, Tensor grad_bn_weight, Tensor grad_bn_bias)")
 
 
@@ -71,7 +75,7 @@ def _dw_fake(x, weight, scale, shift, stride):
 
 
 def _dw_bwd_fake(grad, x, weight, scale, shift, stride):
-    n = x.shape[1] if scale is not None else 0
+    n = scale.shape[0] if scale is not None else 0
     dt = scale.dtype if scale is not None else acc_dtype(x.dtype)
     return (dense_like(x), weight.new_empty(weight.shape), x.new_empty((n,), dtype=dt), x.new_empty((n,), dtype=dt))
 
@@ -92,7 +96,7 @@ def _dw_backward(backward_op, ctx, grad):
 
 
 def _pw_fake(a, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training, momentum,
-             cumulative, eps):
+             cumulative, eps, groups):
     batch, _, height, width = a.shape
     c_out = weight.shape[0]
     dt = acc_dtype(a.dtype, bn_weight.dtype)
@@ -101,7 +105,8 @@ def _pw_fake(a, weight, bn_weight, bn_bias, running_mean, running_var, num_batch
     return (y,) + tuple(a.new_empty((c_out,), dtype=dt) for _ in range(4))
 
 
-def _pw_bwd_fake(grad_y, grad_scale, grad_shift, a, weight, y, bn_weight, save_mean, save_invstd, training):
+def _pw_bwd_fake(grad_y, grad_scale, grad_shift, a, weight, y, bn_weight, save_mean, save_invstd, training,
+                 groups):
     return dense_like(a), weight.new_empty(weight.shape), bn_weight.new_empty(bn_weight.shape), \
         bn_weight.new_empty(bn_weight.shape)
 
@@ -122,21 +127,21 @@ def bind(dwconv, pwconv, pwconv_backward) -> Tuple[Callable, Callable]:
 
         @staticmethod
         def forward(ctx, a, weight, bn_weight, bn_bias, running_mean, running_var, nbt, training, momentum,
-                    cumulative, eps):
+                    cumulative, eps, groups):
             y, scale, shift, mean, invstd = pwconv(a, weight, bn_weight, bn_bias, running_mean, running_var, nbt,
-                                                   training, momentum, cumulative, eps)
+                                                   training, momentum, cumulative, eps, groups)
             ctx.save_for_backward(a, weight, y, bn_weight, mean, invstd)
-            ctx.training = training
+            ctx.training, ctx.groups = training, groups
             return y, scale, shift
 
         @staticmethod
         def backward(ctx, grad_y, grad_scale, grad_shift):
             a, weight, y, bn_weight, mean, invstd = ctx.saved_tensors
             ga, gw, gbw, gbb = pwconv_backward(grad_y, grad_scale, grad_shift, a, weight, y, bn_weight, mean,
-                                               invstd, ctx.training)
+                                               invstd, ctx.training, ctx.groups)
             need = ctx.needs_input_grad
             return (ga if need[0] else None, gw if need[1] else None, gbw if need[2] else None,
-                    gbb if need[3] else None) + (None,) * 7
+                    gbb if need[3] else None) + (None,) * 8
 
     def projector_dwconv(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] = None,
                          shift: Optional[torch.Tensor] = None, stride: int = 1) -> torch.Tensor:
@@ -145,15 +150,21 @@ def bind(dwconv, pwconv, pwconv_backward) -> Tuple[Callable, Callable]:
 
     def projector_pwconv(a: torch.Tensor, weight: torch.Tensor, bn_weight: torch.Tensor, bn_bias: torch.Tensor,
                          running_mean: torch.Tensor, running_var: torch.Tensor, num_batches_tracked: torch.Tensor,
-                         training: bool, momentum: Optional[float] = 0.1, eps: float = 1e-5
+                         training: bool, momentum: Optional[float] = 0.1, eps: float = 1e-5, groups: int = 1
                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         a = autocast_cast(autocast_dtype(a.device.type), a)
+        groups = int(groups)
+        if groups < 1 or weight.shape[0] % groups or weight.shape[1] * groups != a.shape[1]:
+            raise ValueError(f"groups: expected a divisor of the {a.shape[1]} input and {weight.shape[0]} output "
+                             f"channels with weight (C_out, C_in / groups), got groups={groups} and weight "
+                             f"{tuple(weight.shape)}")
         if training and a.shape[0] * a.shape[2] * a.shape[3] <= 1:
             # nn.BatchNorm2d's own error: the unbiased variance of one value is undefined.
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(a.shape)}")
         cumulative = momentum is None
         return ProjectorPwconvFunction.apply(a, weight.flatten(1).to(a.dtype), bn_weight, bn_bias, running_mean,
                                              running_var, num_batches_tracked, bool(training),
-                                             0.0 if cumulative else float(momentum), cumulative, float(eps))
+                                             0.0 if cumulative else float(momentum), cumulative, float(eps),
+                                             groups)
 
     return projector_dwconv, projector_pwconv

@@ -135,6 +135,6 @@ if _IMPORT_ERROR is None:
         _projector.DWCONV.define("hcd_triton", _projector_dwconv_kernel, _projector_dwconv_backward_kernel),
         _projector.PWCONV.define("hcd_triton", _projector_pwconv_kernel),
         _projector.PWCONV_BACKWARD.define("hcd_triton", _projector_pwconv_backward_kernel))
-# ConvProjector runs its SepConv blocks through projector_dwconv / projector_pwconv (not the module path).
+# The projectors run their (grouped) SepConv blocks through projector_dwconv / projector_pwconv (not the module path).
 FUSED_PROJECTOR = True
 PROJECTOR_NOTE = "projector blocks: fused kernels (projector_dwconv, projector_pwconv)"
