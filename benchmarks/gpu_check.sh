@@ -176,12 +176,13 @@ else
 fi
 
 # CUDA graphs: the head captured (torch.cuda.graph, make_graphed_callables) and compiled (reduce-overhead) on every
-# GPU backend, and hcd-distill --cuda-graph against an eager run (estimate, not yet measured on a GPU: ~60-100 s,
-# mostly inductor compiles).
+# GPU backend, and hcd-distill --cuda-graph (the whole step, optimizer included) against eager runs: three direct
+# comparisons and three pairs of CLI runs (estimate, not yet measured on a GPU: ~90-150 s, mostly inductor compiles
+# and CLI start-ups; on 8 xdist workers when pytest-xdist is installed).
 if [ "$DRY" = "1" ]; then
   run_stage test_graph 60 "$PY" -m pytest -m cuda -q -p no:cacheprovider --collect-only $GRAPH_TESTS
 else
-  run_stage test_graph 120 env -u TRITON_INTERPRET "$PY" -m pytest -m cuda -q -p no:cacheprovider \
+  run_stage test_graph 180 env -u TRITON_INTERPRET "$PY" -m pytest -m cuda -q -p no:cacheprovider $XDIST \
     --junitxml="$OUTDIR/junit_graph.xml" $GRAPH_TESTS
 fi
 
