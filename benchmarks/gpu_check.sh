@@ -123,7 +123,7 @@ fi
 
 export ROOT OUTDIR PY DRY BUDGET CUDA_HOME_FOUND
 export -f env_report
-run_stage env 30 bash -c env_report
+run_stage env 60 bash -c env_report
 
 # --- 2. install ----------------------------------------------------------------------------------------
 install() {
